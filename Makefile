@@ -1,0 +1,35 @@
+# kred: `make test` and `make serve` work on a fresh machine (they build .venv first).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install test test-gpu serve bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch is pinned: any other torch request downloads GBs of CUDA packages
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[torch,nvrtc,server,bench,test]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -ra --durations=15
+
+test-gpu: install
+	$(PY) -m pytest -q -ra -m gpu
+
+serve: install
+	$(VENV)/bin/kred serve
+
+bench: install
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

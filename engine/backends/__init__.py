@@ -1,0 +1,34 @@
+"""Layer 4: backends. `get_backend(name)` returns a ready backend; "auto" picks the best one present."""
+from __future__ import annotations
+
+import functools
+
+from ..errors import BackendError
+from .base import Backend
+from .reference import ReferenceBackend
+
+NAMES = ("auto", "reference", "cpu", "cuda", "cluster")
+
+
+@functools.cache
+def _instance(name: str) -> Backend:
+    if name == "reference":
+        return ReferenceBackend()
+    raise BackendError(f"backend {name!r} is not available in this installation")
+
+
+def get_backend(name: str = "auto") -> Backend:
+    if name not in NAMES:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    if name == "auto":
+        return _instance(auto_choice())
+    return _instance(name)
+
+
+@functools.cache
+def auto_choice() -> str:
+    """The best backend present, decided once per process."""
+    return "reference"
+
+
+__all__ = ["Backend", "NAMES", "auto_choice", "get_backend"]

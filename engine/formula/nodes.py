@@ -1,0 +1,95 @@
+"""Immutable, hash-consed formula nodes.
+
+A node is `(op, children, params)`: `op` names a row of the op table, `children` are nodes, `params` are the
+integer or float parameters of the row (an exponent, an index, a variable's position). Building the same node twice
+returns the same object, so equality is identity and common sub-expressions are shared for free.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+_TABLE: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
+_LOCK = threading.Lock()
+
+# Variable categories, as in KeOps: indexed by i, by j, or a parameter shared by all pairs.
+I, J, P = 0, 1, 2
+CATEGORY_NAMES = {I: "Vi", J: "Vj", P: "Pm"}
+
+
+class Node:
+    __slots__ = ("op", "children", "params", "dim", "_key", "__weakref__")
+
+    op: str
+    children: tuple["Node", ...]
+    params: tuple
+    dim: int
+
+    def __new__(cls, op: str, children: tuple = (), params: tuple = (), dim: int = 1):
+        key = (op, children, params)
+        with _LOCK:
+            node = _TABLE.get(key)
+            if node is None:
+                node = object.__new__(cls)
+                object.__setattr__(node, "op", op)
+                object.__setattr__(node, "children", children)
+                object.__setattr__(node, "params", params)
+                object.__setattr__(node, "dim", dim)
+                object.__setattr__(node, "_key", key)
+                _TABLE[key] = node
+        return node
+
+    def __setattr__(self, name, value):
+        raise AttributeError("formula nodes are immutable")
+
+    def __reduce__(self):  # pickling rebuilds through the hash-consing constructor
+        return (Node, (self.op, self.children, self.params, self.dim))
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+    def __repr__(self):
+        return to_text(self)
+
+    # Walks -----------------------------------------------------------------------------------------
+    def postorder(self) -> list["Node"]:
+        """Every distinct node below and including this one, children before parents (no recursion)."""
+        seen, order, stack = set(), [], [(self, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in reversed(node.children) if id(child) not in seen)
+        return order
+
+    def variables(self) -> list["Node"]:
+        return sorted({n for n in self.postorder() if n.op == "Var"}, key=lambda v: v.params)
+
+    @property
+    def is_variable(self) -> bool:
+        return self.op == "Var"
+
+
+def var(pos: int, dim: int, cat: int) -> Node:
+    return Node("Var", (), (int(pos), int(dim), int(cat)), int(dim))
+
+
+def to_text(node: Node) -> str:
+    """Canonical text of a node: parses back to the same node."""
+    texts: dict[int, str] = {}
+    for n in node.postorder():
+        args = [texts[id(c)] for c in n.children] + [_param_text(p) for p in n.params]
+        texts[id(n)] = f"{n.op}({','.join(args)})"
+    return texts[id(node)]
+
+
+def _param_text(p) -> str:
+    return repr(float(p)) if isinstance(p, float) else str(p)

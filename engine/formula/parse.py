@@ -1,0 +1,287 @@
+"""Formula text -> nodes, by walking Python's `ast` against the op table.
+
+`ast.parse` only builds a syntax tree; nothing is ever evaluated. The walker accepts a small whitelist (names bound
+to variables, calls of ops by name, numeric literals, `+ - * / **`, unary minus, `(x|y)`) and refuses everything else
+with a FormulaError that carries the column.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import functools
+import re
+from typing import Mapping
+
+from ..errors import DimensionError, FormulaError
+from .build import make
+from .nodes import Node
+from .ops import MAX_INT_PARAM, OPS
+
+MAX_TEXT = 20_000      # characters in one formula
+MAX_DEPTH = 150        # nesting of the syntax tree (Python's own parser stops near 200 parentheses)
+
+_CATEGORIES = {"Vi": 0, "Vj": 1, "Pm": 2}
+_BINARY = {ast.Add: "Add", ast.Sub: "Subtract", ast.Mult: "Mult", ast.Div: "Divide", ast.BitOr: "Scalprod"}
+# Forms handled by the walker itself rather than a row of the op table.
+_SPECIAL = {"Var", "Vi", "Vj", "Pm", "Grad", "Diff", "Laplacian", "Divergence"}
+
+
+def parse(text: str, names: Mapping[str, Node]) -> Node:
+    """Parse user formula text; `names` binds alias names to variable nodes."""
+    text = _checked_text(text)
+    return _Walker(text, names, {}).node(_syntax(text).body, 0)
+
+
+def instantiate(template: str, names: Mapping[str, Node], fields: Mapping[str, int] | None = None) -> Node:
+    """Build a formula from one of the engine's own templates (op-table expansions and gradient rules)."""
+    text = template.format(**fields) if fields else template
+    return _Walker(text, names, {}).node(_cached_syntax(text.strip()).body, 0)
+
+
+def parse_template(template: str, arity: int, context: str, with_grad: bool = False) -> None:
+    """Check an op-table template's syntax and op names (dims are checked where it is used)."""
+    text = re.sub(r"\{[a-z]+\d*\}", "1", template)
+    allowed = set("xyz"[:arity]) | ({"g", "out"} if with_grad else set())
+    for node in ast.walk(_syntax(text.strip())):
+        if isinstance(node, ast.Name) and node.id not in allowed and node.id not in OPS:
+            raise AssertionError(f"{context}: template {template!r} uses unknown name {node.id!r}")
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in OPS):
+            raise AssertionError(f"{context}: template {template!r} calls something that is not an op")
+
+
+def parse_alias(text: str, index: int) -> tuple[str, Node]:
+    """`x = Vi(3)`, `Vj(dim)`, `Pm(dim)`, `Vi(pos, dim)`, `Var(pos, dim, cat)`; position defaults to `index`."""
+    if not isinstance(text, str):
+        raise FormulaError(f"alias {index} must be a string like 'x = Vi(3)', got {type(text).__name__}")
+    name, sep, rhs = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier() or name in OPS or name in _SPECIAL:
+        raise FormulaError(f"alias {text!r}: expected 'name = Vi(dim)', 'name = Vj(pos, dim)' or "
+                           f"'name = Var(pos, dim, cat)' with a name that is not an op")
+    rhs = _checked_text(rhs)
+    call = _syntax(rhs).body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in ("Vi", "Vj", "Pm", "Var")):
+        raise FormulaError(f"alias {text!r}: the right-hand side must be Vi(...), Vj(...), Pm(...) or Var(...)")
+    walker = _Walker(rhs, {}, {})
+    ints = [walker.integer(a) for a in call.args]
+    if call.keywords:
+        raise FormulaError(f"alias {text!r}: keyword arguments are not allowed")
+    kind = call.func.id
+    if kind == "Var":
+        if len(ints) != 3:
+            raise FormulaError(f"alias {text!r}: Var takes (position, dimension, category)")
+        pos, dim, cat = ints
+    else:
+        if len(ints) not in (1, 2):
+            raise FormulaError(f"alias {text!r}: {kind} takes (dimension) or (position, dimension)")
+        pos, dim = (index, ints[0]) if len(ints) == 1 else ints
+        cat = _CATEGORIES[kind]
+    try:
+        return name, make("Var", (), (pos, dim, cat))
+    except FormulaError as e:
+        raise FormulaError(f"alias {text!r}: {e}") from None
+
+
+def parse_aliases(aliases) -> dict[str, Node]:
+    if isinstance(aliases, str):
+        raise FormulaError("aliases must be a list of strings such as ['x = Vi(3)', 'y = Vj(3)']")
+    names: dict[str, Node] = {}
+    for index, text in enumerate(aliases):
+        name, node = parse_alias(text, index)
+        if name in names:
+            raise FormulaError(f"alias {name!r} is defined twice")
+        names[name] = node
+    return names
+
+
+# Syntax -----------------------------------------------------------------------------------------------
+
+def _checked_text(text) -> str:
+    if not isinstance(text, str):
+        raise FormulaError(f"a formula must be a string, got {type(text).__name__}")
+    if len(text) > MAX_TEXT:
+        raise FormulaError(f"formula is {len(text)} characters long; the limit is {MAX_TEXT}")
+    text = text.strip()
+    if not text:
+        raise FormulaError("formula is empty")
+    return text
+
+
+def _syntax(text: str) -> ast.Expression:
+    _check_nesting(text)
+    return _cached_syntax(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_syntax(text: str) -> ast.Expression:
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as e:
+        col = e.offset if e.lineno in (None, 1) else None
+        raise FormulaError(f"syntax error: {e.msg}", text, col) from None
+    except (RecursionError, MemoryError, ValueError, OverflowError) as e:
+        raise FormulaError(f"formula cannot be parsed: {type(e).__name__}") from None
+    _check_depth(tree, text)
+    return tree
+
+
+def _check_nesting(text: str) -> None:
+    depth = 0
+    for col, ch in enumerate(text, 1):
+        if ch in "([{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise FormulaError(f"formula nests deeper than {MAX_DEPTH} levels", text, col)
+        elif ch in ")]}":
+            depth -= 1
+
+
+def _check_depth(tree: ast.AST, text: str) -> None:
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise FormulaError(f"formula nests deeper than {MAX_DEPTH} levels", text, getattr(node, "col_offset", 0) + 1)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+
+
+# Walker -----------------------------------------------------------------------------------------------
+
+class _Walker:
+    def __init__(self, text: str, names: Mapping[str, Node], fields: dict):
+        self.text, self.names = text, names
+
+    def fail(self, message: str, node: ast.AST, error=FormulaError):
+        col = getattr(node, "col_offset", None)
+        raise error(message, self.text, None if col is None else col + 1)
+
+    def segment(self, node: ast.AST) -> str:
+        return ast.get_source_segment(self.text, node) or self.text
+
+    def build(self, op: str, children: tuple, params: tuple, node: ast.AST) -> Node:
+        try:
+            return make(op, children, params)
+        except FormulaError as e:
+            message = str(e).split("\n")[0]
+            self.fail(f"{message} in `{self.segment(node)}`", node, type(e))
+
+    def node(self, node: ast.AST, depth: int) -> Node:
+        if isinstance(node, ast.Name):
+            return self.name(node)
+        if isinstance(node, ast.Constant):
+            return self.literal(node)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            operand = self.node(node.operand, depth + 1)
+            return operand if isinstance(node.op, ast.UAdd) else self.build("Minus", (operand,), (), node)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            return self.power(node, depth)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            left, right = self.node(node.left, depth + 1), self.node(node.right, depth + 1)
+            return self.build(_BINARY[type(node.op)], (left, right), (), node)
+        if isinstance(node, ast.Call):
+            return self.call(node, depth)
+        self.fail(f"{_describe(node)} is not allowed in a formula", node)
+
+    def name(self, node: ast.Name) -> Node:
+        if node.id in self.names:
+            return self.names[node.id]
+        candidates = list(self.names) + list(OPS)
+        close = difflib.get_close_matches(node.id, candidates, n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        known = ", ".join(sorted(self.names)) or "none"
+        self.fail(f"unknown name {node.id!r}{hint} (aliases: {known})", node)
+
+    def literal(self, node: ast.Constant) -> Node:
+        value = node.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(f"literal {value!r} is not a number", node)
+        if isinstance(value, int):
+            if abs(value) > MAX_INT_PARAM:
+                self.fail(f"integer {value} is outside ±{MAX_INT_PARAM}; write it as a float", node)
+            return self.build("IntCst", (), (value,), node)
+        return self.build("Const", (), (value,), node)
+
+    def integer(self, node: ast.AST) -> int:
+        """An integer parameter: a literal, possibly negated."""
+        sign = 1
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            sign, node = -1, node.operand
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            if abs(node.value) > MAX_INT_PARAM:
+                self.fail(f"integer {node.value} is outside ±{MAX_INT_PARAM}", node)
+            return sign * node.value
+        self.fail(f"expected an integer literal, got {_describe(node)}", node)
+
+    def power(self, node: ast.BinOp, depth: int) -> Node:
+        base = self.node(node.left, depth + 1)
+        exponent = node.right
+        negative = isinstance(exponent, ast.UnaryOp) and isinstance(exponent.op, ast.USub)
+        literal = exponent.operand if negative else exponent
+        if isinstance(literal, ast.Constant) and isinstance(literal.value, int) and not isinstance(literal.value, bool):
+            return self.build("Pow", (base,), (self.integer(exponent),), node)
+        return self.build("Powf", (base, self.node(exponent, depth + 1)), (), node)
+
+    def call(self, node: ast.Call, depth: int) -> Node:
+        if not isinstance(node.func, ast.Name):
+            self.fail(f"only ops can be called, not {_describe(node.func)}", node)
+        name = node.func.id
+        if node.keywords or any(isinstance(a, ast.Starred) for a in node.args):
+            self.fail(f"{name}: keyword or starred arguments are not allowed", node)
+        if name in ("Var", "Vi", "Vj", "Pm"):
+            return self.inline_variable(name, node)
+        if name in ("Grad", "Diff", "Laplacian", "Divergence"):
+            return self.derivative(name, node, depth)
+        row = OPS.get(name)
+        if row is None or row.name == "Var":
+            close = difflib.get_close_matches(name, list(OPS), n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            self.fail(f"unknown op {name!r}{hint}", node.func)
+        if name == "Const":
+            if len(node.args) != 1 or not isinstance(node.args[0], ast.Constant):
+                self.fail("Const takes one numeric literal", node)
+            return self.literal(node.args[0]) if isinstance(node.args[0].value, float) else \
+                self.build("Const", (), (float(self.integer(node.args[0])),), node)
+        expected = row.arity + len(row.params)
+        if len(node.args) != expected:
+            params = f" and {len(row.params)} integer parameter(s)" if row.params else ""
+            self.fail(f"{name}: expects {row.arity} operand(s){params}, got {len(node.args)} argument(s) "
+                      f"in `{self.segment(node)}`", node)
+        children = tuple(self.node(a, depth + 1) for a in node.args[:row.arity])
+        params = tuple(self.integer(a) for a in node.args[row.arity:])
+        return self.build(name, children, params, node)
+
+    def inline_variable(self, name: str, node: ast.Call) -> Node:
+        ints = [self.integer(a) for a in node.args]
+        if name == "Var" and len(ints) == 3:
+            params = tuple(ints)
+        elif name != "Var" and len(ints) == 2:
+            params = (ints[0], ints[1], _CATEGORIES[name])
+        else:
+            form = "Var(position, dimension, category)" if name == "Var" else f"{name}(position, dimension)"
+            self.fail(f"inside a formula a variable is written {form}", node)
+        return self.build("Var", (), params, node)
+
+    def derivative(self, name: str, node: ast.Call, depth: int) -> Node:
+        from . import autodiff  # symbolic differentiation lives beside the parser, built on the same table
+
+        args = [self.node(a, depth + 1) for a in node.args]
+        try:
+            return autodiff.derivative_op(name, args)
+        except FormulaError as e:
+            self.fail(f"{str(e).splitlines()[0]} in `{self.segment(node)}`", node, type(e))
+
+
+def _describe(node: ast.AST) -> str:
+    kinds = {
+        ast.Attribute: "attribute access", ast.Subscript: "subscripting", ast.Lambda: "a lambda",
+        ast.ListComp: "a comprehension", ast.GeneratorExp: "a comprehension", ast.SetComp: "a comprehension",
+        ast.DictComp: "a comprehension", ast.JoinedStr: "an f-string", ast.Compare: "a comparison",
+        ast.BoolOp: "a boolean operator", ast.IfExp: "a conditional expression", ast.List: "a list",
+        ast.Tuple: "a tuple", ast.Dict: "a dict", ast.Set: "a set", ast.NamedExpr: "an assignment",
+        ast.Await: "await", ast.Starred: "a starred expression", ast.Slice: "a slice",
+    }
+    if isinstance(node, ast.BinOp):
+        return f"the operator {type(node.op).__name__}"
+    if isinstance(node, ast.UnaryOp):
+        return f"the unary operator {type(node.op).__name__}"
+    return kinds.get(type(node), type(node).__name__)

@@ -1,0 +1,176 @@
+"""The Plan: everything a backend needs to run one reduction, independent of the data.
+
+A plan is normalised so that every backend reduces over "columns" and returns one output per "row": for `axis=1`
+(reduce over j) rows are the i variables; for `axis=0` the formula's i and j categories are swapped. Backends,
+the cluster and the service therefore only ever see one orientation. `check_args` turns the user's arrays into
+validated, contiguous arrays and reports N (rows) and M (columns).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ArgumentError, FormulaError
+from .formula import CATEGORY_NAMES, I, J, P, Node, make, parse, parse_aliases, to_text
+from .reductions import Reduction, bind
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+DTYPE_ACC = ("auto", "float32", "float64")
+ROWS, COLS, PARAM = I, J, P     # roles after normalisation
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    pos: int
+    name: str       # the alias, or Var(pos) when the formula names it inline
+    cat: int        # as the user wrote it: 0 = Vi, 1 = Vj, 2 = Pm
+    role: int       # after normalisation: ROWS, COLS or PARAM
+    dim: int
+
+    def describe(self) -> str:
+        return f"{self.name} = {CATEGORY_NAMES[self.cat]}({self.pos}, {self.dim})"
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    formula: Node                 # normalised: reduced over COLS
+    formula2: Node | None
+    reduction: Reduction
+    axis: int
+    args: tuple[ArgSpec, ...]
+    dtype_acc: str = "auto"
+    key: str = field(default="", compare=False)
+
+    @property
+    def nargs(self) -> int:
+        return len(self.args)
+
+    @property
+    def out_dim(self) -> int:
+        return self.reduction.out_dim
+
+    def acc_dtype(self, dtype: np.dtype) -> np.dtype:
+        if self.dtype_acc == "auto":
+            return np.dtype(np.float64)
+        return max(np.dtype(self.dtype_acc), np.dtype(dtype), key=lambda d: d.itemsize)
+
+    def check_args(self, args) -> tuple[list[np.ndarray], np.dtype, int, int]:
+        """Validate arrays against the aliases: returns (arrays, dtype, rows N, columns M)."""
+        if len(args) != self.nargs:
+            names = ", ".join(a.name for a in self.args)
+            raise ArgumentError(f"expected {self.nargs} arrays ({names}), got {len(args)}")
+        arrays, dtype = [], None
+        for spec, value in zip(self.args, args):
+            array = _as_array(spec, value)
+            if dtype is None:
+                dtype, first = array.dtype, spec
+            elif array.dtype != dtype:
+                raise ArgumentError(f"{spec.name} is {array.dtype} but {first.name} is {dtype}: "
+                                    "all arrays must share one dtype")
+            arrays.append(array)
+        sizes = {ROWS: None, COLS: None}
+        for spec, array in zip(self.args, arrays):
+            if spec.role == PARAM:
+                continue
+            known = sizes[spec.role]
+            if known is not None and known[1] != array.shape[0]:
+                index = "ij"[spec.cat]
+                raise ArgumentError(f"{spec.name} has {array.shape[0]} rows but {known[0]} has {known[1]}; "
+                                    f"variables indexed by {index} must have the same number of rows")
+            sizes[spec.role] = sizes[spec.role] or (spec.name, array.shape[0])
+        n = sizes[ROWS][1] if sizes[ROWS] else 1
+        m = sizes[COLS][1] if sizes[COLS] else 1
+        if m == 0 and not self.reduction.empty_ok:
+            raise ArgumentError(f"{self.reduction.name} of an empty set (M = 0) is undefined")
+        if self.reduction.k is not None and self.reduction.k > m:
+            raise ArgumentError(f"{self.reduction.name}: K = {self.reduction.k} exceeds the {m} points reduced over")
+        return arrays, dtype if dtype is not None else np.dtype(np.float32), n, m
+
+
+def _as_array(spec: ArgSpec, value) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "cpu"):       # a torch tensor reaching the numpy path
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except Exception as e:
+        raise ArgumentError(f"{spec.describe()}: cannot be read as an array ({e})") from None
+    if array.dtype not in DTYPES:
+        raise ArgumentError(f"{spec.describe()}: dtype {array.dtype} is not supported; use float32 or float64")
+    if spec.role == PARAM:
+        if array.size != spec.dim or array.ndim > 2 or (array.ndim == 2 and array.shape[0] != 1):
+            raise ArgumentError(f"{spec.describe()}: expected shape ({spec.dim},), got {array.shape}")
+        return np.ascontiguousarray(array.reshape(spec.dim))
+    if array.ndim == 1 and spec.dim == 1:
+        array = array[:, None]
+    if array.ndim != 2 or array.shape[1] != spec.dim:
+        letter = "NM"[spec.cat]
+        raise ArgumentError(f"{spec.describe()}: expected shape ({letter}, {spec.dim}), got {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+# Building plans ----------------------------------------------------------------------------------------
+
+def make_plan(formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
+              formula2: str | None = None, dtype_acc: str = "auto") -> Plan:
+    """Parse a pykeops-style reduction into a Plan."""
+    names = parse_aliases(aliases)
+    f = parse(formula, names)
+    f2 = parse(formula2, names) if formula2 is not None else None
+    return plan_from_nodes(f, f2, reduction_op, axis, opt_arg, dtype_acc, names)
+
+
+def plan_from_nodes(f: Node, f2: Node | None, reduction_op: str, axis: int, opt_arg=None, dtype_acc="auto",
+                    names: dict[str, Node] | None = None, nargs: int | None = None) -> Plan:
+    """A Plan from formula nodes (used by the parser path and by autodiff, which builds nodes directly)."""
+    if axis not in (0, 1) or isinstance(axis, bool):
+        raise ArgumentError(f"axis must be 0 (reduce over i) or 1 (reduce over j), got {axis!r}")
+    if dtype_acc not in DTYPE_ACC:
+        raise ArgumentError(f"dtype_acc must be one of {', '.join(DTYPE_ACC)}, got {dtype_acc!r}")
+    reduction = bind(reduction_op, f.dim, f2.dim if f2 is not None else None, opt_arg)
+    if f2 is not None and not reduction.uses_formula2:
+        raise FormulaError(f"{reduction_op} does not take formula2")
+    args = _arg_specs(f, f2, names or {}, axis, nargs)
+    if axis == 0:
+        f, f2 = swap_ij(f), swap_ij(f2) if f2 is not None else None
+    key = "|".join([to_text(f), to_text(f2) if f2 is not None else "", reduction_op, str(opt_arg), dtype_acc,
+                    ";".join(f"{a.pos},{a.role},{a.dim}" for a in args)])
+    return Plan(f, f2, reduction, axis, args, dtype_acc, hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
+def _arg_specs(f, f2, names, axis, nargs) -> tuple[ArgSpec, ...]:
+    by_pos: dict[int, tuple[str, Node]] = {}
+    for name, node in names.items():
+        by_pos[node.params[0]] = (name, node)
+    used = f.variables() + (f2.variables() if f2 is not None else [])
+    for node in used:
+        pos = node.params[0]
+        if pos in by_pos and by_pos[pos][1] is not node:
+            name, declared = by_pos[pos]
+            raise FormulaError(f"argument {pos} is used as {to_text(node)} but declared as {name} = {to_text(declared)}")
+        by_pos.setdefault(pos, (f"Var({pos})", node))
+    count = max(by_pos, default=-1) + 1
+    if nargs is not None:
+        count = max(count, nargs)
+    specs = []
+    for pos in range(count):
+        if pos not in by_pos:
+            raise FormulaError(f"argument {pos} is never declared: give an alias or use it in the formula")
+        name, node = by_pos[pos]
+        _, dim, cat = node.params
+        role = cat if cat == P or axis == 1 else 1 - cat
+        specs.append(ArgSpec(pos, name, cat, role, dim))
+    return tuple(specs)
+
+
+def swap_ij(node: Node) -> Node:
+    """The same formula with categories i and j exchanged."""
+    done: dict[int, Node] = {}
+    for n in node.postorder():
+        if n.op == "Var":
+            pos, dim, cat = n.params
+            done[id(n)] = make("Var", (), (pos, dim, cat if cat == P else 1 - cat))
+        else:
+            done[id(n)] = Node(n.op, tuple(done[id(c)] for c in n.children), n.params, n.dim)
+    return done[id(node)]
