@@ -1,0 +1,67 @@
+"""Shared test setup: the backends present, the `gpu` marker, and the environment for Ray tests.
+
+Tests that should hold on every backend take the `backend` fixture (or parametrize over `BACKENDS`): it always holds
+"reference", "cpu" when the compiled CPU backend can be built here, and "cuda" (marked `gpu`) when a GPU is visible.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+# Ray refuses to start a local cluster without a token unless auth is disabled; set before anything imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+
+from engine.backends import get_backend  # noqa: E402
+from engine.errors import BackendError  # noqa: E402
+
+
+@functools.cache
+def gpu_visible() -> bool:
+    """True when the CUDA driver loads and reports at least one device (no CUDA toolkit needed)."""
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    return False
+
+
+def backend_present(name: str) -> bool:
+    try:
+        get_backend(name)
+    except BackendError:
+        return False
+    return True
+
+
+def _backend_params() -> list:
+    params = [pytest.param("reference", id="reference")]
+    if backend_present("cpu"):
+        params.append(pytest.param("cpu", id="cpu"))
+    if gpu_visible():
+        # Not guarded by backend_present: with a GPU visible, a missing cuda backend must fail loudly.
+        params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.gpu))
+    return params
+
+
+BACKENDS = _backend_params()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """The name of each engine backend present, in turn."""
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_visible():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
