@@ -1,0 +1,201 @@
+"""The C emitter shared by the CPU and CUDA backends: formula bodies, reduction steps and the math prelude.
+
+Everything here is target-neutral C99 (it also compiles under NVRTC): only generated identifiers and numeric
+literals reach the source, never user text. A driver (CPU: `engine/codegen/cpu.py`; CUDA: its own) decides the loop
+structure, where variables live and where states are stored, and asks this module for the pieces:
+
+    prelude(target, real, acc)          -> C text: typedefs `kred_real` / `kred_acc` / `kred_index`, the constants
+                                           `KRED_INF`, `KRED_NO_INDEX`, the `KRED_FN` qualifier and the math helpers
+                                           `kred_exp`, `kred_log`, `kred_rsqrt`, ... (for kred_real) and
+                                           `kred_acc_exp`, `kred_acc_log` (for kred_acc). See `prelude.py`.
+
+    Emitter(load, prefix).emit(node)    -> list of C expressions, one per component of `node`, valid after the
+                                           statements accumulated in `emitter.lines` (declarations `const kred_real
+                                           v12_0 = ...;`). `load(var_node, k)` returns the C expression reading
+                                           component k of a variable (the driver knows the memory layout). Shared
+                                           sub-expressions are emitted once (nodes are hash-consed). An emitter can
+                                           start from the values of another one (`known=`), which is how a driver
+                                           hoists the i-only part of a formula out of its j loop (`depends_on`).
+
+    reduction steps (see `steps.py`), each a list of C statements over a state accessor
+    `state(slot, comp) -> C lvalue` where `slot` indexes `state_slots(reduction)` and `comp` is a C integer
+    expression (a string) for the component:
+        state_slots(reduction)                       -> [Slot(name, width, ctype)], ctype in kred_acc/kred_real/kred_index
+        init_steps(reduction, state)                 -> the identity
+        accumulate_steps(reduction, state, f, f2, j) -> fold formula values f (and f2) of column j (C expr) in;
+                                                        columns must arrive in increasing j order within one state
+        merge_steps(reduction, into, other)          -> into = merge(into, other); associative and order-free
+        finalize_steps(reduction, state, out)        -> out(o, comp) = ..., o indexes reduction.outputs
+
+The layout of states is the one of `engine.reductions` (`layout()`): a state computed in C can be merged with states
+of any backend, and finalized by the numpy reduction.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import BackendError
+from ..formula import I, J, P, Node
+from ..formula.ops import OPS
+from .prelude import prelude
+from .steps import Slot, accumulate_steps, finalize_steps, init_steps, merge_steps, state_slots
+
+# Unrolled scalar code grows with dimensions; past this many components a formula is refused with a clear error
+# (the reference backend evaluates it) rather than producing a source file the compiler chokes on.
+MAX_COMPONENTS = 20_000
+
+Load = Callable[[Node, int], str]
+
+
+def depends_on(node: Node) -> frozenset[int]:
+    """The variable categories (I, J, P) that `node` reads."""
+    return frozenset(v.params[2] for v in node.variables())
+
+
+def literal(value) -> str:
+    """A C literal for an IntCst/Const parameter (Python ints and finite floats only)."""
+    if isinstance(value, int):
+        return f"((kred_real){value})"
+    return f"((kred_real){float(value)!r})"
+
+
+class Emitter:
+    """Emits C declarations for formula nodes, one scalar per component, children before parents."""
+
+    def __init__(self, load: Load, prefix: str = "v", known: dict | None = None):
+        self.load, self.prefix = load, prefix
+        self.values: dict[Node, list[str]] = dict(known or {})
+        self.lines: list[str] = []
+        self._count = 0
+        self._components = 0
+
+    def emit(self, root: Node) -> list[str]:
+        for node in root.postorder():
+            if node not in self.values:
+                self.values[node] = self._node(node)
+        return self.values[root]
+
+    # One node ------------------------------------------------------------------------------------------
+    def _declare(self, expressions: list[str]) -> list[str]:
+        """Bind each expression to a fresh `const kred_real` identifier."""
+        self._components += len(expressions)
+        if self._components > MAX_COMPONENTS:
+            raise BackendError(f"formula too large for a compiled backend (more than {MAX_COMPONENTS} scalar "
+                               "components); use backend='reference'")
+        name = f"{self.prefix}{self._count}"
+        self._count += 1
+        names = []
+        for k, expr in enumerate(expressions):
+            if _is_atom(expr):          # literals and plain identifiers need no copy
+                names.append(expr)
+                continue
+            self.lines.append(f"const kred_real {name}_{k} = {expr};")
+            names.append(f"{name}_{k}")
+        return names
+
+    def _node(self, node: Node) -> list[str]:
+        op, p = node.op, node.params
+        if op == "Var":
+            return [f"({self.load(node, k)})" for k in range(node.dim)]
+        if op in ("IntCst", "Const"):
+            return [literal(p[0])]
+        if op == "Zero":
+            return ["((kred_real)0)"] * node.dim
+        x = [self.values[c] for c in node.children]
+        layout = _STRUCTURAL.get(op)
+        if layout is not None:
+            return layout(self, node, x)
+        template = OPS[op].c
+        if template is None:
+            raise BackendError(f"op {op} has no C form")
+        fields = {f"p{k}": str(v) for k, v in enumerate(p)}
+        out = []
+        for k in range(node.dim):
+            operands = [xs[k] if len(xs) > 1 else xs[0] for xs in x]
+            out.append(template.format(*operands, **fields))
+        return self._declare(out)
+
+
+def _is_atom(expr: str) -> bool:
+    return expr.isidentifier() or expr.startswith("((kred_real)")
+
+
+def _tree(items: list[str], join: Callable[[str, str], str]) -> str:
+    """Combine items pairwise (a balanced tree: independent operations for the CPU, less rounding error)."""
+    while len(items) > 1:
+        items = [join(items[k], items[k + 1]) if k + 1 < len(items) else items[k] for k in range(0, len(items), 2)]
+    return items[0]
+
+
+def _sum(e, node, x):
+    return e._declare([_tree(list(x[0]), lambda a, b: f"({a} + {b})")])
+
+
+def _extremum(fn):
+    def layout(e, node, x):
+        return e._declare([_tree(list(x[0]), lambda a, b: f"{fn}({a}, {b})")])
+    return layout
+
+
+def _arg_extremum(compare):
+    """First index of the extreme entry (NaN counts as extreme, like numpy's argmax/argmin)."""
+    def layout(e, node, x):
+        values = x[0]
+        best, index = values[0], "((kred_real)0)"
+        for k in range(1, len(values)):
+            v = values[k]
+            take = f"({v} {compare} {best} || ({v} != {v} && {best} == {best}))"
+            best, index = e._declare([f"({take} ? {v} : {best})", f"({take} ? ((kred_real){k}) : {index})"])
+        return [index]
+    return layout
+
+
+def _onehot(e, node, x):
+    v = x[0][0]
+    return e._declare([f"(kred_rint({v}) == {k} ? ((kred_real)1) : ((kred_real)0))" for k in range(node.dim)])
+
+
+def _matvec(e, node, x):
+    a, v = x
+    m = len(v)
+    return e._declare([_tree([f"{a[r * m + c]} * {v[c]}" for c in range(m)], lambda s, t: f"({s} + {t})")
+                       for r in range(node.dim)])
+
+
+def _vecmat(e, node, x):
+    v, a = x
+    n, out = len(v), node.dim
+    return e._declare([_tree([f"{v[r]} * {a[r * out + c]}" for r in range(n)], lambda s, t: f"({s} + {t})")
+                       for c in range(out)])
+
+
+def _tensorprod(e, node, x):
+    a, b = x
+    return e._declare([f"{ai} * {bj}" for ai in a for bj in b])
+
+
+_ZERO = "((kred_real)0)"
+
+# Structural ops: laid out here rather than from a per-component template. Pure data movement (slices, copies,
+# concatenation) reuses the children's identifiers and costs nothing.
+_STRUCTURAL = {
+    "Sum": _sum,
+    "Max": _extremum("kred_max"),
+    "Min": _extremum("kred_min"),
+    "ArgMax": _arg_extremum(">"),
+    "ArgMin": _arg_extremum("<"),
+    "SumT": lambda e, node, x: x[0] * node.dim,
+    "Elem": lambda e, node, x: [x[0][node.params[0]]],
+    "ElemT": lambda e, node, x: [x[0][0] if k == node.params[1] else _ZERO for k in range(node.dim)],
+    "Extract": lambda e, node, x: x[0][node.params[0]:node.params[0] + node.params[1]],
+    "ExtractT": lambda e, node, x: [_ZERO] * node.params[0] + x[0] + [_ZERO] * (node.dim - node.params[0] - len(x[0])),
+    "Concat": lambda e, node, x: x[0] + x[1],
+    "OneHot": _onehot,
+    "MatVecMult": _matvec,
+    "VecMatMult": _vecmat,
+    "TensorProd": _tensorprod,
+}
+
+
+__all__ = ["Emitter", "I", "J", "P", "MAX_COMPONENTS", "Slot", "accumulate_steps", "depends_on", "finalize_steps",
+           "init_steps", "literal", "merge_steps", "prelude", "state_slots"]
