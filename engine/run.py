@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import get_backend
+from .batch import batch_items, batch_shape, stack_items
 from .errors import ArgumentError
 from .plan import Plan
+from .ranges import reduce_blocks
 
 # pykeops spellings of backends, mapped to ours.
 PYKEOPS_BACKENDS = {"CPU": "cpu", "GPU": "cuda", "GPU_1D": "cuda", "GPU_2D": "cuda"}
@@ -16,11 +18,23 @@ def backend_name(backend: str) -> str:
 
 
 def run(plan: Plan, args, backend: str = "auto", out=None, ranges=None, device_id: int = -1):
-    """Compute the reduction of `plan` on `args` (numpy arrays in, numpy arrays out)."""
+    """Compute the reduction of `plan` on `args` (numpy arrays in, numpy arrays out).
+
+    `ranges` (the pykeops block-sparse 6-tuple, see engine.ranges) and leading batch dimensions (engine.batch) work on
+    every backend: both are built on `Backend.partial` / `Backend.reduce`.
+    """
+    batch = batch_shape(plan, args)
+    if batch:
+        if ranges is not None:
+            raise ArgumentError("ranges (block-sparse reductions) cannot be combined with batch dimensions")
+        results = [run(plan, item, backend, device_id=device_id) for item in batch_items(plan, args, batch)]
+        return _into(out, stack_items(batch, results))
     arrays, dtype, n, m = plan.check_args(args)
+    engine = get_backend(backend_name(backend))
     if ranges is not None:
-        raise ArgumentError("ranges (block-sparse reductions) are not supported by this version")
-    result = get_backend(backend_name(backend)).reduce(plan, arrays, n, m)
+        result = reduce_blocks(engine, plan, arrays, n, m, ranges)
+    else:
+        result = engine.reduce(plan, arrays, n, m)
     return _into(out, result)
 
 
