@@ -1,0 +1,122 @@
+"""`Cluster`: one reduction over every GPU and node of a Ray cluster (an embedded local one by default)."""
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+
+from ..errors import ArgumentError
+from ..plan import Plan, make_plan
+from .job import Job
+from .sharding import MIN_SHARD_PAIRS, SHARDS_PER_WORKER, choose_split, make_shards
+from .workers import WorkerPool, layout
+
+
+class Cluster:
+    """Workers on a Ray cluster, and the jobs that run reductions on them.
+
+    >>> with Cluster() as cl:                   # embedded local Ray: all local GPUs, else CPU workers
+    ...     a = cl.reduce("Exp(-SqDist(x,y))*b", ["x=Vi(3)", "y=Vj(3)", "b=Vj(1)"], x, y, b, axis=1)
+
+    address: None starts (or reuses) a local Ray; "ray://head:10001" or "auto" joins an existing cluster.
+    device: "gpu" (one actor per unit of `resource`), "cpu" (`workers` actors of `threads` CPUs, default one per
+      node using all its CPUs) or "auto" (gpu when any node has `resource`).
+    resource: the resource a device actor takes one unit of: "GPU", or a custom resource name.
+    backend: the engine backend the workers run ("auto": each worker picks the best one it has).
+    shards_per_worker, min_shard_pairs: how finely the automatic split cuts a job (see sharding.choose_split).
+    inflight: shards queued per worker; max_attempts: lost workers a shard survives before the job fails;
+    speculate: copy the last stragglers onto idle workers.
+    on_shard: a picklable callable run in the worker before each shard (tests and diagnostics).
+    ray_options: extra `ray.init` arguments when this Cluster starts Ray (num_cpus, object_store_memory...).
+    """
+
+    def __init__(self, address: str | None = None, *, device: str = "auto", resource: str = "GPU",
+                 workers: int | None = None, threads: int | None = None, backend: str = "auto",
+                 shards_per_worker: int = SHARDS_PER_WORKER, min_shard_pairs: int = MIN_SHARD_PAIRS,
+                 inflight: int = 2, max_attempts: int = 3, speculate: bool = True, worker_wait: float = 60.0,
+                 start_timeout: float = 120.0, on_shard=None, ray_options: dict | None = None):
+        ray = _ray()
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(address=address, include_dashboard=False, **(ray_options or {}))
+        self.shards_per_worker, self.min_shard_pairs = shards_per_worker, min_shard_pairs
+        self._job_options = dict(inflight=inflight, max_attempts=max_attempts, speculate=speculate,
+                                 worker_wait=worker_wait)
+        specs = layout(ray.nodes(), device, resource, workers, threads)
+        self.pool = WorkerPool(specs, backend, on_shard)
+        try:
+            self.pool.wait_started(start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # Submitting work -------------------------------------------------------------------------------------
+    def submit(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
+               formula2: str | None = None, dtype_acc: str = "auto", split: tuple[int, int] | None = None) -> Job:
+        """Start a reduction (same arguments as `engine.reduce`); returns its Job at once."""
+        plan = make_plan(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        return self.submit_plan(plan, args, split=split)
+
+    def submit_plan(self, plan: Plan, args, split: tuple[int, int] | None = None) -> Job:
+        """Start the reduction of an already built plan. `split` = (row blocks, column blocks) overrides the
+        automatic split."""
+        if self.pool is None:
+            raise ArgumentError("this Cluster is closed")
+        arrays, dtype, n, m = plan.check_args(args)
+        if split is None:
+            split = choose_split(n, m, max(1, len(self.pool.poll())), self.shards_per_worker, self.min_shard_pairs)
+        return Job(self.pool, plan, arrays, dtype, make_shards(n, m, split), **self._job_options)
+
+    def reduce(self, formula: str, aliases, *args, progress: bool = False, timeout: float | None = None, **kwargs):
+        """`submit(...)` and wait for the result (with a progress bar if `progress`)."""
+        return self.submit(formula, aliases, *args, **kwargs).result(timeout, progress=progress)
+
+    def run_plan(self, plan: Plan, args, progress: bool = False, timeout: float | None = None, split=None):
+        job = self.submit_plan(plan, args, split=split)
+        try:
+            return job.result(timeout, progress=progress)
+        except KeyboardInterrupt:
+            job.cancel()
+            raise
+
+    # The cluster -----------------------------------------------------------------------------------------
+    @property
+    def workers(self) -> list[dict]:
+        """What each live worker reported: node, GPU ids, threads, backend."""
+        return [dict(name=w.spec.name, **w.info) for w in self.pool.poll()] if self.pool else []
+
+    def close(self) -> None:
+        """Stop the workers (and Ray, if this Cluster started it)."""
+        pool, self.pool = getattr(self, "pool", None), None
+        if pool is not None:
+            pool.close()
+        if self._owns_ray:
+            self._owns_ray = False
+            _ray().shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _ray():
+    import ray
+    return ray
+
+
+# The default cluster behind backend="cluster" -------------------------------------------------------------
+
+_default: Cluster | None = None
+_default_lock = threading.Lock()
+
+
+def default_cluster() -> Cluster:
+    """A Cluster started on first use, joining $RAY_ADDRESS when set, closed when the process exits."""
+    global _default
+    with _default_lock:
+        if _default is None or _default.pool is None:
+            _default = Cluster(os.environ.get("RAY_ADDRESS") or None)
+            atexit.register(_default.close)
+        return _default

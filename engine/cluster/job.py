@@ -1,0 +1,208 @@
+"""A submitted reduction: the work queue that feeds shards to workers, and the future-like handle on it.
+
+The queue keeps at most `inflight` shards per worker (one computing, one waiting, so a worker never idles for a
+round trip), hands the next shard to whichever worker frees up first, duplicates the last stragglers onto idle
+workers (the first copy back wins; states are deterministic so the result is the same), re-queues the shards of
+workers that died, and fails the whole job at once on a user error (a KredError raised by the engine).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import CancelledError, Future
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import BackendError, KredError
+from ..plan import Plan
+from .sharding import Assembler, Shard
+from .workers import Worker, WorkerPool
+
+POLL_SECONDS = 0.05          # how often the queue looks at cancellation and at newly started workers
+_ids = itertools.count(1)
+
+
+class Progress(NamedTuple):
+    done: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+class Job:
+    """Future-like handle: `progress()`, `result(timeout)`, `cancel()`, `done()`, `status`."""
+
+    def __init__(self, pool: WorkerPool, plan: Plan, arrays: list[np.ndarray], dtype, shards: list[Shard], *,
+                 inflight: int = 2, max_attempts: int = 3, speculate: bool = True, worker_wait: float = 60.0):
+        self.id = next(_ids)
+        self.plan, self.shards = plan, shards
+        self._pool, self._arrays, self._dtype = pool, arrays, dtype
+        self._inflight, self._max_attempts = max(1, inflight), max_attempts
+        self._speculate, self._worker_wait = speculate, worker_wait
+        self._future: Future = Future()
+        self._cancel = threading.Event()
+        self._done = 0
+        self.retries = 0            # shards re-dispatched because their worker was lost
+        self.duplicates = 0         # straggler copies started on idle workers
+        self._thread = threading.Thread(target=self._run, name=f"kred-job-{self.id}", daemon=True)
+        self._thread.start()
+
+    # The handle ------------------------------------------------------------------------------------------
+    def progress(self) -> Progress:
+        return Progress(self._done, len(self.shards))
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    @property
+    def status(self) -> str:
+        if not self._future.done():
+            return "cancelling" if self._cancel.is_set() else "running"
+        if self._future.cancelled():
+            return "cancelled"
+        return "failed" if self._future.exception() is not None else "done"
+
+    def result(self, timeout: float | None = None, progress: bool = False):
+        """The finished result; raises the job's error, CancelledError, or TimeoutError after `timeout` seconds."""
+        if progress:
+            self._show_progress(timeout)
+        return self._future.result(timeout)
+
+    def exception(self, timeout: float | None = None):
+        return self._future.exception(timeout)
+
+    def cancel(self, wait: float = 10.0) -> bool:
+        """Stop outstanding shards; True if the job ended cancelled (False if it had already finished)."""
+        if self._future.done():
+            return self._future.cancelled()
+        self._cancel.set()
+        self._thread.join(wait)
+        return self._future.cancelled()
+
+    def cancelled(self) -> bool:
+        return self._future.cancelled()
+
+    def _show_progress(self, timeout):
+        from tqdm.auto import tqdm
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tqdm(total=len(self.shards), desc=f"kred job {self.id}", unit="shard") as bar:
+            while not self._future.done() and (deadline is None or time.monotonic() < deadline):
+                self._thread.join(0.1)
+                bar.update(self._done - bar.n)
+            bar.update(self._done - bar.n)
+
+    # The work queue --------------------------------------------------------------------------------------
+    def _run(self):
+        try:
+            result = self._schedule()
+        except CancelledError:
+            self._future.cancel()
+        except BaseException as e:       # noqa: BLE001 - every failure belongs to the job's caller
+            self._future.set_exception(e)
+        else:
+            self._future.set_result(result)
+        finally:
+            self._arrays = None          # the object store keeps what workers still need
+
+    def _schedule(self):
+        import ray
+        lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                       ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError,
+                       ray.exceptions.OutOfMemoryError)
+        inputs = ray.put((self.plan, self._arrays))
+        assembler = Assembler(self.plan.reduction, self.shards)
+        queue = deque(self.shards)
+        running: dict = {}                    # ref -> (shard, worker)
+        load: Counter = Counter()             # worker -> shards in flight
+        attempts: Counter = Counter()         # shard index -> lost workers
+        idle_since = None
+        try:
+            while len(assembler.done) < len(self.shards):
+                if self._cancel.is_set():
+                    raise CancelledError()
+                workers = self._pool.poll()
+                idle_since = self._check_workers(workers, running, idle_since)
+                self._dispatch(workers, queue, running, load, inputs)
+                if not running:
+                    time.sleep(POLL_SECONDS)
+                    continue
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+                for ref in ready:
+                    if ref not in running:     # a copy cancelled while this batch was handled
+                        continue
+                    shard, worker = running.pop(ref)
+                    load[worker] -= 1
+                    try:
+                        state = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:
+                        if isinstance(e.cause, KredError):
+                            raise e.cause from None     # the engine's own message, once, no retry
+                        raise
+                    except lost_errors as e:
+                        self._pool.lost(worker)
+                        self._retry(shard, e, queue, running, attempts, assembler)
+                        continue
+                    except ray.exceptions.TaskCancelledError as e:     # cancelled by someone else: the worker is fine
+                        self._retry(shard, e, queue, running, attempts, assembler)
+                        continue
+                    if assembler.add(shard, state):
+                        self._done += 1
+                        for other in [r for r, (s, _) in running.items() if s.index == shard.index]:
+                            ray.cancel(other)          # a straggler's copy: no longer needed
+                            load[running.pop(other)[1]] -= 1
+        finally:
+            for ref in running:
+                ray.cancel(ref)
+            self._pool.broadcast_forget(inputs.hex())
+        return self.plan.reduction.finalize(assembler.state(), self._dtype)
+
+    def _check_workers(self, workers, running, idle_since):
+        """Fail when no worker has been available for `worker_wait` seconds (all lost, none restartable)."""
+        if workers or running:
+            return None
+        now = time.monotonic()
+        if idle_since is None:
+            return now
+        if now - idle_since > self._worker_wait:
+            raise BackendError(f"no cluster worker available for {self._worker_wait:.0f} s: every worker was lost "
+                               "and none could be restarted (resources gone?)")
+        return idle_since
+
+    def _dispatch(self, workers: list[Worker], queue: deque, running: dict, load: Counter, inputs) -> None:
+        def send(worker, shard):
+            ref = worker.handle.partial.remote(shard, [inputs])
+            running[ref] = (shard, worker)
+            load[worker] += 1
+
+        for worker in sorted(workers, key=lambda w: load[w]):
+            while queue and load[worker] < self._inflight:
+                send(worker, queue.popleft())
+        if queue or not self._speculate:
+            return
+        # Nothing left to hand out: idle workers take a copy of the newest shard still out on another worker
+        # (the newest is the likeliest to be waiting behind another shard there).
+        copies = Counter(shard.index for shard, _ in running.values())
+        for worker in [w for w in workers if load[w] == 0]:
+            for shard, owner in reversed(list(running.values())):
+                if copies[shard.index] == 1 and owner is not worker:
+                    send(worker, shard)
+                    copies[shard.index] += 1
+                    self.duplicates += 1
+                    break
+
+    def _retry(self, shard, error, queue, running, attempts, assembler) -> None:
+        """Put back a shard whose worker was lost, unless a copy of it is done or still out."""
+        if shard.index in assembler.done:
+            return
+        attempts[shard.index] += 1
+        if attempts[shard.index] >= self._max_attempts:
+            raise BackendError(f"shard {shard.index} (rows {shard.rows}, columns {shard.cols}) lost its worker "
+                               f"{attempts[shard.index]} times; last error: {error}") from error
+        if not any(s.index == shard.index for s, _ in running.values()):
+            queue.appendleft(shard)
+            self.retries += 1
