@@ -22,5 +22,6 @@ class Genred:
         self.formula, self.aliases = formula, list(aliases)
         self.plan: Plan = make_plan(formula, self.aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
 
-    def __call__(self, *args, backend: str = "auto", device_id: int = -1, ranges=None, out=None):
-        return run(self.plan, args, backend=backend, out=out, ranges=ranges, device_id=device_id)
+    def __call__(self, *args, backend: str = "auto", device_id: int = -1, ranges=None, out=None, cluster=None):
+        # backend="cluster" (or cluster=engine.cluster.Cluster(...)) runs the reduction on Ray workers
+        return run(self.plan, args, backend=backend, out=out, ranges=ranges, device_id=device_id, cluster=cluster)

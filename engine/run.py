@@ -17,8 +17,11 @@ def backend_name(backend: str) -> str:
     return PYKEOPS_BACKENDS.get(backend, backend)
 
 
-def run(plan: Plan, args, backend: str = "auto", out=None, ranges=None, device_id: int = -1):
+def run(plan: Plan, args, backend: str = "auto", out=None, ranges=None, device_id: int = -1, cluster=None):
     """Compute the reduction of `plan` on `args` (numpy arrays in, numpy arrays out).
+
+    `backend="cluster"` (or a `cluster=` engine.cluster.Cluster) runs it on Ray workers; without `cluster=` a
+    default embedded Cluster starts on first use.
 
     `ranges` (the pykeops block-sparse 6-tuple, see engine.ranges) and leading batch dimensions (engine.batch) work on
     every backend: both are built on `Backend.partial` / `Backend.reduce`.
@@ -27,15 +30,27 @@ def run(plan: Plan, args, backend: str = "auto", out=None, ranges=None, device_i
     if batch:
         if ranges is not None:
             raise ArgumentError("ranges (block-sparse reductions) cannot be combined with batch dimensions")
-        results = [run(plan, item, backend, device_id=device_id) for item in batch_items(plan, args, batch)]
+        results = [run(plan, item, backend, device_id=device_id, cluster=cluster)
+                   for item in batch_items(plan, args, batch)]
         return _into(out, stack_items(batch, results))
     arrays, dtype, n, m = plan.check_args(args)
+    if cluster is not None or backend_name(backend) == "cluster":
+        if ranges is not None:
+            raise ArgumentError("ranges (block-sparse reductions) are not supported with backend='cluster'")
+        return _into(out, _cluster(cluster).run_plan(plan, arrays))
     engine = get_backend(backend_name(backend))
     if ranges is not None:
         result = reduce_blocks(engine, plan, arrays, n, m, ranges)
     else:
         result = engine.reduce(plan, arrays, n, m)
     return _into(out, result)
+
+
+def _cluster(cluster):
+    if cluster is not None:
+        return cluster
+    from .cluster import default_cluster      # here, so that `import engine` never imports Ray
+    return default_cluster()
 
 
 def _into(out, result):
