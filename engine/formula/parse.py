@@ -79,7 +79,7 @@ def parse_alias(text: str, index: int) -> tuple[str, Node]:
     try:
         return name, make("Var", (), (pos, dim, cat))
     except FormulaError as e:
-        raise FormulaError(f"alias {text!r}: {e}") from None
+        raise type(e)(f"alias {text!r}: {e}") from None
 
 
 def parse_aliases(aliases) -> dict[str, Node]:
@@ -119,7 +119,10 @@ def _cached_syntax(text: str) -> ast.Expression:
     except SyntaxError as e:
         col = e.offset if e.lineno in (None, 1) else None
         raise FormulaError(f"syntax error: {e.msg}", text, col) from None
-    except (RecursionError, MemoryError, ValueError, OverflowError) as e:
+    except (RecursionError, MemoryError) as e:      # Python's parser gives up on very deep or long chains
+        raise FormulaError(f"formula nests too deeply to be parsed ({type(e).__name__}); "
+                           f"the limit is about {MAX_DEPTH} levels") from None
+    except (ValueError, OverflowError) as e:
         raise FormulaError(f"formula cannot be parsed: {type(e).__name__}") from None
     _check_depth(tree, text)
     return tree
@@ -197,7 +200,7 @@ class _Walker:
             self.fail(f"literal {value!r} is not a number", node)
         if isinstance(value, int):
             if abs(value) > MAX_INT_PARAM:
-                self.fail(f"integer {value} is outside ±{MAX_INT_PARAM}; write it as a float", node)
+                self.fail(f"integer {_short(value)} is outside ±{MAX_INT_PARAM}; write it as a float", node)
             return self.build("IntCst", (), (value,), node)
         return self.build("Const", (), (value,), node)
 
@@ -208,7 +211,7 @@ class _Walker:
             sign, node = -1, node.operand
         if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
             if abs(node.value) > MAX_INT_PARAM:
-                self.fail(f"integer {node.value} is outside ±{MAX_INT_PARAM}", node)
+                self.fail(f"integer {_short(node.value)} is outside ±{MAX_INT_PARAM}", node)
             return sign * node.value
         self.fail(f"expected an integer literal, got {_describe(node)}", node)
 
@@ -236,11 +239,15 @@ class _Walker:
             close = difflib.get_close_matches(name, list(OPS), n=3)
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             self.fail(f"unknown op {name!r}{hint}", node.func)
-        if name == "Const":
-            if len(node.args) != 1 or not isinstance(node.args[0], ast.Constant):
+        if name == "Const":     # one literal, possibly negated: to_text writes Const(-1.5)
+            arg = node.args[0] if len(node.args) == 1 else None
+            negative = isinstance(arg, ast.UnaryOp) and isinstance(arg.op, ast.USub)
+            literal = arg.operand if negative else arg
+            if not isinstance(literal, ast.Constant):
                 self.fail("Const takes one numeric literal", node)
-            return self.literal(node.args[0]) if isinstance(node.args[0].value, float) else \
-                self.build("Const", (), (float(self.integer(node.args[0])),), node)
+            if isinstance(literal.value, float):
+                return self.build("Const", (), (-literal.value if negative else literal.value,), node)
+            return self.build("Const", (), (float(self.integer(arg)),), node)
         expected = row.arity + len(row.params)
         if len(node.args) != expected:
             params = f" and {len(row.params)} integer parameter(s)" if row.params else ""
@@ -271,6 +278,12 @@ class _Walker:
             self.fail(f"{str(e).splitlines()[0]} in `{self.segment(node)}`", node, type(e))
 
 
+def _short(value: int) -> str:
+    """An integer for an error message: a 4000-digit literal is shown by its length."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:8]}...({len(text)} digits)"
+
+
 def _describe(node: ast.AST) -> str:
     kinds = {
         ast.Attribute: "attribute access", ast.Subscript: "subscripting", ast.Lambda: "a lambda",
@@ -280,6 +293,9 @@ def _describe(node: ast.AST) -> str:
         ast.Tuple: "a tuple", ast.Dict: "a dict", ast.Set: "a set", ast.NamedExpr: "an assignment",
         ast.Await: "await", ast.Starred: "a starred expression", ast.Slice: "a slice",
     }
+    if isinstance(node, ast.Constant):
+        text = repr(node.value)
+        return f"the literal {text if len(text) <= 24 else text[:20] + '...'}"
     if isinstance(node, ast.BinOp):
         return f"the operator {type(node.op).__name__}"
     if isinstance(node, ast.UnaryOp):
