@@ -34,6 +34,9 @@ class Reduction(ABC):
     empty_ok = True        # may it reduce over an empty axis (giving `identity` finalized)?
     differentiable = True
 
+    def __post_init__(self):
+        """Subclasses check their dimensions here (the dataclass __init__ calls it only if the base defines it)."""
+
     # What the user gets: a list of (kind, width); kind "value" has the input dtype, "index" is int64.
     @property
     def outputs(self) -> list[tuple[str, int]]:
