@@ -6,6 +6,8 @@ only when a Cluster starts, so `import engine` stays free of it.
 """
 from .cluster import Cluster, default_cluster
 from .job import Job, Progress
+from .jobfile import JobFileError, run_job_file
 from .sharding import Shard, choose_split, make_shards
 
-__all__ = ["Cluster", "Job", "Progress", "Shard", "choose_split", "default_cluster", "make_shards"]
+__all__ = ["Cluster", "Job", "JobFileError", "Progress", "Shard", "choose_split", "default_cluster", "make_shards",
+           "run_job_file"]

@@ -1,0 +1,217 @@
+"""Batch jobs from a YAML file (`kred run JOB.yaml`): read the inputs, run on a cluster, write the output.
+
+    formula: Exp(-SqDist(x, y)) * b
+    aliases: [x = Vi(3), y = Vj(3), b = Vj(1)]
+    inputs:                      # one entry per alias; paths are relative to this file
+      x: points.npy              # .npy: the array itself
+      y: {path: centers.parquet, columns: [u, v, w]}    # .parquet / .arrow: one numeric column per component
+      b: weights.arrow           # (or a single fixed-size-list column), all columns when `columns` is left out
+    reduction: Sum               # optional: opt_arg (K), formula2, axis (default 0), dtype, dtype_acc
+    axis: 1
+    output: result.npy           # .npy, .npz, .parquet or .arrow
+    cluster: {address: ray://head:10001, device: auto, workers: null, threads: null, backend: auto}
+
+Parameters (Pm) may also be given inline as a list of numbers.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ArgumentError
+from ..plan import Plan, make_plan
+
+INPUT_SUFFIXES = (".npy", ".parquet", ".arrow", ".feather", ".ipc")
+OUTPUT_SUFFIXES = (".npy", ".npz", ".parquet", ".arrow")
+
+
+class JobFileError(ArgumentError):
+    """The job file is unreadable, invalid, or names inputs that do not fit the formula."""
+
+
+class InputFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    columns: list[str] | None = None      # table columns to use, in order (default: all)
+
+
+class ClusterSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = None
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    workers: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    backend: str = "auto"
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    formula: str
+    aliases: list[str]
+    inputs: dict[str, Union[str, InputFile, list[float]]]
+    reduction: str = "Sum"
+    axis: Literal[0, 1] = 0
+    opt_arg: int | None = None
+    formula2: str | None = None
+    dtype: Literal["float32", "float64"] | None = None      # cast every input (default: as stored)
+    dtype_acc: Literal["auto", "float32", "float64"] = "auto"
+    output: str
+    cluster: ClusterSettings = ClusterSettings()
+
+
+def load_job(path) -> tuple[JobSpec, Plan, Path]:
+    """Parse and validate the job file; returns (spec, plan, folder that relative paths start from)."""
+    import yaml
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise JobFileError(f"cannot read job file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise JobFileError(f"{path} is not valid YAML: {e}") from None
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'job'}: {err['msg']}" for err in e.errors())
+        raise JobFileError(f"{path}: {problems}") from None
+    plan = make_plan(spec.formula, spec.aliases, spec.reduction, spec.axis, spec.opt_arg, spec.formula2,
+                     spec.dtype_acc)
+    names = [arg.name for arg in plan.args]
+    missing, unknown = set(names) - set(spec.inputs), set(spec.inputs) - set(names)
+    if missing or unknown:
+        parts = ([f"no input for {', '.join(sorted(missing))}"] if missing else []) + \
+                ([f"inputs {', '.join(sorted(unknown))} are not in the aliases"] if unknown else [])
+        raise JobFileError(f"{path}: {'; '.join(parts)} (the formula takes {', '.join(names)})")
+    suffix = Path(spec.output).suffix
+    if suffix not in OUTPUT_SUFFIXES:
+        raise JobFileError(f"{path}: output {spec.output!r} must end in {', '.join(OUTPUT_SUFFIXES)}")
+    if suffix == ".npy" and len(plan.reduction.outputs) > 1:
+        raise JobFileError(f"{path}: {spec.reduction} returns values and indices, which one .npy cannot hold; "
+                           "write .npz, .parquet or .arrow")
+    return spec, plan, path.parent
+
+
+def load_inputs(spec: JobSpec, plan: Plan, folder: Path) -> list[np.ndarray]:
+    """The arrays in the plan's argument order."""
+    arrays = {}
+    for arg in plan.args:
+        source = spec.inputs[arg.name]
+        if not isinstance(source, list):
+            source = source if isinstance(source, InputFile) else InputFile(path=source)
+            arrays[arg.name] = read_array(folder / source.path, source.columns, arg.name)
+    # inline numbers take the dtype of the files (or of `dtype:`), so that they never cause a mismatch
+    dtype = spec.dtype or next((a.dtype for a in arrays.values()), np.dtype(np.float64))
+    for arg in plan.args:
+        if isinstance(spec.inputs[arg.name], list):
+            arrays[arg.name] = np.asarray(spec.inputs[arg.name], dtype=dtype)
+    return [arrays[arg.name].astype(spec.dtype) if spec.dtype else arrays[arg.name] for arg in plan.args]
+
+
+def read_array(path: Path, columns: list[str] | None = None, name: str = "input") -> np.ndarray:
+    """A 2D array from .npy, or from a table (.parquet, Arrow IPC file or stream) with one column per component."""
+    suffix = path.suffix
+    if suffix not in INPUT_SUFFIXES:
+        raise JobFileError(f"{name}: {path} must end in {', '.join(INPUT_SUFFIXES)}")
+    try:
+        if suffix == ".npy":
+            if columns is not None:
+                raise JobFileError(f"{name}: `columns` applies to tables, not to {path}")
+            return np.load(path, allow_pickle=False)
+        return _table_to_array(_read_table(path, columns), name, path)
+    except OSError as e:
+        raise JobFileError(f"{name}: cannot read {path}: {e}") from None
+    except JobFileError:
+        raise
+    except Exception as e:                  # pyarrow and numpy report malformed files with many types
+        raise JobFileError(f"{name}: {path} is not a readable {suffix} file ({e})") from None
+
+
+def _read_table(path: Path, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+    else:
+        with pa.memory_map(str(path)) as source:
+            try:
+                table = pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:                   # not the file format: try the stream format
+                source.seek(0)
+                table = pa.ipc.open_stream(source).read_all()
+    if columns is not None:
+        absent = [c for c in columns if c not in table.column_names]
+        if absent:
+            raise JobFileError(f"{path} has no column {', '.join(absent)} (it has {', '.join(table.column_names)})")
+        table = table.select(columns)
+    return table
+
+
+def _table_to_array(table, name: str, path: Path) -> np.ndarray:
+    import pyarrow as pa
+    if table.num_columns == 0:
+        raise JobFileError(f"{name}: {path} has no columns")
+    if table.num_columns == 1 and pa.types.is_fixed_size_list(table.schema.field(0).type):
+        column = table.column(0).combine_chunks()
+        if column.null_count:
+            raise JobFileError(f"{name}: column {table.column_names[0]} of {path} has missing values")
+        return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    parts = []
+    for column_name, column in zip(table.column_names, table.columns):
+        if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+            raise JobFileError(f"{name}: column {column_name} of {path} is {column.type}, not a number")
+        if column.null_count:
+            raise JobFileError(f"{name}: column {column_name} of {path} has missing values")
+        parts.append(column.to_numpy())
+    return np.column_stack(parts)
+
+
+def write_output(result, plan: Plan, path: Path) -> None:
+    """Write the result atomically (a reader never sees half a file)."""
+    results = result if isinstance(result, tuple) else (result,)
+    kinds = [kind for kind, _ in plan.reduction.outputs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        if path.suffix == ".npy":
+            np.save(tmp, results[0])
+        elif path.suffix == ".npz":
+            np.savez(tmp, **dict(zip(kinds, results)))
+        else:
+            _write_table(tmp, path.suffix, kinds, results)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_table(tmp: str, suffix: str, kinds, results) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    columns = {f"{kind}_{k}": array[:, k] for kind, array in zip(kinds, results) for k in range(array.shape[1])}
+    table = pa.table(columns)
+    if suffix == ".parquet":
+        pq.write_table(table, tmp)
+    else:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+
+def run_job_file(path, address: str | None = None, progress: bool = True) -> Path:
+    """Run the job described by the YAML file `path` (on `address`, else the file's cluster address, else an
+    embedded local Ray); returns the path of the output it wrote."""
+    from .cluster import Cluster
+    spec, plan, folder = load_job(path)
+    arrays = load_inputs(spec, plan, folder)
+    settings = spec.cluster
+    with Cluster(address or settings.address, device=settings.device, workers=settings.workers,
+                 threads=settings.threads, backend=settings.backend) as cluster:
+        result = cluster.run_plan(plan, arrays, progress=progress)
+    output = folder / spec.output
+    write_output(result, plan, output)
+    return output
