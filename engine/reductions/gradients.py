@@ -1,0 +1,190 @@
+"""Gradients of reductions: the backward pass of a reduction is described as another reduction.
+
+`gradient(plan, pos)` answers "how do I get  sum_r <cotangent_r, d result_r / d arg_pos>" as data, so that every
+front end runs it with its own arrays (torch tensors that carry autograd, so the backward is differentiable again)
+and every backend, the cluster included, runs backward passes like any other plan. Two shapes of answer:
+
+- `ReducedGradient` (Sum, LogSumExp, LogSumExpWeight, SumSoftMaxWeight): a Sum reduction of `Grad(f, v, weight)`
+  over the arguments plus a few extra arrays (the cotangent, the forward output, ...). A variable indexed like the
+  output is reduced over the same axis; one indexed like the reduced axis is reduced over the *other* axis (giving
+  one row per point of that variable); a parameter's per-row gradients are summed.
+- `SelectedGradient` (Min, Max, Min_ArgMin, Max_ArgMax, KMin, KMin_ArgKMin): only the selected pairs contribute, so
+  the front end gathers the reduced variables at the selected indices (from the forward pass, see `with_indices`),
+  evaluates `Grad(f, v, e)` once per selected pair (a reduction over a single column) and scatters the results back.
+  pykeops refuses these gradients; the indices make them exact.
+
+ArgMin, ArgMax and ArgKMin are piecewise constant: their gradient is zero (`ZERO`). Max_SumShiftExp and
+Max_SumShiftExpWeight are building blocks with no gradient rule: asking for one raises a FormulaError.
+
+Everything is written in the user's orientation (the plan's `axis` and the categories as written), so that derived
+plans keep the pykeops meaning of `axis` and of the `ranges` 6-tuple: a plan over the other axis uses its other half.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..errors import FormulaError
+from ..formula import I, J, P, Node, make, var
+from ..formula.autodiff import grad, substitute
+from ..plan import Plan, plan_from_nodes, swap_ij
+
+# Extra arrays a gradient plan takes after the user's arguments, in this order when present.
+COTANGENT, OUTPUT, LOGSUMEXP = "cotangent", "output", "logsumexp"
+
+SELECTING = {"Min": "Min_ArgMin", "Max": "Max_ArgMax", "Min_ArgMin": "Min_ArgMin", "Max_ArgMax": "Max_ArgMax",
+             "KMin": "KMin_ArgKMin", "KMin_ArgKMin": "KMin_ArgKMin"}
+ZERO_GRADIENT = ("ArgMin", "ArgMax", "ArgKMin")
+
+
+@dataclass(frozen=True)
+class ReducedGradient:
+    plan: Plan                 # Sum of the gradient formula, over the user's arguments + `extras`
+    extras: tuple[str, ...]    # COTANGENT, OUTPUT, LOGSUMEXP: what to append, in order
+    sum_rows: bool             # the argument is a parameter: add up the plan's rows
+    logsumexp: Plan | None = None   # the plan that computes the LOGSUMEXP extra (on the user's arguments)
+
+
+@dataclass(frozen=True)
+class SelectedGradient:
+    plan: Plan                 # Sum over one column of Grad(f', v, e): f' has the reduced variables gathered
+    slots: int                 # selected pairs per row: K * dim (dim for Min/Max)
+    fdim: int                  # the formula's dimension: slot s belongs to component s % fdim
+    role: str                  # "rows": sum each row's slots; "reduced": scatter to the indices; "param": sum all
+    gathered: tuple[bool, ...]  # per user argument: gathered at the indices (a reduced variable) or repeated
+
+
+ZERO = None     # the gradient of an index-valued reduction
+
+
+def gradient(plan: Plan, pos: int):
+    """How to compute the gradient of `plan`'s result with respect to argument `pos` (see the module docstring)."""
+    return _gradient(plan, pos)
+
+
+@functools.lru_cache(maxsize=2048)
+def _gradient(plan: Plan, pos: int):
+    name = plan.reduction.name
+    if name in ZERO_GRADIENT:
+        return ZERO
+    if name in SELECTING:
+        return _selected(plan, pos)
+    builders = {"Sum": _sum, "LogSumExp": _logsumexp, "LogSumExpWeight": _logsumexp_weight,
+                "SumSoftMaxWeight": _softmax_weight}
+    if name not in builders:
+        raise FormulaError(f"{name} has no gradient rule (differentiate Sum, LogSumExp, LogSumExpWeight, "
+                           f"SumSoftMaxWeight, Min, Max, KMin and their Arg variants)")
+    return builders[name](plan, pos)
+
+
+def with_indices(plan: Plan) -> Plan:
+    """For a selecting reduction, the same plan returning (values, indices): what its gradient needs."""
+    return _with_indices(plan)
+
+
+@functools.lru_cache(maxsize=1024)
+def _with_indices(plan: Plan) -> Plan:
+    target = SELECTING[plan.reduction.name]
+    if target == plan.reduction.name:
+        return plan
+    f, _, names = _user_view(plan)
+    return plan_from_nodes(f, None, target, plan.axis, plan.reduction.k, plan.dtype_acc, names, plan.nargs)
+
+
+# The pieces every rule needs ---------------------------------------------------------------------------------
+
+def _user_view(plan: Plan):
+    """(formula, formula2, names) as the user wrote them: categories i/j as declared, not normalised."""
+    unswap = (lambda node: swap_ij(node)) if plan.axis == 0 else (lambda node: node)
+    f = unswap(plan.formula)
+    f2 = unswap(plan.formula2) if plan.formula2 is not None else None
+    names = {spec.name: var(spec.pos, spec.dim, spec.cat) for spec in plan.args}
+    return f, f2, names
+
+
+def _output_category(plan: Plan) -> int:
+    return I if plan.axis == 1 else J
+
+
+def _extra(plan: Plan, names: dict, name: str, dim: int) -> Node:
+    """A new argument after the existing ones, indexed like the output."""
+    node = var(len(names), dim, _output_category(plan))
+    names[name if name not in names else f"{name}_{len(names)}"] = node    # a gradient of a gradient has two
+    return node
+
+
+def _target(plan: Plan, pos: int) -> Node:
+    spec = plan.args[pos]
+    return var(spec.pos, spec.dim, spec.cat)
+
+
+def _reduced(plan: Plan, pos: int, formula: Node, names: dict, extras: tuple, logsumexp=None) -> ReducedGradient:
+    """Sum `formula` over the axis that leaves one row per point of argument `pos`."""
+    cat = plan.args[pos].cat
+    axis = plan.axis if cat in (P, _output_category(plan)) else 1 - plan.axis
+    derived = plan_from_nodes(formula, None, "Sum", axis, None, plan.dtype_acc, names, len(names))
+    return ReducedGradient(derived, extras, cat == P, logsumexp)
+
+
+# Sum-like reductions ------------------------------------------------------------------------------------------
+
+def _sum(plan: Plan, pos: int) -> ReducedGradient:
+    f, _, names = _user_view(plan)
+    g = _extra(plan, names, COTANGENT, plan.out_dim)
+    return _reduced(plan, pos, grad(f, _target(plan, pos), g), names, (COTANGENT,))
+
+
+def _logsumexp(plan: Plan, pos: int) -> ReducedGradient:
+    # d log sum_j exp(f_j) = sum_j exp(f_j - out) df_j
+    f, _, names = _user_view(plan)
+    g = _extra(plan, names, COTANGENT, plan.out_dim)
+    out = _extra(plan, names, OUTPUT, plan.out_dim)
+    weight = make("Mult", (make("Exp", (make("Subtract", (f, out)),)), g))
+    return _reduced(plan, pos, grad(f, _target(plan, pos), weight), names, (COTANGENT, OUTPUT))
+
+
+def _logsumexp_weight(plan: Plan, pos: int) -> ReducedGradient:
+    # out = log sum_j exp(f_j) w_j (f scalar):  d out = sum_j exp(f_j - out) (w_j df_j + dw_j), componentwise
+    f, w, names = _user_view(plan)
+    g = _extra(plan, names, COTANGENT, plan.out_dim)
+    out = _extra(plan, names, OUTPUT, plan.out_dim)
+    v = _target(plan, pos)
+    share = make("Mult", (make("Exp", (make("Subtract", (f, out)),)), g))
+    formula = make("Add", (grad(f, v, make("Sum", (make("Mult", (share, w)),))), grad(w, v, share)))
+    return _reduced(plan, pos, formula, names, (COTANGENT, OUTPUT))
+
+
+def _softmax_weight(plan: Plan, pos: int) -> ReducedGradient:
+    # out = sum_j p_j w_j with p_j = exp(f_j - lse):  d out = sum_j p_j (dw_j + (w_j - out) df_j)
+    f, w, names = _user_view(plan)
+    g = _extra(plan, names, COTANGENT, plan.out_dim)
+    out = _extra(plan, names, OUTPUT, plan.out_dim)
+    lse = _extra(plan, names, LOGSUMEXP, 1)
+    v = _target(plan, pos)
+    p = make("Exp", (make("Subtract", (f, lse)),))
+    inner = make("Add", (grad(w, v, g), grad(f, v, make("Sum", (make("Mult", (g, make("Subtract", (w, out)))),)))))
+    user = {name: node for name, node in names.items() if node.params[0] < plan.nargs}
+    logsumexp = plan_from_nodes(f, None, "LogSumExp", plan.axis, None, plan.dtype_acc, user, plan.nargs)
+    return _reduced(plan, pos, make("Mult", (p, inner)), names, (COTANGENT, OUTPUT, LOGSUMEXP), logsumexp)
+
+
+# Selecting reductions -------------------------------------------------------------------------------------------
+
+def _selected(plan: Plan, pos: int) -> SelectedGradient:
+    """Gradient through the selected pairs: f with its reduced variables moved to the output's index."""
+    f, _, names = _user_view(plan)
+    out_cat = _output_category(plan)
+    reduced_cat = 1 - out_cat
+    moved = {node: var(node.params[0], node.params[1], out_cat) for node in names.values()
+             if node.params[2] == reduced_cat}
+    f_moved = substitute(f, moved)
+    names = {name: moved.get(node, node) for name, node in names.items()}
+    e = _extra(plan, names, COTANGENT, plan.reduction.fdim)
+    v = _target(plan, pos)
+    formula = grad(f_moved, moved.get(v, v), e)
+    derived = plan_from_nodes(formula, None, "Sum", plan.axis, None, plan.dtype_acc, names, len(names))
+    cat = plan.args[pos].cat
+    role = "param" if cat == P else "rows" if cat == out_cat else "reduced"
+    k = plan.reduction.k or 1
+    gathered = tuple(spec.cat == reduced_cat for spec in plan.args)
+    return SelectedGradient(derived, k * plan.reduction.fdim, plan.reduction.fdim, role, gathered)

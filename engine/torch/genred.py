@@ -1,0 +1,202 @@
+"""`Genred` for torch tensors, differentiable to any order.
+
+A reduction is a `torch.autograd.Function` whose backward builds the gradient plans of
+engine/reductions/gradients.py and runs them through this same Function. The backward is therefore made of torch
+operations and reductions that autograd records again, so `create_graph=True` gives second, third, ... derivatives,
+each one a reduction that never builds the N x M matrix and runs on the same backends as the forward pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ArgumentError
+from ..formula import P
+from ..plan import Plan, make_plan
+from ..reductions.gradients import (COTANGENT, LOGSUMEXP, OUTPUT, SELECTING, ZERO, ReducedGradient, gradient,
+                                    with_indices)
+from ..run import run
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to run: what `op(..., backend=, device_id=, ranges=)` said. Travels with every backward reduction."""
+    backend: str = "auto"
+    device_id: int = -1
+    ranges: Any = None
+
+
+class Genred:
+    """A reduction `reduction_op_j formula(x_i, y_j, p)` (axis=1) or over i (axis=0) on torch tensors, with autograd.
+
+    >>> op = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)
+    >>> a = op(x, y, b)                    # (N, 1); differentiable with respect to x, y and b, to any order
+    """
+
+    def __init__(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
+                 formula2: str | None = None, dtype_acc: str = "auto", use_double_acc: bool = False,
+                 sum_scheme=None, enable_chunks: bool = True, rec_multVar_highdim=None, dtype=None, cuda_type=None):
+        # sum_scheme, enable_chunks, rec_multVar_highdim, dtype and cuda_type are pykeops tuning knobs: accepted for
+        # compatibility; our backends choose their own schemes (dtype comes from the tensors).
+        if use_double_acc:
+            dtype_acc = "float64"
+        self.formula, self.aliases = formula, list(aliases)
+        self.plan: Plan = make_plan(formula, self.aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+
+    def __call__(self, *args, backend: str = "auto", device_id: int = -1, ranges=None, out=None):
+        return reduce(self.plan, args, Options(backend, device_id, ranges), out=out)
+
+
+def reduce(plan: Plan, args, options: Options = Options(), out=None):
+    """Run `plan` on tensors with autograd: what Genred calls, and what its backward calls again."""
+    tensors = [_as_tensor(a) for a in args]
+    emits = [kind for kind, _ in plan.reduction.outputs]
+    outputs = _Reduce.apply(plan, options, *tensors)
+    results = outputs[:len(emits)]          # a selecting reduction also returned indices for its backward
+    result = results[0] if len(results) == 1 else tuple(results)
+    if out is not None:
+        if isinstance(result, tuple) or not isinstance(out, torch.Tensor) or out.shape != result.shape:
+            raise ArgumentError(f"out= must be a tensor of shape {tuple(result.shape)}")
+        with torch.no_grad():
+            out.copy_(result)
+        return out
+    return result
+
+
+class _Reduce(torch.autograd.Function):
+    """forward: the engine's reduction; backward: more reductions through this Function (so it nests)."""
+
+    @staticmethod
+    def forward(plan: Plan, options: Options, *tensors):
+        runs = with_indices(plan) if plan.reduction.name in SELECTING else plan
+        device = tensors[0].device if tensors else torch.device("cpu")
+        result = run(runs, [_to_numpy(t) for t in tensors], backend=options.backend, ranges=options.ranges,
+                     device_id=options.device_id)
+        results = result if isinstance(result, tuple) else (result,)
+        return tuple(torch.from_numpy(np.ascontiguousarray(r)).to(device) for r in results)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        plan, options, *tensors = inputs
+        ctx.plan, ctx.options = plan, options
+        kinds = _output_kinds(plan)
+        ctx.mark_non_differentiable(*[o for o, kind in zip(output, kinds) if kind == "index"])
+        value = next((o for o, kind in zip(output, kinds) if kind == "value"), None)
+        index = next((o for o, kind in zip(output, kinds) if kind == "index"), None)
+        ctx.save_for_backward(*tensors, value, index)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        plan: Plan = ctx.plan
+        *tensors, value, index = ctx.saved_tensors
+        kinds = _output_kinds(plan)
+        cotangent = next((g for g, kind in zip(grad_outputs, kinds) if kind == "value"), None)
+        grads = [None] * len(tensors)
+        if cotangent is not None:
+            for pos, tensor in enumerate(tensors):
+                if ctx.needs_input_grad[2 + pos]:
+                    grads[pos] = vjp(plan, pos, tensors, cotangent, value, index, ctx.options)
+        return (None, None, *grads)
+
+
+def _output_kinds(plan: Plan) -> list[str]:
+    """What `_Reduce.forward` returns for `plan`: the user's outputs, plus indices for a selecting reduction."""
+    runs = with_indices(plan) if plan.reduction.name in SELECTING else plan
+    return [kind for kind, _ in runs.reduction.outputs]
+
+
+# Backward ---------------------------------------------------------------------------------------------------
+
+def vjp(plan: Plan, pos: int, tensors, cotangent, value, index, options: Options):
+    """sum_r <cotangent_r, d result_r / d tensors[pos]>, built from reductions and torch ops (differentiable)."""
+    target = tensors[pos]
+    rule = gradient(plan, pos)
+    if rule is ZERO:
+        return None
+    if rule.plan.formula.op == "Zero":      # the formula does not depend on this argument
+        return torch.zeros_like(target)
+    if isinstance(rule, ReducedGradient):
+        return _reduced_vjp(rule, tensors, cotangent, value, options, target)
+    return _batched(plan, pos, tensors, lambda args, g, idx: _selected_vjp(rule, args, g, idx, pos),
+                    cotangent, index)
+
+
+def _reduced_vjp(rule: ReducedGradient, tensors, cotangent, value, options: Options, target):
+    extras = {COTANGENT: lambda: cotangent.to(target.dtype).contiguous(), OUTPUT: lambda: value,
+              LOGSUMEXP: lambda: reduce(rule.logsumexp, tensors, options)}
+    result = reduce(rule.plan, [*tensors, *(extras[name]() for name in rule.extras)], options)
+    if rule.sum_rows:
+        result = result.sum(-2)
+    return fit(result, target.shape)
+
+
+def _selected_vjp(rule, tensors, cotangent, index, pos):
+    """Evaluate Grad(f, v, e) at the (row, selected column) pairs, then add each pair's share where it belongs."""
+    rows, slots = index.shape
+    valid = index >= 0                                  # -1 marks a row that selected nothing (an empty range)
+    flat = torch.where(valid, index, torch.zeros_like(index)).reshape(-1)
+    args = []
+    for spec, tensor, gathered in zip(rule.plan.args, tensors, rule.gathered):
+        if spec.cat == P:
+            args.append(tensor)
+        else:
+            args.append(tensor.index_select(0, flat) if gathered else tensor.repeat_interleave(slots, dim=0))
+    # Slot s of a row holds component s % fdim of the formula: its cotangent is that component alone.
+    component = torch.arange(slots, device=index.device) % rule.fdim
+    mask = component[:, None] == torch.arange(rule.fdim, device=index.device)[None, :]
+    g = cotangent.reshape(rows, slots) * valid
+    e = (g[:, :, None] * mask.to(g.dtype)).reshape(rows * slots, rule.fdim)
+    pairs = reduce(rule.plan, [*args, e.contiguous()])
+    pairs = pairs.reshape(rows * slots, -1)
+    target = tensors[pos]
+    if rule.role == "rows":
+        return pairs.reshape(rows, slots, -1).sum(1)
+    if rule.role == "reduced":
+        zeros = torch.zeros((target.shape[0], pairs.shape[-1]), dtype=pairs.dtype, device=pairs.device)
+        return zeros.index_add(0, flat, pairs)
+    return pairs.sum(0)
+
+
+def _batched(plan: Plan, pos: int, tensors, one, cotangent, index):
+    """`one(args, cotangent, index)` per batch item (leading batch dims), fitted to argument `pos`'s shape."""
+    from ..batch import batch_items, batch_shape
+
+    target = tensors[pos]
+    batch = batch_shape(plan, tensors)
+    if not batch:
+        return fit(one(tensors, cotangent, index), target.shape)
+    flat_g = cotangent.reshape((-1,) + cotangent.shape[len(batch):])
+    flat_i = index.reshape((-1,) + index.shape[len(batch):])
+    parts = [fit(one(args, flat_g[k], flat_i[k]), args[pos].shape)
+             for k, args in enumerate(batch_items(plan, tensors, batch))]
+    return fit(torch.stack(parts).reshape(batch + parts[0].shape), target.shape)
+
+
+def fit(grad, shape) -> torch.Tensor:
+    """A gradient reshaped / summed to an argument's shape (a 1-D variable of dim 1, a (1, D) parameter, batch
+    dimensions of size 1 that broadcast)."""
+    shape = torch.Size(shape)
+    if grad.shape == shape:
+        return grad
+    if grad.numel() == math.prod(shape):
+        return grad.reshape(shape)
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    return grad.sum_to_size(shape)
+
+
+# Tensors <-> arrays -------------------------------------------------------------------------------------------
+
+def _as_tensor(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.as_tensor(np.asarray(value))
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().resolve_conj().resolve_neg().numpy()
