@@ -1,6 +1,7 @@
 """numpy front end, call-compatible with `pykeops.numpy`: change the import and keep the code."""
 from __future__ import annotations
 
+from .kernel_solve import KernelSolve  # noqa: F401  (re-exported: engine.numpy.KernelSolve)
 from .plan import Plan, make_plan
 from .run import run
 
