@@ -1,0 +1,70 @@
+"""The FastAPI app factory: `create_app(settings, executor=None)`.
+
+Layers, outermost first: CatchAll (500s without tracebacks) > metrics > body-size limit > FastAPI (auth per router,
+error handlers). Startup opens the job store, starts the executor (unless one is given, as tests do) and re-queues the
+jobs a previous server left unfinished; shutdown stops the job workers and the executor it started.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import Depends, FastAPI
+
+from . import errors
+from .auth import require_token
+from .context import Service
+from .executors import Executor, make_executor
+from .job_manager import JobManager
+from .limits import BodyLimit
+from .metrics import Metrics, Middleware
+from .planning import Planner
+from .routers import formulas, health, jobs, reductions
+from .routers.health import VERSION
+from .settings import Settings
+from .store import JobStore
+
+log = logging.getLogger("kred.service")
+
+
+def create_app(settings: Settings | None = None, executor: Executor | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        own_executor = executor is None
+        runner = make_executor(settings.executor, settings.backend, settings.ray_address) if own_executor \
+            else executor
+        store = JobStore(settings.store_dir)
+        planner = Planner(settings)
+        manager = JobManager(store, planner, runner, settings, metrics)
+        app.state.service = Service(settings, metrics, planner, runner, store, manager,
+                                    anyio.CapacityLimiter(settings.threads))
+        metrics.watch(store.counts, lambda: (planner.hits, planner.misses))
+        await manager.start()
+        log.info("kred service ready: executor %s, job store %s, auth %s", runner.name, settings.store_dir,
+                 "on" if settings.token else "off")
+        try:
+            yield
+        finally:
+            await manager.stop()
+            planner.close()
+            store.close()
+            if own_executor:
+                runner.close()
+
+    app = FastAPI(title="kred", version=VERSION, lifespan=lifespan,
+                  description="KeOps-style formula reductions over HTTP: arrays travel as Arrow IPC streams or, "
+                              "on the same host, through shared memory.")
+    errors.install(app)
+    protected = [Depends(require_token)]
+    app.include_router(reductions.router, dependencies=protected)
+    app.include_router(jobs.router, dependencies=protected)
+    app.include_router(formulas.router, dependencies=protected)
+    app.include_router(health.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Middleware, metrics=metrics)
+    app.add_middleware(errors.CatchAll)
+    return app

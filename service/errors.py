@@ -1,0 +1,104 @@
+"""Every error the service answers with: a status and a JSON body `{"error": kind, "detail": message}`.
+
+User mistakes are 4xx naming the problem (engine errors keep the engine's message). Anything unexpected is a 500
+whose body says only "internal error" with a reference; the traceback goes to the server log, never to the client.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from engine.errors import BackendError, KredError
+
+from .arrow import WireError
+from .shm import SharedMemoryError
+
+log = logging.getLogger("kred.service")
+
+
+class ApiError(Exception):
+    """An error with its HTTP status, raised anywhere in the service."""
+
+    def __init__(self, status: int, kind: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.kind, self.detail, self.headers = status, kind, detail, headers
+
+
+def body(kind: str, detail: str) -> dict[str, str]:
+    return {"error": kind, "detail": detail}
+
+
+def _validation_detail(errors) -> str:
+    parts = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(body(exc.kind, exc.detail), exc.status, headers=exc.headers)
+
+    @app.exception_handler(KredError)
+    async def engine_error(request: Request, exc: KredError):
+        if isinstance(exc, BackendError):        # the server's fault (a compiler or device), not the user's
+            log.error("backend error: %s", exc)
+            return JSONResponse(body("BackendError", str(exc)), 503)
+        return JSONResponse(body(type(exc).__name__, str(exc)), 422)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse(body("invalid_request", _validation_detail(exc.errors())), 422)
+
+    @app.exception_handler(ValidationError)
+    async def model_invalid(request: Request, exc: ValidationError):
+        return JSONResponse(body("invalid_request", _validation_detail(exc.errors())), 422)
+
+    @app.exception_handler(WireError)
+    async def wire_error(request: Request, exc: WireError):
+        return JSONResponse(body("invalid_body", str(exc)), 400)
+
+    @app.exception_handler(SharedMemoryError)
+    async def shm_error(request: Request, exc: SharedMemoryError):
+        return JSONResponse(body("shared_memory", str(exc)), 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(body(kind, str(exc.detail)), exc.status_code, headers=getattr(exc, "headers", None))
+
+
+class CatchAll:
+    """Outermost ASGI layer: an unexpected exception becomes a 500 without a traceback (logged with a reference)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            reference = secrets.token_hex(6)
+            log.exception("internal error %s on %s %s", reference, scope.get("method"), scope.get("path"))
+            if started:          # headers are out: nothing sensible can be sent any more
+                return
+            response = JSONResponse(body("internal", f"internal server error (reference {reference})"), 500)
+            await response(scope, receive, send)

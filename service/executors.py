@@ -1,0 +1,97 @@
+"""Where the service's reductions run: one small blocking interface, two implementations.
+
+- `LocalExecutor`: the engine in the server's process (`engine.run`), on the configured backend.
+- `ClusterExecutor`: `engine.cluster.Cluster` (Ray): an embedded local Ray or an existing cluster.
+
+`run` is called from a worker thread. `progress(fraction)` and `cancelled()` are optional callbacks used by jobs;
+a cancelled run raises `Cancelled`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import numpy as np
+
+from engine.backends import get_backend
+from engine.plan import Plan
+from engine.run import backend_name, run
+
+Progress = Callable[[float], None]
+Flag = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """The run was cancelled before it finished."""
+
+
+class Executor(ABC):
+    name: str
+
+    @abstractmethod
+    def run(self, plan: Plan, arrays: list[np.ndarray], progress: Progress | None = None,
+            cancelled: Flag | None = None):
+        """The reduction's result (an array, or a tuple for values + indices)."""
+
+    def close(self) -> None:
+        pass
+
+
+class LocalExecutor(Executor):
+    """The engine in this process. Jobs run in row blocks so that they report progress and can stop between blocks."""
+    name = "local"
+    BLOCKS = 20
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+        get_backend(backend_name(backend))       # fail at start, not at the first request, if it is missing
+
+    def run(self, plan, arrays, progress=None, cancelled=None):
+        if progress is None and cancelled is None:
+            return run(plan, arrays, backend=self.backend)
+        arrays, dtype, n, m = plan.check_args(arrays)
+        backend = get_backend(backend_name(self.backend))
+        step = max(1, -(-n // self.BLOCKS))
+        states = []
+        for r0 in range(0, n, step):
+            if cancelled is not None and cancelled():
+                raise Cancelled()
+            states.append(backend.partial(plan, arrays, (r0, min(n, r0 + step)), (0, m)))
+            if progress is not None:
+                progress(min(n, r0 + step) / n)
+        if not states:               # no rows: the backend's own empty result
+            return backend.reduce(plan, arrays, n, m)
+        state = tuple(np.concatenate(parts, axis=0) for parts in zip(*states))
+        return plan.reduction.finalize(state, dtype)
+
+
+class ClusterExecutor(Executor):
+    """Reductions through `engine.cluster` (Ray), embedded (`address=None`) or on an existing cluster."""
+    name = "cluster"
+
+    def __init__(self, address: str | None = None):
+        from engine.cluster import Cluster       # Ray is imported only when this executor is chosen
+
+        self.cluster = Cluster(address=address)
+        self.cluster.__enter__()
+
+    def run(self, plan, arrays, progress=None, cancelled=None):
+        job = self.cluster.submit_plan(plan, arrays)
+        while True:
+            if cancelled is not None and cancelled():
+                job.cancel()
+                raise Cancelled()
+            try:
+                return job.result(timeout=0.2)
+            except TimeoutError:
+                if progress is not None:
+                    progress(job.progress())
+
+    def close(self) -> None:
+        self.cluster.__exit__(None, None, None)
+
+
+def make_executor(kind: str, backend: str = "auto", ray_address: str | None = None) -> Executor:
+    if kind == "cluster":
+        return ClusterExecutor(ray_address)
+    return LocalExecutor(backend)

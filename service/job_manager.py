@@ -1,0 +1,175 @@
+"""Jobs: admitted into a bounded queue, run `max_running_jobs` at a time, persisted in the JobStore.
+
+Submission checks everything a synchronous request would (plan, shapes, limits) before the job is stored, so a job
+that is accepted only fails for reasons found while computing. Stopping the server leaves running jobs marked
+`running`; the next server on the same store re-queues them (and the queued ones) when it starts.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.errors import BackendError, KredError
+
+from .errors import ApiError
+from .executors import Cancelled, Executor
+from .metrics import Metrics
+from .planning import Planner
+from .schemas import JobInfo, ReductionSpec
+from .settings import Settings
+from .store import JobStore
+
+log = logging.getLogger("kred.service.jobs")
+
+
+@dataclass
+class _Running:
+    cancel: threading.Event = field(default_factory=threading.Event)
+    progress: float = 0.0
+
+
+class JobManager:
+    def __init__(self, store: JobStore, planner: Planner, executor: Executor, settings: Settings, metrics: Metrics):
+        self.store, self.planner, self.executor, self.settings, self.metrics = store, planner, executor, settings, metrics
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.queued: set[str] = set()
+        self.running: dict[str, _Running] = {}
+        self._admitting = 0
+        self._workers: list[asyncio.Task] = []
+
+    # Life cycle ------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for job_id in self.store.unfinished():
+            self.store.update(job_id, state="queued", progress=0.0, started=None)
+            self._enqueue(job_id)
+        self._workers = [asyncio.create_task(self._work(), name=f"kred-job-worker-{k}")
+                         for k in range(self.settings.max_running_jobs)]
+
+    async def stop(self) -> None:
+        for running in self.running.values():
+            running.cancel.set()             # lets the computing threads stop early; the jobs stay `running`
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+
+    # Requests --------------------------------------------------------------------------------------------
+    async def submit(self, spec: ReductionSpec, arrays: list[np.ndarray]) -> JobInfo:
+        capacity = self.settings.max_running_jobs + self.settings.max_queued_jobs
+        if len(self.queued) + len(self.running) + self._admitting >= capacity:
+            raise ApiError(429, "too_busy", f"{capacity} jobs are already running or queued (max_running_jobs + "
+                                            "max_queued_jobs); retry later", {"Retry-After": "5"})
+        self._admitting += 1
+        try:
+            plan = await self.planner.plan(spec)
+            work = await asyncio.to_thread(self.planner.bind, plan, spec, arrays, self.settings.max_pairs_per_job,
+                                           "max_pairs_per_job")
+            request = spec.model_dump(mode="json", include=set(ReductionSpec.model_fields))
+            record = await asyncio.to_thread(self.store.create, {"request": request}, arrays, work.rows, work.cols)
+        finally:
+            self._admitting -= 1
+        self._enqueue(record["id"])
+        return self.info(record["id"])
+
+    def info(self, job_id: str) -> JobInfo:
+        record = self.store.get(job_id)
+        if record is None:
+            raise ApiError(404, "not_found", f"no job {job_id!r} on this server")
+        running = self.running.get(job_id)
+        if running is not None and record["state"] == "running":
+            record["progress"] = running.progress
+        return JobInfo(**record)
+
+    def list(self, limit: int, state: str | None) -> list[JobInfo]:
+        return [self.info(r["id"]) for r in self.store.list(limit, state)]
+
+    def cancel(self, job_id: str) -> JobInfo:
+        info = self.info(job_id)
+        if info.state == "queued":
+            self.store.update(job_id, state="cancelled", finished=time.time())
+            self.queued.discard(job_id)
+        elif info.state == "running" and job_id in self.running:
+            self.running[job_id].cancel.set()        # the worker records `cancelled` when the executor stops
+        return self.info(job_id)
+
+    def result_path(self, job_id: str):
+        info = self.info(job_id)
+        if info.state != "done":
+            detail = f": {info.error}" if info.error else ""
+            raise ApiError(409, "not_ready", f"job {job_id} is {info.state}{detail}; its result exists once done")
+        return self.store.result_path(job_id)
+
+    # Workers ---------------------------------------------------------------------------------------------
+    def _enqueue(self, job_id: str) -> None:
+        self.queued.add(job_id)
+        self.queue.put_nowait(job_id)
+
+    async def _work(self) -> None:
+        while True:
+            job_id = await self.queue.get()
+            if job_id not in self.queued:            # cancelled while queued
+                continue
+            self.queued.discard(job_id)
+            record = self.store.get(job_id)
+            if record is None or record["state"] != "queued":
+                continue
+            running = self.running[job_id] = _Running()
+            started = time.time()
+            self.store.update(job_id, state="running", started=started, progress=0.0)
+            timings = {"queued_s": started - record["created"]}
+            try:
+                names, outputs, compute_s = await asyncio.to_thread(self._compute, job_id, running)
+                timings["compute_s"] = compute_s
+                await asyncio.to_thread(self.store.write_result, job_id, {"names": names, "timings": timings},
+                                        outputs)
+            except Cancelled:
+                self._finish(job_id, started, timings, "cancelled", running.progress)
+            except asyncio.CancelledError:           # the server is stopping: the job stays `running` in the store
+                raise
+            except (KredError, ApiError) as e:
+                status = 503 if isinstance(e, BackendError) else 422
+                self._finish(job_id, started, timings, "failed", running.progress, _message(e))
+                self.metrics.reductions.labels("job", f"error_{status}").inc()
+            except Exception:
+                reference = secrets.token_hex(6)
+                log.exception("job %s failed (reference %s)", job_id, reference)
+                self._finish(job_id, started, timings, "failed", running.progress,
+                             f"internal error (reference {reference})")
+                self.metrics.reductions.labels("job", "error_500").inc()
+            else:
+                self._finish(job_id, started, timings, "done", 1.0)
+                self.metrics.reduced("job", (record["rows"] or 0) * (record["cols"] or 0), timings["compute_s"])
+            finally:
+                self.running.pop(job_id, None)
+
+    def _finish(self, job_id, started, timings, state, progress, error=None) -> None:
+        finished = time.time()
+        timings = timings | {"total_s": finished - started}
+        self.store.update(job_id, state=state, finished=finished, progress=progress, error=error, timings=timings)
+
+    def _compute(self, job_id: str, running: _Running):
+        """Blocking: read the stored inputs, rebuild the work and run it on the executor."""
+        meta, arrays = self.store.load_inputs(job_id)
+        spec = ReductionSpec.model_validate(meta["request"])
+        plan = self.planner.build(spec)
+        work = self.planner.bind(plan, spec, arrays, self.settings.max_pairs_per_job, "max_pairs_per_job")
+
+        def progress(fraction: float) -> None:
+            running.progress = float(fraction)
+
+        def run(plan, arrays):
+            return self.executor.run(plan, arrays, progress=progress, cancelled=running.cancel.is_set)
+
+        start = time.perf_counter()
+        outputs = work.compute(run)
+        return work.names, outputs, time.perf_counter() - start
+
+
+def _message(e: Exception) -> str:
+    return e.detail if isinstance(e, ApiError) else str(e)

@@ -1,0 +1,93 @@
+"""Admission limits: what a request may ask of the server. Each check raises an ApiError naming the limit."""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.plan import Plan
+
+from .errors import ApiError
+from .schemas import ReductionSpec
+from .settings import Settings
+
+
+def check_text(spec: ReductionSpec, settings: Settings) -> None:
+    """Before parsing: the sizes of the texts."""
+    for name, text in (("formula", spec.formula), ("formula2", spec.formula2)):
+        if text is not None and len(text) > settings.max_formula_chars:
+            raise ApiError(422, "limit", f"{name} is {len(text)} characters long; this server accepts at most "
+                                         f"{settings.max_formula_chars} (max_formula_chars)")
+
+
+def check_plan(plan: Plan, settings: Settings) -> None:
+    """After parsing (and differentiating): nesting, size and dimensions of the formula as it will run."""
+    for formula in (plan.formula, plan.formula2):
+        if formula is None:
+            continue
+        nodes = formula.postorder()
+        if len(nodes) > settings.max_formula_nodes:
+            raise ApiError(422, "limit", f"the formula has {len(nodes)} distinct nodes; this server accepts at most "
+                                         f"{settings.max_formula_nodes} (max_formula_nodes)")
+        depth: dict[int, int] = {}
+        for node in nodes:
+            depth[id(node)] = 1 + max((depth[id(c)] for c in node.children), default=0)
+            if node.dim > settings.max_dim:
+                raise ApiError(422, "limit", f"the formula has a term of dimension {node.dim}; this server accepts "
+                                             f"at most {settings.max_dim} (max_dim)")
+        if depth[id(formula)] > settings.max_formula_depth:
+            raise ApiError(422, "limit", f"the formula nests {depth[id(formula)]} levels deep; this server accepts "
+                                         f"at most {settings.max_formula_depth} (max_formula_depth)")
+    if plan.out_dim > settings.max_dim:
+        raise ApiError(422, "limit", f"the output has dimension {plan.out_dim}; this server accepts at most "
+                                     f"{settings.max_dim} (max_dim)")
+
+
+def check_pairs(rows: int, cols: int, limit: float, where: str) -> None:
+    if rows * cols > limit:
+        hint = "; submit it as a job (POST /v1/jobs)" if where == "max_pairs_per_request" else ""
+        raise ApiError(422, "limit", f"N x M = {rows} x {cols} = {rows * cols:.3g} pairs exceeds this server's "
+                                     f"limit of {limit:.3g} ({where}){hint}")
+
+
+def check_finite(names: list[str], arrays: list[np.ndarray]) -> None:
+    """NaN or infinite inputs are refused: min/max propagate NaN and see infinities without a temporary array."""
+    for name, array in zip(names, arrays):
+        if array.size and array.dtype.kind == "f":
+            low, high = np.min(array), np.max(array)
+            if not (np.isfinite(low) and np.isfinite(high)):
+                what = "NaN" if np.isnan(low) or np.isnan(high) else "an infinite value"
+                raise ApiError(422, "ArgumentError", f"{name} contains {what}; inputs must be finite")
+
+
+class BodyLimit:
+    """ASGI layer: a body larger than `limit` bytes is refused with 413, by its Content-Length or as it streams."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(scope, receive, send, int(length))
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, "limit", self._detail(seen))
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _detail(self, size: int) -> str:
+        return f"the request body is {size} bytes or more; this server accepts at most {self.limit} (max_body_bytes)"
+
+    async def _refuse(self, scope, receive, send, size):
+        from fastapi.responses import JSONResponse
+
+        from .errors import body
+        await JSONResponse(body("limit", self._detail(size)), 413)(scope, receive, send)

@@ -1,0 +1,117 @@
+"""From a request to work: build the plan (cached, within the limits and the compile-time budget), check the arrays,
+and describe how to compute the outputs with any executor.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from engine.errors import ArgumentError
+from engine.plan import Plan, make_plan
+
+from . import limits
+from .errors import ApiError
+from .schemas import ReductionSpec
+from .settings import Settings
+
+Runner = Callable[..., object]        # Executor.run
+
+
+@dataclass
+class Work:
+    """Checked inputs and the way to turn them into the named outputs."""
+    plan: Plan
+    arrays: list[np.ndarray]
+    rows: int
+    cols: int
+    names: list[str]
+    compute: Callable[[Runner], list[np.ndarray]]
+
+    @property
+    def pairs(self) -> int:
+        return self.rows * self.cols
+
+
+class Planner:
+    CACHE = 256
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="kred-plan")
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(spec: ReductionSpec) -> tuple:
+        return (spec.formula, tuple(spec.aliases), spec.reduction_op, spec.axis, spec.opt_arg, spec.formula2,
+                spec.dtype_acc)
+
+    async def plan(self, spec: ReductionSpec) -> Plan:
+        """The plan of `spec`, from the cache or built in a thread within `compile_timeout_s`."""
+        key = self.key(spec)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                self.hits += 1
+                return plan
+            self.misses += 1
+        limits.check_text(spec, self.settings)
+        future = asyncio.wrap_future(self._pool.submit(self.build, spec))
+        try:
+            plan = await asyncio.wait_for(future, self.settings.compile_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(422, "limit", f"building the plan took longer than {self.settings.compile_timeout_s} s "
+                                         "(compile_timeout_s)") from None
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self.CACHE:
+                self._plans.popitem(last=False)
+        return plan
+
+    def build(self, spec: ReductionSpec) -> Plan:
+        """Parse and check (blocking; also used by the job workers)."""
+        limits.check_text(spec, self.settings)
+        plan = make_plan(spec.formula, spec.aliases, spec.reduction_op, spec.axis, spec.opt_arg, spec.formula2,
+                         spec.dtype_acc)
+        limits.check_plan(plan, self.settings)
+        return plan
+
+    def bind(self, plan: Plan, spec: ReductionSpec, arrays: list[np.ndarray], pair_limit: float,
+             limit_name: str) -> Work:
+        """Check the arrays against the plan and the limits (blocking: it reads the data once for NaN)."""
+        if spec.grad is not None:
+            return self._gradient(plan, spec, arrays, pair_limit, limit_name)
+        checked, _, rows, cols = plan.check_args(arrays)
+        limits.check_pairs(rows, cols, pair_limit, limit_name)
+        if self.settings.reject_nonfinite:
+            limits.check_finite([a.name for a in plan.args], checked)
+        names = [kind for kind, _ in plan.reduction.outputs]
+        return Work(plan, checked, rows, cols, names, lambda run: as_list(run(plan, checked)))
+
+    def _gradient(self, plan, spec, arrays, pair_limit, limit_name) -> Work:
+        raise ApiError(501, "not_implemented", "gradient requests need engine.reductions.gradients, which this "
+                                               "engine does not have yet")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def as_list(result) -> list[np.ndarray]:
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+def argument_index(plan: Plan, wrt: str | int) -> int:
+    """The position of the argument named (or numbered) `wrt`."""
+    for spec in plan.args:
+        if wrt == spec.pos or wrt == spec.name:
+            return spec.pos
+    names = ", ".join(a.name for a in plan.args)
+    raise ArgumentError(f"grad.wrt = {wrt!r} names no argument of this reduction (arguments: {names})")

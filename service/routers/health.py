@@ -1,0 +1,49 @@
+"""GET /healthz (open), GET /metrics (Prometheus), POST /v1/shm/probe (do client and server share memory?)."""
+from __future__ import annotations
+
+import hashlib
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from .. import metrics
+from ..auth import require_token
+from ..context import ServiceDep
+from ..schemas import Health, ShmProbe
+from ..shm import Segment, SharedMemoryError
+
+router = APIRouter(tags=["health"])
+
+try:
+    VERSION = version("kred")
+except PackageNotFoundError:       # running from a source tree without installing
+    VERSION = "0+unknown"
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz(service: ServiceDep) -> Health:
+    return Health(status="ok", version=VERSION, executor=service.executor.name,
+                  shared_memory=service.settings.allow_shm)
+
+
+@router.get("/metrics", dependencies=[Depends(require_token)], response_class=Response)
+async def prometheus(service: ServiceDep):
+    return Response(service.metrics.render(), media_type=metrics.CONTENT_TYPE)
+
+
+@router.post("/v1/shm/probe", dependencies=[Depends(require_token)])
+async def probe(body: ShmProbe, service: ServiceDep) -> dict:
+    """SHA-256 of the first `size` bytes of the client's segment: equal to the client's own hash only when both
+    see the same memory, which is how a client decides to use shared memory."""
+    if not service.settings.allow_shm:
+        return {"shared_memory": False, "sha256": None}
+    try:
+        segment = Segment.attach(body.segment)
+    except SharedMemoryError:        # not on this host (or not visible to this server): no shared memory
+        return {"shared_memory": False, "sha256": None}
+    with segment:
+        if segment.size < body.size:
+            return {"shared_memory": False, "sha256": None}
+        digest = hashlib.sha256(segment.buf[:body.size]).hexdigest()
+    return {"shared_memory": True, "sha256": digest}

@@ -1,0 +1,113 @@
+"""The JSON the service reads and writes (pydantic). Arrays never travel as JSON: see arrow.py and shm.py."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DType = Literal["float32", "float64", "int64"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArrayRef(Strict):
+    """An array inside a client's shared-memory segment."""
+    segment: str = Field(max_length=64)
+    offset: int = Field(ge=0)
+    dtype: DType
+    shape: list[int] = Field(max_length=8)
+
+
+class OutRoom(Strict):
+    """The part of a client's segment the server may write the result into."""
+    segment: str = Field(max_length=64)
+    offset: int = Field(ge=0)
+    size: int = Field(ge=0)
+
+
+class GradSpec(Strict):
+    """Ask for the gradient of the reduction with respect to one argument instead of its value.
+
+    The cotangent (same shape as the reduction's output) is sent as one more array after the reduction's arguments;
+    the result has the shape of argument `wrt` (an alias name or a position).
+    """
+    wrt: str | int
+
+
+class ReductionSpec(Strict):
+    """What to compute: the arguments of `engine.plan.make_plan` (pykeops' Genred)."""
+    formula: str
+    aliases: list[str] = Field(default_factory=list, max_length=256)
+    reduction_op: str = Field("Sum", max_length=64)
+    axis: int = 0
+    opt_arg: int | None = None
+    formula2: str | None = None
+    dtype_acc: Literal["auto", "float32", "float64"] = "auto"
+    grad: GradSpec | None = None
+
+
+class ReduceRequest(ReductionSpec):
+    """The request: in an Arrow stream's metadata (arrays are its columns) or as a JSON body with shared memory."""
+    arrays: list[ArrayRef] | None = Field(None, max_length=256)
+    out: OutRoom | None = None
+
+
+class SharedResult(BaseModel):
+    """Reply to a shared-memory request: where in the client's segment the outputs were written."""
+    outputs: list[ArrayRef]
+    names: list[str]
+    timings: dict[str, float]
+
+
+class ArgInfo(BaseModel):
+    position: int
+    name: str
+    category: Literal["Vi", "Vj", "Pm"]
+    dim: int
+
+
+class OutputInfo(BaseModel):
+    name: str
+    kind: Literal["value", "index"]
+    dim: int
+
+
+class Validation(BaseModel):
+    formula: str                 # normalised text, as the engine reduces it (over j; i and j swapped for axis=0)
+    formula2: str | None
+    reduction_op: str
+    axis: int
+    args: list[ArgInfo]
+    outputs: list[OutputInfo]
+
+
+class JobInfo(BaseModel):
+    id: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    progress: float
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    error: str | None = None
+    rows: int | None = None
+    cols: int | None = None
+
+
+class ErrorBody(BaseModel):
+    error: str                   # a short kind: FormulaError, ArgumentError, unauthorized, too_busy, ...
+    detail: str                  # what was wrong, for a person
+
+
+class ShmProbe(Strict):
+    segment: str = Field(max_length=64)
+    size: int = Field(ge=1, le=4096)
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    executor: str
+    shared_memory: bool

@@ -1,0 +1,53 @@
+"""Server settings: defaults here, overridden by environment variables `KRED_<NAME>` or by `kred serve` options."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KRED_", extra="ignore")
+
+    # Where and how to listen. 127.0.0.1 unless told otherwise: the service runs user formulas.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: SecretStr | None = None               # bearer token; requests without it get 401 when set
+    token_file: Path | None = None               # or read it from a file (first line)
+
+    # Where reductions run: "local" (engine in a thread pool) or "cluster" (engine.cluster over Ray).
+    executor: Literal["local", "cluster"] = "local"
+    ray_address: str | None = None               # None: an embedded local Ray
+    backend: str = "auto"                        # engine backend for the local executor
+    threads: int = Field(4, ge=1)                # concurrent synchronous reductions
+
+    store_dir: Path = Field(default_factory=lambda: platformdirs.user_data_path("kred") / "jobs")
+    allow_shm: bool = True                       # accept same-host shared-memory requests
+
+    # Limits. A request past one gets a 4xx naming the limit.
+    max_body_bytes: int = 1 << 30                # 413
+    max_formula_chars: int = 10_000              # 422
+    max_formula_depth: int = 100                 # nesting of the parsed formula (after expansion)
+    max_formula_nodes: int = 20_000              # distinct nodes (gradients grow formulas)
+    max_dim: int = 4096                          # dimension of any node, argument or output
+    max_pairs_per_request: float = 1e10          # N x M for POST /v1/reduce
+    max_pairs_per_job: float = 1e13              # N x M for POST /v1/jobs
+    max_running_jobs: int = Field(2, ge=1)       # jobs computing at once
+    max_queued_jobs: int = Field(64, ge=0)       # waiting beyond those; 429 past it
+    compile_timeout_s: float = 60.0              # building a plan (parse, differentiate, compile)
+    reject_nonfinite: bool = True                # NaN / inf inputs are a 422
+
+    @model_validator(mode="after")
+    def _read_token_file(self):
+        if self.token is None and self.token_file is not None:
+            try:
+                text = self.token_file.read_text().strip().splitlines()
+            except OSError as e:
+                raise ValueError(f"token_file {self.token_file}: {e}") from None
+            if not text or not text[0].strip():
+                raise ValueError(f"token_file {self.token_file} is empty")
+            self.token = SecretStr(text[0].strip())
+        return self

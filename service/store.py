@@ -1,0 +1,115 @@
+"""The job store: one SQLite table of jobs, and each job's inputs and result as Arrow files beside it.
+
+A job is written (inputs first, then its row) before the client hears its id, so a server that stops loses nothing:
+at start, jobs still `queued` or `running` are handed back to the queue. Layout under `directory`:
+
+    jobs.sqlite            id, state, progress, times, error, sizes
+    inputs/<id>.arrow      the request (schema metadata) and its arrays
+    results/<id>.arrow     the outputs (names and timings in the metadata)
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import arrow
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+UNFINISHED = ("queued", "running")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    rows INTEGER,
+    cols INTEGER,
+    timings TEXT NOT NULL DEFAULT '{}'
+)"""
+_FIELDS = ("id", "state", "progress", "created", "started", "finished", "error", "rows", "cols", "timings")
+
+
+class JobStore:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        (self.directory / "inputs").mkdir(parents=True, exist_ok=True)
+        (self.directory / "results").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.directory / "jobs.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+
+    def inputs_path(self, job_id: str) -> Path:
+        return self.directory / "inputs" / f"{job_id}.arrow"
+
+    def result_path(self, job_id: str) -> Path:
+        return self.directory / "results" / f"{job_id}.arrow"
+
+    def create(self, request: dict[str, Any], arrays: list[np.ndarray], rows: int, cols: int) -> dict[str, Any]:
+        job_id = secrets.token_hex(12)
+        arrow.write_file(self.inputs_path(job_id), request, arrays)
+        with self._lock:
+            self._db.execute("INSERT INTO jobs (id, state, created, rows, cols) VALUES (?, 'queued', ?, ?, ?)",
+                             (job_id, time.time(), rows, cols))
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(_FIELDS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _record(row) if row else None
+
+    def list(self, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
+        query = f"SELECT {', '.join(_FIELDS)} FROM jobs"
+        args: tuple = ()
+        if state is not None:
+            query, args = query + " WHERE state = ?", (state,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created DESC LIMIT ?", args + (limit,)).fetchall()
+        return [_record(r) for r in rows]
+
+    def update(self, job_id: str, **fields) -> None:
+        if "timings" in fields:
+            fields["timings"] = json.dumps(fields["timings"])
+        assert set(fields) <= set(_FIELDS[1:]), fields
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
+
+    def unfinished(self) -> list[str]:
+        """Jobs a previous server left queued or running, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY created"
+                                    ).fetchall()
+        return [r[0] for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state: 0 for state in STATES} | dict(rows)
+
+    def load_inputs(self, job_id: str) -> tuple[dict[str, Any], list[np.ndarray]]:
+        return arrow.read_file(self.inputs_path(job_id))
+
+    def write_result(self, job_id: str, meta: dict[str, Any], arrays: list[np.ndarray]) -> int:
+        return arrow.write_file(self.result_path(job_id), meta, arrays)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _record(row) -> dict[str, Any]:
+    record = dict(zip(_FIELDS, row))
+    record["timings"] = json.loads(record["timings"] or "{}")
+    return record

@@ -1,0 +1,60 @@
+"""Reading a request's arrays from its transport, and replying through the same one.
+
+- Arrow: the body is an Arrow IPC stream (request JSON in its schema metadata, arrays as columns); so is the reply.
+- Shared memory: the body is the request JSON whose `arrays` name slices of the client's segments; the reply is JSON
+  saying where in the client's `out` room the outputs were written, or an Arrow reply when they do not fit.
+"""
+from __future__ import annotations
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from . import arrow
+from .errors import ApiError
+from .schemas import ReduceRequest, SharedResult
+from .settings import Settings
+from .shm import Mapped
+
+JSON = "application/json"
+
+
+async def read_request(request: Request, settings: Settings) -> tuple[ReduceRequest, list[np.ndarray], Mapped | None]:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if kind == arrow.CONTENT_TYPE:
+        meta, arrays = arrow.decode(body)
+        spec = ReduceRequest.model_validate(meta)
+        if spec.arrays is not None or spec.out is not None:
+            raise ApiError(422, "invalid_request", "an Arrow request carries its arrays as columns; "
+                                                   "'arrays' and 'out' belong to shared-memory requests")
+        return spec, arrays, None
+    if kind == JSON:
+        spec = ReduceRequest.model_validate_json(body)
+        if spec.arrays is None:
+            raise ApiError(422, "invalid_request", "a JSON request must name its arrays in shared memory ('arrays'); "
+                                                   f"send arrays in an Arrow stream ({arrow.CONTENT_TYPE}) otherwise")
+        if not settings.allow_shm:
+            raise ApiError(422, "shared_memory", "this server does not accept shared-memory requests (allow_shm)")
+        mapped = Mapped()
+        try:
+            return spec, [mapped.array(item.model_dump()) for item in spec.arrays], mapped
+        except BaseException:
+            mapped.close()
+            raise
+    raise ApiError(415, "unsupported_media_type", f"send {arrow.CONTENT_TYPE} (arrays in an Arrow stream) or "
+                                                  f"{JSON} (arrays in shared memory), not {kind or 'no content type'}")
+
+
+def write_shared(spec: ReduceRequest, mapped: Mapped | None, outputs: list[np.ndarray]):
+    """Write outputs into the client's room (blocking); their refs, or None to reply with Arrow."""
+    if mapped is None or spec.out is None:
+        return None
+    return mapped.write(spec.out.model_dump(), outputs)
+
+
+def reply(meta: dict, outputs: list[np.ndarray], refs) -> Response:
+    if refs is not None:
+        result = SharedResult(outputs=refs, names=meta["names"], timings=meta["timings"])
+        return JSONResponse(result.model_dump())
+    return Response(memoryview(arrow.encode(meta, outputs)), media_type=arrow.CONTENT_TYPE)
