@@ -1,0 +1,890 @@
+"""LazyTensor: symbolic (..., N, M, D) arrays written with ordinary operators and reduced without being built.
+
+`LazyTensor(x[:, None, :])` is the (N, 1, D) array x seen as a variable indexed by i; `LazyTensor(y[None, :, :])` is a
+variable indexed by j; `(x_i - y_j) ** 2` is then a symbolic (N, M, D) array: a formula node (engine.formula) plus
+the list of arrays its `Var` leaves stand for. Reductions (`sum(dim=1)`, `logsumexp`, `argKmin`, ...) turn the pair
+into a Plan and run it, so the N x M values are never stored.
+
+This module is framework-neutral. A binding (engine.numpy_lazytensor for numpy, engine.torch.lazytensor for torch)
+subclasses `LazyTensorBase` and says how to recognise, reshape and create its arrays and how to run a reduction.
+
+Semantics follow pykeops.common.lazy_tensor: shapes, reduction names and output shapes, `axis`/`dim` counted after
+the batch dimensions, `K @ v`, `.t()`, `.solve()`, symbolic variables `Vi(index, dim)`, and use as a scipy
+LinearOperator. Differences: Python floats become `Const` nodes (exact, no parameter array), comparisons are built
+from `Step`, and index outputs (argmin, argKmin, ...) are int64 arrays.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ArgumentError, DimensionError
+from .formula import I, J, P, Node, make, to_text, var
+from .formula.autodiff import derivative_op
+from .formula.ops import MAX_INT_PARAM
+from .plan import swap_ij
+from .ranges import swap_axes
+
+CATEGORY = {0: I, 1: J, 2: P}
+K_REDUCTIONS = ("KMin", "ArgKMin", "KMin_ArgKMin")
+# Keyword arguments of a reduction: those that shape the plan, and those of the call.
+PLAN_OPTIONS = ("dtype_acc", "use_double_acc")
+CALL_OPTIONS = ("backend", "device_id", "ranges", "out")
+IGNORED_OPTIONS = ("sum_scheme", "enable_chunks", "use_fast_math", "optional_flags")   # pykeops tuning knobs
+
+
+@dataclass(frozen=True, eq=False)
+class Variable:
+    """One leaf of a LazyTensor: an array (or a list of numbers, or a symbolic slot) and its category."""
+    value: object           # an array of the binding, a list of floats (a parameter), or None when symbolic
+    cat: int
+    dim: int
+    symbol: int | None = None       # the argument position of a symbolic variable `Vi(index, dim)`
+
+    def same_as(self, other: "Variable") -> bool:
+        if self.symbol is not None or other.symbol is not None:
+            return self.symbol == other.symbol and self.cat == other.cat
+        return self.value is other.value and self.cat == other.cat
+
+    def swapped(self) -> "Variable":
+        cat = self.cat if self.cat == P else 1 - self.cat
+        return Variable(self.value, cat, self.dim, self.symbol)
+
+
+class LazyTensorBase:
+    """A symbolic array: a formula over `variables`, plus the shape facts needed to reduce it.
+
+    Attributes (as in pykeops): `ndim` is the vector dimension D, `ni` / `nj` the numbers of i / j points (None
+    until a variable fixes them), `batchdims` the batch shape, `ranges` an optional block-sparsity pattern and
+    `backend` an optional default backend for reductions.
+    """
+
+    __array_ufunc__ = None      # numpy hands `array + lazy` to our reflected operators
+    __hash__ = object.__hash__   # comparisons build formulas, identity stays the hash
+
+    # ---- what a binding provides ------------------------------------------------------------------------------
+    @staticmethod
+    def _is_array(x) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def _reshape(x, shape):
+        raise NotImplementedError
+
+    @staticmethod
+    def _dtype_name(x) -> str:
+        raise NotImplementedError
+
+    @staticmethod
+    def _from_list(values, dtype_name: str, like):
+        raise NotImplementedError
+
+    @classmethod
+    def _reduce(cls, formula: Node, formula2: Node | None, reduction_op: str, axis: int, opt_arg, args: list,
+                dtype_acc: str, call: dict):
+        """Run one reduction: the formula's `Var(k, ...)` stands for `args[k]`."""
+        raise NotImplementedError
+
+    @classmethod
+    def _solve(cls, formula: Node, unknown: int, axis: int, args: list, options: dict):
+        """Solve sum_axis formula = b for the variable at position `unknown`, whose slot in `args` holds b."""
+        raise NotImplementedError
+
+    # ---- construction -----------------------------------------------------------------------------------------
+    def __init__(self, x=None, axis=None):
+        self.node: Node | None = None
+        self.variables: tuple[Variable, ...] = ()
+        self.batchdims: tuple[int, ...] = ()
+        self.ni = self.nj = None
+        self.ranges = None
+        self.backend = None
+        self._dtype: str | None = None
+        if x is not None:
+            self._init_from(x, axis)
+
+    def _init_from(self, x, axis):
+        if isinstance(x, tuple):
+            self._init_symbolic(x, axis)
+        elif isinstance(x, bool) or isinstance(x, (str, bytes)):
+            raise TypeError(f"LazyTensor: cannot be built from {type(x).__name__} {x!r}")
+        elif self._is_array(x):
+            self._init_array(x, axis)
+        elif isinstance(x, numbers.Integral) and not isinstance(x, np.ndarray):
+            _no_axis(axis, "an integer", allowed=(None, 2))
+            x = int(x)
+            self.node = make("IntCst", (), (x,)) if abs(x) <= MAX_INT_PARAM else make("Const", (), (float(x),))
+        elif isinstance(x, numbers.Real) and not isinstance(x, np.ndarray):
+            _no_axis(axis, "a number", allowed=(None, 2))
+            self.node = make("Const", (), (float(x),))
+        elif isinstance(x, list):
+            if axis not in (None, 2):
+                raise ArgumentError("LazyTensor: a list of numbers is a parameter; axis must be None or 2")
+            values = [float(v) for v in x]
+            if not values:
+                raise ArgumentError("LazyTensor: the list of numbers is empty")
+            self._set_leaf(Variable(values, P, len(values)))
+        else:
+            raise TypeError(f"LazyTensor: cannot be built from {type(x).__name__}; give an array, a number, a "
+                            "list of numbers or a (index, dim, category) triple")
+
+    def _init_symbolic(self, x, axis):
+        if len(x) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in x):
+            raise ArgumentError(f"LazyTensor: a symbolic variable is a triple (index, dim, category), got {x!r}")
+        _no_axis(axis, "a symbolic triple")
+        index, dim, cat = x
+        if cat not in CATEGORY or index < 0:
+            raise ArgumentError(f"LazyTensor: symbolic variable {x!r} needs index >= 0 and category 0, 1 or 2")
+        self._set_leaf(Variable(None, CATEGORY[cat], dim, symbol=index))
+
+    def _init_array(self, x, axis):
+        self._dtype = self._dtype_name(x)
+        if self._dtype not in ("float32", "float64"):
+            raise ArgumentError(f"LazyTensor: dtype {self._dtype} is not supported; use float32 or float64")
+        shape = tuple(x.shape)
+        if len(shape) == 0:
+            _no_axis(axis, "a 0-d array", allowed=(None, 2))
+            x, cat, shape = self._reshape(x, (1,)), P, (1,)
+        elif len(shape) >= 3:
+            if axis is not None:
+                raise ArgumentError("LazyTensor: axis must not be given for an array of 3 or more dimensions; "
+                                    "the position of the size-1 axis tells i from j")
+            self.batchdims = shape[:-3]
+            ni, nj, d = shape[-3:]
+            if ni == 1 and nj == 1:
+                x, cat = self._reshape(x, self.batchdims + (d,)), P
+            elif ni == 1:
+                x, cat = self._reshape(x, self.batchdims + (nj, d)), J
+            elif nj == 1:
+                x, cat = self._reshape(x, self.batchdims + (ni, d)), I
+            else:
+                raise ArgumentError(f"LazyTensor: an array of shape {shape} must have a size-1 axis at -3 or -2: "
+                                    "(..., N, 1, D) for i, (..., 1, M, D) for j, (..., 1, 1, D) for a parameter")
+        elif len(shape) == 2 and axis in (0, 1):
+            cat = CATEGORY[axis]
+        elif len(shape) == 1 or axis == 2:
+            _no_axis(axis, "a 1-d array", allowed=(None, 2))
+            self.batchdims, cat = shape[:-1], P
+        else:
+            raise ArgumentError(f"LazyTensor: a 2-d array of shape {shape} needs axis=0 (i) or axis=1 (j)")
+        shape = tuple(x.shape)
+        if cat == I:
+            self.ni = shape[-2]
+        elif cat == J:
+            self.nj = shape[-2]
+        self._set_leaf(Variable(x, cat, shape[-1]))
+
+    def _set_leaf(self, variable: Variable):
+        self.variables = (variable,)
+        self.node = var(0, variable.dim, variable.cat)
+
+    def _derived(self, node: Node, variables, batchdims, ni, nj, ranges, backend, dtype) -> "LazyTensorBase":
+        out = type(self)()
+        out.node, out.variables, out.batchdims = node, tuple(variables), batchdims
+        out.ni, out.nj, out.ranges, out.backend, out._dtype = ni, nj, ranges, backend, dtype
+        return out
+
+    def _lift(self, other) -> "LazyTensorBase":
+        if isinstance(other, LazyTensorBase):
+            if not isinstance(other, type(self)) and not isinstance(self, type(other)):
+                raise TypeError(f"cannot combine a {type(self).__module__} LazyTensor with a "
+                                f"{type(other).__module__} one")
+            return other
+        return type(self)(other)
+
+    # ---- building formulas ------------------------------------------------------------------------------------
+    def _op(self, op: str, *others, params: tuple = ()) -> "LazyTensorBase":
+        """`op` applied to self and `others` (LazyTensors, arrays or numbers), as one new LazyTensor."""
+        operands = (self,) + tuple(self._lift(o) for o in others)
+        joined, nodes = _join(operands)
+        return joined(make(op, tuple(nodes), params))
+
+    @property
+    def _shape(self) -> tuple[int, ...]:
+        return self.batchdims + (self.ni or 1, self.nj or 1, self.ndim)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self._shape
+        return shape[:-1] if shape[-1] == 1 else shape
+
+    @property
+    def ndim(self) -> int:
+        """The vector dimension D of the formula (pykeops' name for it)."""
+        return self.node.dim
+
+    def dim(self) -> int:
+        """The number of axes of the symbolic array, batch axes included (as torch's `Tensor.dim`)."""
+        return len(self._shape)
+
+    @property
+    def nbatchdims(self) -> int:
+        return len(self.batchdims)
+
+    @property
+    def formula(self) -> str:
+        """The formula text, with variables numbered as a reduction would number them."""
+        node, _, _ = _numbered(self.node, None, self.variables)
+        return to_text(node)
+
+    def __repr__(self):
+        return f"{type(self).__module__}.LazyTensor(formula={self.formula}, shape={self.shape})"
+
+    # Arithmetic
+    def __add__(self, other):
+        return self._op("Add", other)
+
+    def __radd__(self, other):
+        return self._lift(other)._op("Add", self)
+
+    def __sub__(self, other):
+        return self._op("Subtract", other)
+
+    def __rsub__(self, other):
+        return self._lift(other)._op("Subtract", self)
+
+    def __mul__(self, other):
+        return self._op("Mult", other)
+
+    def __rmul__(self, other):
+        return self._lift(other)._op("Mult", self)
+
+    def __truediv__(self, other):
+        return self._op("Divide", other)
+
+    def __rtruediv__(self, other):
+        if _is_number(other) and other == 1:
+            return self._op("Inv")
+        return self._lift(other)._op("Divide", self)
+
+    def __neg__(self):
+        return self._op("Minus")
+
+    def __abs__(self):
+        return self._op("Abs")
+
+    def __or__(self, other):
+        """`(x | y)`: the scalar product of two vectors of one dimension."""
+        return self._op("Scalprod", other)
+
+    def __ror__(self, other):
+        return self._lift(other)._op("Scalprod", self)
+
+    def __pow__(self, other):
+        if isinstance(other, numbers.Integral) and not isinstance(other, bool):
+            return self._op("Pow", params=(int(other),))
+        if _is_number(other):
+            if other == 0.5:
+                return self._op("Sqrt")
+            if other == -0.5:
+                return self._op("Rsqrt")
+            if float(other).is_integer() and abs(other) <= MAX_INT_PARAM:
+                return self._op("Pow", params=(int(other),))
+        other = self._lift(other)
+        if other.ndim not in (1, self.ndim):
+            raise DimensionError(f"LazyTensor: exponent of dimension {other.ndim} for a base of dimension {self.ndim}")
+        return self._op("Powf", other)
+
+    def power(self, other):
+        return self ** other
+
+    # Comparisons give 0 / 1, built from Step(x) = (x >= 0) so they need no ops of their own.
+    def __ge__(self, other):
+        return self._op("Subtract", other).step()
+
+    def __le__(self, other):
+        return self._lift(other)._op("Subtract", self).step()
+
+    def __gt__(self, other):
+        return 1 - (self <= other)
+
+    def __lt__(self, other):
+        return 1 - (self >= other)
+
+    def __eq__(self, other):
+        return (self >= other) * (self <= other)
+
+    def __ne__(self, other):
+        return 1 - (self == other)
+
+    # Elementwise functions
+    def exp(self):
+        return self._op("Exp")
+
+    def log(self):
+        return self._op("Log")
+
+    def xlogx(self):
+        return self._op("XLogX")
+
+    def sqrt(self):
+        return self._op("Sqrt")
+
+    def rsqrt(self):
+        return self._op("Rsqrt")
+
+    def sin(self):
+        return self._op("Sin")
+
+    def cos(self):
+        return self._op("Cos")
+
+    def asin(self):
+        return self._op("Asin")
+
+    def acos(self):
+        return self._op("Acos")
+
+    def atan(self):
+        return self._op("Atan")
+
+    def atan2(self, other):
+        return self._op("Atan2", other)
+
+    def sinxdivx(self):
+        return self._op("SinXDivX")
+
+    def sinc(self):
+        return (math.pi * self).sinxdivx()
+
+    def abs(self):
+        return self._op("Abs")
+
+    def sign(self):
+        return self._op("Sign")
+
+    def step(self):
+        return self._op("Step")
+
+    def relu(self):
+        return self._op("ReLU")
+
+    def square(self):
+        return self._op("Square")
+
+    def floor(self):
+        return self._op("Floor")
+
+    def round(self, decimals: int = 0):
+        return self._op("Round", params=(_integer(decimals, "round: decimals"),))
+
+    def clamp(self, low, high):
+        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (low, high)):
+            return self._op("ClampInt", params=(int(low), int(high)))
+        return self._op("Clamp", low, high)
+
+    def ifelse(self, if_true, if_false):
+        """`if_true` where self >= 0, else `if_false`."""
+        return self._op("IfElse", if_true, if_false)
+
+    def mod(self, modulus, offset=0):
+        return self._op("Mod", modulus, offset)
+
+    # Vector operations
+    def sqnorm2(self):
+        return self._op("SqNorm2")
+
+    def norm2(self):
+        return self._op("Norm2")
+
+    def norm(self, dim=-1):
+        if dim not in (-1, self.dim() - 1):
+            raise ArgumentError("LazyTensor.norm: only the norm over the last (vector) axis is supported")
+        return self.norm2()
+
+    def normalize(self):
+        return self._op("Normalize")
+
+    def sqdist(self, other):
+        return self._op("SqDist", other)
+
+    def weightedsqnorm(self, weights):
+        """The squared norm of self weighted by a scalar, a diagonal (D) or a full D x D matrix (row-major)."""
+        return self._lift(weights)._op("WeightedSqNorm", self)
+
+    def weightedsqdist(self, other, weights):
+        return (self - other).weightedsqnorm(weights)
+
+    def elem(self, index: int):
+        return self._op("Elem", params=(_integer(index, "elem: index"),))
+
+    def extract(self, start: int, length: int):
+        return self._op("Extract", params=(_integer(start, "extract: start"), _integer(length, "extract: length")))
+
+    def __getitem__(self, key):
+        """`x[k]`, `x[..., k]`, `x[:, :, k]` and slices `x[..., a:b]`: indexing along the vector axis only."""
+        if isinstance(key, tuple):
+            if not key:
+                raise ArgumentError("LazyTensor: empty index")
+            front, key = key[:-1], key[-1]
+            ellipses = sum(k is Ellipsis for k in front)
+            plain = all(k is Ellipsis or k == slice(None) for k in front)
+            if not plain or ellipses > 1 or (not ellipses and len(front) not in (0, self.dim() - 1)):
+                raise ArgumentError("LazyTensor: only the last (vector) axis can be indexed, as x[..., k]")
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.ndim)
+            if step != 1 or stop <= start:
+                raise ArgumentError(f"LazyTensor: slice {key} must select a non-empty range with step 1")
+            return self.extract(start, stop - start)
+        if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+            index = int(key) + (self.ndim if key < 0 else 0)
+            return self.elem(index)
+        raise ArgumentError(f"LazyTensor: cannot index with {key!r}; use an integer or a slice")
+
+    def one_hot(self, dim: int):
+        return self._op("OneHot", params=(_integer(dim, "one_hot: dim"),))
+
+    def concat(self, other):
+        return self._op("Concat", other)
+
+    @staticmethod
+    def concatenate(lazies, axis=-1):
+        if not isinstance(lazies, (tuple, list)) or not lazies:
+            raise ArgumentError("LazyTensor.concatenate takes a non-empty tuple of LazyTensors")
+        if axis not in (-1, lazies[0].dim() - 1):
+            raise ArgumentError("LazyTensor.concatenate: only the last (vector) axis can be concatenated")
+        out = lazies[0]
+        for other in lazies[1:]:
+            out = out.concat(other)
+        return out
+
+    @staticmethod
+    def cat(lazies, dim=-1):
+        return LazyTensorBase.concatenate(lazies, dim)
+
+    def matvecmult(self, other):
+        return self._op("MatVecMult", other)
+
+    def vecmatmult(self, other):
+        return self._op("VecMatMult", other)
+
+    def tensorprod(self, other):
+        return self._op("TensorProd", other)
+
+    # Symbolic derivatives (engine.formula.autodiff)
+    def grad(self, v, e):
+        """e^T d(self)/dv: the gradient with respect to the variable LazyTensor `v`, against `e`."""
+        return self._derivative("Grad", v, e)
+
+    def diff(self, v, u):
+        return self._derivative("Diff", v, u)
+
+    def divergence(self, v):
+        return self._derivative("Divergence", v)
+
+    def laplacian(self, v):
+        return self._derivative("Laplacian", v)
+
+    def _derivative(self, name, v, *rest):
+        v = self._lift(v)
+        if v.node.op != "Var":
+            raise ArgumentError(f"LazyTensor.{name.lower()}: differentiate with respect to a variable LazyTensor "
+                                f"(built from an array or Vi/Vj/Pm), not {v.formula}")
+        joined, nodes = _join((self, v) + tuple(self._lift(r) for r in rest))
+        return joined(derivative_op(name, nodes))
+
+    # ---- reductions -------------------------------------------------------------------------------------------
+    def _axis(self, axis, dim, name) -> int:
+        if dim is not None:
+            if axis is not None and axis != dim:
+                raise ArgumentError(f"{name}: axis={axis} and dim={dim} disagree")
+            axis = dim
+        if axis is None:
+            raise ArgumentError(f"{name}: give dim=0 (reduce over i) or dim=1 (reduce over j)"
+                                + (f", counted after the {self.nbatchdims} batch dimensions" if self.batchdims else ""))
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise ArgumentError(f"{name}: axis must be an integer, got {axis!r}")
+        shift = int(axis) + 3 if axis < 0 else int(axis) - self.nbatchdims
+        if shift not in (0, 1):
+            raise ArgumentError(f"{name}: axis {axis} is not a reduction axis; use {self.nbatchdims} (over i) or "
+                                f"{self.nbatchdims + 1} (over j)")
+        return shift
+
+    def _is_vector_axis(self, axis) -> bool:
+        """sum / min / max ... over the vector axis are formula ops (Sum, Min, ...), not reductions."""
+        return axis in (-1, self.dim() - 1)
+
+    def reduction(self, reduction_op: str, other=None, opt_arg=None, axis=None, dim=None, call=True, **options):
+        """Reduce with the engine's reduction `reduction_op` over i (axis 0) or j (axis 1)."""
+        axis = self._axis(axis, dim, reduction_op)
+        operands = (self,) + ((self._lift(other),) if other is not None else ())
+        joined, nodes = _join(operands)
+        result = LazyReduction(type(self), joined(nodes[0]), nodes[1] if other is not None else None,
+                               reduction_op, axis, opt_arg, options)
+        return result() if call and not result.symbolic else result
+
+    def sum(self, axis=-1, dim=None, **options):
+        axis = axis if dim is None else dim
+        if self._is_vector_axis(axis):
+            return self._op("Sum")
+        return self.reduction("Sum", axis=axis, **options)
+
+    def sum_reduction(self, axis=None, dim=None, **options):
+        return self.reduction("Sum", axis=axis, dim=dim, **options)
+
+    def logsumexp(self, axis=None, dim=None, weight=None, **options):
+        """log sum exp(self) over the axis; with `weight`, log sum exp(self) * weight."""
+        op = "LogSumExp" if weight is None else "LogSumExpWeight"
+        return self.reduction(op, other=weight, axis=axis, dim=dim, **options)
+
+    logsumexp_reduction = logsumexp
+
+    def sumsoftmaxweight(self, weight, axis=None, dim=None, **options):
+        """sum softmax(self) * weight over the axis."""
+        return self.reduction("SumSoftMaxWeight", other=weight, axis=axis, dim=dim, **options)
+
+    sumsoftmaxweight_reduction = sumsoftmaxweight
+
+    def min(self, axis=-1, dim=None, **options):
+        axis = axis if dim is None else dim
+        if self._is_vector_axis(axis):
+            return self._op("Min")
+        return self.reduction("Min", axis=axis, **options)
+
+    def max(self, axis=-1, dim=None, **options):
+        axis = axis if dim is None else dim
+        if self._is_vector_axis(axis):
+            return self._op("Max")
+        return self.reduction("Max", axis=axis, **options)
+
+    def argmin(self, axis=-1, dim=None, **options):
+        axis = axis if dim is None else dim
+        if self._is_vector_axis(axis):
+            return self._op("ArgMin")
+        return self.reduction("ArgMin", axis=axis, **options)
+
+    def argmax(self, axis=-1, dim=None, **options):
+        axis = axis if dim is None else dim
+        if self._is_vector_axis(axis):
+            return self._op("ArgMax")
+        return self.reduction("ArgMax", axis=axis, **options)
+
+    def min_reduction(self, axis=None, dim=None, **options):
+        return self.reduction("Min", axis=axis, dim=dim, **options)
+
+    def max_reduction(self, axis=None, dim=None, **options):
+        return self.reduction("Max", axis=axis, dim=dim, **options)
+
+    def argmin_reduction(self, axis=None, dim=None, **options):
+        return self.reduction("ArgMin", axis=axis, dim=dim, **options)
+
+    def argmax_reduction(self, axis=None, dim=None, **options):
+        return self.reduction("ArgMax", axis=axis, dim=dim, **options)
+
+    def min_argmin(self, axis=None, dim=None, **options):
+        return self.reduction("Min_ArgMin", axis=axis, dim=dim, **options)
+
+    def max_argmax(self, axis=None, dim=None, **options):
+        return self.reduction("Max_ArgMax", axis=axis, dim=dim, **options)
+
+    min_argmin_reduction, max_argmax_reduction = min_argmin, max_argmax
+
+    def Kmin(self, K, axis=None, dim=None, **options):
+        return self.reduction("KMin", opt_arg=K, axis=axis, dim=dim, **options)
+
+    def argKmin(self, K, axis=None, dim=None, **options):
+        return self.reduction("ArgKMin", opt_arg=K, axis=axis, dim=dim, **options)
+
+    def Kmin_argKmin(self, K, axis=None, dim=None, **options):
+        return self.reduction("KMin_ArgKMin", opt_arg=K, axis=axis, dim=dim, **options)
+
+    Kmin_reduction, argKmin_reduction, Kmin_argKmin_reduction = Kmin, argKmin, Kmin_argKmin
+
+    # ---- linear algebra ----------------------------------------------------------------------------------------
+    def __matmul__(self, v):
+        """`K @ v`: sum_j K_ij v_j for a LazyTensor K of vector dimension 1 and an array v of M (or (..., M, E))."""
+        if self.ndim != 1:
+            raise DimensionError(f"K @ v needs a LazyTensor of vector dimension 1; this one has shape {self.shape}")
+        shape = tuple(v.shape)
+        column = self._lift(self._reshape(v, (1, shape[0], 1) if len(shape) == 1 else
+                                          shape[:-2] + (1,) + shape[-2:]))
+        product = self * column
+        kv = product.sum(dim=product.dim() - 2)
+        return self._reshape(kv, (-1,)) if len(shape) == 1 else kv
+
+    def t(self):
+        """The transpose: i and j exchanged (shape (..., M, N, D)), ranges swapped to match."""
+        return self._derived(swap_ij(self.node), [v.swapped() for v in self.variables], self.batchdims,
+                             self.nj, self.ni, swap_axes(self.ranges), self.backend, self._dtype)
+
+    @property
+    def T(self):
+        return self.t()
+
+    def matvec(self, v):
+        """For scipy.sparse.linalg.aslinearoperator: `K @ v`."""
+        return self @ v
+
+    def rmatvec(self, v):
+        return self.T @ v
+
+    def matmat(self, v):
+        return self @ v
+
+    def rmatmat(self, v):
+        return self.T @ v
+
+    def solve(self, other, var=None, call=True, **options):
+        """`a` with sum_j self_ij a_j + alpha a_i = other_i (conjugate gradient; `alpha=`, `eps=` in options).
+
+        `self` must be symmetric positive (semi-)definite, like a kernel matrix K(x_i, x_j); `other` is an array of
+        the i points (N, E) or a variable LazyTensor. With `var` (a symbolic variable such as `Vj(0, E)`), `self` is
+        read as linear in `var` instead of being multiplied by it.
+        """
+        if not call:
+            raise ArgumentError("solve(call=False) is not supported: give the right-hand side and solve at once")
+        rhs = other if isinstance(other, LazyTensorBase) else type(self)(other, axis=0)
+        if rhs.node.op != "Var" or rhs.variables[0].symbol is not None or rhs.variables[0].cat == P:
+            raise ArgumentError("solve: the right-hand side must be an array (or a variable LazyTensor) of i or "
+                                "j points")
+        axis = 1 if rhs.variables[0].cat == I else 0        # reduce over the other index
+        if var is None:
+            unknown = type(self)((_next_symbol(self.variables), rhs.ndim, axis))
+            lazy = self * unknown
+        else:
+            unknown, lazy = self._lift(var), self
+            if unknown.node.op != "Var" or unknown.variables[0].symbol is None:
+                raise ArgumentError("solve: var must be a symbolic variable, such as Vj(index, dim)")
+        joined, nodes = _join((lazy, unknown))
+        formula, (position,), order = _numbered(nodes[0], None, joined.variables, keep=(nodes[1],))
+        if any(v is None or (v.symbol is not None and k != position) for k, v in enumerate(order)):
+            raise ArgumentError("solve: symbolic variables other than the unknown are not supported")
+        args = _arguments(order, joined.variables, joined.dtype, type(self))
+        args[position] = rhs.variables[0].value         # pykeops' KernelSolve takes b in the unknown's place
+        rest = dict(options)
+        for key, value in (("ranges", joined.ranges), ("backend", joined.backend)):
+            if value is not None:
+                rest.setdefault(key, value)
+        return type(self)._solve(formula, position, axis, args, rest)
+
+    # scipy.sparse.linalg.aslinearoperator reads `shape` (2-d) and `dtype`
+    @property
+    def dtype(self):
+        return None if self._dtype is None else np.dtype(self._dtype)
+
+
+class _Joined:
+    """The facts shared by the operands of one operation: their merged variables, shapes and options."""
+
+    def __init__(self, first: LazyTensorBase):
+        self.first = first
+        self.variables: list[Variable] = []
+        self.batchdims: tuple[int, ...] = ()
+        self.ni = self.nj = None
+        self.ranges = self.backend = self.dtype = None
+
+    def add(self, lazy: LazyTensorBase) -> Node:
+        """Merge `lazy`'s facts; returns its formula renumbered into the merged variable list."""
+        mapping = {}
+        for pos, v in enumerate(lazy.variables):
+            for k, known in enumerate(self.variables):
+                if known.same_as(v):
+                    mapping[pos] = k
+                    break
+            else:
+                mapping[pos] = len(self.variables)
+                self.variables.append(v)
+        self.ni = _agree(self.ni, lazy.ni, "numbers of i points")
+        self.nj = _agree(self.nj, lazy.nj, "numbers of j points")
+        self.dtype = _agree(self.dtype, lazy._dtype, "dtypes (cast the arrays to one dtype)")
+        self.backend = _agree(self.backend, lazy.backend, "backends")
+        self.ranges = _agree_ranges(self.ranges, lazy.ranges)
+        try:
+            self.batchdims = tuple(np.broadcast_shapes(self.batchdims, lazy.batchdims))
+        except ValueError:
+            raise ArgumentError(f"LazyTensor: batch dimensions {self.batchdims} and {lazy.batchdims} do not "
+                                "broadcast") from None
+        return _renumber(lazy.node, mapping)
+
+    def __call__(self, node: Node) -> LazyTensorBase:
+        return self.first._derived(node, self.variables, self.batchdims, self.ni, self.nj, self.ranges,
+                                   self.backend, self.dtype)
+
+
+def _join(operands) -> tuple:
+    """(a function node -> LazyTensor carrying the operands' merged facts, the operands' renumbered nodes)."""
+    joined = _Joined(operands[0])
+    nodes = [joined.add(lazy) for lazy in operands]
+    return joined, nodes
+
+
+def _agree(a, b, what):
+    if a is None or b is None or a == b:
+        return b if a is None else a
+    raise ArgumentError(f"LazyTensor: incompatible {what}: {a} and {b}")
+
+
+def _agree_ranges(a, b):
+    if a is None or b is None or a is b:
+        return b if a is None else a
+    same = len(a) == len(b) and all(np.array_equal(_numpy(x), _numpy(y)) for x, y in zip(a, b))
+    if not same:
+        raise ArgumentError("LazyTensor: the operands carry different ranges")
+    return a
+
+
+def _numpy(x):
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def _renumber(node: Node, mapping: dict[int, int]) -> Node:
+    """`node` with each Var(pos, ...) moved to Var(mapping[pos], ...)."""
+    if all(k == v for k, v in mapping.items()):
+        return node
+    done: dict[int, Node] = {}
+    for n in node.postorder():
+        if n.op == "Var":
+            pos, dim, cat = n.params
+            done[id(n)] = Node("Var", (), (mapping[pos], dim, cat), dim)
+        else:
+            done[id(n)] = Node(n.op, tuple(done[id(c)] for c in n.children), n.params, n.dim)
+    return done[id(node)]
+
+
+def _numbered(node: Node, node2: Node | None, variables, keep=()):
+    """Number the variables a reduction uses: symbolic ones at their own index, arrays after them.
+
+    Returns (node, node2 or the renumbered `keep` nodes, the Variable at each final position).
+    Variables that simplification removed from the formula are dropped.
+    """
+    used = {n.params[0] for root in (node, node2, *keep) if root is not None for n in root.postorder()
+            if n.op == "Var"}
+    symbols = [v.symbol for v in variables if v.symbol is not None]
+    first = max(symbols) + 1 if symbols else 0
+    order: list[Variable | None] = [None] * first
+    mapping = {}
+    for pos, v in enumerate(variables):
+        if pos not in used:
+            continue
+        if v.symbol is not None:
+            mapping[pos] = v.symbol
+            order[v.symbol] = v
+        else:
+            mapping[pos] = len(order)
+            order.append(v)
+    if keep:
+        return _renumber(node, mapping), [mapping[k.params[0]] for k in keep], order
+    return _renumber(node, mapping), (None if node2 is None else _renumber(node2, mapping)), order
+
+
+def _arguments(order, variables, dtype, binding) -> list:
+    """The argument list of a reduction: arrays as given, lists of numbers as arrays of the common dtype."""
+    like = next((v.value for v in variables if v.symbol is None and binding._is_array(v.value)), None)
+    args = []
+    for v in order:
+        if v is None or v.symbol is not None:
+            args.append(None)          # filled by the caller's symbolic arguments
+        elif isinstance(v.value, list):
+            args.append(binding._from_list(v.value, dtype or "float32", like))
+        else:
+            args.append(v.value)
+    return args
+
+
+def _next_symbol(*variable_lists) -> int:
+    symbols = [v.symbol for vs in variable_lists for v in vs if v.symbol is not None]
+    return max(symbols) + 1 if symbols else 0
+
+
+class LazyReduction:
+    """A reduction of a LazyTensor, ready to run: called at once unless it waits for symbolic arguments.
+
+    `reduction(..., call=False)` returns one; calling it with the symbolic variables' arrays (in index order) runs
+    it, like a pykeops Genred.
+    """
+
+    def __init__(self, binding, lazy: LazyTensorBase, formula2: Node | None, reduction_op: str, axis: int, opt_arg,
+                 options: dict):
+        self.binding, self.reduction_op, self.axis, self.opt_arg = binding, reduction_op, axis, opt_arg
+        self.formula, self.formula2, self.order = _numbered(lazy.node, formula2, lazy.variables)
+        self.symbolic = sum(1 for v in self.order if v is None or v.symbol is not None)
+        self.batchdims = lazy.batchdims
+        self.rows = lazy.ni if axis == 1 else lazy.nj
+        self.dtype = lazy._dtype
+        self.plan_options, self.call_options = _split_options(options)
+        if lazy.ranges is not None:
+            self.call_options.setdefault("ranges", lazy.ranges)
+        if lazy.backend is not None:
+            self.call_options.setdefault("backend", lazy.backend)
+        self.arguments = _arguments(self.order, lazy.variables, lazy._dtype, binding)
+
+    def __call__(self, *symbolic_args, **options):
+        plan_options, call_options = _split_options(options)
+        plan_options = {**self.plan_options, **plan_options}
+        call_options = {**self.call_options, **call_options}
+        if len(symbolic_args) != self.symbolic:
+            raise ArgumentError(f"{self.reduction_op}: expected {self.symbolic} array(s) for the symbolic "
+                                f"variables, got {len(symbolic_args)}")
+        args = list(self.arguments)
+        given = iter(symbolic_args)
+        for k, v in enumerate(self.order):
+            if v is None or v.symbol is not None:
+                args[k] = next(given)
+        if self.dtype is None and symbolic_args and any(isinstance(v.value, list) for v in self.order if v):
+            dtype = self.binding._dtype_name(symbolic_args[0])
+            args = [self.binding._from_list(v.value, dtype, symbolic_args[0])
+                    if v is not None and isinstance(v.value, list) else a for v, a in zip(self.order, args)]
+        out = self.binding._reduce(self.formula, self.formula2, self.reduction_op, self.axis, self.opt_arg, args,
+                                   plan_options["dtype_acc"], call_options)
+        return self._shaped(out)
+
+    def _shaped(self, out):
+        if isinstance(out, tuple):
+            return tuple(self._shaped(o) for o in out)
+        shape = tuple(out.shape)
+        if self.batchdims and shape[:-2] != self.batchdims:
+            shape = self.batchdims + shape[-2:]
+        if self.reduction_op in K_REDUCTIONS:
+            shape = shape[:-1] + (self.opt_arg, shape[-1] // self.opt_arg)
+            if shape[-1] == 1:
+                shape = shape[:-1]
+        return out if shape == tuple(out.shape) else self.binding._reshape(out, shape)
+
+
+def _split_options(options: dict) -> tuple[dict, dict]:
+    plan, call = {"dtype_acc": "auto"}, {}
+    for key, value in options.items():
+        if key == "dtype_acc":
+            plan["dtype_acc"] = value
+        elif key == "use_double_acc":
+            if value:
+                plan["dtype_acc"] = "float64"
+        elif key in CALL_OPTIONS:
+            call[key] = value
+        elif key not in IGNORED_OPTIONS:
+            raise TypeError(f"unexpected keyword argument {key!r} for a LazyTensor reduction "
+                            f"(known: {', '.join(PLAN_OPTIONS + CALL_OPTIONS)})")
+    return plan, call
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.ndarray))
+
+
+def _integer(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentError(f"LazyTensor.{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _no_axis(axis, what: str, allowed=(None,)):
+    if axis not in allowed:
+        raise ArgumentError(f"LazyTensor: axis={axis!r} cannot be given with {what}")
+
+
+def variable_helpers(cls):
+    """`Vi`, `Vj`, `Pm` for a binding: `Vi(x)` is `cls(x, axis=0)`, `Vi(index, dim)` a symbolic i variable."""
+
+    def helper(axis, name):
+        def make_variable(x_or_index, dim=None):
+            if dim is None:
+                return cls(x_or_index, axis=axis)
+            return cls((_integer(x_or_index, f"{name}: index"), _integer(dim, f"{name}: dim"), axis))
+        make_variable.__name__ = make_variable.__qualname__ = name
+        make_variable.__doc__ = (f"{name}(x): x as a LazyTensor {('indexed by i', 'indexed by j', 'parameter')[axis]}; "
+                                 f"{name}(index, dim): a symbolic one, given when the reduction is called.")
+        return make_variable
+
+    return helper(0, "Vi"), helper(1, "Vj"), helper(2, "Pm")
