@@ -88,9 +88,9 @@ class LazyTensorBase:
         """Run one reduction: the formula's `Var(k, ...)` stands for `args[k]`."""
         raise NotImplementedError
 
-    @classmethod
-    def _solve(cls, formula: Node, unknown: int, axis: int, args: list, options: dict):
-        """Solve sum_axis formula = b for the variable at position `unknown`, whose slot in `args` holds b."""
+    @staticmethod
+    def _kernel_solve_class():
+        """The binding's pykeops-style KernelSolve class."""
         raise NotImplementedError
 
     # ---- construction -----------------------------------------------------------------------------------------
@@ -653,11 +653,15 @@ class LazyTensorBase:
             raise ArgumentError("solve: symbolic variables other than the unknown are not supported")
         args = _arguments(order, joined.variables, joined.dtype, type(self))
         args[position] = rhs.variables[0].value         # pykeops' KernelSolve takes b in the unknown's place
-        rest = dict(options)
+        build = {k: options.pop(k) for k in PLAN_OPTIONS if k in options}
         for key, value in (("ranges", joined.ranges), ("backend", joined.backend)):
             if value is not None:
-                rest.setdefault(key, value)
-        return type(self)._solve(formula, position, axis, args, rest)
+                options.setdefault(key, value)
+        # KernelSolve checks that the formula is linear in the unknown; it reads formula text, which to_text gives
+        # exactly (the variables keep their positions through the Var(pos, dim, cat) aliases).
+        aliases = [f"v{k} = Var({k},{v.dim},{v.cat})" for k, v in enumerate(order)]
+        solver = self._kernel_solve_class()(to_text(formula), aliases, f"v{position}", axis, **build)
+        return solver(*args, **options)
 
     # scipy.sparse.linalg.aslinearoperator reads `shape` (2-d) and `dtype`
     @property

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from .kernel_solve import KernelSolve  # noqa: F401  (re-exported: engine.numpy.KernelSolve)
+from .numpy_lazytensor import LazyTensor, Pm, Vi, Vj  # noqa: F401  (re-exported, as in pykeops.numpy)
+from .ranges import (cluster_ranges, cluster_ranges_centroids, from_matrix, grid_cluster,  # noqa: F401
+                     sort_clusters, swap_axes)
 from .plan import Plan, make_plan
 from .run import run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .kernel_solve import KernelSolve
 from .lazytensor import LazyTensorBase, variable_helpers
 from .plan import plan_from_nodes
 from .run import run
@@ -37,10 +38,9 @@ class LazyTensor(LazyTensorBase):
         plan = plan_from_nodes(formula, formula2, reduction_op, axis, opt_arg, dtype_acc, nargs=len(args))
         return run(plan, args, **call)
 
-    @classmethod
-    def _solve(cls, formula, unknown, axis, args, options):
-        from .kernel_solve import solve_nodes
-        return solve_nodes(formula, unknown, axis, args, **options)
+    @staticmethod
+    def _kernel_solve_class():
+        return KernelSolve
 
 
 Vi, Vj, Pm = variable_helpers(LazyTensor)

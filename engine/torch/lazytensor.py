@@ -1,0 +1,54 @@
+"""The torch binding of LazyTensor (engine.lazytensor): torch tensors in and out, reductions through
+`engine.torch.genred.reduce`, the autograd Function behind `engine.torch.Genred`, so every LazyTensor reduction is
+differentiable to any order (`create_graph=True`)."""
+from __future__ import annotations
+
+import torch
+
+from ..lazytensor import LazyTensorBase, variable_helpers
+from ..plan import plan_from_nodes
+from .genred import Options, reduce
+from .kernel_solve import KernelSolve
+
+
+class LazyTensor(LazyTensorBase):
+    """A symbolic torch tensor; see engine.lazytensor.LazyTensorBase.
+
+    >>> x_i, y_j = LazyTensor(x[:, None, :]), LazyTensor(y[None, :, :])
+    >>> a = (-((x_i - y_j) ** 2).sum(-1)).exp().sum(dim=1)        # (N, 1), differentiable in x and y
+    """
+
+    @staticmethod
+    def _is_array(x) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    @staticmethod
+    def _reshape(x, shape):
+        return x.reshape(shape)
+
+    @staticmethod
+    def _dtype_name(x) -> str:
+        return str(x.dtype).removeprefix("torch.")
+
+    @staticmethod
+    def _from_list(values, dtype_name, like):
+        return torch.tensor(values, dtype=getattr(torch, dtype_name), device=None if like is None else like.device)
+
+    @classmethod
+    def _reduce(cls, formula, formula2, reduction_op, axis, opt_arg, args, dtype_acc, call):
+        plan = plan_from_nodes(formula, formula2, reduction_op, axis, opt_arg, dtype_acc, nargs=len(args))
+        options = Options(call.get("backend", "auto"), call.get("device_id", -1), call.get("ranges"))
+        return reduce(plan, args, options, out=call.get("out"))
+
+    @staticmethod
+    def _kernel_solve_class():
+        return KernelSolve
+
+    @property
+    def dtype(self):
+        return None if self._dtype is None else getattr(torch, self._dtype)
+
+
+Vi, Vj, Pm = variable_helpers(LazyTensor)
+
+__all__ = ["LazyTensor", "Pm", "Vi", "Vj"]
