@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 from ..errors import BackendError
 from .base import Backend
@@ -14,6 +15,9 @@ NAMES = ("auto", "reference", "cpu", "cuda", "cluster")
 def _instance(name: str) -> Backend:
     if name == "reference":
         return ReferenceBackend()
+    if name == "cpu":
+        from .cpu import CpuBackend     # raises BackendError when no working C compiler is found
+        return CpuBackend()
     raise BackendError(f"backend {name!r} is not available in this installation")
 
 
@@ -28,7 +32,12 @@ def get_backend(name: str = "auto") -> Backend:
 @functools.cache
 def auto_choice() -> str:
     """The best backend present, decided once per process."""
-    return "reference"
+    try:
+        _instance("cpu")
+        return "cpu"
+    except BackendError as e:
+        warnings.warn(f"{e}. Falling back to the slow numpy reference backend.", RuntimeWarning, stacklevel=3)
+        return "reference"
 
 
 __all__ = ["Backend", "NAMES", "auto_choice", "get_backend"]

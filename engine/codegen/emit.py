@@ -12,10 +12,11 @@ structure, where variables live and where states are stored, and asks this modul
     Emitter(load, prefix).emit(node)    -> list of C expressions, one per component of `node`, valid after the
                                            statements accumulated in `emitter.lines` (declarations `const kred_real
                                            v12_0 = ...;`). `load(var_node, k)` returns the C expression reading
-                                           component k of a variable (the driver knows the memory layout). Shared
-                                           sub-expressions are emitted once (nodes are hash-consed). An emitter can
-                                           start from the values of another one (`known=`), which is how a driver
-                                           hoists the i-only part of a formula out of its j loop (`depends_on`).
+                                           component k of a variable (the driver knows the memory layout);
+                                           `copy_vars=True` binds those loads to locals too. Shared sub-expressions
+                                           are emitted once (nodes are hash-consed). An emitter can start from the
+                                           values of another one (`known=`), which is how a driver hoists the i-only
+                                           part of a formula out of its j loop (`depends_on`).
 
     reduction steps (see `steps.py`), each a list of C statements over a state accessor
     `state(slot, comp) -> C lvalue` where `slot` indexes `state_slots(reduction)` and `comp` is a C integer
@@ -62,8 +63,9 @@ def literal(value) -> str:
 class Emitter:
     """Emits C declarations for formula nodes, one scalar per component, children before parents."""
 
-    def __init__(self, load: Load, prefix: str = "v", known: dict | None = None):
-        self.load, self.prefix = load, prefix
+    def __init__(self, load: Load, prefix: str = "v", known: dict | None = None, copy_vars: bool = False):
+        # copy_vars: bind loaded variable components to local constants (a driver hoisting loads out of a loop)
+        self.load, self.prefix, self.copy_vars = load, prefix, copy_vars
         self.values: dict[Node, list[str]] = dict(known or {})
         self.lines: list[str] = []
         self._count = 0
@@ -96,7 +98,8 @@ class Emitter:
     def _node(self, node: Node) -> list[str]:
         op, p = node.op, node.params
         if op == "Var":
-            return [f"({self.load(node, k)})" for k in range(node.dim)]
+            loads = [f"({self.load(node, k)})" for k in range(node.dim)]
+            return self._declare(loads) if self.copy_vars else loads
         if op in ("IntCst", "Const"):
             return [literal(p[0])]
         if op == "Zero":

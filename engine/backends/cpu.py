@@ -1,0 +1,146 @@
+"""The compiled CPU backend: the plan's C source (engine.codegen.cpu) built by the system compiler, run by ctypes.
+
+Kernels are compiled once per (plan, dtype) and machine (engine.backends.cache) and memoised per process, so a warm
+call costs a dictionary lookup, the output allocation and one ctypes call. Threads: KRED_NUM_THREADS, else every CPU
+this process may run on.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from ..codegen.cpu import LANES, column_bytes, cpu_source, strategy
+from ..codegen.cpu import L1_TILE_BYTES
+from ..errors import BackendError
+from ..reductions import INDEX_DTYPE
+from . import cache
+from .base import Backend
+
+# -O3 and the host's vector units; fast-math pieces that keep IEEE NaN/Inf semantics (Min/Max/LogSumExp need them):
+# no errno (lets sqrt vectorize), no trapping, fused multiply-add contraction.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu99", "-fno-math-errno",
+         "-fno-trapping-math", "-ffp-contract=fast", "-w")
+LIBS = ("-lm",)
+ROW_BLOCK = 32
+_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+_ARGTYPES = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong,
+             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def num_threads() -> int:
+    configured = os.environ.get("KRED_NUM_THREADS")
+    if configured:
+        try:
+            value = int(configured)
+        except ValueError:
+            raise BackendError(f"KRED_NUM_THREADS must be a positive integer, got {configured!r}") from None
+        if value < 1:
+            raise BackendError(f"KRED_NUM_THREADS must be a positive integer, got {configured!r}")
+        return value
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:      # not Linux
+        return os.cpu_count() or 1
+
+
+class _Kernel:
+    """One compiled plan for one dtype, with what a call needs precomputed."""
+
+    def __init__(self, plan, dtype: np.dtype):
+        acc = plan.acc_dtype(dtype)
+        source = cpu_source(plan, _NAMES[dtype], _NAMES[acc])
+        library = cache.load(source, FLAGS, LIBS)
+        self.run = library.kred_run
+        self.run.argtypes = _ARGTYPES
+        self.run.restype = ctypes.c_int
+        self.dtype, self.acc = dtype, acc
+        reduction = plan.reduction
+        kinds = {"acc": acc, "value": dtype, "index": np.dtype(INDEX_DTYPE)}
+        self.state_specs = [(width, kinds[kind]) for _, width, kind in reduction.layout()]
+        self.output_specs = [(width, dtype if kind == "value" else np.dtype(INDEX_DTYPE))
+                             for kind, width in reduction.outputs]
+        self.tile = max(LANES, L1_TILE_BYTES // column_bytes(plan, dtype.itemsize) // LANES * LANES)
+        self.nargs = plan.nargs
+        self.pointers = ctypes.c_void_p * max(1, plan.nargs)
+
+    def __call__(self, arrays, rows, cols, finalize: bool, threads: int, parts: int | None = None):
+        (r0, r1), (c0, c1) = rows, cols
+        n, m = r1 - r0, c1 - c0
+        specs = self.output_specs if finalize else self.state_specs
+        outs = [np.empty((n, width), dtype) for width, dtype in specs]
+        if n == 0:
+            return outs
+        if parts is None:
+            parts = split_columns(n, m, threads)
+        args = self.pointers(*[a.ctypes.data for a in arrays])
+        out_pointers = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
+        failed = self.run(args, r0, r1, c0, c1, out_pointers, int(finalize), parts, threads, ROW_BLOCK, self.tile)
+        if failed:
+            raise MemoryError("the CPU kernel could not allocate its work buffers")
+        return outs
+
+
+def split_columns(n: int, m: int, threads: int) -> int:
+    """How many column parts (the 2D split): enough tasks to keep every thread busy when N is small."""
+    if threads == 1:
+        return 1
+    blocks = -(-n // ROW_BLOCK)
+    if blocks >= 4 * threads:
+        return 1
+    return max(1, min(-(-4 * threads // blocks), m // 2048))
+
+
+_PROBE = "int kred_probe(void) { int s = 0;\n#pragma omp parallel reduction(+:s)\n s += 1;\n return s; }\n"
+
+
+@functools.cache
+def compiler_problem() -> str | None:
+    """Why kernels cannot be built here (no compiler, or it fails on OpenMP C), or None. Checked once."""
+    try:
+        cache.load(_PROBE, FLAGS, LIBS).kred_probe()
+    except BackendError as e:
+        return str(e)
+    return None
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self):
+        problem = compiler_problem()
+        if problem is not None:
+            raise BackendError(f"the cpu backend needs a working C compiler with OpenMP: {problem}")
+        self._kernels: dict[tuple, _Kernel] = {}
+        self._unkeyed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # plans built without a key
+        self._lock = threading.Lock()
+        self.threads = num_threads()
+
+    def kernel(self, plan, dtype) -> _Kernel:
+        key = (plan.key, dtype)
+        kernel = self._kernels.get(key) if plan.key else self._unkeyed.get(plan, {}).get(dtype)
+        if kernel is None:
+            with self._lock:
+                kernel = _Kernel(plan, np.dtype(dtype))
+                if plan.key:
+                    self._kernels[key] = kernel
+                else:
+                    self._unkeyed.setdefault(plan, {})[dtype] = kernel
+        return kernel
+
+    def partial(self, plan, arrays, rows, cols):
+        dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        states = self.kernel(plan, dtype)(arrays, rows, cols, False, self.threads)
+        if strategy(plan) == "rows":        # KMin states are (n, K, dim), like the numpy monoid's
+            k, d = plan.reduction.k, plan.reduction.fdim
+            states = [s.reshape(s.shape[0], k, d) for s in states]
+        return tuple(states)
+
+    def reduce(self, plan, arrays, n, m):
+        dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        outs = self.kernel(plan, dtype)(arrays, (0, n), (0, m), True, self.threads)
+        return outs[0] if len(outs) == 1 else tuple(outs)
