@@ -120,7 +120,8 @@ class Emitter:
 
 
 def _is_atom(expr: str) -> bool:
-    return expr.isidentifier() or expr.startswith("((kred_real)")
+    # a literal is exactly "((kred_real)value)": "((kred_real)2) * v0_0" starts the same way but is not one
+    return expr.isidentifier() or (expr.startswith("((kred_real)") and expr.count("(") == 2 and expr.endswith(")"))
 
 
 def _tree(items: list[str], join: Callable[[str, str], str]) -> str:
