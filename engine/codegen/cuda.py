@@ -1,0 +1,536 @@
+"""CUDA driver templates: the loops, memory staging and launch shapes around the shared emitter's pieces.
+
+One generated module holds four kernels for a (plan, dtype, accumulator) triple; `engine.backends.cuda` compiles it
+with NVRTC and launches them. Rows are the plan's category-0 variables (one output row each), columns category 1.
+
+    kred_final(r0, rows, c0, c1, span, arg0, arg1, ..., out0, ...)      1D scheme: reduce and finalize
+    kred_state(r0, rows, c0, c1, span, arg0, arg1, ..., state0, ...)    the same, writing partial states
+    kred_merge_final(rows, splits, state0, ..., out0, ...)              2D scheme, second pass: merge and finalize
+    kred_merge_state(rows, splits, state0, ..., merged0, ...)           the same, writing one merged state
+
+Scheme. One thread per output row i (`blockIdx.x`), its i-variables and the i/parameter-only part of the formula
+computed once into registers. Columns come in tiles of `block` (= threads per block): the whole block copies a tile
+of every j-variable into shared memory (coalesced: a tile of a row-major (M, D) array is one contiguous span), then
+each thread folds the tile's columns into its registers. `blockIdx.y` splits the columns into `splits` spans of `span`
+columns (the 2D scheme): each writes its partial state to `state[split][row]`, and the merge kernel folds them with
+the reduction's `merge` step — the same monoid as between tiles, between shards and between nodes.
+
+When to split (`choose_splits`, the documented rule): with R = ceil(rows / block) row-blocks and S streaming
+multiprocessors, the 1D scheme keeps every SM busy when R >= 4 S. Otherwise columns are split into the fewest spans
+that give about 4 S blocks in total, each span at least `MIN_SPAN_TILES` tiles long (so the state round trip stays
+small next to the work), and the partial states at most `MAX_STATE_BYTES`.
+
+Accumulation. Each thread keeps the reduction's state in the accumulator type (`kred_acc`, float64 under
+dtype_acc="auto"). When that type is wider than the formula's (`kred_real`), the columns of one tile are folded into a
+tile state of the real type first, then merged into the running state once per tile ("block sums", as in KeOps): the
+per-pair work stays in fast single precision and the error grows with the tile length, not with M. Within the tile
+code the accumulator names of the prelude are aliased to the real ones by macros (`#define kred_acc kred_real`), so
+the reduction steps are used as they are.
+
+float16 inputs are stored as 16-bit words and converted with PTX `cvt` instructions when tiles are staged (no
+cuda_fp16.h: NVRTC needs no header at all); the formula runs in float32, and results are rounded back to float16.
+
+Large dimensions. The unrolled body keeps one register per live component: past `CHUNK_THRESHOLD` components of
+i-variables, `Sum` nodes over elementwise expressions (SqDist, Scalprod, SqNorm2 of differences...) are evaluated in
+chunks of `CHUNK` components: for a tile, each chunk of x_i is loaded from global memory (L1-cached) into registers
+and the partial sums of every column of the tile are accumulated in shared memory, so registers stay bounded by the
+chunk size, whatever D is. See `_chunk_plan`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BackendError
+from ..formula import I, J, P, Node, make
+from ..plan import Plan
+from .emit import Emitter, depends_on, prelude
+from .steps import Slot, accumulate_steps, finalize_steps, init_steps, merge_steps, state_slots
+
+KERNELS = ("kred_final", "kred_state", "kred_merge_final", "kred_merge_state")
+STORAGE = {"float16": "kred_half", "float32": "float", "float64": "double"}
+REAL = {"float16": "float32", "float32": "float32", "float64": "float64"}
+NUMPY_STATE = {"kred_acc": "acc", "kred_real": "real", "kred_index": "index"}
+
+MAX_BLOCK = 256                 # threads per block and columns per tile
+MIN_BLOCK = 32
+SHARED_BUDGET = 48 * 1024       # bytes of shared memory per block (the limit without an opt-in)
+BLOCKS_PER_SM = 4               # the 2D rule aims at this many blocks per SM
+MIN_SPAN_TILES = 4              # a split column span holds at least this many tiles
+MAX_STATE_BYTES = 256 << 20     # bound on the 2D scheme's partial states
+CHUNK_THRESHOLD = 96            # i-variable components beyond which Sum nodes are chunked
+CHUNK = 32                      # components per chunk
+
+
+@dataclass(frozen=True)
+class Program:
+    """A generated CUDA module and what its launcher needs to know."""
+    source: str
+    block: int                  # threads per block = columns per tile
+    shared_bytes: int           # dynamic shared memory per block
+    slots: tuple[Slot, ...]     # the reduction state, in `engine.reductions` layout order
+    outputs: tuple[tuple[str, int], ...]
+    storage: str                # "float16" | "float32" | "float64": the dtype of inputs and value outputs
+    acc: str                    # accumulator dtype name
+    chunked: bool
+    signatures: dict            # kernel name -> its C parameter declarations, in order
+
+    def dtype_of(self, kind: str) -> np.dtype:
+        """The numpy dtype of a buffer kind (see `Buffer`)."""
+        return np.dtype({"store": self.storage, "index": "int64", "acc": self.acc, "real": REAL[self.storage]}[kind])
+
+    def state_bytes_per_row(self) -> int:
+        return sum(slot.width * self.dtype_of(NUMPY_STATE[slot.ctype]).itemsize for slot in self.slots)
+
+
+def choose_splits(rows: int, cols: int, block: int, sm_count: int, state_bytes_per_row: int) -> int:
+    """How many column spans the 2D scheme uses (1 = the 1D scheme). See the module docstring."""
+    row_blocks = max(1, math.ceil(rows / block))
+    target = BLOCKS_PER_SM * max(1, sm_count)
+    if row_blocks >= target:
+        return 1
+    by_work = math.ceil(target / row_blocks)
+    by_length = max(1, cols // (MIN_SPAN_TILES * block))
+    by_memory = max(1, MAX_STATE_BYTES // max(1, rows * state_bytes_per_row))
+    return max(1, min(by_work, by_length, by_memory, 65535))
+
+
+def span_of(cols: int, splits: int, block: int) -> int:
+    """Columns per span: a whole number of tiles, so only the last span has a partial tile."""
+    tiles = math.ceil(max(cols, 1) / block)
+    return math.ceil(tiles / splits) * block
+
+
+def build(plan: Plan, dtype, acc) -> Program:
+    """The CUDA module for `plan` on inputs of `dtype` with accumulator dtype `acc`."""
+    storage = np.dtype(dtype).name
+    if storage not in STORAGE:
+        raise BackendError(f"the CUDA backend computes in float16, float32 or float64, not {storage}")
+    acc = np.dtype(acc).name
+    real = REAL[storage]
+    if np.dtype(acc).itemsize < np.dtype(real).itemsize:
+        acc = real
+    return _Generator(plan, storage, real, acc).program()
+
+
+# The generator ----------------------------------------------------------------------------------------------
+
+# KRED_EMULATION is defined only by the CPU emulation that CI uses to run these kernels without a GPU
+# (tests/cuda_emulation.py); NVRTC always takes the CUDA branch.
+_HALF = r"""
+typedef unsigned short kred_half;
+#ifndef KRED_EMULATION
+#define KRED_SHARED_MEMORY(name) extern __shared__ __align__(16) unsigned char name[]
+KRED_FN float kred_half_to_float(kred_half h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+KRED_FN kred_half kred_float_to_half(float f) { kred_half h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+#else
+KRED_FN float kred_half_to_float(kred_half h) { _Float16 v; memcpy(&v, &h, 2); return (float)v; }
+KRED_FN kred_half kred_float_to_half(float f) { _Float16 v = (_Float16)f; kred_half h; memcpy(&h, &v, 2); return h; }
+#endif
+"""
+
+# Inside tile code, the reduction steps run on the real type (see "Accumulation" above).
+_ALIAS_ACC = """#pragma push_macro("KRED_ACC_INF")
+#undef KRED_ACC_INF
+#define KRED_ACC_INF KRED_INF
+#define kred_acc kred_real
+#define kred_acc_exp kred_exp
+#define kred_acc_log kred_log
+#define kred_acc_max kred_max"""
+_UNALIAS_ACC = """#undef kred_acc
+#undef kred_acc_exp
+#undef kred_acc_log
+#undef kred_acc_max
+#pragma pop_macro("KRED_ACC_INF")"""
+
+
+class _Generator:
+    def __init__(self, plan: Plan, storage: str, real: str, acc: str):
+        self.plan, self.storage, self.real, self.acc = plan, storage, real, acc
+        self.reduction = plan.reduction
+        self.slots = tuple(state_slots(self.reduction))
+        self.roots = [plan.formula] + ([plan.formula2] if plan.formula2 is not None else [])
+        self.args = plan.args
+        self.real_size = np.dtype(real).itemsize
+        self.block_sums = acc != real and any(slot.ctype == "kred_acc" for slot in self.slots)
+        # j-variables staged per tile, interleaved per column ([y_0..y_D, b_0..] for column jj at jj * stride) so a
+        # column's values are contiguous and read with wide shared-memory loads
+        self.tile_vars = [(a.pos, a.dim) for a in self.args if a.role == J]
+        self.tile_offsets, width = {}, 0
+        for pos, dim in self.tile_vars:
+            self.tile_offsets[pos] = width
+            width += dim
+        self.stride = _padded(width, 16 // self.real_size)
+        self.i_components = sum(a.dim for a in self.args if a.role == I)
+        self.chunks = _chunk_plan(self.roots) if self.i_components > CHUNK_THRESHOLD else []
+        self.block = self._block_size()
+        self.chunk_offset = self.block * self.stride         # per-thread partial sums of chunked nodes follow
+        self.shared_reals = self.chunk_offset + len(self.chunks) * self.block * self.block
+
+    def _block_size(self) -> int:
+        def need(block):
+            return (block * self.stride + len(self.chunks) * block * block) * self.real_size
+
+        block = MAX_BLOCK
+        while block > MIN_BLOCK and need(block) > SHARED_BUDGET:
+            block //= 2
+        if need(block) > SHARED_BUDGET:
+            raise BackendError(f"the j-variables of this formula need {self.stride} numbers per column: more than the "
+                               f"CUDA backend stages in shared memory ({SHARED_BUDGET} bytes per block of "
+                               f"{MIN_BLOCK}); use backend='cpu' or 'reference'")
+        return block
+
+    # Source -------------------------------------------------------------------------------------------------
+    def program(self) -> Program:
+        self.signatures: dict[str, list[str]] = {}
+        parts = [f"/* kred CUDA module: {self.reduction.name}, {self.storage} in, {self.acc} accumulator, "
+                 f"{self.block} threads per block */",
+                 prelude("cuda", self.real, self.acc), _HALF, self._storage_macros(),
+                 self._reduce_kernel("kred_final", final=True), self._reduce_kernel("kred_state", final=False),
+                 self._merge_kernel("kred_merge_final", final=True),
+                 self._merge_kernel("kred_merge_state", final=False)]
+        return Program("\n".join(parts), self.block, self.shared_reals * self.real_size, self.slots,
+                       tuple(self.reduction.outputs), self.storage, self.acc, bool(self.chunks), self.signatures)
+
+    def _storage_macros(self) -> str:
+        store = STORAGE[self.storage]
+        if self.storage == "float16":
+            load, save = "kred_half_to_float(x)", "kred_float_to_half(x)"
+        else:
+            load, save = "((kred_real)(x))", f"(({store})(x))"
+        return (f"typedef {store} kred_store;\n#define KRED_LOAD(x) {load}\n#define KRED_SAVE(x) {save}\n")
+
+    def _params(self) -> list[str]:
+        return [f"const kred_store* __restrict__ arg{a.pos}" for a in self.args]
+
+    def _out_params(self) -> list[str]:
+        return [f"{'kred_store' if kind == 'value' else 'kred_index'}* __restrict__ out{o}"
+                for o, (kind, _) in enumerate(self.reduction.outputs)]
+
+    def _state_params(self, prefix: str, const: bool) -> list[str]:
+        q = "const " if const else ""
+        return [f"{q}{slot.ctype}* __restrict__ {prefix}{s}" for s, slot in enumerate(self.slots)]
+
+    def _declare_state(self, prefix: str, ctype_of=None) -> list[str]:
+        return [f"{ctype_of(slot) if ctype_of else slot.ctype} {prefix}{s}[{slot.width}];"
+                for s, slot in enumerate(self.slots)]
+
+    def _finish(self, state, final: bool, row: str, indent: str) -> list[str]:
+        """Write a state (accessor `state`) at row `row` (a C expression): finalized outputs, or the state itself."""
+        lines = []
+        if final:
+            outputs = self.reduction.outputs
+            for o, (kind, width) in enumerate(outputs):
+                ctype = "kred_real" if kind == "value" else "kred_index"
+                lines.append(f"{ctype} fin{o}[{width}];")
+            lines += finalize_steps(self.reduction, state, lambda o, c: f"fin{o}[{c}]")
+            for o, (kind, width) in enumerate(outputs):
+                value = "KRED_SAVE(fin{o}[c])".format(o=o) if kind == "value" else f"fin{o}[c]"
+                lines.append(f"for (int c = 0; c < {width}; c++) out{o}[{row} * {width} + c] = {value};")
+        else:
+            for s, slot in enumerate(self.slots):
+                lines.append(f"for (int c = 0; c < {slot.width}; c++) "
+                             f"state{s}[{row} * {slot.width} + c] = {state(s, 'c')};")
+        return [indent + line for line in lines]
+
+    def _reduce_kernel(self, name: str, final: bool) -> str:
+        params = ["const long long r0", "const long long rows", "const long long c0", "const long long c1",
+                  "const long long span"] + self._params()
+        params += self._out_params() if final else self._state_params("state", const=False)
+        running = (lambda s, c: f"s{s}[{c}]")
+        tile = (lambda s, c: f"t{s}[{c}]") if self.block_sums else running
+        body = [
+            "KRED_SHARED_MEMORY(kred_shared);",
+            "kred_real* const tile = (kred_real*)kred_shared;",
+            f"const long long row = (long long)blockIdx.x * {self.block} + threadIdx.x;",
+            "const int active = row < rows;",
+            "const long long i = r0 + (active ? row : 0);   /* idle threads still help stage tiles */",
+            "const long long jbegin = c0 + (long long)blockIdx.y * span;",
+            "const long long jend = jbegin + span < c1 ? jbegin + span : c1;",
+        ]
+        hoisted, loop_emitter = self._hoist()
+        body += hoisted
+        body += self._declare_state("s")
+        body += init_steps(self.reduction, running)
+        body += [f"for (long long jt = jbegin; jt < jend; jt += {self.block}) {{",
+                 f"    const int count = (int)(jend - jt < {self.block} ? jend - jt : {self.block});",
+                 "    __syncthreads();"]
+        for pos, dim in self.tile_vars:         # coalesced reads of the tile's contiguous span of each variable
+            body += [f"    for (int e = threadIdx.x; e < count * {dim}; e += {self.block}) {{",
+                     f"        const int column = e / {dim};",
+                     f"        tile[column * {self.stride} + {self.tile_offsets[pos]} + e - column * {dim}] = "
+                     f"KRED_LOAD(arg{pos}[jt * {dim} + e]);",
+                     "    }"]
+        body.append("    __syncthreads();")
+        body += ["    " + line for line in self._chunk_pass()]
+        body.append("    if (active) {")
+        inner = []
+        if self.block_sums:
+            inner.append(_ALIAS_ACC)
+            inner += self._declare_state("t", lambda slot: "kred_real" if slot.ctype == "kred_acc" else slot.ctype)
+            inner += init_steps(self.reduction, tile)
+        inner.append("for (int jj = 0; jj < count; jj++) {")
+        values = [loop_emitter.emit(root) for root in self.roots]
+        inner += ["    " + line for line in loop_emitter.lines]
+        inner += ["    " + line for line in accumulate_steps(self.reduction, tile, values[0],
+                                                             values[1] if len(values) > 1 else None, "jt + jj")]
+        inner.append("}")
+        if self.block_sums:
+            inner.append(_UNALIAS_ACC)
+            inner += merge_steps(self.reduction, running, tile)
+        body += ["        " + line for line in inner]
+        body += ["    }", "}"]
+        body.append("if (!active) return;")
+        body += self._finish(running, final, "row" if final else "((long long)blockIdx.y * rows + row)", "")
+        return self._kernel(name, params, body)
+
+    def _merge_kernel(self, name: str, final: bool) -> str:
+        params = ["const long long rows", "const int splits"] + self._state_params("part", const=True)
+        params += self._out_params() if final else self._state_params("state", const=False)
+        into, other = (lambda s, c: f"a{s}[{c}]"), (lambda s, c: f"b{s}[{c}]")
+        body = ["const long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
+                "if (row >= rows) return;"]
+        body += self._declare_state("a") + self._declare_state("b")
+        for s, slot in enumerate(self.slots):
+            body.append(f"for (int c = 0; c < {slot.width}; c++) a{s}[c] = part{s}[row * {slot.width} + c];")
+        body.append("for (int split = 1; split < splits; split++) {")
+        for s, slot in enumerate(self.slots):
+            body.append(f"    for (int c = 0; c < {slot.width}; c++) "
+                        f"b{s}[c] = part{s}[(split * rows + row) * {slot.width} + c];")
+        body += ["    " + line for line in merge_steps(self.reduction, into, other)]
+        body.append("}")
+        body += self._finish(into, final, "row", "")
+        return self._kernel(name, params, body, bounds=False)
+
+    def _kernel(self, name: str, params: list[str], body: list[str], bounds: bool = True) -> str:
+        self.signatures[name] = params
+        launch = f"__launch_bounds__({self.block}) " if bounds else ""
+        head = f'extern "C" __global__ void {launch}{name}(\n    ' + ",\n    ".join(params) + ")\n{"
+        lines = [line.lstrip() if _directive(line) else "    " + line for text in body for line in text.split("\n")]
+        return head + "\n" + "\n".join(lines) + "\n}\n"
+
+    # Formula body ---------------------------------------------------------------------------------------------
+    def _load(self, node: Node, k: int) -> str:
+        pos, dim, cat = node.params
+        if cat == J:
+            return f"tile[jj * {self.stride} + {self.tile_offsets[pos] + k}]"
+        if cat == I:
+            return f"KRED_LOAD(arg{pos}[i * {dim} + {k}])"
+        return f"KRED_LOAD(__ldg(&arg{pos}[{k}]))" if self.storage != "float16" else f"KRED_LOAD(arg{pos}[{k}])"
+
+    def _hoist(self) -> tuple[list[str], Emitter]:
+        """Registers for the i- and parameter-only part of the formula; an emitter for the per-column part."""
+        chunked = {chunk.node for chunk in self.chunks}
+        hoist = Emitter(self._load, prefix="h")
+        lines: list[str] = []
+        if not self.chunks:
+            # copy small i-variables and parameters into registers once (a Var's components are loads, not values)
+            for a in self.args:
+                if a.role != J:
+                    names = [f"x{a.pos}_{k}" for k in range(a.dim)]
+                    lines += [f"const kred_real {n} = {self._load(_var(a), k)};" for k, n in enumerate(names)]
+                    hoist.values[_var(a)] = names
+        for root in self.roots:
+            for node in root.postorder():
+                if node in hoist.values or J in depends_on(node) or node.op == "Var" and self.chunks:
+                    continue
+                if any(node in c.node.postorder() for c in self.chunks) and node not in chunked:
+                    continue            # parts of chunked sums are computed chunk by chunk
+                hoist.emit(node)
+        lines += hoist.lines
+        known = dict(hoist.values)
+        for index, chunk in enumerate(self.chunks):
+            known[chunk.node] = [f"tile[{self.chunk_offset + index * self.block * self.block} + "
+                                 f"jj * {self.block} + threadIdx.x]"]
+        return lines, Emitter(self._load, prefix="v", known=known)
+
+    def _chunk_pass(self) -> list[str]:
+        """Partial sums of the chunked nodes for every column of the tile (see `_chunk_plan`)."""
+        lines: list[str] = []
+        for index, chunk in enumerate(self.chunks):
+            base = self.chunk_offset + index * self.block * self.block
+            lines.append(f"for (int jj = 0; jj < count; jj++) tile[{base} + jj * {self.block} + threadIdx.x] = 0;")
+            lines.append(f"for (int k0 = 0; k0 < {chunk.dim}; k0 += {CHUNK}) {{")
+            lines.append(f"    const int kn = {chunk.dim} - k0 < {CHUNK} ? {chunk.dim} - k0 : {CHUNK};")
+            # i- and parameter components of this chunk into registers, then the chunk's elementwise body
+            for pos, dim in chunk.i_vars:
+                lines.append(f"    kred_real c{pos}[{CHUNK}];")
+                lines.append(f"    #pragma unroll\n    for (int k = 0; k < {CHUNK}; k++) "
+                             f"c{pos}[k] = k < kn ? {self._chunk_load(pos, dim, cat=I, k='k0 + k')} : (kred_real)0;")
+            lines.append("    for (int jj = 0; jj < count; jj++) {")
+            lines.append("        kred_real acc = 0;")
+            lines.append(f"        #pragma unroll\n        for (int k = 0; k < {CHUNK}; k++) {{")
+            emitter = Emitter(lambda node, k: self._chunk_var(node, chunk), prefix="w")
+            (term,) = emitter.emit(chunk.term)
+            lines += ["            " + line for line in emitter.lines]
+            lines.append(f"            acc += k < kn ? {term} : (kred_real)0;")
+            lines += ["        }", f"        tile[{base} + jj * {self.block} + threadIdx.x] += acc;", "    }", "}"]
+        return lines
+
+    def _chunk_load(self, pos: int, dim: int, cat: int, k: str) -> str:
+        if cat == I:
+            return f"KRED_LOAD(arg{pos}[i * {dim} + {k}])"
+        return f"KRED_LOAD(arg{pos}[{k}])"
+
+    def _chunk_var(self, node: Node, chunk) -> str:
+        pos, dim, cat = node.params[:3]
+        if len(node.params) == 3:          # broadcast operands of the elementwise chunk body
+            return self._load(node, 0)
+        if cat == I:
+            return f"c{pos}[k]"
+        if cat == J:
+            return f"tile[jj * {self.stride} + {self.tile_offsets[pos]} + k0 + k]"
+        return f"KRED_LOAD(arg{pos}[k0 + k])"
+
+
+def _padded(width: int, vector: int) -> int:
+    """A column stride that keeps columns aligned for wide loads: up to the next power of two below `vector`
+    reals (3 -> 4), else to a multiple of `vector` (5 -> 8 in float32)."""
+    unit = 1
+    while unit < min(width, vector):
+        unit *= 2
+    return -(-width // unit) * unit
+
+
+def _directive(line: str) -> bool:
+    """Preprocessor lines start at column 0 (except `#pragma unroll`, which belongs to the loop below it)."""
+    text = line.lstrip()
+    return text.startswith("#") and not text.startswith("#pragma unroll")
+
+
+def _var(spec) -> Node:
+    return make("Var", (), (spec.pos, spec.dim, spec.role))
+
+
+# Chunking of large Sum nodes ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Chunk:
+    node: Node                          # the Sum node replaced by its chunked value
+    term: Node                          # its operand, evaluated one component at a time
+    dim: int
+    i_vars: tuple[tuple[int, int], ...]  # (pos, dim) of the i-variables it reads
+
+
+_ELEMENTWISE_LEAVES = ("Var", "IntCst", "Const")
+
+
+def _chunk_plan(roots: list[Node]) -> list[_Chunk]:
+    """The Sum nodes over large elementwise expressions of i and j variables, to be evaluated chunk by chunk.
+
+    Such a node's operand computes component k from component k of its operands (dim-1 operands broadcast), so it
+    can be evaluated for one component at a time with the component index as a loop variable.
+    """
+    from ..formula.ops import OPS
+
+    found: dict[Node, _Chunk] = {}
+    for root in roots:
+        for node in root.postorder():
+            if node.op != "Sum" or node in found or node.children[0].dim < CHUNK:
+                continue
+            term = node.children[0]
+            inner = term.postorder()
+            if not all(n.op in _ELEMENTWISE_LEAVES or OPS[n.op].c is not None for n in inner):   # per-component ops
+                continue
+            if not {I, J} <= depends_on(term):
+                continue
+            if any(n.op == "Var" and n.dim not in (1, term.dim) for n in inner):
+                continue
+            i_vars = tuple(sorted({(n.params[0], n.params[1]) for n in inner
+                                   if n.op == "Var" and n.params[2] == I and n.dim > 1}))
+            found[node] = _Chunk(node, _scalar_body(term), term.dim, i_vars)
+    return list(found.values())
+
+
+def _scalar_body(term: Node) -> Node:
+    """The operand of a chunked Sum with every variable of the Sum's dimension made scalar: the emitter then writes
+    one component, and `_chunk_var` reads component `k0 + k` of each variable."""
+    dim = term.dim
+    done: dict[Node, Node] = {}
+    for n in term.postorder():
+        if n.op == "Var":
+            pos, vdim, cat = n.params
+            # a distinct node (params are the hash-consing key): one component of the variable
+            done[n] = Node("Var", (), (pos, vdim, cat, "component"), 1) if vdim == dim else n
+        elif n.op in ("IntCst", "Const"):
+            done[n] = n
+        else:
+            done[n] = Node(n.op, tuple(done[c] for c in n.children), n.params, 1)
+    return done[term]
+
+
+# Launch schedule ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Buffer:
+    """An array a launch reads or writes: `arg{pos}` (inputs), `out{o}` (finalized results), `state{s}` (a partial
+    state, the reduction's layout) or `part{s}` (the 2D scheme's per-span states). `kind` is its element type:
+    "store" (the input dtype), "index" (int64), "acc" or "real" (the accumulator and formula dtypes)."""
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    grid: tuple[int, int]
+    block: int
+    shared_bytes: int
+    args: tuple                 # ("int64" | "int32", value) or ("buffer", name), in the kernel's parameter order
+
+
+MERGE_BLOCK = 128
+
+
+def schedule(program: Program, plan: Plan, rows: tuple[int, int], cols: tuple[int, int], sm_count: int,
+             final: bool, splits: int | None = None) -> tuple[list[Launch], list[Buffer]]:
+    """The kernel launches computing rows [r0, r1) over columns [c0, c1): finalized outputs when `final`, else the
+    partial state. Returns the launches and the buffers they write (inputs are `arg{pos}`, supplied by the caller);
+    the results come first. `splits` overrides the 2D rule (tests use it)."""
+    (r0, r1), (c0, c1) = rows, cols
+    n = r1 - r0
+    if n <= 0:
+        return [], _results(program, 0, final)
+    if splits is None:
+        splits = choose_splits(n, c1 - c0, program.block, sm_count, program.state_bytes_per_row())
+    span = span_of(c1 - c0, splits, program.block)
+    inputs = tuple(("buffer", f"arg{a.pos}") for a in plan.args)
+    head = (("int64", r0), ("int64", n), ("int64", c0), ("int64", c1), ("int64", span))
+    grid = (math.ceil(n / program.block), splits)
+    results = _results(program, n, final)
+    if splits == 1:
+        kernel = "kred_final" if final else "kred_state"
+        names = tuple(("buffer", b.name) for b in results)
+        return [Launch(kernel, grid, program.block, program.shared_bytes, head + inputs + names)], results
+    parts = [Buffer(f"part{s}", (splits, n, slot.width), NUMPY_STATE[slot.ctype])
+             for s, slot in enumerate(program.slots)]
+    first = Launch("kred_state", grid, program.block, program.shared_bytes,
+                   head + inputs + tuple(("buffer", b.name) for b in parts))
+    merge = Launch("kred_merge_final" if final else "kred_merge_state", (math.ceil(n / MERGE_BLOCK), 1),
+                   MERGE_BLOCK, 0, (("int64", n), ("int32", splits)) + tuple(("buffer", b.name) for b in parts)
+                   + tuple(("buffer", b.name) for b in results))
+    return [first, merge], results + parts
+
+
+def _results(program: Program, n: int, final: bool) -> list[Buffer]:
+    if final:
+        return [Buffer(f"out{o}", (n, width), "store" if kind == "value" else "index")
+                for o, (kind, width) in enumerate(program.outputs)]
+    return [Buffer(f"state{s}", (n, slot.width), NUMPY_STATE[slot.ctype]) for s, slot in enumerate(program.slots)]
+
+
+def execute(program: Program, plan: Plan, inputs: dict, rows: tuple[int, int], cols: tuple[int, int], sm_count: int,
+            final: bool, allocate, launch, splits: int | None = None) -> list:
+    """Run the schedule with a device's `allocate(shape, dtype)` and `launch(Launch, buffers)`: the CUDA runtime
+    passes CuPy's, the CI emulation its own. Returns the result buffers (outputs, or state slots)."""
+    launches, buffers = schedule(program, plan, rows, cols, sm_count, final, splits)
+    arrays = dict(inputs)
+    for buffer in buffers:
+        arrays[buffer.name] = allocate(buffer.shape, program.dtype_of(buffer.kind))
+    for step in launches:
+        launch(step, arrays)
+    count = len(program.outputs) if final else len(program.slots)
+    return [arrays[buffer.name] for buffer in buffers[:count]]

@@ -1,0 +1,111 @@
+"""Run the CUDA backend's generated kernels on the CPU, so CI checks what they compute without a GPU.
+
+The generated module is compiled as C++20 by the system compiler with a small header that stands in for the CUDA
+execution model: each block runs as `blockDim.x` OS threads sharing one buffer (the block's shared memory) and one
+`std::barrier` (`__syncthreads`); blocks run one after another. A wrapper per kernel unpacks the launch arguments.
+The launch schedule is the backend's own (`engine.codegen.cuda.execute`), so tiling, the 2D split and its merge
+kernel, block sums, chunked large dimensions and float16 conversions all run as they do on a GPU — only the NVIDIA
+math library (expf, ...) is replaced by the C library's.
+
+This is a test tool: it is slow (one OS thread per CUDA thread), so tests keep sizes small.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+
+import numpy as np
+
+from engine.backends import cache
+from engine.codegen import cuda as template
+
+HEADER = r"""
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+#define KRED_EMULATION 1
+struct kred_dim3 { unsigned x, y, z; };
+static thread_local kred_dim3 threadIdx, blockIdx;
+static kred_dim3 blockDim;
+static thread_local unsigned char* kred_emulated_shared;
+static std::barrier<>* kred_barrier;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __syncthreads() kred_barrier->arrive_and_wait()
+#define KRED_SHARED_MEMORY(name) unsigned char* const name = kred_emulated_shared
+template <class T> static inline T __ldg(const T* p) { return *p; }
+static inline float __int_as_float(int x) { float f; memcpy(&f, &x, 4); return f; }
+static inline double __longlong_as_double(long long x) { double d; memcpy(&d, &x, 8); return d; }
+
+/* Run `body(thread)` for every thread of every block, block after block. */
+template <class F> static void kred_launch(unsigned gx, unsigned gy, unsigned block, size_t shared, F body) {
+    std::vector<double> memory(shared / sizeof(double) + 2);
+    blockDim = {block, 1, 1};
+    for (unsigned by = 0; by < gy; by++)
+        for (unsigned bx = 0; bx < gx; bx++) {
+            std::barrier<> barrier(block);
+            kred_barrier = &barrier;
+            std::vector<std::thread> threads;
+            for (unsigned t = 0; t < block; t++)
+                threads.emplace_back([&, t] {
+                    threadIdx = {t, 0, 0};
+                    blockIdx = {bx, by, 0};
+                    kred_emulated_shared = (unsigned char*)memory.data();
+                    body();
+                });
+            for (auto& thread : threads) thread.join();
+        }
+}
+"""
+
+FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-x", "c++", "-w")
+
+
+def _wrapper(name: str, params: list[str]) -> str:
+    """`emulate_<name>(gx, gy, block, shared, args)`: args[k] is a pointer to scalar k, or buffer k's address."""
+    unpacked = []
+    for k, param in enumerate(params):
+        declared = re.sub(r"\b(\w+)$", "", param).strip()           # the type: drop the parameter's name
+        if "*" in declared:
+            unpacked.append(f"({declared.replace('__restrict__', '')})args[{k}]")
+        else:
+            unpacked.append(f"*({declared.replace('const ', '')}*)args[{k}]")
+    call = f"{name}({', '.join(unpacked)})"
+    return (f'extern "C" void emulate_{name}(unsigned gx, unsigned gy, unsigned block, size_t shared, void** args)'
+            f" {{ kred_launch(gx, gy, block, shared, [&] {{ {call}; }}); }}\n")
+
+
+def load(program: template.Program) -> ctypes.CDLL:
+    """The emulated module (built once per source through the kernel cache)."""
+    source = HEADER + program.source + "\n" + "".join(_wrapper(n, p) for n, p in program.signatures.items())
+    return cache.load(source.replace("__restrict__", "__restrict"), FLAGS, ("-lstdc++",))
+
+
+def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int | None = None, acc=None):
+    """What the CUDA backend computes for `plan` on `arrays` (as given by Plan.check_args): the finalized outputs
+    (`final`) or the state slots, as numpy arrays. `splits` forces the 2D scheme's number of column spans."""
+    dtype = arrays[0].dtype
+    program = template.build(plan, dtype, acc if acc is not None else plan.acc_dtype(dtype))
+    lib = load(program)
+    inputs = {f"arg{spec.pos}": np.ascontiguousarray(a) for spec, a in zip(plan.args, arrays)}
+
+    def launch(step: template.Launch, buffers: dict) -> None:
+        keep, pointers = [], []
+        for kind, value in step.args:
+            if kind == "buffer":
+                array = buffers[value]
+                pointers.append(array.ctypes.data if array.size else 0)
+            else:
+                scalar = (ctypes.c_longlong if kind == "int64" else ctypes.c_int)(value)
+                keep.append(scalar)
+                pointers.append(ctypes.addressof(scalar))
+        argv = (ctypes.c_void_p * len(pointers))(*pointers)
+        getattr(lib, f"emulate_{step.kernel}")(ctypes.c_uint(step.grid[0]), ctypes.c_uint(step.grid[1]),
+                                               ctypes.c_uint(step.block), ctypes.c_size_t(step.shared_bytes), argv)
+
+    return template.execute(program, plan, inputs, rows, cols, sm_count=1, final=final,
+                            allocate=lambda shape, dt: np.zeros(shape, dt), launch=launch, splits=splits)
