@@ -9,6 +9,7 @@ a cancelled run raises `Cancelled`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import CancelledError
 from typing import Callable
 
 import numpy as np
@@ -66,14 +67,18 @@ class LocalExecutor(Executor):
 
 
 class ClusterExecutor(Executor):
-    """Reductions through `engine.cluster` (Ray), embedded (`address=None`) or on an existing cluster."""
+    """Reductions through `engine.cluster` (Ray): an embedded local Ray (`address=None`), an existing cluster, or a
+    Cluster the caller already started (`cluster=`, left open on `close`)."""
     name = "cluster"
 
-    def __init__(self, address: str | None = None):
-        from engine.cluster import Cluster       # Ray is imported only when this executor is chosen
+    def __init__(self, address: str | None = None, cluster=None, **options):
+        if cluster is None:
+            from engine.cluster import Cluster   # Ray is imported only when this executor is chosen
 
-        self.cluster = Cluster(address=address)
-        self.cluster.__enter__()
+            cluster, self._owned = Cluster(address, **options), True
+        else:
+            self._owned = False
+        self.cluster = cluster
 
     def run(self, plan, arrays, progress=None, cancelled=None):
         job = self.cluster.submit_plan(plan, arrays)
@@ -82,13 +87,16 @@ class ClusterExecutor(Executor):
                 job.cancel()
                 raise Cancelled()
             try:
-                return job.result(timeout=0.2)
+                return job.result(timeout=0.1)
             except TimeoutError:
                 if progress is not None:
-                    progress(job.progress())
+                    progress(job.progress().fraction)
+            except CancelledError:
+                raise Cancelled() from None
 
     def close(self) -> None:
-        self.cluster.__exit__(None, None, None)
+        if self._owned:
+            self.cluster.close()
 
 
 def make_executor(kind: str, backend: str = "auto", ray_address: str | None = None) -> Executor:

@@ -14,8 +14,9 @@ import numpy as np
 
 from engine.errors import ArgumentError
 from engine.plan import Plan, make_plan
+from engine.reductions.gradients import gradient
 
-from . import limits
+from . import gradients, limits
 from .errors import ApiError
 from .schemas import ReductionSpec
 from .settings import Settings
@@ -51,7 +52,7 @@ class Planner:
     @staticmethod
     def key(spec: ReductionSpec) -> tuple:
         return (spec.formula, tuple(spec.aliases), spec.reduction_op, spec.axis, spec.opt_arg, spec.formula2,
-                spec.dtype_acc)
+                spec.dtype_acc, spec.grad.wrt if spec.grad is not None else None)
 
     async def plan(self, spec: ReductionSpec) -> Plan:
         """The plan of `spec`, from the cache or built in a thread within `compile_timeout_s`."""
@@ -82,6 +83,11 @@ class Planner:
         plan = make_plan(spec.formula, spec.aliases, spec.reduction_op, spec.axis, spec.opt_arg, spec.formula2,
                          spec.dtype_acc)
         limits.check_plan(plan, self.settings)
+        if spec.grad is not None:        # differentiate now, within the compile-time budget (rules are cached)
+            rule = gradient(plan, argument_index(plan, spec.grad.wrt))
+            for derived in (getattr(rule, "plan", None), getattr(rule, "logsumexp", None)):
+                if derived is not None:
+                    limits.check_plan(derived, self.settings)
         return plan
 
     def bind(self, plan: Plan, spec: ReductionSpec, arrays: list[np.ndarray], pair_limit: float,
@@ -97,8 +103,19 @@ class Planner:
         return Work(plan, checked, rows, cols, names, lambda run: as_list(run(plan, checked)))
 
     def _gradient(self, plan, spec, arrays, pair_limit, limit_name) -> Work:
-        raise ApiError(501, "not_implemented", "gradient requests need engine.reductions.gradients, which this "
-                                               "engine does not have yet")
+        if len(arrays) != plan.nargs + 1:
+            raise ArgumentError(f"a grad request sends the reduction's {plan.nargs} arrays and then the cotangent; "
+                                f"got {len(arrays)} arrays")
+        *args, cotangent = arrays
+        checked, dtype, rows, cols = plan.check_args(args)
+        limits.check_pairs(rows, cols, pair_limit, limit_name)
+        pos = argument_index(plan, spec.grad.wrt)
+        cotangent = gradients.check_cotangent(plan, cotangent, rows, dtype)
+        if self.settings.reject_nonfinite:
+            limits.check_finite([a.name for a in plan.args] + ["the cotangent"], checked + [cotangent])
+        name = f"grad_{plan.args[pos].name}"
+        return Work(plan, checked, rows, cols, [name],
+                    lambda run: [gradients.vjp(plan, pos, checked, cotangent, run)])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

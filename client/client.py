@@ -1,0 +1,515 @@
+"""`Client` and `AsyncClient`: kred reductions on a server, numpy (or torch) in, numpy (or torch) out.
+
+    c = Client("http://127.0.0.1:8000", token=...)        # transport="auto": shared memory on the same host
+    a = c.reduce("Exp(-SqDist(x,y))*b", ["x=Vi(3)", "y=Vj(3)", "b=Vj(1)"], x, y, b, axis=1)
+    op = c.Genred(formula, aliases, reduction_op="Sum", axis=1); a = op(x, y, b)
+    job = c.submit(formula, aliases, x, y, b, axis=1); a = job.result(progress=True)
+
+Each operation is written once, as a generator that yields the HTTP calls it needs and receives their responses
+(`_Flows`); `Client` drives it with a blocking httpx client and `AsyncClient` with an async one. httpx transports are
+injectable, so tests run the client against the app in-process (httpx.ASGITransport) as well as over a socket.
+
+Retries: calls that are safe to repeat (reads, reductions, validation) are retried on connection errors with
+backoff; submitting a job is retried only when the connection was never made.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generator
+
+import httpx
+import numpy as np
+
+from service import arrow
+from service.shm import Segment, SegmentPool, aligned, pack, packed_size
+
+from .errors import RemoteError, raise_for
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+FINISHED = ("done", "failed", "cancelled")
+Flow = Generator["Call", httpx.Response, Any]
+
+
+class JobFailed(RemoteError):
+    """The job ended `failed` (detail: the server's message) or `cancelled`."""
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    content: Any = None
+    json: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] | None = None
+    idempotent: bool = True
+    check: bool = True              # raise on an error status (else the flow reads the response itself)
+
+
+# Arrays in and out -------------------------------------------------------------------------------------
+
+def _is_torch(value) -> bool:
+    return type(value).__module__.split(".")[0] == "torch"
+
+
+def to_numpy(args) -> tuple[list[np.ndarray], Any]:
+    """numpy arrays of `args`, and the first torch tensor among them (results then come back as tensors)."""
+    arrays, like = [], None
+    for value in args:
+        if _is_torch(value):
+            like = value if like is None else like
+            value = value.detach().cpu().numpy()
+        arrays.append(np.asarray(value))
+    return arrays, like
+
+
+def from_numpy(outputs: list[np.ndarray], like):
+    if like is not None:
+        import torch
+        outputs = [torch.from_numpy(o).to(like.device) for o in outputs]
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc):
+    from engine.plan import make_plan
+    return make_plan(formula, list(aliases), reduction_op, axis, opt_arg, formula2, dtype_acc)
+
+
+def _result_bytes(spec: dict, arrays: list[np.ndarray]) -> int:
+    """Room for the outputs in a shared-memory call (the server replies with Arrow if the estimate falls short)."""
+    try:
+        from engine.plan import ROWS
+        plan = _plan(spec["formula"], tuple(spec["aliases"]), spec["reduction_op"], spec["axis"], spec["opt_arg"],
+                     spec["formula2"], spec["dtype_acc"])
+        if spec.get("grad") is not None:
+            wrt = spec["grad"]["wrt"]
+            return max(aligned(arrays[a.pos].nbytes) for a in plan.args if wrt in (a.pos, a.name))
+        rows = next((arrays[a.pos].shape[0] for a in plan.args if a.role == ROWS), 1)
+        itemsize = {"value": arrays[0].dtype.itemsize if arrays else 8, "index": 8}
+        return sum(aligned(rows * width * itemsize[kind]) for kind, width in plan.reduction.outputs)
+    except Exception:
+        return 0
+
+
+def _spec(formula, aliases, reduction_op="Sum", axis=0, opt_arg=None, formula2=None, dtype_acc="auto",
+          grad=None) -> dict:
+    if isinstance(aliases, str):
+        aliases = [aliases]
+    return {"formula": formula, "aliases": list(aliases), "reduction_op": reduction_op, "axis": axis,
+            "opt_arg": opt_arg, "formula2": formula2, "dtype_acc": dtype_acc,
+            "grad": None if grad is None else {"wrt": grad}}
+
+
+def _decode(response: httpx.Response) -> tuple[dict, list[np.ndarray]]:
+    meta, arrays = arrow.decode(response.content)
+    return meta, [np.array(a) for a in arrays]          # writable copies, independent of the response body
+
+
+# The operations, written once ---------------------------------------------------------------------------
+
+class _Flows:
+    def __init__(self, url: str, token: str | None, transport: str):
+        if transport not in ("auto", "arrow", "shm"):
+            raise ValueError(f"transport must be 'auto', 'arrow' or 'shm', not {transport!r}")
+        self.url, self.transport = url.rstrip("/"), transport
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._shared: bool | None = None if transport != "arrow" else False
+        self._pool = SegmentPool()
+
+    def shared_memory(self) -> Flow:
+        """Whether this client and the server see the same shared memory (asked once, with a probe segment)."""
+        if self._shared is None:
+            nonce = secrets.token_bytes(64)
+            probe = Segment.create(len(nonce))
+            try:
+                probe.buf[:len(nonce)] = nonce
+                response = yield Call("POST", "/v1/shm/probe", json={"segment": probe.name, "size": len(nonce)},
+                                      check=False)
+            finally:
+                probe.close()
+            ok = response.status_code == 200 and response.json().get("sha256") == hashlib.sha256(nonce).hexdigest()
+            if not ok and self.transport == "shm":
+                raise RemoteError(response.status_code, "shared_memory",
+                                  "transport='shm' but the server cannot read this client's shared memory")
+            self._shared = ok
+        return self._shared
+
+    def send_arrays(self, path: str, spec: dict, arrays: list[np.ndarray], idempotent: bool) -> Flow:
+        """POST a request with its arrays; returns (meta, outputs)."""
+        if (yield from self.shared_memory()):
+            room = _result_bytes(spec, arrays)
+            segment = self._pool.acquire(packed_size(arrays) + room)
+            try:
+                refs, end = pack(segment, arrays)
+                body = dict(spec, arrays=refs, out={"segment": segment.name, "offset": end,
+                                                    "size": segment.size - end})
+                response = yield Call("POST", path, json=body, idempotent=idempotent)
+                if response.headers.get("content-type", "").startswith(arrow.CONTENT_TYPE):
+                    return _decode(response)
+                reply = response.json()
+                if "outputs" not in reply:               # a job: the server copied the inputs, nothing to read
+                    return reply, []
+                outputs = [segment.array(r["offset"], r["dtype"], r["shape"]).copy() for r in reply["outputs"]]
+                return reply, outputs
+            finally:
+                self._pool.release(segment)
+        body = arrow.encode(spec, arrays)
+        response = yield Call("POST", path, content=memoryview(body),
+                              headers={"Content-Type": arrow.CONTENT_TYPE}, idempotent=idempotent)
+        if response.headers.get("content-type", "").startswith(arrow.CONTENT_TYPE):
+            return _decode(response)
+        return response.json(), []
+
+    def reduce(self, spec: dict, args) -> Flow:
+        arrays, like = to_numpy(args)
+        _, outputs = yield from self.send_arrays("/v1/reduce", spec, arrays, idempotent=True)
+        return from_numpy(outputs, like)
+
+    def submit(self, spec: dict, args) -> Flow:
+        arrays, like = to_numpy(args)
+        info, _ = yield from self.send_arrays("/v1/jobs", spec, arrays, idempotent=False)
+        return info, like
+
+    def job_result(self, job_id: str, like) -> Flow:
+        response = yield Call("GET", f"/v1/jobs/{job_id}/result")
+        return from_numpy(_decode(response)[1], like)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _send_kwargs(call: Call, headers: dict, asynchronous: bool = False) -> dict:
+    kwargs = {"headers": headers | call.headers, "params": call.params}
+    if call.json is not None:
+        kwargs["json"] = call.json
+    elif isinstance(call.content, memoryview):
+        # Handed to httpx as a one-chunk stream, so the (possibly 100 MB) body is not copied into a bytes object.
+        kwargs["content"] = _one_chunk(call.content) if asynchronous else [call.content]
+        kwargs["headers"] = kwargs["headers"] | {"Content-Length": str(call.content.nbytes)}
+    elif call.content is not None:
+        kwargs["content"] = call.content
+    return kwargs
+
+
+async def _one_chunk(chunk):
+    yield chunk
+
+
+def _retryable(error: Exception, call: Call) -> bool:
+    if isinstance(error, httpx.ConnectError):                  # nothing reached the server
+        return True
+    if isinstance(error, httpx.TimeoutException):               # the server may still be computing
+        return False
+    return call.idempotent and isinstance(error, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError))
+
+
+# Blocking client ----------------------------------------------------------------------------------------
+
+class Client:
+    """A kred server. `token` defaults to $KRED_TOKEN; `http_transport` is any httpx transport (tests pass the app's
+    ASGI transport); `transport` chooses how arrays travel: "auto" (shared memory when the server can read this
+    client's memory, else Arrow), "arrow" or "shm"."""
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, *, transport: str = "auto",
+                 timeout: float = 300.0, retries: int = 3, http_transport: httpx.BaseTransport | None = None):
+        token = token if token is not None else os.environ.get("KRED_TOKEN")
+        self._flows = _Flows(url, token, transport)
+        self.retries = retries
+        self.http = httpx.Client(base_url=self._flows.url, transport=http_transport,
+                                 timeout=httpx.Timeout(timeout, connect=10.0))
+
+    # Driving flows --------------------------------------------------------------------------------------
+    def _send(self, call: Call) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(call.method, call.path, **_send_kwargs(call, self._flows.headers))
+                break
+            except httpx.TransportError as e:
+                if attempt == self.retries or not _retryable(e, call):
+                    raise
+                time.sleep(0.1 * 2 ** attempt)
+        if call.check:
+            raise_for(response)
+        return response
+
+    def _drive(self, flow: Flow):
+        try:
+            call = next(flow)
+            while True:
+                call = flow.send(self._send(call))
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            flow.close()
+
+    def _get(self, path: str, **params) -> Any:
+        return self._send(Call("GET", path, params=params or None)).json()
+
+    # Reductions -----------------------------------------------------------------------------------------
+    def reduce(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
+               formula2: str | None = None, dtype_acc: str = "auto"):
+        """`reduction_op` over `axis` of `formula` on the server (pykeops Genred semantics)."""
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        return self._drive(self._flows.reduce(spec, args))
+
+    def grad(self, formula: str, aliases, *args, wrt, cotangent, reduction_op: str = "Sum", axis: int = 0,
+             opt_arg=None, formula2: str | None = None, dtype_acc: str = "auto"):
+        """sum_r <cotangent_r, d result_r / d arg[wrt]> (a vector-Jacobian product), shaped like that argument."""
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, grad=wrt)
+        return self._drive(self._flows.reduce(spec, [*args, cotangent]))
+
+    def Genred(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, *, opt_arg=None,
+               formula2: str | None = None, dtype_acc: str = "auto") -> "RemoteGenred":
+        """A remote Genred: `op = c.Genred(...); op(x, y, b)`."""
+        return RemoteGenred(self, formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+
+    def validate(self, formula: str, aliases=(), reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
+                 formula2: str | None = None, dtype_acc: str = "auto") -> dict:
+        """The normalised formula, arguments and outputs; raises FormulaError (with the column) when wrong."""
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        return self._send(Call("POST", "/v1/formulas/validate", json=spec)).json()
+
+    # Jobs -----------------------------------------------------------------------------------------------
+    def submit(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
+               formula2: str | None = None, dtype_acc: str = "auto") -> "Job":
+        """Queue a reduction as a job on the server; returns at once."""
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        info, like = self._drive(self._flows.submit(spec, args))
+        return Job(self, info, like)
+
+    def job(self, job_id: str) -> "Job":
+        return Job(self, self._get(f"/v1/jobs/{job_id}"), None)
+
+    def jobs(self, limit: int = 100, state: str | None = None) -> list[dict]:
+        return self._get("/v1/jobs", limit=limit, **({"state": state} if state else {}))
+
+    # The server -----------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        return self._get("/healthz")
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether arrays go through shared memory (asks the server the first time)."""
+        return self._drive(self._flows.shared_memory())
+
+    def close(self) -> None:
+        self.http.close()
+        self._flows.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RemoteGenred:
+    """`Client.Genred`: a reduction bound to a server, called like `engine.numpy.Genred`."""
+
+    def __init__(self, client, formula, aliases, reduction_op="Sum", axis=0, opt_arg=None, formula2=None,
+                 dtype_acc="auto"):
+        self.client = client
+        self.options = dict(reduction_op=reduction_op, axis=axis, opt_arg=opt_arg, formula2=formula2,
+                            dtype_acc=dtype_acc)
+        self.formula, self.aliases = formula, list(aliases)
+
+    def __call__(self, *args):
+        return self.client.reduce(self.formula, self.aliases, *args, **self.options)
+
+    def grad(self, *args, wrt, cotangent):
+        return self.client.grad(self.formula, self.aliases, *args, wrt=wrt, cotangent=cotangent, **self.options)
+
+    def submit(self, *args):
+        return self.client.submit(self.formula, self.aliases, *args, **self.options)
+
+
+class Job:
+    """A job on the server: `status()`, `progress`, `wait()`, `result(progress=True)`, `cancel()`."""
+
+    def __init__(self, client: Client, info: dict, like=None):
+        self.client, self.info, self._like = client, info, like
+        self.id: str = info["id"]
+
+    def status(self) -> dict:
+        self.info = self.client._get(f"/v1/jobs/{self.id}")
+        return self.info
+
+    @property
+    def state(self) -> str:
+        return self.status()["state"]
+
+    @property
+    def progress(self) -> float:
+        return self.status()["progress"]
+
+    def wait(self, timeout: float | None = None, progress: bool = False, poll: float = 0.1) -> dict:
+        """Poll until the job finishes (a tqdm bar with `progress`); TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = _bar(self.id) if progress else None
+        try:
+            while True:
+                info = self.status()
+                if bar is not None:
+                    bar.update(round(100 * info["progress"]) - bar.n)
+                if info["state"] in FINISHED:
+                    return info
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id} is still {info['state']} after {timeout} s")
+                time.sleep(poll)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def result(self, timeout: float | None = None, progress: bool = False):
+        """The outputs once done; raises JobFailed if the job failed or was cancelled."""
+        _check_done(self.wait(timeout, progress))
+        return self.client._drive(self.client._flows.job_result(self.id, self._like))
+
+    def cancel(self, wait: bool = True, timeout: float = 30.0) -> dict:
+        """Cancel; with `wait`, until the job has really stopped."""
+        self.info = self.client._send(Call("DELETE", f"/v1/jobs/{self.id}")).json()
+        return self.wait(timeout) if wait else self.info
+
+
+def _check_done(info: dict) -> None:
+    if info["state"] != "done":
+        detail = info.get("error") or f"job {info['id']} was {info['state']}"
+        raise JobFailed(200, info["state"], detail)
+
+
+def _bar(job_id: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=100, desc=f"kred job {job_id[:8]}", unit="%")
+
+
+# Async client --------------------------------------------------------------------------------------------
+
+class AsyncClient:
+    """The async twin of `Client` (same arguments; every call is awaited)."""
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, *, transport: str = "auto",
+                 timeout: float = 300.0, retries: int = 3, http_transport: httpx.AsyncBaseTransport | None = None):
+        token = token if token is not None else os.environ.get("KRED_TOKEN")
+        self._flows = _Flows(url, token, transport)
+        self.retries = retries
+        self.http = httpx.AsyncClient(base_url=self._flows.url, transport=http_transport,
+                                      timeout=httpx.Timeout(timeout, connect=10.0))
+
+    async def _send(self, call: Call) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self.http.request(call.method, call.path,
+                                                   **_send_kwargs(call, self._flows.headers, True))
+                break
+            except httpx.TransportError as e:
+                if attempt == self.retries or not _retryable(e, call):
+                    raise
+                await asyncio.sleep(0.1 * 2 ** attempt)
+        if call.check:
+            raise_for(response)
+        return response
+
+    async def _drive(self, flow: Flow):
+        try:
+            call = next(flow)
+            while True:
+                call = flow.send(await self._send(call))
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            flow.close()
+
+    async def _get(self, path: str, **params) -> Any:
+        return (await self._send(Call("GET", path, params=params or None))).json()
+
+    async def reduce(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
+                     formula2: str | None = None, dtype_acc: str = "auto"):
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        return await self._drive(self._flows.reduce(spec, args))
+
+    async def grad(self, formula: str, aliases, *args, wrt, cotangent, reduction_op: str = "Sum", axis: int = 0,
+                   opt_arg=None, formula2: str | None = None, dtype_acc: str = "auto"):
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, grad=wrt)
+        return await self._drive(self._flows.reduce(spec, [*args, cotangent]))
+
+    def Genred(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, *, opt_arg=None,
+               formula2: str | None = None, dtype_acc: str = "auto") -> RemoteGenred:
+        """A remote Genred whose calls return awaitables."""
+        return RemoteGenred(self, formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+
+    async def validate(self, formula: str, aliases=(), reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
+                       formula2: str | None = None, dtype_acc: str = "auto") -> dict:
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        return (await self._send(Call("POST", "/v1/formulas/validate", json=spec))).json()
+
+    async def submit(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
+                     formula2: str | None = None, dtype_acc: str = "auto") -> "AsyncJob":
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        info, like = await self._drive(self._flows.submit(spec, args))
+        return AsyncJob(self, info, like)
+
+    async def job(self, job_id: str) -> "AsyncJob":
+        return AsyncJob(self, await self._get(f"/v1/jobs/{job_id}"), None)
+
+    async def jobs(self, limit: int = 100, state: str | None = None) -> list[dict]:
+        return await self._get("/v1/jobs", limit=limit, **({"state": state} if state else {}))
+
+    async def health(self) -> dict:
+        return await self._get("/healthz")
+
+    async def shared_memory(self) -> bool:
+        return await self._drive(self._flows.shared_memory())
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        self._flows.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+
+class AsyncJob:
+    """The async twin of `Job`."""
+
+    def __init__(self, client: AsyncClient, info: dict, like=None):
+        self.client, self.info, self._like = client, info, like
+        self.id: str = info["id"]
+
+    async def status(self) -> dict:
+        self.info = await self.client._get(f"/v1/jobs/{self.id}")
+        return self.info
+
+    async def wait(self, timeout: float | None = None, progress: bool = False, poll: float = 0.1) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = _bar(self.id) if progress else None
+        try:
+            while True:
+                info = await self.status()
+                if bar is not None:
+                    bar.update(round(100 * info["progress"]) - bar.n)
+                if info["state"] in FINISHED:
+                    return info
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id} is still {info['state']} after {timeout} s")
+                await asyncio.sleep(poll)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    async def result(self, timeout: float | None = None, progress: bool = False):
+        _check_done(await self.wait(timeout, progress))
+        return await self.client._drive(self.client._flows.job_result(self.id, self._like))
+
+    async def cancel(self, wait: bool = True, timeout: float = 30.0) -> dict:
+        self.info = (await self.client._send(Call("DELETE", f"/v1/jobs/{self.id}"))).json()
+        return await self.wait(timeout) if wait else self.info
