@@ -56,14 +56,17 @@ class Plan:
             return np.dtype(np.float64)
         return max(np.dtype(self.dtype_acc), np.dtype(dtype), key=lambda d: d.itemsize)
 
-    def check_args(self, args) -> tuple[list[np.ndarray], np.dtype, int, int]:
-        """Validate arrays against the aliases: returns (arrays, dtype, rows N, columns M)."""
+    def check_args(self, args, xp=np, dtypes=DTYPES) -> tuple[list[np.ndarray], np.dtype, int, int]:
+        """Validate arrays against the aliases: returns (arrays, dtype, rows N, columns M).
+
+        `xp` is the array module of the backend (CuPy keeps GPU-resident inputs on the GPU) and `dtypes` the input
+        dtypes it computes in."""
         if len(args) != self.nargs:
             names = ", ".join(a.name for a in self.args)
             raise ArgumentError(f"expected {self.nargs} arrays ({names}), got {len(args)}")
         arrays, dtype = [], None
         for spec, value in zip(self.args, args):
-            array = _as_array(spec, value)
+            array = _as_array(spec, value, xp, dtypes)
             if dtype is None:
                 dtype, first = array.dtype, spec
             elif array.dtype != dtype:
@@ -89,25 +92,28 @@ class Plan:
         return arrays, dtype if dtype is not None else np.dtype(np.float32), n, m
 
 
-def _as_array(spec: ArgSpec, value) -> np.ndarray:
-    if hasattr(value, "detach") and hasattr(value, "cpu"):       # a torch tensor reaching the numpy path
-        value = value.detach().cpu().numpy()
+def _as_array(spec: ArgSpec, value, xp=np, dtypes=DTYPES) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "cpu"):       # a torch tensor: a CUDA one stays put for CuPy
+        value = value.detach()
+        if xp is np or not value.is_cuda:
+            value = value.cpu().numpy()
     try:
-        array = np.asarray(value)
+        array = xp.asarray(value)
     except Exception as e:
         raise ArgumentError(f"{spec.describe()}: cannot be read as an array ({e})") from None
-    if array.dtype not in DTYPES:
-        raise ArgumentError(f"{spec.describe()}: dtype {array.dtype} is not supported; use float32 or float64")
+    if array.dtype not in dtypes:
+        names = " or ".join(np.dtype(d).name for d in dtypes)
+        raise ArgumentError(f"{spec.describe()}: dtype {array.dtype} is not supported; use {names}")
     if spec.role == PARAM:
         if array.size != spec.dim or array.ndim > 2 or (array.ndim == 2 and array.shape[0] != 1):
             raise ArgumentError(f"{spec.describe()}: expected shape ({spec.dim},), got {array.shape}")
-        return np.ascontiguousarray(array.reshape(spec.dim))
+        return xp.ascontiguousarray(array.reshape(spec.dim))
     if array.ndim == 1 and spec.dim == 1:
         array = array[:, None]
     if array.ndim != 2 or array.shape[1] != spec.dim:
         letter = "NM"[spec.cat]
         raise ArgumentError(f"{spec.describe()}: expected shape ({letter}, {spec.dim}), got {array.shape}")
-    return np.ascontiguousarray(array)
+    return xp.ascontiguousarray(array)
 
 
 # Building plans ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import get_backend
+from .backends.cuda import on_gpu
 from .batch import batch_items, batch_shape, stack_items
 from .errors import ArgumentError
 from .plan import Plan
@@ -33,17 +34,26 @@ def run(plan: Plan, args, backend: str = "auto", out=None, ranges=None, device_i
         results = [run(plan, item, backend, device_id=device_id, cluster=cluster)
                    for item in batch_items(plan, args, batch)]
         return _into(out, stack_items(batch, results))
-    arrays, dtype, n, m = plan.check_args(args)
     if cluster is not None or backend_name(backend) == "cluster":
+        arrays, dtype, n, m = plan.check_args(args)
         if ranges is not None:
             raise ArgumentError("ranges (block-sparse reductions) are not supported with backend='cluster'")
         return _into(out, _cluster(cluster).run_plan(plan, arrays))
-    engine = get_backend(backend_name(backend))
+    engine = get_backend(_resolve(backend, args)).bind(args, device_id)
+    arrays, dtype, n, m = plan.check_args(args, xp=engine.xp, dtypes=engine.dtypes)
     if ranges is not None:
         result = reduce_blocks(engine, plan, arrays, n, m, ranges)
     else:
         result = engine.reduce(plan, arrays, n, m)
     return _into(out, result)
+
+
+def _resolve(backend: str, args) -> str:
+    """The backend's name; "auto" with arrays already on a GPU means cuda (they stay there)."""
+    name = backend_name(backend)
+    if name == "auto" and any(on_gpu(a) for a in args):
+        return "cuda"
+    return name
 
 
 def _cluster(cluster):

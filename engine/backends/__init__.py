@@ -18,6 +18,9 @@ def _instance(name: str) -> Backend:
     if name == "cpu":
         from .cpu import CpuBackend     # raises BackendError when no working C compiler is found
         return CpuBackend()
+    if name == "cuda":
+        from .cuda import create        # raises BackendError without CuPy or a visible GPU; CUDA stays uninitialised
+        return create()
     raise BackendError(f"backend {name!r} is not available in this installation")
 
 
@@ -31,7 +34,14 @@ def get_backend(name: str = "auto") -> Backend:
 
 @functools.cache
 def auto_choice() -> str:
-    """The best backend present, decided once per process."""
+    """The best backend present, decided once per process: cuda when a GPU is visible, else cpu, else reference."""
+    from .cuda import gpu_count         # asks NVML: does not initialise CUDA (safe before fork)
+    if gpu_count() > 0:
+        try:
+            _instance("cuda")
+            return "cuda"
+        except BackendError as e:
+            warnings.warn(f"a GPU is visible but the CUDA backend cannot run: {e}", RuntimeWarning, stacklevel=3)
     try:
         _instance("cpu")
         return "cpu"

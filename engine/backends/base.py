@@ -5,7 +5,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ..plan import Plan
+from ..plan import DTYPES, Plan
 
 
 class Backend(ABC):
@@ -16,9 +16,15 @@ class Backend(ABC):
     """
 
     name: str
+    xp = np                 # the array module `Plan.check_args` gives this backend (CuPy for GPU-resident inputs)
+    dtypes = DTYPES         # the input dtypes it computes in
 
     def available(self) -> bool:
         return True
+
+    def bind(self, args, device_id: int = -1) -> "Backend":
+        """The instance that runs one call on `args` (the CUDA backend picks its device and stream here)."""
+        return self
 
     @abstractmethod
     def partial(self, plan: Plan, arrays: list[np.ndarray], rows: tuple[int, int], cols: tuple[int, int]) -> tuple:
