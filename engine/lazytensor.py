@@ -25,7 +25,7 @@ from .errors import ArgumentError, DimensionError
 from .formula import I, J, P, Node, make, to_text, var
 from .formula.autodiff import derivative_op
 from .formula.ops import MAX_INT_PARAM
-from .plan import swap_ij
+from .plan import Plan, plan_from_nodes, swap_ij
 from .ranges import swap_axes
 
 CATEGORY = {0: I, 1: J, 2: P}
@@ -83,9 +83,8 @@ class LazyTensorBase:
         raise NotImplementedError
 
     @classmethod
-    def _reduce(cls, formula: Node, formula2: Node | None, reduction_op: str, axis: int, opt_arg, args: list,
-                dtype_acc: str, call: dict):
-        """Run one reduction: the formula's `Var(k, ...)` stands for `args[k]`."""
+    def _reduce(cls, plan: Plan, args: list, call: dict):
+        """Run `plan` on `args` with the call options (backend, device_id, ranges, out)."""
         raise NotImplementedError
 
     @staticmethod
@@ -748,20 +747,16 @@ def _renumber(node: Node, mapping: dict[int, int]) -> Node:
 
 
 def _numbered(node: Node, node2: Node | None, variables, keep=()):
-    """Number the variables a reduction uses: symbolic ones at their own index, arrays after them.
+    """Number the variables of a reduction: symbolic ones at their own index, arrays after them.
 
-    Returns (node, node2 or the renumbered `keep` nodes, the Variable at each final position).
-    Variables that simplification removed from the formula are dropped.
+    Returns (node, node2 or the positions of the `keep` nodes, the Variable at each final position). Variables
+    that simplification removed from the formula stay arguments: they still set the numbers of i and j points.
     """
-    used = {n.params[0] for root in (node, node2, *keep) if root is not None for n in root.postorder()
-            if n.op == "Var"}
     symbols = [v.symbol for v in variables if v.symbol is not None]
     first = max(symbols) + 1 if symbols else 0
     order: list[Variable | None] = [None] * first
     mapping = {}
     for pos, v in enumerate(variables):
-        if pos not in used:
-            continue
         if v.symbol is not None:
             mapping[pos] = v.symbol
             order[v.symbol] = v
@@ -813,6 +808,7 @@ class LazyReduction:
         if lazy.backend is not None:
             self.call_options.setdefault("backend", lazy.backend)
         self.arguments = _arguments(self.order, lazy.variables, lazy._dtype, binding)
+        self._plans: dict[str, Plan] = {}
 
     def __call__(self, *symbolic_args, **options):
         plan_options, call_options = _split_options(options)
@@ -830,9 +826,14 @@ class LazyReduction:
             dtype = self.binding._dtype_name(symbolic_args[0])
             args = [self.binding._from_list(v.value, dtype, symbolic_args[0])
                     if v is not None and isinstance(v.value, list) else a for v, a in zip(self.order, args)]
-        out = self.binding._reduce(self.formula, self.formula2, self.reduction_op, self.axis, self.opt_arg, args,
-                                   plan_options["dtype_acc"], call_options)
-        return self._shaped(out)
+        return self._shaped(self.binding._reduce(self._plan(plan_options["dtype_acc"]), args, call_options))
+
+    def _plan(self, dtype_acc: str) -> Plan:
+        if dtype_acc not in self._plans:
+            names = {f"v{k}": var(k, v.dim, v.cat) for k, v in enumerate(self.order) if v is not None}
+            self._plans[dtype_acc] = plan_from_nodes(self.formula, self.formula2, self.reduction_op, self.axis,
+                                                     self.opt_arg, dtype_acc, names, len(self.order))
+        return self._plans[dtype_acc]
 
     def _shaped(self, out):
         if isinstance(out, tuple):

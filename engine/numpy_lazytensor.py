@@ -1,12 +1,11 @@
 """The numpy binding of LazyTensor (engine.lazytensor): numpy arrays in, numpy arrays out, reductions run by
-engine.run on the plan built straight from the formula nodes (no text, no parsing)."""
+engine.run on a plan built straight from the formula nodes (no text, no parsing)."""
 from __future__ import annotations
 
 import numpy as np
 
 from .kernel_solve import KernelSolve
 from .lazytensor import LazyTensorBase, variable_helpers
-from .plan import plan_from_nodes
 from .run import run
 
 
@@ -34,8 +33,7 @@ class LazyTensor(LazyTensorBase):
         return np.asarray(values, dtype=dtype_name)
 
     @classmethod
-    def _reduce(cls, formula, formula2, reduction_op, axis, opt_arg, args, dtype_acc, call):
-        plan = plan_from_nodes(formula, formula2, reduction_op, axis, opt_arg, dtype_acc, nargs=len(args))
+    def _reduce(cls, plan, args, call):
         return run(plan, args, **call)
 
     @staticmethod

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from ..lazytensor import LazyTensorBase, variable_helpers
-from ..plan import plan_from_nodes
 from .genred import Options, reduce
 from .kernel_solve import KernelSolve
 
@@ -35,8 +34,7 @@ class LazyTensor(LazyTensorBase):
         return torch.tensor(values, dtype=getattr(torch, dtype_name), device=None if like is None else like.device)
 
     @classmethod
-    def _reduce(cls, formula, formula2, reduction_op, axis, opt_arg, args, dtype_acc, call):
-        plan = plan_from_nodes(formula, formula2, reduction_op, axis, opt_arg, dtype_acc, nargs=len(args))
+    def _reduce(cls, plan, args, call):
         options = Options(call.get("backend", "auto"), call.get("device_id", -1), call.get("ranges"))
         return reduce(plan, args, options, out=call.get("out"))
 
