@@ -1,8 +1,8 @@
 """Run the CUDA backend's generated kernels on the CPU, so CI checks what they compute without a GPU.
 
-The generated module is compiled as C++20 by the system compiler with a small header that stands in for the CUDA
-execution model: each block runs as `blockDim.x` OS threads sharing one buffer (the block's shared memory) and one
-`std::barrier` (`__syncthreads`); blocks run one after another. A wrapper per kernel unpacks the launch arguments.
+The generated module is compiled as C++ by the system compiler with a small header that stands in for the CUDA
+execution model: each block runs as `blockDim.x` POSIX threads sharing one buffer (the block's shared memory) and
+one barrier (`__syncthreads`); blocks run one after another. A wrapper per kernel unpacks the launch arguments.
 The launch schedule is the backend's own (`engine.codegen.cuda.execute`), so tiling, the 2D split and its merge
 kernel, block sums, chunked large dimensions and float16 conversions all run as they do on a GPU — only the NVIDIA
 math library (expf, ...) is replaced by the C library's.
@@ -20,49 +20,56 @@ from engine.backends import cache
 from engine.codegen import cuda as template
 
 HEADER = r"""
-#include <barrier>
-#include <cmath>
-#include <cstring>
-#include <thread>
-#include <vector>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
 #define KRED_EMULATION 1
 struct kred_dim3 { unsigned x, y, z; };
 static thread_local kred_dim3 threadIdx, blockIdx;
 static kred_dim3 blockDim;
-static thread_local unsigned char* kred_emulated_shared;
-static std::barrier<>* kred_barrier;
+static unsigned char* kred_emulated_shared;
+static pthread_barrier_t kred_barrier;
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(n)
-#define __syncthreads() kred_barrier->arrive_and_wait()
+#define __syncthreads() pthread_barrier_wait(&kred_barrier)
 #define KRED_SHARED_MEMORY(name) unsigned char* const name = kred_emulated_shared
 template <class T> static inline T __ldg(const T* p) { return *p; }
 static inline float __int_as_float(int x) { float f; memcpy(&f, &x, 4); return f; }
 static inline double __longlong_as_double(long long x) { double d; memcpy(&d, &x, 8); return d; }
 
-/* Run `body(thread)` for every thread of every block, block after block. */
+/* Run `body()` on every thread of every block, block after block (blocks share nothing but global memory). */
+template <class F> struct kred_thread { F* body; unsigned t, bx, by; };
+template <class F> static void* kred_thread_main(void* p) {
+    kred_thread<F>* a = (kred_thread<F>*)p;
+    threadIdx = {a->t, 0, 0};
+    blockIdx = {a->bx, a->by, 0};
+    (*a->body)();
+    return 0;
+}
 template <class F> static void kred_launch(unsigned gx, unsigned gy, unsigned block, size_t shared, F body) {
-    std::vector<double> memory(shared / sizeof(double) + 2);
+    double* memory = (double*)calloc(shared / sizeof(double) + 2, sizeof(double));
+    pthread_t* threads = (pthread_t*)malloc(block * sizeof(pthread_t));
+    kred_thread<F>* args = (kred_thread<F>*)malloc(block * sizeof(kred_thread<F>));
+    kred_emulated_shared = (unsigned char*)memory;
     blockDim = {block, 1, 1};
     for (unsigned by = 0; by < gy; by++)
         for (unsigned bx = 0; bx < gx; bx++) {
-            std::barrier<> barrier(block);
-            kred_barrier = &barrier;
-            std::vector<std::thread> threads;
-            for (unsigned t = 0; t < block; t++)
-                threads.emplace_back([&, t] {
-                    threadIdx = {t, 0, 0};
-                    blockIdx = {bx, by, 0};
-                    kred_emulated_shared = (unsigned char*)memory.data();
-                    body();
-                });
-            for (auto& thread : threads) thread.join();
+            pthread_barrier_init(&kred_barrier, 0, block);
+            for (unsigned t = 0; t < block; t++) {
+                args[t] = {&body, t, bx, by};
+                pthread_create(&threads[t], 0, kred_thread_main<F>, &args[t]);
+            }
+            for (unsigned t = 0; t < block; t++) pthread_join(threads[t], 0);
+            pthread_barrier_destroy(&kred_barrier);
         }
+    free(args); free(threads); free(memory);
 }
 """
 
-FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-x", "c++", "-w")
+FLAGS = ("-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", "-x", "c++", "-w")
 
 
 def _wrapper(name: str, params: list[str]) -> str:
@@ -82,7 +89,7 @@ def _wrapper(name: str, params: list[str]) -> str:
 def load(program: template.Program) -> ctypes.CDLL:
     """The emulated module (built once per source through the kernel cache)."""
     source = HEADER + program.source + "\n" + "".join(_wrapper(n, p) for n, p in program.signatures.items())
-    return cache.load(source.replace("__restrict__", "__restrict"), FLAGS, ("-lstdc++",))
+    return cache.load(source.replace("__restrict__", "__restrict"), FLAGS)
 
 
 def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int | None = None, acc=None):

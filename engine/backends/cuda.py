@@ -195,6 +195,8 @@ class CudaBackend(Backend):
 
                 def launch(step: template.Launch, buffers: dict) -> None:
                     kernel = module.get_function(step.kernel)
+                    if step.shared_bytes > template.SHARED_DEFAULT:
+                        kernel.max_dynamic_shared_size_bytes = step.shared_bytes
                     kernel(step.grid, (step.block,), tuple(_argument(a, buffers) for a in step.args),
                            shared_mem=step.shared_bytes)
 

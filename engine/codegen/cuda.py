@@ -56,7 +56,8 @@ NUMPY_STATE = {"kred_acc": "acc", "kred_real": "real", "kred_index": "index"}
 
 MAX_BLOCK = 256                 # threads per block and columns per tile
 MIN_BLOCK = 32
-SHARED_BUDGET = 48 * 1024       # bytes of shared memory per block (the limit without an opt-in)
+SHARED_BUDGET = 64 * 1024       # bytes of shared memory per block: the opt-in limit of sm_75 (sm_80+: more)
+SHARED_DEFAULT = 48 * 1024      # above this, the launcher opts in (cudaFuncAttributeMaxDynamicSharedMemorySize)
 BLOCKS_PER_SM = 4               # the 2D rule aims at this many blocks per SM
 MIN_SPAN_TILES = 4              # a split column span holds at least this many tiles
 MAX_STATE_BYTES = 256 << 20     # bound on the 2D scheme's partial states

@@ -1,0 +1,129 @@
+"""The CUDA kernels' logic, run on the CPU by tests/cuda_emulation.py: tiling, the 2D scheme and its merge kernel,
+partial states, block sums, chunked large dimensions and float16, against dense numpy written here (float64).
+
+What this cannot check is the GPU itself (NVIDIA's math library, real concurrency, the CuPy runtime): that is
+tests/test_cuda_gpu.py, which runs where a GPU is visible. Sizes stay small: every CUDA thread is a POSIX thread.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuda_emulation as emulation
+from engine.numpy import Genred
+from engine.reductions import REDUCTIONS, merge_all
+from test_reductions import assert_close, dense, genred
+
+SPLITS = [pytest.param(None, id="1D"), pytest.param(3, id="2D")]
+
+
+def rand(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def emulate(op: Genred, *args, splits=None, final=True):
+    arrays, dtype, n, m = op.plan.check_args(args)
+    results = emulation.execute(op.plan, arrays, (0, n), (0, m), final=final, splits=splits)
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
+def test_every_reduction_matches_dense(name, splits):
+    """float64, so that indices are compared exactly (no float32 near-ties against a float64 oracle)."""
+    rng = np.random.default_rng(1)
+    x, y = rand(rng, (70, 2), np.float64), rand(rng, (600, 2), np.float64)
+    assert_close(emulate(genred(name, 1), x, y, splits=splits), dense(name, x, y, 1), np.float64)
+
+
+@pytest.mark.parametrize("name", ["Sum", "LogSumExp", "SumSoftMaxWeight", "Min_ArgMin", "KMin_ArgKMin"])
+def test_partial_states_merge_with_numpy_states(name):
+    """States written by kred_state (column blocks 1 and 3) merge with the reference's (block 2) into the answer."""
+    from engine.backends import get_backend
+
+    rng = np.random.default_rng(2)
+    x, y = rand(rng, (40, 2), np.float64), rand(rng, (500, 2), np.float64)
+    op = genred(name, 1)
+    arrays, dtype, n, m = op.plan.check_args([x, y])
+    reduction = op.plan.reduction
+    like = reduction.identity(0, dtype, op.plan.acc_dtype(dtype))
+    parts = []
+    for c0, c1 in [(0, 130), (130, 300), (300, 500)]:
+        if c0 == 130:
+            parts.append(get_backend("reference").partial(op.plan, arrays, (0, n), (c0, c1)))
+            continue
+        states = emulation.execute(op.plan, arrays, (0, n), (c0, c1), final=False, splits=2)
+        parts.append(tuple(s.reshape((n,) + w.shape[1:]).astype(w.dtype) for s, w in zip(states, like)))
+    got = reduction.finalize(merge_all(reduction, parts), dtype)
+    assert_close(got, dense(name, x, y, 1), np.float64)
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+def test_gaussian_sum_float32_rows_columns_and_parameters(splits):
+    rng = np.random.default_rng(3)
+    for n, m in [(1, 1), (7, 33), (257, 513)]:
+        x, y, b = rand(rng, (n, 3), np.float32), rand(rng, (m, 3), np.float32), rand(rng, (m, 2), np.float32)
+        s = np.float32([0.7])
+        op = Genred("Exp(-s * SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(2)", "s = Pm(1)"], axis=1)
+        got = emulate(op, x, y, b, s, splits=splits)
+        d2 = ((x[:, None].astype(np.float64) - y[None]) ** 2).sum(-1)
+        want = np.exp(-0.7 * d2) @ b.astype(np.float64)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_axis_0_and_formula_without_j_variables():
+    rng = np.random.default_rng(4)
+    x, y = rand(rng, (50, 2), np.float64), rand(rng, (90, 2), np.float64)
+    got = emulate(Genred("Sin(x - y)", ["x = Vi(2)", "y = Vj(2)"], axis=0), x, y)
+    np.testing.assert_allclose(got, np.sin(x[:, None] - y[None]).sum(0), rtol=1e-12)
+    got = emulate(Genred("Exp(x)", ["x = Vi(2)"], axis=1), x)       # no j-variable: one column, as in KeOps
+    np.testing.assert_allclose(got, np.exp(x), rtol=1e-12)
+
+
+def test_empty_reduction_gives_the_identity():
+    x, y = np.ones((5, 1)), np.ones((0, 1))
+    np.testing.assert_array_equal(emulate(Genred("x * y", ["x = Vi(1)", "y = Vj(1)"], axis=1), x, y), 0.0)
+    got = emulate(Genred("x * y", ["x = Vi(1)", "y = Vj(1)"], reduction_op="LogSumExp", axis=1), x, y)
+    assert np.all(np.isneginf(got))
+
+
+def test_float32_sum_accumulates_in_float64_by_tiles():
+    """Block sums: float32 per tile, float64 across tiles; error near one float32 rounding at M = 2e5."""
+    y = np.random.default_rng(5).uniform(0, 1, (200_000, 1)).astype(np.float32)
+    got = emulate(Genred("x * y", ["x = Vi(1)", "y = Vj(1)"], axis=1), np.ones((1, 1), np.float32), y, splits=4)
+    want = y.astype(np.float64).sum()
+    assert abs(float(got[0, 0]) - want) / want < 2e-7
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+def test_float16_computes_in_float32(splits):
+    """float16 in and out, float32 inside. Tolerance: the float16 rounding of the inputs (2^-11 relative, carried
+    through exp(-|x-y|^2) with |x-y|^2 up to ~20) and of the result: 1e-2 relative to the largest output."""
+    rng = np.random.default_rng(6)
+    x, y, b = (rand(rng, (100, 3), np.float16), rand(rng, (300, 3), np.float16), rand(rng, (300, 1), np.float16))
+    op = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)
+    arrays = [x, y, b]
+    results = emulation.execute(op.plan, arrays, (0, 100), (0, 300), final=True, splits=splits)
+    got = results[0]
+    d2 = ((x[:, None].astype(np.float64) - y[None].astype(np.float64)) ** 2).sum(-1)
+    want = np.exp(-d2) @ b.astype(np.float64)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float64), want, atol=1e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dim", [100, 130])
+def test_large_dimensions_are_chunked(dim):
+    """D > 96 takes the chunked path (Sum nodes evaluated 32 components at a time, partial sums in shared memory):
+    nearest neighbours and a kernel sum against dense float64."""
+    rng = np.random.default_rng(7)
+    x, y = rand(rng, (45, dim), np.float64), rand(rng, (200, dim), np.float64)
+    op = Genred("SqDist(x, y)", [f"x = Vi({dim})", f"y = Vj({dim})"], reduction_op="ArgKMin", axis=1, opt_arg=5)
+    assert emulation.template.build(op.plan, np.float64, np.float64).chunked
+    d2 = ((x[:, None] - y[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(emulate(op, x, y), np.argsort(d2, axis=1, kind="stable")[:, :5])
+    b = rand(rng, (200, 1), np.float64)
+    op = Genred("Exp(-SqDist(x, y) / 100) * b - (x | y) * b", [f"x = Vi({dim})", f"y = Vj({dim})", "b = Vj(1)"],
+                axis=1)
+    want = (np.exp(-d2 / 100) - x @ y.T) @ b
+    np.testing.assert_allclose(emulate(op, x, y, b, splits=2), want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
