@@ -7,6 +7,8 @@ engine/formula/ops.py without a row here fails `test_every_op_has_a_row`.
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -269,3 +271,10 @@ def test_op_sum_matches_dense(row, dtype, backend):
         assert got.dtype == dtype and got.shape == want.shape, (got.dtype, got.shape, want.shape)
         # Error bound of a sum of rounded terms: relative to sum_j |f_ij| (plus a floor for exact zeros).
         np.testing.assert_array_less(np.abs(got - want), rtol * (scale + 1), err_msg=f"N={n}, M={m}")
+
+
+def test_every_op_is_documented_in_the_readme():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("<!-- section: formulas -->", 1)[1].split("<!-- section:", 1)[0]
+    missing = [name for name in OPS if name != "Var" and not re.search(rf"`{name}[(`]", section)]
+    assert not missing, f"ops missing from README's formulas section: {missing}"
