@@ -5,6 +5,8 @@ it shares nothing with the engine but the input data.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -194,3 +196,10 @@ def test_float32_sum_of_a_million_terms_is_accurate(backend):
     want = y.astype(np.float64).sum()
     assert got.dtype == np.float32
     assert abs(float(got[0, 0]) - want) / want < 2e-7     # one float32 rounding of the exact sum (2^-24 ~ 6e-8)
+
+
+def test_every_reduction_is_documented_in_the_readme():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("<!-- section: reductions -->", 1)[1].split("<!-- section:", 1)[0]
+    missing = [name for name in REDUCTIONS if f"`{name}`" not in section]
+    assert not missing, f"reductions missing from README's reductions section: {missing}"
