@@ -34,6 +34,9 @@ class Executor(ABC):
             cancelled: Flag | None = None):
         """The reduction's result (an array, or a tuple for values + indices)."""
 
+    def prepare(self, plan: Plan, dtype) -> None:
+        """Compile what `run` will need (called within the compile-time limit); a no-op where nothing compiles."""
+
     def close(self) -> None:
         pass
 
@@ -46,6 +49,11 @@ class LocalExecutor(Executor):
     def __init__(self, backend: str = "auto"):
         self.backend = backend
         get_backend(backend_name(backend))       # fail at start, not at the first request, if it is missing
+
+    def prepare(self, plan, dtype):
+        backend = get_backend(backend_name(self.backend))
+        if hasattr(backend, "kernel"):           # compiled backends (cpu, cuda) build and cache a kernel per plan
+            backend.kernel(plan, np.dtype(dtype))
 
     def run(self, plan, arrays, progress=None, cancelled=None):
         if progress is None and cancelled is None:

@@ -68,6 +68,7 @@ class JobManager:
         self._admitting += 1
         try:
             plan = await self.planner.plan(spec)
+            await self.planner.compile(self.executor, plan, arrays)
             work = await asyncio.to_thread(self.planner.bind, plan, spec, arrays, self.settings.max_pairs_per_job,
                                            "max_pairs_per_job")
             request = spec.model_dump(mode="json", include=set(ReductionSpec.model_fields))

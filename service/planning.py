@@ -47,6 +47,7 @@ class Planner:
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="kred-plan")
+        self._compiled: set[tuple] = set()
         self.hits = self.misses = 0
 
     @staticmethod
@@ -76,6 +77,19 @@ class Planner:
             while len(self._plans) > self.CACHE:
                 self._plans.popitem(last=False)
         return plan
+
+    async def compile(self, executor, plan: Plan, arrays: list[np.ndarray]) -> None:
+        """Have the executor compile `plan` for the arrays' dtype, within `compile_timeout_s` (once per plan)."""
+        dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        if dtype.kind != "f" or (plan.key, dtype) in self._compiled:
+            return                        # (a wrong dtype is reported by the argument checks)
+        future = asyncio.wrap_future(self._pool.submit(executor.prepare, plan, dtype))
+        try:
+            await asyncio.wait_for(future, self.settings.compile_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(422, "limit", f"compiling the formula took longer than {self.settings.compile_timeout_s} "
+                                         "s (compile_timeout_s)") from None
+        self._compiled.add((plan.key, dtype))
 
     def build(self, spec: ReductionSpec) -> Plan:
         """Parse and check (blocking; also used by the job workers)."""

@@ -35,6 +35,7 @@ async def reduce(request: Request, service: ServiceDep):
     spec, arrays, mapped = await transport.read_request(request, service.settings)
     try:
         plan = await service.planner.plan(spec)
+        await service.planner.compile(service.executor, plan, arrays)
         plan_s = time.perf_counter() - start
 
         def compute():
