@@ -10,8 +10,12 @@ import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import numpy as np
 import uvicorn
+
+from client import AsyncClient
+from service import arrow
 
 from service.settings import Settings
 
@@ -145,3 +149,44 @@ def free_port() -> int:
 def serving(app):
     with Server(app) as server:
         yield server
+
+
+def request(formula=FORMULA, aliases=ALIASES, **options) -> dict:
+    return {"formula": formula, "aliases": aliases, **options}
+
+
+class Running:
+    """An app with its lifespan running, and clients on it through the ASGI transport."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __aenter__(self):
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        self.raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://kred")
+        return self
+
+    def client(self, **kwargs) -> AsyncClient:
+        return AsyncClient("http://kred", http_transport=httpx.ASGITransport(app=self.app), **kwargs)
+
+    async def __aexit__(self, *exc):
+        await self.raw.aclose()
+        await self._lifespan.__aexit__(*exc)
+
+    async def post_arrow(self, meta, arrays, **kwargs):
+        return await self.raw.post("/v1/reduce", content=bytes(arrow.encode(meta, arrays)),
+                                   headers={"content-type": arrow.CONTENT_TYPE}, **kwargs)
+
+    async def submit_arrow(self, meta, arrays, **kwargs):
+        return await self.raw.post("/v1/jobs", content=bytes(arrow.encode(meta, arrays)),
+                                   headers={"content-type": arrow.CONTENT_TYPE}, **kwargs)
+
+    async def still_serving(self):
+        assert (await self.raw.get("/healthz")).json()["status"] == "ok"
+        x, y, b = data()
+        async with self.client(transport="arrow") as c:
+            result = await c.reduce(FORMULA, ALIASES, x, y, b, axis=1)
+        assert_matches(result, dense("Sum", FORMULA, None, None, 1, x, y, b), np.float64)
+
+

@@ -8,18 +8,17 @@ from __future__ import annotations
 import json
 import os
 
-import httpx
 import numpy as np
 import pytest
 import torch
 
-from client import AsyncClient, LimitExceeded, Unauthorized
+from client import LimitExceeded, Unauthorized
 from engine.errors import ArgumentError, FormulaError
 from service import arrow
 from service.app import create_app
 from service.executors import LocalExecutor
 from service.shm import Segment
-from service_helpers import ALIASES, CASES, FORMULA, assert_matches, data, dense, settings
+from service_helpers import ALIASES, CASES, FORMULA, Running, assert_matches, data, dense, request, settings
 
 pytestmark = pytest.mark.anyio
 
@@ -29,45 +28,10 @@ def anyio_backend():
     return "asyncio"
 
 
-class Running:
-    """An app with its lifespan running, and clients on it through the ASGI transport."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __aenter__(self):
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        await self._lifespan.__aenter__()
-        self.raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://kred")
-        return self
-
-    def client(self, **kwargs) -> AsyncClient:
-        return AsyncClient("http://kred", http_transport=httpx.ASGITransport(app=self.app), **kwargs)
-
-    async def __aexit__(self, *exc):
-        await self.raw.aclose()
-        await self._lifespan.__aexit__(*exc)
-
-    async def post_arrow(self, meta, arrays, **kwargs):
-        return await self.raw.post("/v1/reduce", content=bytes(arrow.encode(meta, arrays)),
-                                   headers={"content-type": arrow.CONTENT_TYPE}, **kwargs)
-
-    async def still_serving(self):
-        assert (await self.raw.get("/healthz")).json()["status"] == "ok"
-        x, y, b = data()
-        async with self.client(transport="arrow") as c:
-            result = await c.reduce(FORMULA, ALIASES, x, y, b, axis=1)
-        assert_matches(result, dense("Sum", FORMULA, None, None, 1, x, y, b), np.float64)
-
-
 @pytest.fixture(scope="module")
 async def server(tmp_path_factory):
     async with Running(create_app(settings(tmp_path_factory.mktemp("svc")))) as running:
         yield running
-
-
-def request(formula=FORMULA, aliases=ALIASES, **options):
-    return {"formula": formula, "aliases": aliases, **options}
 
 
 # Results ---------------------------------------------------------------------------------------------------
