@@ -47,7 +47,8 @@ class Job:
         self._future: Future = Future()
         self._cancel = threading.Event()
         self._done = 0
-        self.retries = 0            # shards re-dispatched because their worker was lost
+        self.lost = 0               # shard results lost with their worker
+        self.retries = 0            # of those, shards put back in the queue (the others had a copy out already)
         self.duplicates = 0         # straggler copies started on idle workers
         self._thread = threading.Thread(target=self._run, name=f"kred-job-{self.id}", daemon=True)
         self._thread.start()
@@ -197,6 +198,7 @@ class Job:
 
     def _retry(self, shard, error, queue, running, attempts, assembler) -> None:
         """Put back a shard whose worker was lost, unless a copy of it is done or still out."""
+        self.lost += 1
         if shard.index in assembler.done:
             return
         attempts[shard.index] += 1
