@@ -12,30 +12,37 @@ out. The loops, outermost first:
 - tasks = (block of `rb` rows) x (one of `nparts` column parts), shared by OpenMP threads. `nparts` > 1 is the 2D
   split for small N: each part reduces its columns into its own state, merged at the end with the reduction's merge.
 - column tiles of `tj` columns, sized so the tile's column data stays in L1 while every row of the block sweeps it.
-- groups of ROWS rows (register blocking: each loaded column value serves ROWS rows).
-- chunks of LANES consecutive columns, one per SIMD lane (`#pragma omp simd`). Columns variables with more than one
-  component are copied transposed (structure of arrays) first, so lane loads are contiguous.
+- groups of ROWS rows (register blocking: each loaded column value serves ROWS rows). The last group of a block
+  re-reads its last row for the missing ones and does not accumulate them, so the body is generated once.
+- chunks of LANES consecutive columns, one per SIMD lane (`#pragma omp simd`). Column variables are first copied
+  transposed (structure of arrays) and zero-padded to a multiple of LANES, so every chunk is a full one: lanes past
+  the last column compute harmless values that are not accumulated.
 
 Two accumulation strategies:
 - "lanes" (Sum, Min/Max and their indices, LogSumExp family): each row keeps LANES copies of its state, lane l
   accumulating columns l, l + LANES, ...; the accumulate step itself vectorizes; lanes are merged at the end.
-- "rows" (KMin family): the formula values of a chunk are computed vectorized into a buffer, then folded into one
-  sorted list per row by the scalar insertion step, whose first comparison rejects almost every candidate.
+- "rows" (KMin family): the formula values of a chunk are computed vectorized, compared at once with the row's current
+  K-th best (`skip_bound`), and only chunks holding a candidate go through the scalar insertion step.
+
+Large dimensions: a squared distance `Sum(Square(x - y))` or scalar product `Sum(x * y)` between an i and a j variable
+of dimension >= DOT_MIN_DIM is computed as |x|^2 + |y|^2 - 2 x.y, the products x.y by a register-blocked loop over
+the dimension (ROWS rows x LANES columns of accumulators, GEMM-like) instead of unrolled scalar code.
 """
 from __future__ import annotations
 
-from ..formula import I, J, P, Node
+from ..formula import I, J, P, Node, make
 from ..plan import Plan
-from ..reductions.monoids import KMin
 from .emit import Emitter, accumulate_steps, finalize_steps, init_steps, merge_steps, prelude, state_slots
+from .steps import skip_bound
 
 LANES = 16          # columns per SIMD chunk: one AVX-512 register of float32, two of float64
 ROWS = 4            # rows per register-blocked group
 L1_TILE_BYTES = 16384
+DOT_MIN_DIM = 16
 
 
 def strategy(plan: Plan) -> str:
-    return "rows" if isinstance(plan.reduction, KMin) else "lanes"
+    return "rows" if skip_bound(plan.reduction, lambda s, c: "", 0) is not None else "lanes"
 
 
 def column_bytes(plan: Plan, itemsize: int) -> int:
@@ -46,12 +53,30 @@ def column_bytes(plan: Plan, itemsize: int) -> int:
 def cpu_source(plan: Plan, real: str, acc: str) -> str:
     """The C source of `kred_run` for `plan`, with kred_real = `real` and kred_acc = `acc` ("float32"/"float64")."""
     return "\n".join([prelude("cpu", real, acc), "#include <stdlib.h>", f"#define KRED_LANES {LANES}",
+                      "typedef kred_real kred_vec __attribute__((vector_size(KRED_LANES * sizeof(kred_real))));",
                       _Driver(plan).function()])
 
 
 def _indent(lines: list[str], depth: int = 1) -> list[str]:
     pad = "    " * depth
     return [pad + line if line else line for line in lines]
+
+
+def _dot_operands(node: Node):
+    """(kind, i variable, j variable) when `node` is a large squared distance or scalar product, else None."""
+    if node.op != "Sum" or node.children[0].dim < DOT_MIN_DIM:
+        return None
+    inner = node.children[0]
+    if inner.op == "Square" and inner.children[0].op == "Subtract":
+        kind, pair = "sqdist", inner.children[0].children
+    elif inner.op == "Mult":
+        kind, pair = "dot", inner.children
+    else:
+        return None
+    if not all(v.op == "Var" for v in pair) or {v.params[2] for v in pair} != {I, J}:
+        return None
+    x, y = sorted(pair, key=lambda v: v.params[2])
+    return kind, x, y
 
 
 class _Driver:
@@ -62,24 +87,39 @@ class _Driver:
         self.roots = [plan.formula] + ([plan.formula2] if plan.formula2 is not None else [])
         self._classify()
 
-    # Which nodes can be hoisted where ---------------------------------------------------------------------
+    # Which nodes are computed where ---------------------------------------------------------------------------
     def _classify(self):
         deps: dict[Node, frozenset] = {}
         order: list[Node] = []
+        self.dots: dict[Node, tuple] = {}         # large sqdist / scalar products, by node
+        stack = list(self.roots)
         for root in self.roots:
             for node in root.postorder():
-                if node in deps:
-                    continue
-                if node.op == "Var":
-                    deps[node] = frozenset((node.params[2],))
-                else:
-                    deps[node] = frozenset().union(*(deps[c] for c in node.children))
-                order.append(node)
+                if node not in deps:
+                    deps[node] = frozenset((node.params[2],)) if node.op == "Var" else \
+                        frozenset().union(*(deps[c] for c in node.children))
+        # walk from the roots, not entering the operands of blocked products (they are never computed)
+        seen = set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            found = _dot_operands(node)
+            if found is not None:
+                self.dots[node] = found
+                continue
+            stack.extend(node.children)
+        order = [n for n in deps if n in seen and n not in self.dots]
         self.outer_nodes = [n for n in order if not deps[n] - {P}]
         self.row_nodes = [n for n in order if I in deps[n] and J not in deps[n]]
         self.col_nodes = [n for n in order if J in deps[n] and I not in deps[n]]
+        # the squared norms |x|^2 the blocked squared distances need, computed once per row
+        self.row_nodes += [make("Sum", (make("Square", (x,)),)) for kind, x, y in self.dots.values() if kind == "sqdist"]
+        self.pairs = sorted({(x, y) for _, x, y in self.dots.values()}, key=lambda p: (p[0].params, p[1].params))
+        self.norms = sorted({y for kind, _, y in self.dots.values() if kind == "sqdist"}, key=lambda v: v.params)
 
-    # Loads ------------------------------------------------------------------------------------------------
+    # Loads ----------------------------------------------------------------------------------------------------
     @staticmethod
     def _load_outer(var: Node, k: int) -> str:
         return f"a{var.params[0]}[{k}]"          # parameters; other categories never reach the outer emitter
@@ -88,17 +128,14 @@ class _Driver:
     def _load_row(r: int):
         def load(var: Node, k: int) -> str:
             pos, dim, _ = var.params
-            return f"a{pos}[(i + {r}) * {dim} + {k}]"
+            return f"a{pos}[ir{r} * {dim} + {k}]"
         return load
 
     @staticmethod
     def _load_col(var: Node, k: int) -> str:
-        pos, dim, _ = var.params
-        if dim == 1:
-            return f"a{pos}[jj + l]"
-        return f"t{pos}[{k} * mc + (jj - c0 + l)]"
+        return f"t{var.params[0]}[{k} * mp + (jj - c0 + l)]"
 
-    # State accessors ----------------------------------------------------------------------------------------
+    # State accessors ------------------------------------------------------------------------------------------
     def _row_state(self, r):
         """The state a group row accumulates into: its lane l (lanes) or its single state (rows)."""
         if self.lanes:
@@ -128,167 +165,183 @@ class _Driver:
         return (["if (finalize) {"] + _indent(finalize_steps(self.reduction, state, self._output(True))) +
                 ["} else {"] + _indent(copy) + ["}"])
 
-    # Code ---------------------------------------------------------------------------------------------------
-    def _group(self, rows: int) -> list[str]:
-        """Rows i .. i + rows - 1 (block offset ib) against columns [jt, jend)."""
+    # The group of ROWS rows against one column tile --------------------------------------------------------
+    def _blocked_products(self) -> tuple[list[str], dict]:
+        """Per chunk: the scalar products of each (i, j) variable pair for every row and lane."""
+        lines, names = [], {}
+        for p, (x, y) in enumerate(self.pairs):
+            dim = x.dim
+            for r in range(ROWS):
+                lines.append(f"kred_vec dot{p}r{r} = {{0}};")
+            lines.append(f"for (int d = 0; d < {dim}; d++) {{")
+            lines.append("    kred_vec yv;")
+            lines.append(f"    memcpy(&yv, &t{y.params[0]}[d * mp + (jj - c0)], sizeof yv);")
+            for r in range(ROWS):
+                lines.append(f"    dot{p}r{r} += a{x.params[0]}[ir{r} * {dim} + d] * yv;")
+            lines.append("}")
+            for r in range(ROWS):
+                lines.append(f"kred_real dots{p}r{r}[KRED_LANES]; memcpy(dots{p}r{r}, &dot{p}r{r}, sizeof dots{p}r{r});")
+                names[(x, y, r)] = f"dots{p}r{r}[l]"
+        return lines, names
+
+    def _group(self) -> list[str]:
+        """Rows ir0 .. ir{ROWS-1} (block offsets ib ..) against columns [jt, jend)."""
         outer = self._outer.values
         lines, row_values = [], []
-        for r in range(rows):
+        for r in range(ROWS):
+            lines.append(f"const long long ir{r} = i + {r} < i1 ? i + {r} : i1 - 1;")
+            if r:
+                lines.append(f"const int ok{r} = i + {r} < i1;")
+        for r in range(ROWS):
             e = Emitter(self._load_row(r), prefix=f"h{r}x", known=outer, copy_vars=True)
             for node in self.row_nodes:
                 e.emit(node)
             lines += e.lines
             row_values.append(e.values)
+        fd = self.reduction.fdim
+        bounds = []
+        if not self.lanes:
+            lines.append(f"kred_real fb[{ROWS * fd} * KRED_LANES];")
+        chunk, names = self._blocked_products()
         body = []
         cols = Emitter(self._load_col, prefix="u", known=outer, copy_vars=True)
         for node in self.col_nodes:
             cols.emit(node)
         body += cols.lines
-        fd = self.reduction.fdim
-        for r in range(rows):
-            e = Emitter(self._load_col, prefix=f"f{r}x", known={**cols.values, **row_values[r]}, copy_vars=True)
+        norms = {y: f"nn{y.params[0]}[jj - c0 + l]" for y in self.norms}
+        accumulate = []
+        for r in range(ROWS):
+            known = {**cols.values, **row_values[r]}
+            for node, (kind, x, y) in self.dots.items():
+                dot = names[(x, y, r)]
+                if kind == "dot":
+                    known[node] = [dot]
+                else:
+                    xx = row_values[r][make("Sum", (make("Square", (x,)),))][0]
+                    known[node] = [f"({xx} + {norms[y]} - 2 * {dot})"]
+            e = Emitter(self._load_col, prefix=f"f{r}x", known=known, copy_vars=True)
             f = e.emit(self.plan.formula)
             f2 = e.emit(self.plan.formula2) if self.plan.formula2 is not None else None
             body += e.lines
+            guard = "jj + l < jend" + (f" && ok{r}" if r else "")
             if self.lanes:
-                body += accumulate_steps(self.reduction, self._row_state(r), f, f2, "jj + l")
+                accumulate += [f"if ({guard}) {{"] + \
+                    _indent(accumulate_steps(self.reduction, self._row_state(r), f, f2, "jj + l")) + ["}"]
             else:
-                body += [f"fb[{r * fd + c} * KRED_LANES + l] = {f[c]};" for c in range(fd)]
-        if not self.lanes:
-            lines.append(f"kred_real fb[{rows * fd} * KRED_LANES];")
-        fold = []
-        if not self.lanes:
-            for r in range(rows):
+                for c in range(fd):
+                    body.append(f"fb[{r * fd + c} * KRED_LANES + l] = {f[c]};")
+                    bound = skip_bound(self.reduction, self._row_state(r), c)
+                    bounds.append(f"hit |= {f[c]} <= {bound};")
+        if self.lanes:
+            chunk += ["#pragma omp simd", "for (int l = 0; l < KRED_LANES; l++) {"] + \
+                _indent(body + accumulate) + ["}"]
+        else:
+            # the bound only decreases while the chunk is folded in, so testing against its start value is safe
+            chunk += ["int hit = 0;", "#pragma omp simd reduction(|:hit)", "for (int l = 0; l < KRED_LANES; l++) {"]
+            chunk += _indent(body + bounds) + ["}"]
+            chunk += ["if (hit) {", "    const int width = jend - jj < KRED_LANES ? (int)(jend - jj) : KRED_LANES;"]
+            for r in range(ROWS):
                 values = [f"fb[{r * fd + c} * KRED_LANES + l]" for c in range(fd)]
-                fold += accumulate_steps(self.reduction, self._row_state(r), values, None, "jj + l")
-        chunk = (["#pragma omp simd", "for (int l = 0; l < width; l++) {"] + _indent(body) + ["}"] +
-                 (["for (int l = 0; l < width; l++) {"] + _indent(fold) + ["}"] if fold else []))
-        lines += ["for (long long jj = jt; jj < jend; jj += KRED_LANES) {",
-                  "    if (jj + KRED_LANES <= jend) {",
-                  "        const int width = KRED_LANES;   /* a full chunk: constant trip count */"]
-        lines += _indent(chunk, 2)
-        lines += ["    } else {", "        const int width = (int)(jend - jj);"]
-        lines += _indent(chunk, 2)
-        lines += ["    }", "}"]
+                steps = accumulate_steps(self.reduction, self._row_state(r), values, None, "jj + l")
+                chunk += _indent([f"if ({'1' if r == 0 else f'ok{r}'}) for (int l = 0; l < width; l++) {{"] +
+                                 _indent(steps) + ["}"])
+            chunk += ["}"]
+        lines += ["for (long long jj = jt; jj < jend; jj += KRED_LANES) {"] + _indent(chunk) + ["}"]
         return ["{"] + _indent(lines) + ["}"]
 
+    # The function ---------------------------------------------------------------------------------------------
     def function(self) -> str:
         plan, slots = self.plan, self.slots
         self._outer = Emitter(self._load_outer, prefix="o", copy_vars=True)
         for node in self.outer_nodes:
             self._outer.emit(node)
-        copies = [a for a in plan.args if a.role == J and a.dim > 1]
+        columns = [a for a in plan.args if a.role == J]
         per_row = LANES if self.lanes else 1
-        src = []
-        w = src.append
-        w("int kred_run(void *const *args, const long long r0, const long long r1, const long long c0,")
-        w("             const long long c1, void *const *outs, const int finalize, const int nparts,")
-        w("             const int nthreads, const long long rb, const long long tj)")
-        w("{")
-        body = []
-        b = body.append
-        for a in plan.args:
-            b(f"const kred_real *restrict a{a.pos} = (const kred_real *)args[{a.pos}];")
-        b("const long long n = r1 - r0, mc = c1 - c0;")
-        b("const long long work = n * (mc > 0 ? mc : 1);")
-        b("int failed = 0;")
-        # column variables transposed: t[k * mc + (j - c0)]
-        for a in copies:
-            b(f"kred_real *restrict t{a.pos} = (kred_real *)malloc(sizeof(kred_real) * (size_t)({a.dim} * mc + 1));")
-            b(f"if (!t{a.pos}) failed = 1;")
-        if copies:
-            b("if (!failed) {")
-            b("    #pragma omp parallel for num_threads(nthreads) schedule(static) if (work > 65536)")
-            b("    for (long long j = 0; j < mc; j++) {")
-            for a in copies:
-                for k in range(a.dim):
-                    b(f"        t{a.pos}[{k} * mc + j] = a{a.pos}[(c0 + j) * {a.dim} + {k}];")
-            b("    }")
-            b("}")
+        body = [f"const kred_real *restrict a{a.pos} = (const kred_real *)args[{a.pos}];" for a in plan.args]
+        body += ["const long long n = r1 - r0, mc = c1 - c0;",
+                 "const long long mp = (mc + KRED_LANES - 1) / KRED_LANES * KRED_LANES;   /* padded columns */",
+                 "const long long work = n * (mc > 0 ? mc : 1);",
+                 "int failed = 0;"]
+        # column variables, transposed and zero-padded: t[k * mp + (j - c0)]; squared norms nn[j - c0]
+        for a in columns:
+            body += [f"kred_real *restrict t{a.pos} = (kred_real *)calloc((size_t)({a.dim} * mp + KRED_LANES), "
+                     "sizeof(kred_real));", f"if (!t{a.pos}) failed = 1;"]
+        for y in self.norms:
+            body += [f"kred_real *restrict nn{y.params[0]} = (kred_real *)calloc((size_t)(mp + KRED_LANES), "
+                     "sizeof(kred_real));", f"if (!nn{y.params[0]}) failed = 1;"]
+        if columns:
+            body += ["if (!failed) {",
+                     "    #pragma omp parallel for num_threads(nthreads) schedule(static) if (work > 65536)",
+                     "    for (long long j = 0; j < mc; j++) {"]
+            for a in columns:
+                if a.dim == 1:
+                    body.append(f"        t{a.pos}[j] = a{a.pos}[c0 + j];")
+                else:
+                    body.append(f"        for (int k = 0; k < {a.dim}; k++) t{a.pos}[k * mp + j] = a{a.pos}[(c0 + j) * {a.dim} + k];")
+            for y in self.norms:
+                pos = y.params[0]
+                body += [f"        kred_real sq = 0;",
+                         f"        for (int k = 0; k < {y.dim}; k++) sq += t{pos}[k * mp + j] * t{pos}[k * mp + j];",
+                         f"        nn{pos}[j] = sq;"]
+            body += ["    }", "}"]
         # states of the column parts (2D split)
+        body += [f"{slot.ctype} *restrict q{s} = NULL;" for s, slot in enumerate(slots)]
+        body.append("if (nparts > 1) {")
         for s, slot in enumerate(slots):
-            b(f"{slot.ctype} *restrict q{s} = NULL;")
-        b("if (nparts > 1) {")
-        for s, slot in enumerate(slots):
-            b(f"    q{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * (size_t)(nparts * n * {slot.width} + 1));")
-            b(f"    if (!q{s}) failed = 1;")
-        b("}")
-        b("const long long nblocks = (n + rb - 1) / rb;")
-        b("if (!failed) {")
-        b("#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && work > 32768)")
-        b("{")
-        par = []
-        p = par.append
-        for s, slot in enumerate(slots):
-            p(f"{slot.ctype} *restrict s{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * "
-              f"(size_t)(rb * {slot.width} * {per_row}));")
-        p("const int ok = " + " && ".join(f"s{s} != NULL" for s in range(len(slots))) + ";")
-        p("if (!ok) {")
-        p("    #pragma omp atomic write")
-        p("    failed = 1;")
-        p("}")
+            body += [f"    q{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * (size_t)(nparts * n * {slot.width} + 1));",
+                     f"    if (!q{s}) failed = 1;"]
+        body += ["}", "const long long nblocks = (n + rb - 1) / rb;",
+                 "if (!failed) {",
+                 "#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && work > 32768)",
+                 "{"]
+        par = [f"{slot.ctype} *restrict s{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * "
+               f"(size_t)(rb * {slot.width} * {per_row}));" for s, slot in enumerate(slots)]
+        par += ["const int ok = " + " && ".join(f"s{s} != NULL" for s in range(len(slots))) + ";",
+                "if (!ok) {", "    #pragma omp atomic write", "    failed = 1;", "}"]
         par += self._outer.lines
-        p("#pragma omp for schedule(dynamic, 1)")
-        p("for (long long task = 0; task < nblocks * nparts; task++) {")
-        task = []
-        t = task.append
-        t("if (!ok) continue;")
-        t("const long long blk = task / nparts, part = task % nparts;")
-        t("const long long i0 = r0 + blk * rb, i1 = i0 + rb < r1 ? i0 + rb : r1;")
-        t("/* part boundaries on multiples of KRED_LANES, the last part ends at c1 */")
-        t("const long long pc0 = c0 + (mc * part / nparts) / KRED_LANES * KRED_LANES;")
-        t("const long long pc1 = part + 1 == nparts ? c1 : c0 + (mc * (part + 1) / nparts) / KRED_LANES * KRED_LANES;")
-        t("for (long long ib = 0; ib < i1 - i0; ib++) {")
+        par += ["#pragma omp for schedule(dynamic, 1)",
+                "for (long long task = 0; task < nblocks * nparts; task++) {"]
+        task = ["if (!ok) continue;",
+                "const long long blk = task / nparts, part = task % nparts;",
+                "const long long i0 = r0 + blk * rb, i1 = i0 + rb < r1 ? i0 + rb : r1;",
+                "/* part boundaries on multiples of KRED_LANES, the last part ends at c1 */",
+                "const long long pc0 = c0 + (mc * part / nparts) / KRED_LANES * KRED_LANES;",
+                "const long long pc1 = part + 1 == nparts ? c1 : c0 + (mc * (part + 1) / nparts) / KRED_LANES * KRED_LANES;",
+                "for (long long ib = 0; ib < i1 - i0; ib++) {"]
+        init = init_steps(self.reduction, self._row_state(0))
         if self.lanes:
-            task += _indent(["for (int l = 0; l < KRED_LANES; l++) {"] + _indent(init_steps(self.reduction, self._row_state(0))) + ["}"])
-        else:
-            task += _indent(init_steps(self.reduction, self._row_state(0)))
-        t("}")
-        t("for (long long jt = pc0; jt < pc1; jt += tj) {")
-        t("    const long long jend = jt + tj < pc1 ? jt + tj : pc1;")
-        t("    long long i = i0;")
-        t(f"    for (; i + {ROWS} <= i1; i += {ROWS}) {{")
-        t("        const long long ib = i - i0;")
-        task += _indent(self._group(ROWS), 2)
-        t("    }")
-        t("    for (; i < i1; i++) {")
-        t("        const long long ib = i - i0;")
-        task += _indent(self._group(1), 2)
-        t("    }")
-        t("}")
-        t("for (long long ib = 0; ib < i1 - i0; ib++) {")
+            init = ["for (int l = 0; l < KRED_LANES; l++) {"] + _indent(init) + ["}"]
+        task += _indent(init) + ["}"]
+        task += ["for (long long jt = pc0; jt < pc1; jt += tj) {",
+                 "    const long long jend = jt + tj < pc1 ? jt + tj : pc1;",
+                 f"    for (long long i = i0; i < i1; i += {ROWS}) {{",
+                 "        const long long ib = i - i0;"]
+        task += _indent(self._group(), 2)
+        task += ["    }", "}", "for (long long ib = 0; ib < i1 - i0; ib++) {"]
         row = []
         if self.lanes:
             row += ["for (int lane = 1; lane < KRED_LANES; lane++) {"]
             row += _indent(merge_steps(self.reduction, self._lane_state("0"), self._lane_state("lane")))
             row += ["}"]
-        row += ["const long long row = i0 - r0 + ib;", "if (nparts > 1) {"]
         first = self._lane_state("0")
+        row += ["const long long row = i0 - r0 + ib;", "if (nparts > 1) {"]
         row += _indent([f"for (int q = 0; q < {slot.width}; q++) {self._part_state('part')(s, 'q')} = {first(s, 'q')};"
                         for s, slot in enumerate(slots)])
         row += ["} else {"] + _indent(self._store(first)) + ["}"]
-        task += _indent(row)
-        t("}")
-        par += _indent(task)
-        p("}")
+        task += _indent(row) + ["}"]
+        par += _indent(task) + ["}"]
         par += [f"free(s{s});" for s in range(len(slots))]
-        body += _indent(par)
-        b("}")
-        b("}")
+        body += _indent(par) + ["}", "}"]
         # merge the column parts
-        b("if (nparts > 1 && !failed) {")
-        b("    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n > 256)")
-        b("    for (long long row = 0; row < n; row++) {")
         merge = ["for (long long part = 1; part < nparts; part++) {"]
-        merge += _indent(merge_steps(self.reduction, self._part_state("0"), self._part_state("part")))
-        merge += ["}"]
+        merge += _indent(merge_steps(self.reduction, self._part_state("0"), self._part_state("part"))) + ["}"]
         merge += self._store(self._part_state("0"))
-        body += _indent(merge, 2)
-        b("    }")
-        b("}")
-        body += [f"free(t{a.pos});" for a in copies]
-        body += [f"free(q{s});" for s in range(len(slots))]
-        b("return failed;")
-        src += _indent(body)
-        w("}")
-        return "\n".join(src) + "\n"
+        body += ["if (nparts > 1 && !failed) {",
+                 "    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n > 256)",
+                 "    for (long long row = 0; row < n; row++) {"] + _indent(merge, 2) + ["    }", "}"]
+        body += [f"free(t{a.pos});" for a in columns] + [f"free(nn{y.params[0]});" for y in self.norms]
+        body += [f"free(q{s});" for s in range(len(slots))] + ["return failed;"]
+        head = ["int kred_run(void *const *args, const long long r0, const long long r1, const long long c0,",
+                "             const long long c1, void *const *outs, const int finalize, const int nparts,",
+                "             const int nthreads, const long long rb, const long long tj)", "{"]
+        return "\n".join(head + _indent(body) + ["}"]) + "\n"

@@ -52,6 +52,14 @@ def finalize_steps(reduction: Reduction, state: State, out: State) -> list[str]:
     return _family(reduction).finalize(reduction, state, out)
 
 
+def skip_bound(reduction: Reduction, state: State, comp: int) -> str | None:
+    """A C expression b such that a value f of component `comp` with f > b (or NaN) leaves the state unchanged, or
+    None. Drivers may test a whole chunk of columns against it before running the accumulate steps."""
+    if isinstance(reduction, KMin):
+        return state(0, str((reduction.k - 1) * reduction.fdim + comp))
+    return None
+
+
 def _block(lines: list[str]) -> list[str]:
     return ["{"] + ["    " + line for line in lines] + ["}"]
 
@@ -197,13 +205,15 @@ class _LogSumExp:
     @staticmethod
     def accumulate(r, s, f, f2, j):
         # One exponential per column: whichever of (old max, new value) is smaller is scaled by exp(-|d|).
+        # The exponential is taken in kred_real: its argument carries the rounding of the formula value anyway,
+        # and a float32 exp is several times cheaper than a float64 one; the sums stay in kred_acc.
         lines = []
         for k in range(r.fdim):
             m, total = s(0, str(k)), s(1, str(k))
             body = [f"const kred_acc v = (kred_acc){f[k]};",
-                    f"const kred_acc d = v == {m} ? (kred_acc)0 : v - {m};",
-                    "const int up = d > 0;",
-                    "kred_acc e = kred_acc_exp(up ? -d : d);",
+                    f"const int up = v > {m};",
+                    f"const kred_real d = (kred_real)(up ? {m} - v : v - {m});   /* <= 0, NaN for inf - inf */",
+                    "kred_acc e = (kred_acc)kred_exp(d);",
                     "e = v == -KRED_ACC_INF ? (kred_acc)0 : e;   /* exp(-inf - m) is 0 even when m = -inf */",
                     f"{m} = up ? v : {m};",
                     f"{total} = up ? {total} * e + 1 : {total} + e;"]
