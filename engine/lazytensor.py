@@ -177,7 +177,7 @@ class LazyTensorBase:
 
     def _set_leaf(self, variable: Variable):
         self.variables = (variable,)
-        self.node = var(0, variable.dim, variable.cat)
+        self.node = make("Var", (), (0, variable.dim, variable.cat))
 
     def _derived(self, node: Node, variables, batchdims, ni, nj, ranges, backend, dtype) -> "LazyTensorBase":
         out = type(self)()
