@@ -6,6 +6,7 @@ Cluster on it and closes it.
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -123,8 +124,10 @@ def test_empty_reduction_axis(cluster):
     np.testing.assert_array_equal(got, np.zeros((4, 2)))
 
 
-def test_default_cluster_behind_backend_cluster(ray_instance):
+def test_default_cluster_behind_backend_cluster(ray_instance, monkeypatch):
     from engine.cluster import cluster as module
+    # the default layout here is one worker per logical GPU: have them compute on the CPU
+    monkeypatch.setattr(module, "Cluster", functools.partial(Cluster, backend="reference"))
     x, y, b = gaussian_data(50, 60)
     try:
         got = engine.reduce(GAUSS, GAUSS_ALIASES, x, y, b, axis=1, backend="cluster")
@@ -293,7 +296,8 @@ def test_cancel_stops_outstanding_shards(ray_instance, tmp_path):
 def test_four_logical_gpus_give_four_actors(ray_instance, tmp_path):
     hook = Log(tmp_path / "log")
     x, y, b = gaussian_data()
-    with Cluster(device="auto", min_shard_pairs=1, on_shard=hook) as cl:     # auto: the node has GPUs
+    # auto: the node has GPUs. They are logical (there may be fewer real ones), so the workers compute on the CPU.
+    with Cluster(device="auto", backend="reference", min_shard_pairs=1, on_shard=hook) as cl:
         workers = cl.workers
         assert len(workers) == 4
         assert sorted(w["cuda_visible_devices"] for w in workers) == ["0", "1", "2", "3"]
@@ -306,7 +310,7 @@ def test_four_logical_gpus_give_four_actors(ray_instance, tmp_path):
 
 
 def test_custom_resource_workers(ray_instance):
-    with Cluster(device="gpu", resource="accel") as cl:
+    with Cluster(device="gpu", resource="accel", backend="reference") as cl:
         assert len(cl.workers) == 2 and all(w["gpu_ids"] == [] for w in cl.workers)
         x, y, b = gaussian_data(40, 50)
         np.testing.assert_allclose(cl.reduce(GAUSS, GAUSS_ALIASES, x, y, b, axis=1), dense_gaussian(x, y, b),

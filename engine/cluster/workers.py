@@ -23,8 +23,9 @@ class ShardWorker:
 
     def __init__(self, backend: str, threads: int | None = None, on_shard=None):
         if threads:
-            # Read by OpenMP (the cpu backend) when it first loads, which happens after this in a fresh actor.
-            os.environ["OMP_NUM_THREADS"] = str(threads)
+            # Read by the cpu backend and OpenMP when they first load, which happens after this in a fresh actor
+            # (Ray does not pin CPUs, so without them every worker would use every core of its node).
+            os.environ["KRED_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(threads)
         self.backend_name, self.threads, self.on_shard = backend, threads, on_shard
         self.inputs: OrderedDict[str, tuple] = OrderedDict()
 
@@ -40,21 +41,26 @@ class ShardWorker:
 
     def partial(self, shard, inputs: list) -> tuple:
         """The reduction state of `shard`; `inputs` is [ref to (plan, arrays)] (in a list so Ray does not fetch it)."""
-        plan, arrays = self._fetch(inputs[0])
+        backend = get_backend(self.backend_name)
+        plan, arrays = self._fetch(inputs[0], on_device=backend.name == "cuda")
         if self.on_shard is not None:
             self.on_shard(shard)
-        return get_backend(self.backend_name).partial(plan, arrays, shard.rows, shard.cols)
+        return backend.bind(arrays).partial(plan, arrays, shard.rows, shard.cols)     # numpy state, on any backend
 
     def forget(self, key: str) -> None:
         self.inputs.pop(key, None)
 
-    def _fetch(self, ref) -> tuple:
+    def _fetch(self, ref, on_device: bool) -> tuple:
         import ray
         key = ref.hex()
         if key in self.inputs:
             self.inputs.move_to_end(key)
         else:
-            self.inputs[key] = ray.get(ref)
+            plan, arrays = ray.get(ref)
+            if on_device:     # copied to this worker's GPU once per job, not once per shard
+                import cupy
+                arrays = [cupy.asarray(a) for a in arrays]
+            self.inputs[key] = plan, arrays
             while len(self.inputs) > INPUT_CACHE_SIZE:
                 self.inputs.popitem(last=False)
         return self.inputs[key]
