@@ -170,3 +170,36 @@ def test_cli_token_file(tmp_path):
         with Client(guarded.url, token="tok-123") as c:
             assert_matches(c.submit(FORMULA, ALIASES, x, y, b, axis=1).result(timeout=10),
                            dense("Sum", FORMULA, None, None, 1, x, y, b), np.float64)
+
+
+def test_kred_serve_starts_a_working_server(tmp_path):
+    """`kred serve` as a user runs it (in-process executor here; the Ray one is covered by test_service_ray.py)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from service_helpers import free_port
+    port = free_port()
+    env = dict(os.environ, KRED_STORE_DIR=str(tmp_path / "jobs"), KRED_BACKEND="reference")
+    process = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--executor", "local", "--port",
+                                str(port), "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        with Client(f"http://127.0.0.1:{port}", retries=0) as c:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    assert c.health()["executor"] == "local"
+                    break
+                except Exception:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            x, y, b = data()
+            assert_matches(c.reduce(FORMULA, ALIASES, x, y, b, axis=1), dense("Sum", FORMULA, None, None, 1, x, y, b),
+                           np.float64)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}" in output          # bound to the loopback address by default
