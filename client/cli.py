@@ -54,6 +54,7 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
           executor: Optional[str] = typer.Option(None, help="'cluster' (Ray, default) or 'local' (in-process)"),
           store_dir: Optional[Path] = typer.Option(None, help="job store directory ($KRED_STORE_DIR)"),
           shm: Optional[bool] = typer.Option(None, "--shm/--no-shm", help="accept same-host shared memory"),
+          insecure: bool = typer.Option(False, help="allow a non-loopback address without a token"),
           log_level: str = typer.Option("info", help="uvicorn log level")):
     """Start the HTTP service (settings also come from KRED_* environment variables)."""
     try:
@@ -72,10 +73,23 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
         settings = Settings(**overrides)
     except ValueError as e:
         _fail(str(e))
+    if settings.token is None and not insecure and not _loopback(settings.host):
+        _fail(f"refusing to serve on {settings.host} without a token: anyone who reaches it could run reductions. "
+              "Pass --token-file (or --insecure on a trusted network).")
     typer.echo(f"kred serve: http://{settings.host}:{settings.port} (docs at /docs), executor {settings.executor}"
                f"{' on ' + settings.ray_address if settings.ray_address else ''}, "
                f"auth {'on' if settings.token else 'off'}, jobs in {settings.store_dir}")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # run (batch job) ------------------------------------------------------------------------------------------
