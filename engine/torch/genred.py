@@ -91,6 +91,25 @@ class _Reduce(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
+    def vmap(info, in_dims, plan: Plan, options: Options, *tensors):
+        """torch.func.vmap: the mapped axis becomes a leading batch dimension, which the engine runs natively."""
+        if info.batch_size == 1:        # a (1, D) parameter would read as unbatched: run the single item
+            items = [t if d is None else t.select(d, 0) for t, d in zip(tensors, in_dims[2:])]
+            outputs = _Reduce.apply(plan, options, *items)
+            return tuple(o.unsqueeze(0) for o in outputs), (0,) * len(outputs)
+        moved = []
+        for spec, tensor, dim in zip(plan.args, tensors, in_dims[2:]):
+            if dim is not None:
+                tensor = tensor.movedim(dim, 0)
+                if spec.cat == P:
+                    tensor = tensor.reshape(info.batch_size, -1)        # (B, D)
+                elif tensor.dim() == 2:
+                    tensor = tensor.unsqueeze(-1)                       # a 1-D variable of dimension 1
+            moved.append(tensor)
+        outputs = _Reduce.apply(plan, options, *moved)
+        return outputs, (0,) * len(outputs)
+
+    @staticmethod
     def backward(ctx, *grad_outputs):
         plan: Plan = ctx.plan
         *tensors, value, index = ctx.saved_tensors
