@@ -24,10 +24,12 @@ from ..run import run
 
 @dataclass(frozen=True)
 class Options:
-    """How to run: what `op(..., backend=, device_id=, ranges=)` said. Travels with every backward reduction."""
+    """How to run: what `op(..., backend=, device_id=, ranges=, cluster=)` said. Travels with every backward
+    reduction (so gradients run on the same engine.cluster.Cluster as the forward pass)."""
     backend: str = "auto"
     device_id: int = -1
     ranges: Any = None
+    cluster: Any = None
 
 
 class Genred:
@@ -47,8 +49,8 @@ class Genred:
         self.formula, self.aliases = formula, list(aliases)
         self.plan: Plan = make_plan(formula, self.aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
 
-    def __call__(self, *args, backend: str = "auto", device_id: int = -1, ranges=None, out=None):
-        return reduce(self.plan, args, Options(backend, device_id, ranges), out=out)
+    def __call__(self, *args, backend: str = "auto", device_id: int = -1, ranges=None, out=None, cluster=None):
+        return reduce(self.plan, args, Options(backend, device_id, ranges, cluster), out=out)
 
 
 def reduce(plan: Plan, args, options: Options = Options(), out=None):
@@ -75,7 +77,7 @@ class _Reduce(torch.autograd.Function):
         runs = with_indices(plan) if plan.reduction.name in SELECTING else plan
         device = tensors[0].device if tensors else torch.device("cpu")
         result = run(runs, [_to_numpy(t) for t in tensors], backend=options.backend, ranges=options.ranges,
-                     device_id=options.device_id)
+                     device_id=options.device_id, cluster=options.cluster)
         results = result if isinstance(result, tuple) else (result,)
         return tuple(torch.from_numpy(np.ascontiguousarray(r)).to(device) for r in results)
 
