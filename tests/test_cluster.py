@@ -291,6 +291,30 @@ def test_cancel_stops_outstanding_shards(ray_instance, tmp_path):
         assert not finished.cancel() and finished.status == "done"
 
 
+def test_torch_genred_and_its_gradients_run_on_the_cluster(ray_instance, tmp_path):
+    import torch
+
+    from engine.torch import Genred as TorchGenred
+    x, y, b = (torch.tensor(a, requires_grad=True) for a in gaussian_data(40, 50))
+    hook = Log(tmp_path / "log")
+    with Cluster(device="cpu", workers=1, threads=1, min_shard_pairs=1, on_shard=hook) as cl:
+        a = TorchGenred(GAUSS, GAUSS_ALIASES, axis=1)(x, y, b, cluster=cl)
+        forward_shards = len(hook.lines())
+        w = torch.linspace(-1, 1, a.numel(), dtype=a.dtype).reshape(a.shape)
+        grads = torch.autograd.grad((a * w).sum(), [x, y, b], create_graph=True)
+        backward_shards = len(hook.lines()) - forward_shards
+        second = torch.autograd.grad(grads[0].pow(2).sum(), [y])[0]
+    assert forward_shards >= 1 and backward_shards >= 3          # one gradient reduction per input, at least
+    xd, yd, bd = (t.detach().clone().requires_grad_() for t in (x, y, b))
+    ad = torch.exp(-((xd[:, None, :] - yd[None, :, :]) ** 2).sum(-1)) @ bd            # dense torch autograd
+    torch.testing.assert_close(a, ad, rtol=1e-12, atol=1e-12)
+    dense_grads = torch.autograd.grad((ad * w).sum(), [xd, yd, bd], create_graph=True)
+    for got, want in zip(grads, dense_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second, torch.autograd.grad(dense_grads[0].pow(2).sum(), [yd])[0],
+                               rtol=1e-10, atol=1e-12)
+
+
 # Placement -------------------------------------------------------------------------------------------------
 
 def test_four_logical_gpus_give_four_actors(ray_instance, tmp_path):
