@@ -72,9 +72,17 @@ class Emitter:
         self._components = 0
 
     def emit(self, root: Node) -> list[str]:
-        for node in root.postorder():
-            if node not in self.values:
+        """Emit what `root` needs (children before parents; nothing below a node whose value is already known)."""
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in self.values:
+                continue
+            if expanded:
                 self.values[node] = self._node(node)
+                continue
+            stack.append((node, True))
+            stack.extend((child, False) for child in reversed(node.children) if child not in self.values)
         return self.values[root]
 
     # One node ------------------------------------------------------------------------------------------
