@@ -315,6 +315,18 @@ def test_torch_genred_and_its_gradients_run_on_the_cluster(ray_instance, tmp_pat
                                rtol=1e-10, atol=1e-12)
 
 
+def test_closing_the_cluster_fails_its_running_jobs(ray_instance, tmp_path):
+    x, y, b = gaussian_data()
+    cl = Cluster(device="cpu", workers=1, threads=1, on_shard=Slow(tmp_path / "log", 0.2))
+    job = cl.submit(GAUSS, GAUSS_ALIASES, x, y, b, axis=1, split=(20, 1))
+    wait_for(lambda: job.progress().done >= 1)
+    cl.close()
+    with pytest.raises(BackendError, match="the Cluster was closed"):
+        job.result(30)
+    with pytest.raises(BackendError, match="this Cluster is closed"):
+        cl.submit(GAUSS, GAUSS_ALIASES, x, y, b, axis=1)
+
+
 # Placement -------------------------------------------------------------------------------------------------
 
 def test_four_logical_gpus_give_four_actors(ray_instance, tmp_path):

@@ -5,7 +5,7 @@ import atexit
 import os
 import threading
 
-from ..errors import ArgumentError
+from ..errors import BackendError
 from ..plan import Plan, make_plan
 from .job import Job
 from .sharding import MIN_SHARD_PAIRS, SHARDS_PER_WORKER, choose_split, make_shards
@@ -61,7 +61,7 @@ class Cluster:
         """Start the reduction of an already built plan. `split` = (row blocks, column blocks) overrides the
         automatic split."""
         if self.pool is None:
-            raise ArgumentError("this Cluster is closed")
+            raise BackendError("this Cluster is closed")
         arrays, dtype, n, m = plan.check_args(args)
         if split is None:
             split = choose_split(n, m, max(1, len(self.pool.poll())), self.shards_per_worker, self.min_shard_pairs)

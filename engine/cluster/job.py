@@ -164,6 +164,8 @@ class Job:
 
     def _check_workers(self, workers, running, idle_since):
         """Fail when no worker has been available for `worker_wait` seconds (all lost, none restartable)."""
+        if self._pool.closed:
+            raise BackendError("the Cluster was closed while this job was running")
         if workers or running:
             return None
         now = time.monotonic()

@@ -142,6 +142,7 @@ class WorkerPool:
         self.live: list[Worker] = []
         self.starting: list[Worker] = []
         self.replaced = 0
+        self.closed = False
         for spec in specs:
             self._spawn(spec)
 
@@ -188,7 +189,7 @@ class WorkerPool:
         """`worker`'s actor died (or its node went away): drop it and start a replacement wherever it fits."""
         import ray
         with self._lock:
-            if worker not in self.live:
+            if self.closed or worker not in self.live:
                 return
             self.live.remove(worker)
             self.replaced += 1
@@ -203,6 +204,7 @@ class WorkerPool:
     def close(self) -> None:
         import ray
         with self._lock:
+            self.closed = True
             for worker in self.live + self.starting:
                 ray.kill(worker.handle, no_restart=True)
             self.live, self.starting = [], []
