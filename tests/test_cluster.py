@@ -124,6 +124,13 @@ def test_empty_reduction_axis(cluster):
     np.testing.assert_array_equal(got, np.zeros((4, 2)))
 
 
+def test_results_are_writeable_arrays_of_their_own(cluster):
+    x, y, b = gaussian_data()
+    got = cluster.run_plan(Genred(GAUSS, GAUSS_ALIASES, axis=1).plan, [x, y, b], split=(1, 1))
+    assert got.flags.writeable
+    got += 1.0
+
+
 def test_default_cluster_behind_backend_cluster(ray_instance, monkeypatch):
     from engine.cluster import cluster as module
     # the default layout here is one worker per logical GPU: have them compute on the CPU

@@ -139,7 +139,8 @@ class Job:
                     shard, worker = running.pop(ref)
                     load[worker] -= 1
                     try:
-                        state = ray.get(ref)
+                        # copied out of the object store: results must be writeable and must not pin its memory
+                        state = tuple(np.array(part) for part in ray.get(ref))
                     except ray.exceptions.RayTaskError as e:
                         if isinstance(e.cause, KredError):
                             raise e.cause from None     # the engine's own message, once, no retry
