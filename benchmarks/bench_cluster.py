@@ -73,7 +73,9 @@ def main(argv=None) -> int:
               f"{n * n / seconds:.3e} pairs/s  error {error:.1e}", flush=True)
         return row
 
-    ray.init(num_cpus=cores, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    # workers at normal priority, as an embedded Cluster() starts them (Ray's default is nice 15)
+    ray.init(num_cpus=cores, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+             _system_config={"worker_niceness": 0})
     try:
         same = dict(device="gpu") if gpus else dict(device="cpu", workers=1, threads=cores)
         with Cluster(**same) as cl:

@@ -145,6 +145,27 @@ def test_default_cluster_behind_backend_cluster(ray_instance, monkeypatch):
     np.testing.assert_allclose(got, dense_gaussian(x, y, b), rtol=1e-12)
 
 
+EMBEDDED = """
+import numpy as np, ray
+from engine.cluster import Cluster
+x = np.arange(12.0).reshape(4, 3)
+with Cluster(device="cpu", workers=1, threads=1, ray_options={"num_cpus": 1}) as cl:
+    pid = cl.workers[0]["pid"]
+    nice = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[16])
+    a = cl.reduce("SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)"], x, x, axis=1)
+assert not ray.is_initialized(), "the Cluster started Ray, so closing it stops Ray"
+assert nice == 0, nice
+assert np.allclose(a[:, 0], ((x[:, None] - x[None]) ** 2).sum(-1).sum(1)), a
+"""
+
+
+def test_embedded_cluster_starts_and_stops_its_own_ray():
+    """Cluster() with no Ray running starts one (workers at normal priority, not Ray's nice 15) and stops it."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    subprocess.run([sys.executable, "-c", EMBEDDED], check=True, cwd=Path(__file__).parents[1], env=env,
+                   timeout=240)
+
+
 def test_import_engine_does_not_import_ray():
     code = "import sys, engine, engine.numpy; sys.exit('ray' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
