@@ -165,6 +165,8 @@ class LazyTensorBase:
             cat = CATEGORY[axis]
         elif len(shape) == 1 or axis == 2:
             _no_axis(axis, "a 1-d array", allowed=(None, 2))
+            if shape[:-1] == (1,):          # Pm of a (1, D) array: one parameter, not a batch of one
+                x, shape = self._reshape(x, shape[-1:]), shape[-1:]
             self.batchdims, cat = shape[:-1], P
         else:
             raise ArgumentError(f"LazyTensor: a 2-d array of shape {shape} needs axis=0 (i) or axis=1 (j)")

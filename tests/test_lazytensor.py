@@ -237,6 +237,9 @@ def test_pykeops_output_shapes_and_dtypes():
     assert LazyTensor(X.astype(np.float32)[:, None]).sum(dim=1, backend="reference").dtype == np.float32
     # A parameter-only formula has one row, as in pykeops.
     assert Pm(P3).sum(dim=1, backend="reference").shape == (1, 3)
+    # Pm of a (1, D) array is one parameter; of a (B, D) array, a batch of them.
+    assert (x_i * Pm(P3[None])).sum(dim=1, backend="reference").shape == (N, 3)
+    assert (x_i * Pm(np.stack([P3, 2 * P3]))).sum(dim=1, backend="reference").shape == (2, N, 3)
 
 
 # Linear algebra ------------------------------------------------------------------------------------------------
