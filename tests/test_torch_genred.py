@@ -277,3 +277,21 @@ def test_gradient_with_ranges_matches_dense_mask(backend):
     want = (torch.exp(-((x[:, None] - y[None]) ** 2).sum(-1)) * mask).sum(1, keepdim=True)
     weight = _randn(6, 1, seed=63)
     _assert_close([got, *_grads(got, [x, y], weight)], [want, *_grads(want, [x, y], weight)], what="ranges")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["Sum", "LogSumExp", "Min"])
+def test_cuda_tensors_stay_on_the_device(name):
+    """CUDA tensors in, CUDA tensors out (forward and backward), matching dense torch on the CPU."""
+    x, y, b = _randn(300, 3, seed=71), _randn(200, 3, seed=72), _randn(200, 2, seed=73)
+    op = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(2)"], reduction_op=name, axis=1)
+    inputs = [t.cuda().requires_grad_() for t in (x, y, b)]
+    got = op(*inputs)
+    assert got.is_cuda
+    weight = _randn(*got.shape, seed=74)
+    grads = _grads(got, inputs, weight.cuda())
+    assert all(g.is_cuda for g in grads)
+    cpu_inputs = [t.clone().requires_grad_() for t in (x, y, b)]
+    f = torch.exp(-((cpu_inputs[0][:, None] - cpu_inputs[1][None]) ** 2).sum(-1, keepdim=True)) * cpu_inputs[2][None]
+    want = _dense_reduction(name, f, None, 1)
+    _assert_close([got.cpu(), *(g.cpu() for g in grads)], [want, *_grads(want, cpu_inputs, weight)], what="cuda")

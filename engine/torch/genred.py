@@ -76,10 +76,13 @@ class _Reduce(torch.autograd.Function):
     def forward(plan: Plan, options: Options, *tensors):
         runs = with_indices(plan) if plan.reduction.name in SELECTING else plan
         device = tensors[0].device if tensors else torch.device("cpu")
-        result = run(runs, [_to_numpy(t) for t in tensors], backend=options.backend, ranges=options.ranges,
-                     device_id=options.device_id, cluster=options.cluster)
+        # CUDA tensors go to the engine as they are: the cuda backend reads them in place and answers with CuPy
+        # arrays on the same device (wrapped back through DLPack); other backends copy them to the host.
+        arrays = [t.detach() if t.is_cuda else _to_numpy(t) for t in tensors]
+        result = run(runs, arrays, backend=options.backend, ranges=options.ranges, device_id=options.device_id,
+                     cluster=options.cluster)
         results = result if isinstance(result, tuple) else (result,)
-        return tuple(torch.from_numpy(np.ascontiguousarray(r)).to(device) for r in results)
+        return tuple(_to_tensor(r, device) for r in results)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -143,7 +146,8 @@ def vjp(plan: Plan, pos: int, tensors, cotangent, value, index, options: Options
         return torch.zeros_like(target)
     if isinstance(rule, ReducedGradient):
         return _reduced_vjp(rule, tensors, cotangent, value, options, target)
-    return _batched(plan, pos, tensors, lambda args, g, idx: _selected_vjp(rule, args, g, idx, pos),
+    pointwise = Options(options.backend, options.device_id, None, options.cluster)     # no ranges: one column
+    return _batched(plan, pos, tensors, lambda args, g, idx: _selected_vjp(rule, args, g, idx, pos, pointwise),
                     cotangent, index)
 
 
@@ -156,7 +160,7 @@ def _reduced_vjp(rule: ReducedGradient, tensors, cotangent, value, options: Opti
     return fit(result, target.shape)
 
 
-def _selected_vjp(rule, tensors, cotangent, index, pos):
+def _selected_vjp(rule, tensors, cotangent, index, pos, options: Options):
     """Evaluate Grad(f, v, e) at the (row, selected column) pairs, then add each pair's share where it belongs."""
     rows, slots = index.shape
     valid = index >= 0                                  # -1 marks a row that selected nothing (an empty range)
@@ -172,7 +176,7 @@ def _selected_vjp(rule, tensors, cotangent, index, pos):
     mask = component[:, None] == torch.arange(rule.fdim, device=index.device)[None, :]
     g = cotangent.reshape(rows, slots) * valid
     e = (g[:, :, None] * mask.to(g.dtype)).reshape(rows * slots, rule.fdim)
-    pairs = reduce(rule.plan, [*args, e.contiguous()])
+    pairs = reduce(rule.plan, [*args, e.contiguous()], options)
     pairs = pairs.reshape(rows * slots, -1)
     target = tensors[pos]
     if rule.role == "rows":
@@ -221,3 +225,9 @@ def _as_tensor(value) -> torch.Tensor:
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().resolve_conj().resolve_neg().numpy()
+
+
+def _to_tensor(result, device: torch.device) -> torch.Tensor:
+    if isinstance(result, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(result)).to(device)
+    return torch.from_dlpack(result)            # a CuPy array from the cuda backend: no copy
