@@ -92,15 +92,13 @@ def load(program: template.Program) -> ctypes.CDLL:
     return cache.load(source.replace("__restrict__", "__restrict"), FLAGS)
 
 
-def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int | None = None, acc=None):
+def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int | None = None):
     """What the CUDA backend computes for `plan` on `arrays` (as given by Plan.check_args): the finalized outputs
     (`final`) or the state slots, as numpy arrays. `splits` forces the 2D scheme's number of column spans."""
     dtype = arrays[0].dtype
-    program = template.build(plan, dtype, acc if acc is not None else plan.acc_dtype(dtype))
-    lib = load(program)
     inputs = {f"arg{spec.pos}": np.ascontiguousarray(a) for spec, a in zip(plan.args, arrays)}
 
-    def launch(step: template.Launch, buffers: dict) -> None:
+    def launch(program: template.Program, step: template.Launch, buffers: dict) -> None:
         keep, pointers = [], []
         for kind, value in step.args:
             if kind == "buffer":
@@ -111,8 +109,9 @@ def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int
                 keep.append(scalar)
                 pointers.append(ctypes.addressof(scalar))
         argv = (ctypes.c_void_p * len(pointers))(*pointers)
-        getattr(lib, f"emulate_{step.kernel}")(ctypes.c_uint(step.grid[0]), ctypes.c_uint(step.grid[1]),
-                                               ctypes.c_uint(step.block), ctypes.c_size_t(step.shared_bytes), argv)
+        getattr(load(program), f"emulate_{step.kernel}")(
+            ctypes.c_uint(step.grid[0]), ctypes.c_uint(step.grid[1]), ctypes.c_uint(step.block),
+            ctypes.c_size_t(step.shared_bytes), argv)
 
-    return template.execute(program, plan, inputs, rows, cols, sm_count=1, final=final,
+    return template.execute(plan, dtype, inputs, rows, cols, sm_count=1, final=final,
                             allocate=lambda shape, dt: np.zeros(shape, dt), launch=launch, splits=splits)

@@ -127,3 +127,39 @@ def test_large_dimensions_are_chunked(dim):
                 axis=1)
     want = (np.exp(-d2 / 100) - x @ y.T) @ b
     np.testing.assert_allclose(emulate(op, x, y, b, splits=2), want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", ["Sum", "Min_ArgMin", "KMin_ArgKMin", "LogSumExp", "Max_SumShiftExp",
+                                  "SumSoftMaxWeight", "Max_SumShiftExpWeight"])
+def test_large_outputs_run_as_slices_of_components(name):
+    """A state too large for registers (here 40 components) is computed slice by slice and joined: every family."""
+    rng = np.random.default_rng(8)
+    x, y, v = rand(rng, (30, 2), np.float64), rand(rng, (80, 2), np.float64), rand(rng, (80, 40), np.float64)
+    weighted = name in ("SumSoftMaxWeight", "Max_SumShiftExpWeight")
+    formula, formula2 = ("-SqDist(x, y)", "v") if weighted else ("Exp(-SqDist(x, y)) * v", None)
+    op = Genred(formula, ["x = Vi(2)", "y = Vj(2)", "v = Vj(40)"], reduction_op=name, axis=1, formula2=formula2,
+                opt_arg=3 if "KMin" in name else None)
+    assert len(emulation.template.component_groups(op.plan, np.float64, np.float64)) > 1
+    got = emulate(op, x, y, v, splits=2)
+    F = -((x[:, None] - y[None]) ** 2).sum(-1)
+    if weighted:
+        m = F.max(1, keepdims=True)
+        e = np.exp(F - m)
+        want = (e @ v / e.sum(1, keepdims=True) if name == "SumSoftMaxWeight" else np.concatenate([m, e @ v], 1))
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+        return
+    G = np.exp(F)[:, :, None] * v[None]
+    if name == "Sum":
+        want = G.sum(1)
+    elif name == "Min_ArgMin":
+        want = (G.min(1), G.argmin(1))
+    elif name == "KMin_ArgKMin":
+        order = np.argsort(G, axis=1, kind="stable")[:, :3, :]
+        want = (np.take_along_axis(G, order, 1).reshape(30, -1), order.reshape(30, -1))
+    elif name == "LogSumExp":
+        m = G.max(1)
+        want = m + np.log(np.exp(G - m[:, None]).sum(1))
+    else:
+        m = G.max(1)
+        want = np.concatenate([m, np.exp(G - m[:, None]).sum(1)], 1)
+    assert_close(got, want, np.float64)

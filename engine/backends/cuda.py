@@ -124,9 +124,16 @@ def _module(program: template.Program, device) -> object:
     return module
 
 
-@functools.lru_cache(maxsize=512)
-def _program(plan: Plan, dtype: str, acc: str) -> template.Program:
-    return template.build(plan, np.dtype(dtype), np.dtype(acc))
+_PROGRAMS: dict[tuple, template.Program] = {}
+
+
+def _program(plan: Plan, dtype, acc) -> template.Program:
+    """The generated module for (plan, dtype, acc), memoised by the plan's key (or the plan itself)."""
+    key = (plan.key or plan, np.dtype(dtype).name, np.dtype(acc).name)
+    program = _PROGRAMS.get(key)
+    if program is None:
+        program = _PROGRAMS[key] = template.build(plan, dtype, acc)
+    return program
 
 
 # The backend --------------------------------------------------------------------------------------------------
@@ -185,23 +192,20 @@ class CudaBackend(Backend):
         if self.device_id is None:          # not bound: called directly (cluster workers, ranges, tests)
             return self.bind(arrays)._run(plan, arrays, rows, cols, final)
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
-        program = _program(plan, dtype.name, plan.acc_dtype(dtype).name)
         with cp.cuda.Device(self.device_id) as device:
             stream = self.stream if self.stream is not None else cp.cuda.get_current_stream()
             with stream:
-                module = _module(program, device)
                 inputs = {f"arg{spec.pos}": cp.ascontiguousarray(cp.asarray(a)) for spec, a in zip(plan.args, arrays)}
-                sm_count = _sm_count(self.device_id)
 
-                def launch(step: template.Launch, buffers: dict) -> None:
-                    kernel = module.get_function(step.kernel)
+                def launch(program: template.Program, step: template.Launch, buffers: dict) -> None:
+                    kernel = _module(program, device).get_function(step.kernel)
                     if step.shared_bytes > template.SHARED_DEFAULT:
                         kernel.max_dynamic_shared_size_bytes = step.shared_bytes
                     kernel(step.grid, (step.block,), tuple(_argument(a, buffers) for a in step.args),
                            shared_mem=step.shared_bytes)
 
-                return template.execute(program, plan, inputs, rows, cols, sm_count, final,
-                                        allocate=cp.empty, launch=launch)
+                return template.execute(plan, dtype, inputs, rows, cols, _sm_count(self.device_id), final,
+                                        allocate=cp.empty, launch=launch, programs=_program)
 
 
 def _argument(arg, buffers):

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import re
 import threading
+from dataclasses import dataclass
 
 from ..errors import BackendError
 
@@ -71,10 +72,35 @@ def compile_source(source: str, arch: str = "sm_90", *, options: tuple[str, ...]
     with _MEMO_LOCK:
         image = _MEMO.get(key)
     if image is None:
-        image = _compile(source, arch, tuple(options), output, name)
+        image, _ = _compile(source, arch, tuple(options), output, name)
         with _MEMO_LOCK:
             _MEMO[key] = image
     return image
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What ptxas reports for one kernel: registers per thread and local memory (stack, spills) in bytes."""
+    registers: int
+    stack: int
+    spill_stores: int
+    spill_loads: int
+
+
+def resource_usage(source: str, arch: str = "sm_90") -> dict[str, Usage]:
+    """Registers and local memory of every kernel in `source`, from ptxas's verbose report (`-v`)."""
+    _, log = _compile(source, normalize_arch(arch), ("--ptxas-options=-v",), "cubin", "kred.cu")
+    usage, kernel, frame = {}, None, (0, 0, 0)
+    for line in log.splitlines():
+        if (match := re.search(r"Function properties for (\w+)", line)):
+            kernel = match.group(1)
+        elif kernel and (match := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
+                                             r"loads", line)):
+            frame = tuple(int(g) for g in match.groups())
+        elif kernel and (match := re.search(r"Used (\d+) registers", line)):
+            usage[kernel] = Usage(int(match.group(1)), *frame)
+            kernel = None
+    return usage
 
 
 def normalize_arch(arch) -> str:
@@ -86,7 +112,7 @@ def normalize_arch(arch) -> str:
     return f"sm_{match.group(1)}"
 
 
-def _compile(source: str, arch: str, options: tuple[str, ...], output: str, name: str) -> bytes:
+def _compile(source: str, arch: str, options: tuple[str, ...], output: str, name: str) -> tuple[bytes, str]:
     nvrtc = _module()
     target = arch if output == "cubin" else arch.replace("sm_", "compute_")
     flags = [f"--gpu-architecture={target}", *DEFAULT_OPTIONS, *options]
@@ -105,7 +131,8 @@ def _compile(source: str, arch: str, options: tuple[str, ...], output: str, name
         image = b" " * size
         (result,) = get(program, image)
         _check(nvrtc, result, get.__name__)
-        return image.rstrip(b"\0") if output == "ptx" else image      # PTX text comes NUL-terminated
+        image = image.rstrip(b"\0") if output == "ptx" else image     # PTX text comes NUL-terminated
+        return image, _log(nvrtc, program)
     finally:
         nvrtc.nvrtcDestroyProgram(program)
 

@@ -39,13 +39,14 @@ chunk size, whatever D is. See `_chunk_plan`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import BackendError
 from ..formula import I, J, P, Node, make
 from ..plan import Plan
+from ..reductions import bind
 from .emit import Emitter, depends_on, prelude
 from .steps import Slot, accumulate_steps, finalize_steps, init_steps, merge_steps, state_slots
 
@@ -498,6 +499,7 @@ def schedule(program: Program, plan: Plan, rows: tuple[int, int], cols: tuple[in
     if splits is None:
         splits = choose_splits(n, c1 - c0, program.block, sm_count, program.state_bytes_per_row())
     span = span_of(c1 - c0, splits, program.block)
+    splits = max(1, math.ceil((c1 - c0) / span))        # rounding spans up to whole tiles can leave fewer
     inputs = tuple(("buffer", f"arg{a.pos}") for a in plan.args)
     head = (("int64", r0), ("int64", n), ("int64", c0), ("int64", c1), ("int64", span))
     grid = (math.ceil(n / program.block), splits)
@@ -523,15 +525,85 @@ def _results(program: Program, n: int, final: bool) -> list[Buffer]:
     return [Buffer(f"state{s}", (n, slot.width), NUMPY_STATE[slot.ctype]) for s, slot in enumerate(program.slots)]
 
 
-def execute(program: Program, plan: Plan, inputs: dict, rows: tuple[int, int], cols: tuple[int, int], sm_count: int,
-            final: bool, allocate, launch, splits: int | None = None) -> list:
-    """Run the schedule with a device's `allocate(shape, dtype)` and `launch(Launch, buffers)`: the CUDA runtime
-    passes CuPy's, the CI emulation its own. Returns the result buffers (outputs, or state slots)."""
+def execute(plan: Plan, dtype, inputs: dict, rows: tuple[int, int], cols: tuple[int, int], sm_count: int,
+            final: bool, allocate, launch, programs=None, splits: int | None = None) -> list:
+    """Compute rows [r0, r1) of `plan` over columns [c0, c1) on a device given by `allocate(shape, dtype)` and
+    `launch(program, Launch, buffers)` — the CUDA runtime passes CuPy's, the CI emulation its own — with `programs(plan,
+    dtype, acc)` building (or fetching) the modules. Returns the outputs (`final`) or the state slots, as arrays.
+
+    A plan whose state is too large for registers runs as several plans over slices of its components (see
+    `component_groups`); their states are joined in the reduction's layout and finalized by the reduction itself."""
+    programs = programs or build
+    acc = plan.acc_dtype(dtype)
+    groups = component_groups(plan, dtype, acc)
+    if len(groups) == 1:
+        return _execute(programs(plan, dtype, acc), plan, inputs, rows, cols, sm_count, final, allocate, launch,
+                        splits)
+    parts = [_execute(programs(group, dtype, acc), group, inputs, rows, cols, sm_count, False, allocate, launch,
+                      splits) for group in groups]
+    n = rows[1] - rows[0]
+    state = []
+    for s, like in enumerate(plan.reduction.identity(0, dtype, acc)):
+        slots = [part[s].reshape((n,) + shaped.shape[1:]) for part, shaped in
+                 zip(parts, (g.reduction.identity(0, dtype, acc)[s] for g in groups))]
+        if slots[0].shape[1:] == like.shape[1:]:        # not split: the same in every group (LSE's max of weights)
+            state.append(slots[0])
+        else:                                           # components are the last axis of every layout
+            state.append(np.concatenate(slots, axis=-1))
+    if not final:
+        return [slot.reshape(n, -1) for slot in state]
+    result = plan.reduction.finalize(tuple(state), np.dtype(dtype))
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+def _execute(program: Program, plan: Plan, inputs, rows, cols, sm_count, final, allocate, launch, splits) -> list:
     launches, buffers = schedule(program, plan, rows, cols, sm_count, final, splits)
     arrays = dict(inputs)
     for buffer in buffers:
         arrays[buffer.name] = allocate(buffer.shape, program.dtype_of(buffer.kind))
     for step in launches:
-        launch(step, arrays)
+        launch(program, step, arrays)
     count = len(program.outputs) if final else len(program.slots)
     return [arrays[buffer.name] for buffer in buffers[:count]]
+
+
+# Large states ----------------------------------------------------------------------------------------------
+
+STATE_REGISTERS = 64            # 32-bit registers a thread may spend on reduction state (running + tile)
+
+
+def state_registers(plan: Plan, dtype, acc) -> int:
+    """Registers the per-thread state of `plan` takes: the running state, plus the tile state of block sums."""
+    real = np.dtype(REAL[np.dtype(dtype).name])
+    words = {"kred_acc": np.dtype(acc).itemsize // 4, "kred_real": real.itemsize // 4, "kred_index": 2}
+    slots = state_slots(plan.reduction)
+    block_sums = np.dtype(acc) != real and any(slot.ctype == "kred_acc" for slot in slots)
+    running = sum(slot.width * words[slot.ctype] for slot in slots)
+    tile = sum(slot.width * (real.itemsize // 4 if slot.ctype == "kred_acc" else words[slot.ctype])
+               for slot in slots) if block_sums else 0
+    return running + tile
+
+
+def component_groups(plan: Plan, dtype, acc) -> list[Plan]:
+    """`plan` alone when its state fits in `STATE_REGISTERS`; else plans over consecutive slices of its formula's
+    components (formula2's for the weighted reductions), each small enough. Every reduction works component by
+    component, so the slices' states join along the component axis. The formula's shared work (the exponential of
+    a Gaussian kernel...) is recomputed per slice: a few instructions, against spilling the state to memory."""
+    if state_registers(plan, dtype, acc) <= STATE_REGISTERS:
+        return [plan]
+    weighted = plan.formula2 is not None
+    whole = plan.formula2 if weighted else plan.formula
+    if whole.dim == 1:
+        return [plan]
+
+    def sliced(start: int, width: int) -> Plan:
+        part = make("Extract", (whole,), (start, width))
+        formula, formula2 = (plan.formula, part) if weighted else (part, plan.formula2)
+        reduction = bind(plan.reduction.name, formula.dim, formula2.dim if weighted else None, plan.reduction.k)
+        return replace(plan, formula=formula, formula2=formula2, reduction=reduction,
+                       key=f"{plan.key}|components {start}+{width}" if plan.key else "")
+
+    one, two = (state_registers(sliced(0, w), dtype, acc) for w in (1, 2))
+    per, fixed = two - one, 2 * one - two
+    width = max(1, (STATE_REGISTERS - fixed) // max(per, 1))
+    return [sliced(start, min(width, whole.dim - start)) for start in range(0, whole.dim, width)]
