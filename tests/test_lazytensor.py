@@ -239,7 +239,7 @@ def test_pykeops_output_shapes_and_dtypes():
     assert Pm(P3).sum(dim=1, backend="reference").shape == (1, 3)
     # Pm of a (1, D) array is one parameter; of a (B, D) array, a batch of them.
     assert (x_i * Pm(P3[None])).sum(dim=1, backend="reference").shape == (N, 3)
-    assert (x_i * Pm(np.stack([P3, 2 * P3]))).sum(dim=1, backend="reference").shape == (2, N, 3)
+    assert (x_i * Pm(np.stack([P3, 2 * P3]))).sum(dim=2, backend="reference").shape == (2, N, 3)
 
 
 # Linear algebra ------------------------------------------------------------------------------------------------
