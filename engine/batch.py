@@ -57,7 +57,8 @@ def stack_items(batch: tuple[int, ...], results: list):
 def _leading_shapes(plan, args) -> list[tuple[int, ...]]:
     leads = []
     for spec, value in zip(plan.args, args):
-        shape = tuple(getattr(value, "shape", np.shape(value)))
+        shape = getattr(value, "shape", None)
+        shape = tuple(shape) if shape is not None else np.shape(value)
         if spec.cat == P:
             lead = shape[:-1] if len(shape) >= 2 and shape != (1, spec.dim) else ()
         else:

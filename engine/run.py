@@ -51,7 +51,7 @@ def run(plan: Plan, args, backend: str = "auto", out=None, ranges=None, device_i
 def _resolve(backend: str, args) -> str:
     """The backend's name; "auto" with arrays already on a GPU means cuda (they stay there)."""
     name = backend_name(backend)
-    if name == "auto" and any(on_gpu(a) for a in args):
+    if name == "auto" and any(type(a) is not np.ndarray and on_gpu(a) for a in args):   # numpy: skip the probe
         return "cuda"
     return name
 

@@ -14,8 +14,7 @@ import weakref
 
 import numpy as np
 
-from ..codegen.cpu import LANES, column_bytes, cpu_source, strategy
-from ..codegen.cpu import L1_TILE_BYTES
+from ..codegen.cpu import L1_TILE_BYTES, LANES, SMALL_WORK, column_bytes, cpu_source, strategy
 from ..errors import BackendError
 from ..reductions import INDEX_DTYPE
 from . import cache
@@ -27,6 +26,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu99", "
          "-fno-trapping-math", "-ffp-contract=fast", "-w")
 LIBS = ("-lm",)
 ROW_BLOCK = 32
+_CHAR = ctypes.c_char
 _NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong,
              ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
@@ -67,6 +67,7 @@ class _Kernel:
         self.tile = max(LANES, L1_TILE_BYTES // column_bytes(plan, dtype.itemsize) // LANES * LANES)
         self.nargs = plan.nargs
         self.pointers = ctypes.c_void_p * max(1, plan.nargs)
+        self.out_pointers = {False: ctypes.c_void_p * len(self.state_specs), True: ctypes.c_void_p * len(self.output_specs)}
 
     def __call__(self, arrays, rows, cols, finalize: bool, threads: int, parts: int | None = None):
         (r0, r1), (c0, c1) = rows, cols
@@ -76,13 +77,21 @@ class _Kernel:
         if n == 0:
             return outs
         if parts is None:
-            parts = split_columns(n, m, threads)
-        args = self.pointers(*[a.ctypes.data for a in arrays])
-        out_pointers = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
+            parts = 1 if threads == 1 or n * m <= SMALL_WORK else split_columns(n, m, threads)
+        args = self.pointers(*map(_address, arrays))
+        out_pointers = self.out_pointers[finalize](*map(_address, outs))
         failed = self.run(args, r0, r1, c0, c1, out_pointers, int(finalize), parts, threads, ROW_BLOCK, self.tile)
         if failed:
             raise MemoryError("the CPU kernel could not allocate its work buffers")
         return outs
+
+
+def _address(array: np.ndarray) -> int:
+    """The data pointer of a contiguous array (c_char.from_buffer is 3x faster than array.ctypes.data)."""
+    try:
+        return ctypes.addressof(_CHAR.from_buffer(array))
+    except (TypeError, ValueError):        # read-only or empty
+        return array.ctypes.data
 
 
 def split_columns(n: int, m: int, threads: int) -> int:

@@ -30,6 +30,8 @@ the dimension (ROWS rows x LANES columns of accumulators, GEMM-like) instead of 
 """
 from __future__ import annotations
 
+import re
+
 from ..formula import I, J, P, Node, make
 from ..plan import Plan
 from .emit import Emitter, accumulate_steps, finalize_steps, init_steps, merge_steps, prelude, state_slots
@@ -39,6 +41,7 @@ LANES = 16          # columns per SIMD chunk: one AVX-512 register of float32, t
 ROWS = 4            # rows per register-blocked group
 L1_TILE_BYTES = 16384
 DOT_MIN_DIM = 16
+SMALL_WORK = 32768  # pairs below which one thread does everything (starting threads costs more)
 
 
 def strategy(plan: Plan) -> str:
@@ -249,55 +252,35 @@ class _Driver:
         lines += ["for (long long jj = jt; jj < jend; jj += KRED_LANES) {"] + _indent(chunk) + ["}"]
         return ["{"] + _indent(lines) + ["}"]
 
-    # The function ---------------------------------------------------------------------------------------------
+    # The functions ------------------------------------------------------------------------------------------
     def function(self) -> str:
+        """`kred_blocks` (what each thread runs: its share of the tasks) and `kred_run` (copies, threads, merge).
+
+        Small problems call kred_blocks directly: entering even an `if(0)` OpenMP region costs about a microsecond,
+        which matters for the warm-call latency."""
         plan, slots = self.plan, self.slots
         self._outer = Emitter(self._load_outer, prefix="o", copy_vars=True)
         for node in self.outer_nodes:
             self._outer.emit(node)
         columns = [a for a in plan.args if a.role == J]
         per_row = LANES if self.lanes else 1
-        body = [f"const kred_real *restrict a{a.pos} = (const kred_real *)args[{a.pos}];" for a in plan.args]
-        body += ["const long long n = r1 - r0, mc = c1 - c0;",
-                 "const long long mp = (mc + KRED_LANES - 1) / KRED_LANES * KRED_LANES;   /* padded columns */",
-                 "const long long work = n * (mc > 0 ? mc : 1);",
-                 "int failed = 0;"]
-        # column variables, transposed and zero-padded: t[k * mp + (j - c0)]; squared norms nn[j - c0]
-        for a in columns:
-            body += [f"kred_real *restrict t{a.pos} = (kred_real *)calloc((size_t)({a.dim} * mp + KRED_LANES), "
-                     "sizeof(kred_real));", f"if (!t{a.pos}) failed = 1;"]
-        for y in self.norms:
-            body += [f"kred_real *restrict nn{y.params[0]} = (kred_real *)calloc((size_t)(mp + KRED_LANES), "
-                     "sizeof(kred_real));", f"if (!nn{y.params[0]}) failed = 1;"]
-        if columns:
-            body += ["if (!failed) {",
-                     "    #pragma omp parallel for num_threads(nthreads) schedule(static) if (work > 65536)",
-                     "    for (long long j = 0; j < mc; j++) {"]
-            for a in columns:
-                if a.dim == 1:
-                    body.append(f"        t{a.pos}[j] = a{a.pos}[c0 + j];")
-                else:
-                    body.append(f"        for (int k = 0; k < {a.dim}; k++) t{a.pos}[k * mp + j] = a{a.pos}[(c0 + j) * {a.dim} + k];")
-            for y in self.norms:
-                pos = y.params[0]
-                body += [f"        kred_real sq = 0;",
-                         f"        for (int k = 0; k < {y.dim}; k++) sq += t{pos}[k * mp + j] * t{pos}[k * mp + j];",
-                         f"        nn{pos}[j] = sq;"]
-            body += ["    }", "}"]
-        # states of the column parts (2D split)
-        body += [f"{slot.ctype} *restrict q{s} = NULL;" for s, slot in enumerate(slots)]
-        body.append("if (nparts > 1) {")
-        for s, slot in enumerate(slots):
-            body += [f"    q{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * (size_t)(nparts * n * {slot.width} + 1));",
-                     f"    if (!q{s}) failed = 1;"]
-        body += ["}", "const long long nblocks = (n + rb - 1) / rb;",
-                 "if (!failed) {",
-                 "#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && work > 32768)",
-                 "{"]
-        par = [f"{slot.ctype} *restrict s{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * "
-               f"(size_t)(rb * {slot.width} * {per_row}));" for s, slot in enumerate(slots)]
+        # what kred_blocks receives from kred_run
+        shared = [f"const kred_real *restrict a{a.pos}" for a in plan.args]
+        shared += [f"const kred_real *restrict t{a.pos}" for a in columns]
+        shared += [f"const kred_real *restrict nn{y.params[0]}" for y in self.norms]
+        shared += [f"{slot.ctype} *restrict q{s}" for s, slot in enumerate(slots)]
+        shared += ["void *const *outs", "const int finalize", "const int nparts", "const long long r0",
+                   "const long long r1", "const long long c0", "const long long c1", "const long long rb",
+                   "const long long tj", "int *failed"]
+        names = [re.findall(r"\w+", decl)[-1] for decl in shared]
+
+        par = ["const long long n = r1 - r0, mc = c1 - c0;",
+               "const long long mp = (mc + KRED_LANES - 1) / KRED_LANES * KRED_LANES;",
+               "const long long nblocks = (n + rb - 1) / rb;"]
+        par += [f"{slot.ctype} *restrict s{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * "
+                f"(size_t)(rb * {slot.width} * {per_row}));" for s, slot in enumerate(slots)]
         par += ["const int ok = " + " && ".join(f"s{s} != NULL" for s in range(len(slots))) + ";",
-                "if (!ok) {", "    #pragma omp atomic write", "    failed = 1;", "}"]
+                "if (!ok) {", "    #pragma omp atomic write", "    *failed = 1;", "}"]
         par += self._outer.lines
         par += ["#pragma omp for schedule(dynamic, 1)",
                 "for (long long task = 0; task < nblocks * nparts; task++) {"]
@@ -331,7 +314,46 @@ class _Driver:
         task += _indent(row) + ["}"]
         par += _indent(task) + ["}"]
         par += [f"free(s{s});" for s in range(len(slots))]
-        body += _indent(par) + ["}", "}"]
+        blocks = ["static void kred_blocks(" + ", ".join(shared) + ")", "{"] + _indent(par) + ["}"]
+
+        body = [f"const kred_real *restrict a{a.pos} = (const kred_real *)args[{a.pos}];" for a in plan.args]
+        body += ["const long long n = r1 - r0, mc = c1 - c0;",
+                 "const long long mp = (mc + KRED_LANES - 1) / KRED_LANES * KRED_LANES;   /* padded columns */",
+                 f"const int parallel = nthreads > 1 && n * (mc > 0 ? mc : 1) > {SMALL_WORK};",
+                 "int failed = 0;"]
+        # column variables, transposed and zero-padded: t[k * mp + (j - c0)]; squared norms nn[j - c0]
+        for a in columns:
+            body += [f"kred_real *restrict t{a.pos} = (kred_real *)calloc((size_t)({a.dim} * mp + KRED_LANES), "
+                     "sizeof(kred_real));", f"if (!t{a.pos}) failed = 1;"]
+        for y in self.norms:
+            body += [f"kred_real *restrict nn{y.params[0]} = (kred_real *)calloc((size_t)(mp + KRED_LANES), "
+                     "sizeof(kred_real));", f"if (!nn{y.params[0]}) failed = 1;"]
+        if columns:
+            copy = ["for (long long j = 0; j < mc; j++) {"]
+            for a in columns:
+                if a.dim == 1:
+                    copy.append(f"    t{a.pos}[j] = a{a.pos}[c0 + j];")
+                else:
+                    copy.append(f"    for (int k = 0; k < {a.dim}; k++) t{a.pos}[k * mp + j] = a{a.pos}[(c0 + j) * {a.dim} + k];")
+            for y in self.norms:
+                pos = y.params[0]
+                copy += ["    kred_real sq = 0;",
+                         f"    for (int k = 0; k < {y.dim}; k++) sq += t{pos}[k * mp + j] * t{pos}[k * mp + j];",
+                         f"    nn{pos}[j] = sq;"]
+            copy += ["}"]
+            body += ["if (failed) {",
+                     "} else if (parallel) {",
+                     "    #pragma omp parallel for num_threads(nthreads) schedule(static)"] + _indent(copy) + \
+                    ["} else {"] + _indent(copy) + ["}"]
+        # states of the column parts (2D split)
+        body += [f"{slot.ctype} *restrict q{s} = NULL;" for s, slot in enumerate(slots)]
+        body.append("if (nparts > 1) {")
+        for s, slot in enumerate(slots):
+            body += [f"    q{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * (size_t)(nparts * n * {slot.width} + 1));",
+                     f"    if (!q{s}) failed = 1;"]
+        call = "kred_blocks(" + ", ".join("&failed" if name == "failed" else name for name in names) + ");"
+        body += ["}", "if (failed) {", "} else if (parallel) {", "    #pragma omp parallel num_threads(nthreads)",
+                 "    " + call, "} else {", "    " + call, "}"]
         # merge the column parts
         merge = ["for (long long part = 1; part < nparts; part++) {"]
         merge += _indent(merge_steps(self.reduction, self._part_state("0"), self._part_state("part"))) + ["}"]
@@ -344,4 +366,4 @@ class _Driver:
         head = ["int kred_run(void *const *args, const long long r0, const long long r1, const long long c0,",
                 "             const long long c1, void *const *outs, const int finalize, const int nparts,",
                 "             const int nthreads, const long long rb, const long long tj)", "{"]
-        return "\n".join(head + _indent(body) + ["}"]) + "\n"
+        return "\n".join(blocks + [""] + head + _indent(body) + ["}"]) + "\n"
