@@ -93,7 +93,8 @@ class Plan:
 
 
 def _as_array(spec: ArgSpec, value, xp=np, dtypes=DTYPES) -> np.ndarray:
-    if type(value) is not np.ndarray and hasattr(value, "detach") and hasattr(value, "cpu"):       # a torch tensor: a CUDA one stays put for CuPy
+    # a torch tensor (the type test first: hasattr on a numpy array is slow): a CUDA one stays put for CuPy
+    if type(value) is not np.ndarray and hasattr(value, "detach") and hasattr(value, "cpu"):
         value = value.detach()
         if xp is np or not value.is_cuda:
             value = value.cpu().numpy()
