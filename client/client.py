@@ -19,6 +19,7 @@ import functools
 import hashlib
 import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Generator
@@ -32,6 +33,9 @@ from service.shm import Segment, SegmentPool, aligned, pack, packed_size
 from .errors import RemoteError, raise_for
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# Headers and body leave in separate writes: without TCP_NODELAY, Nagle's algorithm holds the body back until the
+# server's delayed ACK of the headers (tens of ms per call).
+NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 FINISHED = ("done", "failed", "cancelled")
 Flow = Generator["Call", httpx.Response, Any]
 
@@ -190,16 +194,24 @@ def _send_kwargs(call: Call, headers: dict, asynchronous: bool = False) -> dict:
     if call.json is not None:
         kwargs["json"] = call.json
     elif isinstance(call.content, memoryview):
-        # Handed to httpx as a one-chunk stream, so the (possibly 100 MB) body is not copied into a bytes object.
-        kwargs["content"] = _one_chunk(call.content) if asynchronous else [call.content]
+        # Streamed in 1 MiB slices of the encoded body: never copied whole, and httpcore's sync writer, which
+        # re-slices (copies) what is left of a chunk after every partial send, stays linear.
+        chunks = chunked(call.content)
+        kwargs["content"] = _async_chunks(chunks) if asynchronous else chunks
         kwargs["headers"] = kwargs["headers"] | {"Content-Length": str(call.content.nbytes)}
     elif call.content is not None:
         kwargs["content"] = call.content
     return kwargs
 
 
-async def _one_chunk(chunk):
-    yield chunk
+def chunked(view: memoryview, size: int = 1 << 20) -> list[memoryview]:
+    view = view.cast("B")
+    return [view[k:k + size] for k in range(0, len(view), size)] or [view]
+
+
+async def _async_chunks(chunks):
+    for chunk in chunks:
+        yield chunk
 
 
 def _retryable(error: Exception, call: Call) -> bool:
@@ -222,8 +234,8 @@ class Client:
         token = token if token is not None else os.environ.get("KRED_TOKEN")
         self._flows = _Flows(url, token, transport)
         self.retries = retries
-        self.http = httpx.Client(base_url=self._flows.url, transport=http_transport,
-                                 timeout=httpx.Timeout(timeout, connect=10.0))
+        self.http = httpx.Client(base_url=self._flows.url, transport=http_transport or httpx.HTTPTransport(
+                                 socket_options=NO_DELAY), timeout=httpx.Timeout(timeout, connect=10.0))
 
     # Driving flows --------------------------------------------------------------------------------------
     def _send(self, call: Call) -> httpx.Response:
@@ -399,8 +411,8 @@ class AsyncClient:
         token = token if token is not None else os.environ.get("KRED_TOKEN")
         self._flows = _Flows(url, token, transport)
         self.retries = retries
-        self.http = httpx.AsyncClient(base_url=self._flows.url, transport=http_transport,
-                                      timeout=httpx.Timeout(timeout, connect=10.0))
+        self.http = httpx.AsyncClient(base_url=self._flows.url, transport=http_transport or httpx.AsyncHTTPTransport(
+                                      socket_options=NO_DELAY), timeout=httpx.Timeout(timeout, connect=10.0))
 
     async def _send(self, call: Call) -> httpx.Response:
         for attempt in range(self.retries + 1):
