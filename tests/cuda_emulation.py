@@ -115,3 +115,68 @@ def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int
 
     return template.execute(plan, dtype, inputs, rows, cols, sm_count=1, final=final,
                             allocate=lambda shape, dt: np.zeros(shape, dt), launch=launch, splits=splits)
+
+
+# A stand-in for CuPy, so that the CUDA runtime (engine/backends/cuda.py) runs end to end on the CPU ---------------
+
+class FakeCupy:
+    """Just enough of CuPy for engine.backends.cuda: "device" arrays are numpy arrays, the one "device" reports
+    compute capability 9.0 and `sm_count` multiprocessors, and `RawModule(path=cubin)` — the cubin NVRTC really
+    built — runs the kernels of the source cached next to it through the emulation above."""
+
+    def __init__(self, sm_count: int = 4):
+        import contextlib
+        import types
+
+        self.launches: list[tuple] = []
+        self.asarray, self.ascontiguousarray, self.empty = np.asarray, np.ascontiguousarray, np.empty
+        self.ndarray = np.ndarray
+        runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1,
+                                        getDeviceProperties=lambda device: {"multiProcessorCount": sm_count})
+        device = types.SimpleNamespace(id=0, compute_capability="90")
+        self.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda index: contextlib.nullcontext(device),
+                                          get_current_stream=contextlib.nullcontext)
+        self.RawModule = lambda path: _FakeModule(path, self.launches)
+
+
+class _FakeModule:
+    def __init__(self, path, launches):
+        from pathlib import Path
+        path = Path(path)
+        assert path.suffix == ".cubin" and path.stat().st_size > 0
+        self.source = (path.parent / (path.name.split(".")[0] + ".cu")).read_text()
+        self.launches = launches
+
+    def get_function(self, name):
+        return _FakeKernel(self, name)
+
+
+class _FakeKernel:
+    max_dynamic_shared_size_bytes = 0
+
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        keep, pointers = [], []
+        for arg in args:
+            if isinstance(arg, np.ndarray):
+                pointers.append(arg.ctypes.data if arg.size else 0)
+            else:
+                scalar = (ctypes.c_longlong if arg.dtype == np.int64 else ctypes.c_int)(int(arg))
+                keep.append(scalar)
+                pointers.append(ctypes.addressof(scalar))
+        self.module.launches.append((self.name, tuple(grid), tuple(block), shared_mem))
+        argv = (ctypes.c_void_p * len(pointers))(*pointers)
+        getattr(_load_source(self.module.source), f"emulate_{self.name}")(
+            ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block[0]), ctypes.c_size_t(shared_mem), argv)
+
+
+_KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(\n(.*?)\)\n\{', re.S)
+
+
+def _load_source(source: str) -> ctypes.CDLL:
+    """The emulated module of a generated source, its kernels' parameters read back from the source."""
+    signatures = {name: [p.strip() for p in params.split(",\n")] for name, params in _KERNEL.findall(source)}
+    text = HEADER + source + "\n" + "".join(_wrapper(n, p) for n, p in signatures.items())
+    return cache.load(text.replace("__restrict__", "__restrict"), FLAGS)

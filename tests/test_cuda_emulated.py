@@ -163,3 +163,60 @@ def test_large_outputs_run_as_slices_of_components(name):
         m = G.max(1)
         want = np.concatenate([m, np.exp(G - m[:, None]).sum(1)], 1)
     assert_close(got, want, np.float64)
+
+
+# The CUDA runtime end to end, with CuPy replaced by the emulation (real NVRTC cubins in a real disk cache) --------
+
+@pytest.fixture
+def emulated_gpu(monkeypatch, tmp_path):
+    from engine import backends
+    from engine.backends import cuda
+
+    fake = emulation.FakeCupy(sm_count=4)
+    monkeypatch.setenv("KRED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda, "_cupy", lambda: fake)
+    monkeypatch.setattr(cuda, "gpu_count", lambda: 1)
+    monkeypatch.setattr(cuda, "_MODULES", {})
+    cuda._sm_count.cache_clear()
+    backends._instance.cache_clear()
+    yield fake
+    backends._instance.cache_clear()
+    cuda._sm_count.cache_clear()
+
+
+def test_runtime_reduce_partial_and_cache(emulated_gpu, tmp_path):
+    from engine.backends import get_backend
+
+    rng = np.random.default_rng(9)
+    x, y, b = rand(rng, (300, 3), np.float32), rand(rng, (9000, 3), np.float32), rand(rng, (9000, 2), np.float32)
+    op = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(2)"], axis=1)
+    got = op(x, y, b, backend="cuda")                                   # numpy in, numpy out
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    want = np.exp(-((x[:, None].astype(np.float64) - y[None]) ** 2).sum(-1)) @ b.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # 2 row-blocks on 4 "SMs": the 2D rule splits the columns (36 tiles) into 8 spans, then merges
+    assert emulated_gpu.launches[0][1] == (2, 8)
+    assert [name for name, *_ in emulated_gpu.launches] == ["kred_state", "kred_merge_final"]
+    assert len(list((tmp_path / "cuda").glob("*.sm_90.cubin"))) == 1       # compiled by NVRTC, cached on disk
+
+    arrays, dtype, n, m = op.plan.check_args([x, y, b])
+    state = get_backend("cuda").partial(op.plan, arrays, (10, 20), (100, 1500))
+    like = get_backend("reference").partial(op.plan, arrays, (10, 20), (100, 1500))
+    assert [s.dtype for s in state] == [s.dtype for s in like] and [s.shape for s in state] == [s.shape for s in like]
+    np.testing.assert_allclose(state[0], like[0], rtol=1e-5, atol=1e-5 * np.abs(like[0]).max())
+
+
+def test_runtime_large_state_and_float16(emulated_gpu):
+    rng = np.random.default_rng(10)
+    x, y = rand(rng, (50, 2), np.float64), rand(rng, (300, 2), np.float64)
+    op = Genred("SqDist(x, y)", ["x = Vi(2)", "y = Vj(2)"], reduction_op="KMin_ArgKMin", axis=0, opt_arg=20)
+    values, index = op(x, y, backend="cuda")                          # K = 20: the state is sliced (axis 0)
+    d2 = ((x[:, None] - y[None]) ** 2).sum(-1).T
+    order = np.argsort(d2, axis=1, kind="stable")[:, :20]
+    np.testing.assert_array_equal(index, order)
+    np.testing.assert_allclose(values, np.take_along_axis(d2, order, 1), rtol=1e-12)
+    h = [a.astype(np.float16) for a in (x, y)]
+    got = Genred("Exp(-SqDist(x, y))", ["x = Vi(2)", "y = Vj(2)"], axis=1)(*h, backend="cuda")
+    assert got.dtype == np.float16
+    want = np.exp(-((h[0][:, None].astype(np.float64) - h[1][None]) ** 2).sum(-1)).sum(1, keepdims=True)
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=1e-2)
