@@ -472,3 +472,18 @@ def test_torch_operators_matmul_and_solve():
     dense_grads = torch.autograd.grad(expected.sum(), (xr, rhs))
     for got, want in zip(grads, dense_grads):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.gpu
+def test_torch_cuda_tensors_stay_on_the_device():
+    x = torch.tensor(X, device="cuda", requires_grad=True)
+    y = torch.tensor(Y, device="cuda")
+    x_i, y_j = TorchLazyTensor(x[:, None, :]), TorchLazyTensor(y[None, :, :])
+    a = (-((x_i - y_j) ** 2).sum(-1)).exp().sum(dim=1, backend="cuda")
+    dense = torch.exp(-((x[:, None] - y[None]) ** 2).sum(-1)).sum(1, keepdim=True)
+    assert a.device == x.device
+    torch.testing.assert_close(a, dense)
+    g, = torch.autograd.grad(a.sum(), x)
+    g_dense, = torch.autograd.grad(dense.sum(), x)
+    assert g.device == x.device
+    torch.testing.assert_close(g, g_dense)
