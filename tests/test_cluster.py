@@ -80,6 +80,27 @@ def test_split_prefers_rows_and_splits_columns_when_rows_are_few():
         make_shards(10, 10, (0, 1))
 
 
+def test_worker_layout_over_nodes():
+    from engine.cluster.workers import layout
+    a, b, c = ("a" * 56, "b" * 56, "c" * 56)                  # node ids are hex strings
+    nodes = [{"NodeID": a, "Alive": True, "Resources": {"CPU": 4.0, "GPU": 2.0}},
+             {"NodeID": b, "Alive": True, "Resources": {"CPU": 8.0}},
+             {"NodeID": c, "Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    gpus = layout(nodes)                                    # auto: a live node has GPUs
+    assert [(s.options["num_gpus"], s.options["num_cpus"], s.options["scheduling_strategy"].node_id)
+            for s in gpus] == [(1, 0, a), (1, 0, a)]
+    per_node = layout(nodes, device="cpu")
+    assert [(s.threads, s.options["num_cpus"], s.options["scheduling_strategy"].node_id) for s in per_node] == \
+        [(4, 4, a), (8, 8, b)]
+    assert [s.threads for s in layout(nodes, device="cpu", threads=2)] == [2] * 6
+    counted = layout(nodes, device="cpu", workers=3)
+    assert [(s.threads, s.options["scheduling_strategy"]) for s in counted] == [(4, "SPREAD")] * 3
+    with pytest.raises(BackendError, match="no node of the Ray cluster has a 'accel' resource"):
+        layout(nodes, device="gpu", resource="accel")
+    with pytest.raises(BackendError, match="device must be"):
+        layout(nodes, device="tpu")
+
+
 # Results ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("axis", [0, 1])
