@@ -7,6 +7,8 @@ jobs a previous server left unfinished; shutdown stops the job workers and the e
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from contextlib import asynccontextmanager
 
 import anyio
@@ -28,6 +30,18 @@ from .store import JobStore
 log = logging.getLogger("kred.service")
 
 
+def _start_executor(settings: Settings) -> Executor:
+    """The configured executor. `ray.init` replaces the SIGTERM handler with one that exits on the spot; the server's
+    own is put back so that SIGTERM (docker stop, Kubernetes) still shuts it down gracefully."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if in_main else None
+    try:
+        return make_executor(settings.executor, settings.backend, settings.ray_address)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def create_app(settings: Settings | None = None, executor: Executor | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -35,8 +49,7 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         own_executor = executor is None
-        runner = make_executor(settings.executor, settings.backend, settings.ray_address) if own_executor \
-            else executor
+        runner = _start_executor(settings) if own_executor else executor
         store = JobStore(settings.store_dir)
         planner = Planner(settings)
         manager = JobManager(store, planner, runner, settings, metrics)
