@@ -349,26 +349,39 @@ class _Generator:
         return lines, Emitter(self._load, prefix="v", known=known)
 
     def _chunk_pass(self) -> list[str]:
-        """Partial sums of the chunked nodes for every column of the tile (see `_chunk_plan`)."""
+        """Partial sums of the chunked nodes for every column of the tile (see `_chunk_plan`): a loop over the
+        full chunks of `CHUNK` components, then the remaining components, each unrolled without bounds tests."""
         lines: list[str] = []
         for index, chunk in enumerate(self.chunks):
             base = self.chunk_offset + index * self.block * self.block
             lines.append(f"for (int jj = 0; jj < count; jj++) tile[{base} + jj * {self.block} + threadIdx.x] = 0;")
-            lines.append(f"for (int k0 = 0; k0 < {chunk.dim}; k0 += {CHUNK}) {{")
-            lines.append(f"    const int kn = {chunk.dim} - k0 < {CHUNK} ? {chunk.dim} - k0 : {CHUNK};")
-            # i- and parameter components of this chunk into registers, then the chunk's elementwise body
-            for pos, dim in chunk.i_vars:
-                lines.append(f"    kred_real c{pos}[{CHUNK}];")
-                lines.append(f"    #pragma unroll\n    for (int k = 0; k < {CHUNK}; k++) "
-                             f"c{pos}[k] = k < kn ? {self._chunk_load(pos, dim, cat=I, k='k0 + k')} : (kred_real)0;")
-            lines.append("    for (int jj = 0; jj < count; jj++) {")
-            lines.append("        kred_real acc = 0;")
-            lines.append(f"        #pragma unroll\n        for (int k = 0; k < {CHUNK}; k++) {{")
-            emitter = Emitter(lambda node, k: self._chunk_var(node, chunk), prefix="w")
-            (term,) = emitter.emit(chunk.term)
-            lines += ["            " + line for line in emitter.lines]
-            lines.append(f"            acc += k < kn ? {term} : (kred_real)0;")
-            lines += ["        }", f"        tile[{base} + jj * {self.block} + threadIdx.x] += acc;", "    }", "}"]
+            full, rest = chunk.dim - chunk.dim % CHUNK, chunk.dim % CHUNK
+            if full:
+                lines.append(f"for (int k0 = 0; k0 < {full}; k0 += {CHUNK}) {{")
+                lines += ["    " + line for line in self._chunk_block(chunk, base, CHUNK)]
+                lines.append("}")
+            if rest:
+                lines.append("{")
+                lines.append(f"    const int k0 = {full};")
+                lines += ["    " + line for line in self._chunk_block(chunk, base, rest)]
+                lines.append("}")
+        return lines
+
+    def _chunk_block(self, chunk, base: int, width: int) -> list[str]:
+        """Components [k0, k0 + width) of a chunked Sum, for every column of the tile."""
+        lines = []
+        for pos, dim in chunk.i_vars:         # this chunk of each i-variable, in registers
+            lines.append(f"kred_real c{pos}[{width}];")
+            lines.append(f"#pragma unroll\nfor (int k = 0; k < {width}; k++) "
+                         f"c{pos}[k] = {self._chunk_load(pos, dim, cat=I, k='k0 + k')};")
+        lines.append("for (int jj = 0; jj < count; jj++) {")
+        lines.append("    kred_real acc = 0;")
+        lines.append(f"    #pragma unroll\n    for (int k = 0; k < {width}; k++) {{")
+        emitter = Emitter(lambda node, k: self._chunk_var(node, chunk), prefix="w")
+        (term,) = emitter.emit(chunk.term)
+        lines += ["        " + line for line in emitter.lines]
+        lines.append(f"        acc += {term};")
+        lines += ["    }", f"    tile[{base} + jj * {self.block} + threadIdx.x] += acc;", "}"]
         return lines
 
     def _chunk_load(self, pos: int, dim: int, cat: int, k: str) -> str:
