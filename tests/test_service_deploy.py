@@ -64,3 +64,11 @@ def test_serve_refuses_a_public_address_without_a_token(tmp_path):
     result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--executor", "local",
                                       "--store-dir", str(tmp_path)])
     assert result.exit_code == 1 and "without a token" in result.output
+
+
+def test_kred_run_reports_a_bad_job_file(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("formula: Exp(-SqDist(x, y)) * b\naliases: [x = Vi(3), y = Vj(3), b = Vj(1)]\n"
+                   "inputs: {x: x.npy, y: y.npy}\naxis: 1\noutput: out.npy\n")
+    result = CliRunner().invoke(cli, ["run", str(job)])
+    assert result.exit_code == 1 and "no input for b" in result.output
