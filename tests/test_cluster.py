@@ -346,7 +346,8 @@ def test_torch_genred_and_its_gradients_run_on_the_cluster(ray_instance, tmp_pat
     from engine.torch import Genred as TorchGenred
     x, y, b = (torch.tensor(a, requires_grad=True) for a in gaussian_data(40, 50))
     hook = Log(tmp_path / "log")
-    with Cluster(device="cpu", workers=1, threads=1, min_shard_pairs=1, on_shard=hook) as cl:
+    # the reference backend: the point is the routing of every gradient reduction, not compiling each of them
+    with Cluster(device="cpu", workers=1, threads=1, backend="reference", min_shard_pairs=1, on_shard=hook) as cl:
         a = TorchGenred(GAUSS, GAUSS_ALIASES, axis=1)(x, y, b, cluster=cl)
         forward_shards = len(hook.lines())
         w = torch.linspace(-1, 1, a.numel(), dtype=a.dtype).reshape(a.shape)
