@@ -7,6 +7,7 @@ pykeops (a Gaussian kernel matrix is). This module holds the parts shared by `en
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,7 @@ def linear_system(formula: str, aliases, varinvalias: str, axis: int = 0, dtype_
     return LinearSystem(plan, spec.pos)
 
 
+@functools.lru_cache(maxsize=256)     # one transposed plan per system, so its own gradient plans are cached too
 def transpose(system: LinearSystem) -> LinearSystem:
     """The system of K^T: the same formula with the unknown indexed like the output, reduced over the other axis."""
     plan, pos = system.plan, system.pos
