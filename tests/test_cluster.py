@@ -24,7 +24,7 @@ from engine.cluster import Cluster, JobFileError, choose_split, make_shards, run
 from engine.errors import ArgumentError, BackendError, FormulaError  # noqa: E402
 from engine.numpy import Genred  # noqa: E402
 from engine.reductions import REDUCTIONS  # noqa: E402
-from test_reductions import ALIASES, K, assert_close, dense, genred  # noqa: E402  (the dense oracles)
+from test_reductions import K, assert_close, dense, genred  # noqa: E402  (the dense oracles)
 
 # Hooks below run inside the workers: ship this module's code by value, workers cannot import test files.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -427,7 +427,8 @@ def write_job(folder: Path, **overrides) -> Path:
     job = {"formula": "Exp(-SqDist(x, y) * s) * b", "aliases": GAUSS_ALIASES + ["s = Pm(1)"],
            "inputs": {"x": "x.npy", "y": {"path": "y.parquet", "columns": ["u", "v", "w"]}, "b": "b.arrow",
                       "s": [1.0]},
-           "reduction": "Sum", "axis": 1, "output": "out/a.npy", "cluster": {"device": "cpu", "workers": 1, "threads": 1}}
+           "reduction": "Sum", "axis": 1, "output": "out/a.npy",
+           "cluster": {"device": "cpu", "workers": 1, "threads": 1}}
     job.update(overrides)
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job))
