@@ -10,7 +10,8 @@ process. Rows written to benchmarks/results/service-<host kind>.json with the ma
 2. 100 MB of input (x = Vi(4) float64, reduced over i against one y: the output is 32 bytes): Arrow, shared memory,
    a raw-bytes HTTP POST of the same size (the server reads the body and answers 400), and a memcpy of 100 MB into
    warm and into fresh memory (goals: Arrow <= 150 ms, shared memory <= 40 ms). For the HTTP paths the server's own
-   time (plan + reduction, from the reply) is reported too, and `transfer_p50_ms` = round trip - that time.
+   time (plan + reduction, from the reply) is reported too, and `transfer_p50_ms` = round trip - that time
+   (sending, receiving and decoding the body included).
 3. throughput of `--concurrent` small requests in flight at once (AsyncClient, N = M = 100).
 """
 from __future__ import annotations
@@ -51,7 +52,8 @@ def timed(call, reps: int, warmup: int = 3) -> tuple[list[float], list[float]]:
         start = time.perf_counter()
         meta = call()
         samples.append(time.perf_counter() - start)
-        server.append(sum(meta["timings"].values()) if isinstance(meta, dict) and "timings" in meta else 0.0)
+        timings = meta.get("timings", {}) if isinstance(meta, dict) else {}
+        server.append(timings.get("plan_s", 0.0) + timings.get("compute_s", 0.0))     # not receive_s: transfer
     return samples, server
 
 

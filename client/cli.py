@@ -60,7 +60,7 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
     try:
         import uvicorn
 
-        from service.app import create_app
+        from service.app import create_app, widen_uvicorn_reads
         from service.settings import Settings
     except ImportError as e:
         _fail(f"the server is not installed ({e.name} is missing): pip install 'kred[server]'")
@@ -79,6 +79,7 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
     typer.echo(f"kred serve: http://{settings.host}:{settings.port} (docs at /docs), executor {settings.executor}"
                f"{' on ' + settings.ray_address if settings.ray_address else ''}, "
                f"auth {'on' if settings.token else 'off'}, jobs in {settings.store_dir}")
+    widen_uvicorn_reads()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
 
 

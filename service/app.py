@@ -30,6 +30,20 @@ from .store import JobStore
 log = logging.getLogger("kred.service")
 
 
+def widen_uvicorn_reads(limit: int = 4 << 20) -> None:
+    """uvicorn stops reading a request body every 64 KiB until the app has taken it: one event-loop round trip per
+    64 KiB, 1600 for a 100 MB upload, which halves upload speed. Its high-water mark is a module constant; raise it
+    (per connection, memory stays bounded by `limit`). Harmless if a uvicorn version no longer has it."""
+    import importlib
+    for name in ("uvicorn.protocols.http.httptools_impl", "uvicorn.protocols.http.h11_impl"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:              # httptools is optional
+            continue
+        if hasattr(module, "HIGH_WATER_LIMIT"):
+            module.HIGH_WATER_LIMIT = limit
+
+
 def _start_executor(settings: Settings) -> Executor:
     """The configured executor. `ray.init` replaces the SIGTERM handler with one that exits on the spot; the server's
     own is put back so that SIGTERM (docker stop, Kubernetes) still shuts it down gracefully."""

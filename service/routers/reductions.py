@@ -33,10 +33,11 @@ async def reduce(request: Request, service: ServiceDep):
     """Compute `reduction_op` of `formula` over axis `axis` (or its gradient when `grad` is given)."""
     start = time.perf_counter()
     spec, arrays, mapped = await transport.read_request(request, service.settings)
+    receive_s = time.perf_counter() - start
     try:
         plan = await service.planner.plan(spec)
         await service.planner.compile(service.executor, plan, arrays)
-        plan_s = time.perf_counter() - start
+        plan_s = time.perf_counter() - start - receive_s
 
         def compute():
             settings = service.settings
@@ -53,5 +54,5 @@ async def reduce(request: Request, service: ServiceDep):
             mapped.close()
     service.metrics.reduced("request", work.pairs, compute_s)
     meta = {"names": work.names, "rows": work.rows, "cols": work.cols,
-            "timings": {"plan_s": plan_s, "compute_s": compute_s}}
+            "timings": {"receive_s": receive_s, "plan_s": plan_s, "compute_s": compute_s}}
     return transport.reply(meta, outputs, refs)
