@@ -136,6 +136,23 @@ def _before(v, i, w, wi):
     return f"({v} < {w} || ({v} == {w} && {i} < {wi}))"
 
 
+UNROLLED_K = 16     # up to this K, insertion uses constant indices only: the list stays in registers on a GPU
+
+
+def _unrolled_insertion(s, at, k: int) -> list[str]:
+    """Insert (v, ix) into the sorted list, top slot first: each slot takes its upper neighbour while (v, ix) sorts
+    before it, then (v, ix) itself. The same result as the shifting loop, written without a variable index."""
+    lines = ["int placed = 0;"]
+    for q in range(k - 1, 0, -1):
+        lines += [f"if (!placed) {{",
+                  f"    if ({_before('v', 'ix', s(0, at(q - 1)), s(1, at(q - 1)))}) "
+                  f"{{ {s(0, at(q))} = {s(0, at(q - 1))}; {s(1, at(q))} = {s(1, at(q - 1))}; }}",
+                  f"    else {{ {s(0, at(q))} = v; {s(1, at(q))} = ix; placed = 1; }}",
+                  "}"]
+    lines.append(f"if (!placed) {{ {s(0, at(0))} = v; {s(1, at(0))} = ix; }}")
+    return lines
+
+
 class _KMin:
     @staticmethod
     def init(r, s):
@@ -150,6 +167,11 @@ class _KMin:
             def at(q):
                 return f"({q}) * {d} + {c}" if d > 1 else str(q)
             last_v, last_i = s(0, at(k - 1)), s(1, at(k - 1))
+            if k <= UNROLLED_K:
+                lines += _block([f"const kred_real v = {f[c]};", f"const kred_index ix = (kred_index)({j});",
+                                 f"if ({_before('v', 'ix', last_v, last_i)}) {{",
+                                 *["    " + line for line in _unrolled_insertion(s, at, k)], "}"])
+                continue
             # insertion into the sorted list; the first test rejects almost every candidate after a few columns
             lines += _block([
                 f"const kred_real v = {f[c]};",
