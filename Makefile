@@ -23,6 +23,8 @@ test: install
 	$(PY) -m pytest -q -ra --durations=15
 
 test-gpu: install
+	# CuPy for the cuda backend (the GPU tests need it; torch's CUDA tests need a CUDA build of torch)
+	$(PY) -m pip install -q -e ".[cuda]"
 	$(PY) -m pytest -q -ra -m gpu
 
 serve: install
