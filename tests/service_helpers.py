@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -143,12 +142,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def serving(app):
-    with Server(app) as server:
-        yield server
 
 
 def request(formula=FORMULA, aliases=ALIASES, **options) -> dict:
