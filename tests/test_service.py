@@ -18,6 +18,7 @@ from service import arrow
 from service.app import create_app
 from service.executors import LocalExecutor
 from service.shm import Segment
+from conftest import BACKENDS
 from service_helpers import ALIASES, CASES, FORMULA, Running, assert_matches, data, dense, request, settings
 
 pytestmark = pytest.mark.anyio
@@ -377,3 +378,17 @@ async def test_result_too_large_for_the_clients_room_comes_back_as_arrow(server)
     meta, (result,) = arrow.decode(r.content)
     assert meta["names"] == ["value"]
     assert_matches(result, dense("Sum", FORMULA, None, None, 1, x, y, b), np.float64)
+
+
+@pytest.mark.parametrize("engine_backend", BACKENDS)
+async def test_kernel_compilation_counts_against_the_compile_time_limit(tmp_path, engine_backend):
+    """Compiled backends build a kernel per new formula inside the budget; the reference backend compiles nothing."""
+    constant = float(np.random.default_rng().uniform(1, 2))          # a formula no kernel cache has seen
+    body = request(formula=f"Exp(-SqDist(x, y) * {constant!r}) * b", axis=1)
+    app = create_app(settings(tmp_path, backend=engine_backend, compile_timeout_s=0.001))
+    async with Running(app) as running:
+        r = await running.post_arrow(body, list(data()))
+    if engine_backend == "reference":
+        assert r.status_code == 200
+    else:
+        assert r.status_code == 422 and "compiling the formula took longer" in r.json()["detail"]
