@@ -14,7 +14,7 @@ import weakref
 
 import numpy as np
 
-from ..codegen.cpu import L1_TILE_BYTES, LANES, SMALL_WORK, column_bytes, cpu_source, strategy
+from ..codegen.cpu import TILE_BYTES, LANES, SMALL_WORK, column_bytes, cpu_source, strategy
 from ..errors import BackendError
 from ..reductions import INDEX_DTYPE
 from . import cache
@@ -64,7 +64,7 @@ class _Kernel:
         self.state_specs = [(width, kinds[kind]) for _, width, kind in reduction.layout()]
         self.output_specs = [(width, dtype if kind == "value" else np.dtype(INDEX_DTYPE))
                              for kind, width in reduction.outputs]
-        self.tile = max(LANES, L1_TILE_BYTES // column_bytes(plan, dtype.itemsize) // LANES * LANES)
+        self.tile = max(LANES, TILE_BYTES // column_bytes(plan, dtype.itemsize) // LANES * LANES)
         self.nargs = plan.nargs
         self.pointers = ctypes.c_void_p * max(1, plan.nargs)
         self.out_pointers = {False: ctypes.c_void_p * len(self.state_specs), True: ctypes.c_void_p * len(self.output_specs)}

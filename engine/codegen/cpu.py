@@ -11,7 +11,7 @@ out. The loops, outermost first:
 
 - tasks = (block of `rb` rows) x (one of `nparts` column parts), shared by OpenMP threads. `nparts` > 1 is the 2D
   split for small N: each part reduces its columns into its own state, merged at the end with the reduction's merge.
-- column tiles of `tj` columns, sized so the tile's column data stays in L1 while every row of the block sweeps it.
+- column tiles of `tj` columns, sized so the tile's column data stays in L2 while every row of the block sweeps it.
 - groups of ROWS rows (register blocking: each loaded column value serves ROWS rows). The last group of a block
   re-reads its last row for the missing ones and does not accumulate them, so the body is generated once.
 - chunks of LANES consecutive columns, one per SIMD lane (`#pragma omp simd`). Column variables are first copied
@@ -39,7 +39,7 @@ from .steps import skip_bound
 
 LANES = 16          # columns per SIMD chunk: one AVX-512 register of float32, two of float64
 ROWS = 4            # rows per register-blocked group
-L1_TILE_BYTES = 16384
+TILE_BYTES = 65536  # column data per tile: stays in L2 while a block of rows sweeps it
 DOT_MIN_DIM = 16
 SMALL_WORK = 32768  # pairs below which one thread does everything (starting threads costs more)
 
@@ -89,6 +89,7 @@ class _Driver:
         self.lanes = strategy(plan) == "lanes"
         self.roots = [plan.formula] + ([plan.formula2] if plan.formula2 is not None else [])
         self._classify()
+        self.rows = ROWS
 
     # Which nodes are computed where ---------------------------------------------------------------------------
     def _classify(self):
@@ -117,8 +118,8 @@ class _Driver:
         self.outer_nodes = [n for n in order if not deps[n] - {P}]
         self.row_nodes = [n for n in order if I in deps[n] and J not in deps[n]]
         self.col_nodes = [n for n in order if J in deps[n] and I not in deps[n]]
-        # the squared norms |x|^2 the blocked squared distances need, computed once per row
-        self.row_nodes += [make("Sum", (make("Square", (x,)),)) for kind, x, y in self.dots.values() if kind == "sqdist"]
+        # the squared norms |x|^2 and |y|^2 the blocked squared distances need, computed once per call
+        self.row_norms = sorted({x for kind, x, _ in self.dots.values() if kind == "sqdist"}, key=lambda v: v.params)
         self.pairs = sorted({(x, y) for _, x, y in self.dots.values()}, key=lambda p: (p[0].params, p[1].params))
         self.norms = sorted({y for kind, _, y in self.dots.values() if kind == "sqdist"}, key=lambda v: v.params)
 
@@ -136,7 +137,8 @@ class _Driver:
 
     @staticmethod
     def _load_col(var: Node, k: int) -> str:
-        return f"t{var.params[0]}[{k} * mp + (jj - c0 + l)]"
+        pos, dim, _ = var.params
+        return f"t{pos}[(jj - c0) * {dim} + {k} * KRED_LANES + l]"
 
     # State accessors ------------------------------------------------------------------------------------------
     def _row_state(self, r):
@@ -174,15 +176,15 @@ class _Driver:
         lines, names = [], {}
         for p, (x, y) in enumerate(self.pairs):
             dim = x.dim
-            for r in range(ROWS):
+            for r in range(self.rows):
                 lines.append(f"kred_vec dot{p}r{r} = {{0}};")
             lines.append(f"for (int d = 0; d < {dim}; d++) {{")
             lines.append("    kred_vec yv;")
-            lines.append(f"    memcpy(&yv, &t{y.params[0]}[d * mp + (jj - c0)], sizeof yv);")
-            for r in range(ROWS):
+            lines.append(f"    memcpy(&yv, &t{y.params[0]}[(jj - c0) * {dim} + d * KRED_LANES], sizeof yv);")
+            for r in range(self.rows):
                 lines.append(f"    dot{p}r{r} += a{x.params[0]}[ir{r} * {dim} + d] * yv;")
             lines.append("}")
-            for r in range(ROWS):
+            for r in range(self.rows):
                 lines.append(f"kred_real dots{p}r{r}[KRED_LANES]; memcpy(dots{p}r{r}, &dot{p}r{r}, sizeof dots{p}r{r});")
                 names[(x, y, r)] = f"dots{p}r{r}[l]"
         return lines, names
@@ -191,11 +193,11 @@ class _Driver:
         """Rows ir0 .. ir{ROWS-1} (block offsets ib ..) against columns [jt, jend)."""
         outer = self._outer.values
         lines, row_values = [], []
-        for r in range(ROWS):
+        for r in range(self.rows):
             lines.append(f"const long long ir{r} = i + {r} < i1 ? i + {r} : i1 - 1;")
             if r:
                 lines.append(f"const int ok{r} = i + {r} < i1;")
-        for r in range(ROWS):
+        for r in range(self.rows):
             e = Emitter(self._load_row(r), prefix=f"h{r}x", known=outer, copy_vars=True)
             for node in self.row_nodes:
                 e.emit(node)
@@ -204,7 +206,7 @@ class _Driver:
         fd = self.reduction.fdim
         bounds = []
         if not self.lanes:
-            lines.append(f"kred_real fb[{ROWS * fd} * KRED_LANES];")
+            lines.append(f"kred_real fb[{self.rows * fd} * KRED_LANES];")
         chunk, names = self._blocked_products()
         body = []
         cols = Emitter(self._load_col, prefix="u", known=outer, copy_vars=True)
@@ -213,14 +215,14 @@ class _Driver:
         body += cols.lines
         norms = {y: f"nn{y.params[0]}[jj - c0 + l]" for y in self.norms}
         accumulate = []
-        for r in range(ROWS):
+        for r in range(self.rows):
             known = {**cols.values, **row_values[r]}
             for node, (kind, x, y) in self.dots.items():
                 dot = names[(x, y, r)]
                 if kind == "dot":
                     known[node] = [dot]
                 else:
-                    xx = row_values[r][make("Sum", (make("Square", (x,)),))][0]
+                    xx = f"xn{x.params[0]}[ir{r} - r0]"
                     known[node] = [f"({xx} + {norms[y]} - 2 * {dot})"]
             e = Emitter(self._load_col, prefix=f"f{r}x", known=known, copy_vars=True)
             f = e.emit(self.plan.formula)
@@ -243,7 +245,7 @@ class _Driver:
             chunk += ["int hit = 0;", "#pragma omp simd reduction(|:hit)", "for (int l = 0; l < KRED_LANES; l++) {"]
             chunk += _indent(body + bounds) + ["}"]
             chunk += ["if (hit) {", "    const int width = jend - jj < KRED_LANES ? (int)(jend - jj) : KRED_LANES;"]
-            for r in range(ROWS):
+            for r in range(self.rows):
                 values = [f"fb[{r * fd + c} * KRED_LANES + l]" for c in range(fd)]
                 steps = accumulate_steps(self.reduction, self._row_state(r), values, None, "jj + l")
                 chunk += _indent([f"if ({'1' if r == 0 else f'ok{r}'}) for (int l = 0; l < width; l++) {{"] +
@@ -268,6 +270,7 @@ class _Driver:
         shared = [f"const kred_real *restrict a{a.pos}" for a in plan.args]
         shared += [f"const kred_real *restrict t{a.pos}" for a in columns]
         shared += [f"const kred_real *restrict nn{y.params[0]}" for y in self.norms]
+        shared += [f"const kred_real *restrict xn{x.params[0]}" for x in self.row_norms]
         shared += [f"{slot.ctype} *restrict q{s}" for s, slot in enumerate(slots)]
         shared += ["void *const *outs", "const int finalize", "const int nparts", "const long long r0",
                    "const long long r1", "const long long c0", "const long long c1", "const long long rb",
@@ -297,7 +300,7 @@ class _Driver:
         task += _indent(init) + ["}"]
         task += ["for (long long jt = pc0; jt < pc1; jt += tj) {",
                  "    const long long jend = jt + tj < pc1 ? jt + tj : pc1;",
-                 f"    for (long long i = i0; i < i1; i += {ROWS}) {{",
+                 f"    for (long long i = i0; i < i1; i += {self.rows}) {{",
                  "        const long long ib = i - i0;"]
         task += _indent(self._group(), 2)
         task += ["    }", "}", "for (long long ib = 0; ib < i1 - i0; ib++) {"]
@@ -321,24 +324,39 @@ class _Driver:
                  "const long long mp = (mc + KRED_LANES - 1) / KRED_LANES * KRED_LANES;   /* padded columns */",
                  f"const int parallel = nthreads > 1 && n * (mc > 0 ? mc : 1) > {SMALL_WORK};",
                  "int failed = 0;"]
-        # column variables, transposed and zero-padded: t[k * mp + (j - c0)]; squared norms nn[j - c0]
+        # column variables, packed by chunks of KRED_LANES columns (each chunk holds component 0 of its columns,
+        # then component 1, ...: contiguous for the SIMD lanes and for the dimension loop of blocked products) and
+        # zero-padded; squared norms nn[j - c0]
         for a in columns:
             body += [f"kred_real *restrict t{a.pos} = (kred_real *)calloc((size_t)({a.dim} * mp + KRED_LANES), "
                      "sizeof(kred_real));", f"if (!t{a.pos}) failed = 1;"]
         for y in self.norms:
             body += [f"kred_real *restrict nn{y.params[0]} = (kred_real *)calloc((size_t)(mp + KRED_LANES), "
                      "sizeof(kred_real));", f"if (!nn{y.params[0]}) failed = 1;"]
+        for x in self.row_norms:
+            pos, dim = x.params[0], x.dim
+            body += [f"kred_real *restrict xn{pos} = (kred_real *)malloc(sizeof(kred_real) * (size_t)(n + 1));",
+                     f"if (!xn{pos}) failed = 1;"]
+            norm = [f"for (long long i = r0; i < r1; i++) {{", "    kred_real sq = 0;",
+                    f"    for (int k = 0; k < {dim}; k++) sq += a{pos}[i * {dim} + k] * a{pos}[i * {dim} + k];",
+                    f"    xn{pos}[i - r0] = sq;", "}"]
+            body += ["if (failed) {", "} else if (parallel) {",
+                     "    #pragma omp parallel for num_threads(nthreads) schedule(static)"] + _indent(norm) + \
+                    ["} else {"] + _indent(norm) + ["}"]
         if columns:
             copy = ["for (long long j = 0; j < mc; j++) {"]
             for a in columns:
                 if a.dim == 1:
                     copy.append(f"    t{a.pos}[j] = a{a.pos}[c0 + j];")
                 else:
-                    copy.append(f"    for (int k = 0; k < {a.dim}; k++) t{a.pos}[k * mp + j] = a{a.pos}[(c0 + j) * {a.dim} + k];")
+                    copy.append(f"    for (int k = 0; k < {a.dim}; k++) "
+                                f"t{a.pos}[(j - j % KRED_LANES) * {a.dim} + k * KRED_LANES + j % KRED_LANES] = "
+                                f"a{a.pos}[(c0 + j) * {a.dim} + k];")
             for y in self.norms:
                 pos = y.params[0]
                 copy += ["    kred_real sq = 0;",
-                         f"    for (int k = 0; k < {y.dim}; k++) sq += t{pos}[k * mp + j] * t{pos}[k * mp + j];",
+                         f"    for (int k = 0; k < {y.dim}; k++) sq += a{pos}[(c0 + j) * {y.dim} + k] * "
+                         f"a{pos}[(c0 + j) * {y.dim} + k];",
                          f"    nn{pos}[j] = sq;"]
             copy += ["}"]
             body += ["if (failed) {",
@@ -362,6 +380,7 @@ class _Driver:
                  "    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n > 256)",
                  "    for (long long row = 0; row < n; row++) {"] + _indent(merge, 2) + ["    }", "}"]
         body += [f"free(t{a.pos});" for a in columns] + [f"free(nn{y.params[0]});" for y in self.norms]
+        body += [f"free(xn{x.params[0]});" for x in self.row_norms]
         body += [f"free(q{s});" for s in range(len(slots))] + ["return failed;"]
         head = ["int kred_run(void *const *args, const long long r0, const long long r1, const long long c0,",
                 "             const long long c1, void *const *outs, const int finalize, const int nparts,",

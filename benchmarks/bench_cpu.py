@@ -1,0 +1,280 @@
+"""The compiled CPU backend against pykeops 2.3, torch and numpy on the same cores: the goals table of issue 3.
+
+    python -m benchmarks.bench_cpu [--threads 2] [--quick] [--no-save]
+
+Every throughput measurement goes through the harness (benchmarks.run: one subprocess per case x size x impl,
+warm-up call untimed, median of the timed calls, error against the case's float64 reference), with
+KRED_NUM_THREADS = OMP_NUM_THREADS = torch threads = `--threads`. Added here:
+- cold compile: the first call of a formula no cache has seen (fresh KRED_CACHE_DIR, a new constant in the formula;
+  pykeops gets a new constant too), N = M = 100;
+- warm call: N = M = 100 Gaussian sum through each library's numpy Genred, best of 5 x 2000 calls;
+- the fraction of the machine's peak: flops per pair counted from the generated code (below) times pairs/s, over
+  the theoretical peak (cores x clock x 32 float32 / 16 float64 flops per cycle for AVX-512 FMA on 2 x 256-bit
+  pipes) and over torch's measured matmul rate;
+- the load average before and after (the machine may be shared), and a plot of pairs/s against N.
+Results: benchmarks/results/cpu-<host kind>.json and cpu-gaussian-<host kind>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+
+from .run import RESULTS, ROOT, host_kind, machine_info, run_worker
+
+IMPLS = ("kred-cpu", "pykeops-cpu", "torch", "numpy")
+
+# Flops per pair of each case as our kernels compute it: squared distance in D dims = 3D - 1; our exp polynomial =
+# 20 (float32: floor + 2 FMA range reduction + 7 FMA Horner + scaling) or 32 (float64, 13 FMA Horner); the blocked
+# large-D path = 2D (one FMA per dimension) + 3.
+FLOPS = {
+    ("gaussian_sum", 3, "float32"): 8 + 1 + 20 + 2,
+    ("gaussian_sum", 3, "float64"): 8 + 1 + 32 + 2,
+    ("logsumexp", 3, "float32"): 8 + 1 + 20 + 4,
+    ("argkmin", 3, "float32"): 8 + 1,
+    ("argkmin", 100, "float32"): 2 * 100 + 3 + 1,
+}
+
+# (case, N = M values, D, dtype, goal pairs/s or None, pykeops 2.3 figure quoted by the issue)
+GOALS = [
+    ("gaussian_sum", (1_000, 10_000, 100_000), 3, "float32", 1.5e9, 3.4e8),
+    ("logsumexp", (100_000,), 3, "float32", 1.2e9, 3.1e8),
+    ("argkmin", (100_000,), 3, "float32", 2.5e9, 1.0e9),
+    ("argkmin", (10_000,), 100, "float32", None, 2.5e7),       # goal: 1.5 x torch, measured in the same run
+    ("gaussian_sum", (30_000,), 3, "float64", 8e8, 3.6e8),
+]
+QUICK_SIZES = {100_000: 20_000, 30_000: 10_000, 10_000: 5_000}
+
+
+def _env(threads: int, cache_dir: str | None = None) -> dict:
+    env = dict(os.environ, KRED_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), RAY_AUTH_MODE="disabled")
+    if cache_dir:
+        env["KRED_CACHE_DIR"] = cache_dir
+    return env
+
+
+def _python(script: str, env: dict, timeout: float = 900) -> dict:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+    return {"error": tail[0][:300]}
+
+
+_DATA = """
+    import json, time, timeit
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((100, 3)).astype(np.float32), rng.standard_normal((100, 3)).astype(np.float32)
+    b = rng.standard_normal((100, 1)).astype(np.float32)
+"""
+
+
+def cold_compile(impl: str, threads: int) -> dict:
+    """Seconds of the first call of a never-seen formula (codegen, compile, load, run at N = M = 100)."""
+    constant = 1 + (uuid.uuid4().int % 10**6) / 10**7
+    module, backend = ("engine.numpy", "cpu") if impl == "kred-cpu" else ("pykeops.numpy", "CPU")
+    script = _DATA + f"""
+    from {module} import Genred
+    op = Genred("Exp(-SqDist(x, y) * {constant!r}) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)
+    start = time.perf_counter(); op(x, y, b, backend="{backend}"); first = time.perf_counter() - start
+    start = time.perf_counter(); op(x, y, b, backend="{backend}"); second = time.perf_counter() - start
+    print("RESULT " + json.dumps({{"first_call_s": first, "warm_call_s": second}}))
+    """
+    with tempfile.TemporaryDirectory() as cache:
+        return _python(script, _env(threads, cache))
+
+
+def warm_call(impl: str, threads: int) -> dict:
+    """Microseconds per call of an already compiled Gaussian sum, N = M = 100 (best of 5 x 2000 calls)."""
+    if impl in ("kred-cpu", "pykeops-cpu"):
+        module, backend = ("engine.numpy", "cpu") if impl == "kred-cpu" else ("pykeops.numpy", "CPU")
+        setup = f"""
+    from {module} import Genred
+    op = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)
+    call = lambda: op(x, y, b, backend="{backend}")
+"""
+    elif impl == "torch":
+        setup = """
+    import torch
+    tx, ty, tb = (torch.from_numpy(a) for a in (x, y, b))
+    def call():
+        with torch.no_grad():
+            return (torch.exp(-torch.cdist(tx, ty) ** 2) @ tb).numpy()
+"""
+    else:
+        setup = """
+    call = lambda: np.exp(-((x[:, None, :] - y[None]) ** 2).sum(-1)) @ b
+"""
+    tail = """
+    call()
+    best = min(timeit.repeat(call, number=2000, repeat=5)) / 2000
+    print("RESULT " + json.dumps({"warm_call_us": best * 1e6}))
+    """
+    return _python(_DATA + setup + tail, _env(threads))
+
+
+def torch_matmul_gflops(threads: int, dtype: str) -> float | None:
+    script = f"""
+    import json, time, torch
+    torch.set_num_threads({threads})
+    a = torch.randn(4096, 4096, dtype=torch.{dtype}); b = torch.randn(4096, 4096, dtype=torch.{dtype})
+    a @ b
+    best = 1e9
+    for _ in range(5):
+        start = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - start)
+    print("RESULT " + json.dumps({{"gflops": 2 * 4096 ** 3 / best / 1e9}}))
+    """
+    return _python(script, _env(threads)).get("gflops")
+
+
+def clock_ghz() -> float | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":")[1]) / 1000
+    except OSError:
+        pass
+    return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (for a try-out, not for the record)")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    impls = args.impls.split(",")
+    os.environ.update(_env(args.threads))          # the harness's workers inherit the thread settings
+
+    info = machine_info()
+    info["load_average_before"] = os.getloadavg()
+    info["threads"] = args.threads
+    ghz = clock_ghz()
+    peak = {"float32": args.threads * ghz * 32, "float64": args.threads * ghz * 16} if ghz else {}
+    measured_peak = {dtype: torch_matmul_gflops(args.threads, dtype) for dtype in ("float32", "float64")}
+    print(f"# {info['cpu_model']}, {args.threads} threads, clock {ghz} GHz: peak {peak} GFLOP/s (theoretical), "
+          f"torch matmul {measured_peak} GFLOP/s; load average {info['load_average_before']}")
+
+    records = []
+    for case, sizes, d, dtype, goal, pykeops_quoted in GOALS:
+        for impl in impls:
+            for n in sizes:
+                n = QUICK_SIZES.get(n, n) if args.quick else n
+                spec = {"case": case, "impl": impl, "n": n, "m": n, "d": d, "dtype": dtype,
+                        "reps": args.reps if n < 100_000 else 2, "warmup": 1, "plugins": []}
+                record = {**spec, **run_worker(spec, timeout=1800)}
+                flops = FLOPS.get((case, d, dtype))
+                if record["status"] == "ok" and impl == "kred-cpu" and flops:
+                    gflops = flops * record["pairs_per_s"] / 1e9
+                    record["flops_per_pair"] = flops
+                    record["gflops"] = gflops
+                    if peak:
+                        record["fraction_of_peak"] = gflops / peak[dtype]
+                    if measured_peak.get(dtype):
+                        record["fraction_of_torch_matmul"] = gflops / measured_peak[dtype]
+                record["goal_pairs_per_s"] = goal
+                record["pykeops_quoted_pairs_per_s"] = pykeops_quoted
+                records.append(record)
+                rate = f"{record['pairs_per_s']:.3g} pairs/s, error {record['error']:.2g}" \
+                    if record["status"] == "ok" else record["status"]
+                extra = f", {record['fraction_of_peak']:.0%} of peak" if "fraction_of_peak" in record else ""
+                print(f"{case:13s} D={d:<3d} {dtype} N=M={n:<7d} {impl:12s} {rate}{extra}", flush=True)
+
+    latency = {}
+    for impl in impls:
+        latency[impl] = warm_call(impl, args.threads)
+        if impl in ("kred-cpu", "pykeops-cpu"):
+            latency[impl].update(cold_compile(impl, args.threads))
+        print(f"latency {impl:12s} {latency[impl]}", flush=True)
+    info["load_average_after"] = os.getloadavg()
+
+    table = goals_table(records, latency)
+    print(table)
+    if not args.no_save:
+        kind = host_kind(info)
+        path = RESULTS / f"cpu-{kind}.json"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": {"threads": args.threads, "reps": args.reps, "quick": args.quick,
+                                                 "peak_gflops": peak, "torch_matmul_gflops": measured_peak},
+                                    "machine": info, "results": records, "latency": latency,
+                                    "goals_table": table}, indent=1) + "\n")
+        plot(records, RESULTS / f"cpu-gaussian-{kind}.png", info)
+        print(f"saved {path.relative_to(ROOT)}")
+    return 0
+
+
+def _rate(records, case, d, dtype, impl, n=None):
+    found = [r for r in records if r["case"] == case and r["d"] == d and r["dtype"] == dtype and r["impl"] == impl
+             and r["status"] == "ok" and (n is None or r["n"] == n)]
+    return max(found, key=lambda r: r["n"]) if found else None
+
+
+def goals_table(records, latency) -> str:
+    """The issue's goals table with this run's numbers, as markdown."""
+    lines = ["| case | kred cpu | pykeops 2.3 | torch | numpy | goal | met | kred error | % of peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    names = {("gaussian_sum", 3, "float32"): "Gaussian Sum, D=3, f32", ("logsumexp", 3, "float32"): "LogSumExp, D=3",
+             ("argkmin", 3, "float32"): "ArgKMin K=10, D=3", ("argkmin", 100, "float32"): "ArgKMin K=10, D=100",
+             ("gaussian_sum", 3, "float64"): "Gaussian Sum, D=3, f64"}
+    for case, sizes, d, dtype, goal, _ in GOALS:
+        ours = _rate(records, case, d, dtype, "kred-cpu")
+        if ours is None:
+            continue
+        n = ours["n"]
+        others = {impl: _rate(records, case, d, dtype, impl, n) for impl in ("pykeops-cpu", "torch", "numpy")}
+        if goal is None and others["torch"]:
+            goal_text, target = "1.5 x torch", 1.5 * others["torch"]["pairs_per_s"]
+        else:
+            goal_text, target = (f"{goal:.2g}" if goal else "-"), goal
+        met = "yes" if target and ours["pairs_per_s"] >= target else "no" if target else "-"
+        cells = [f"{r['pairs_per_s']:.2g}" if r else "-" for r in others.values()]
+        share = f"{ours['fraction_of_peak']:.0%}" if "fraction_of_peak" in ours else "-"
+        lines.append(f"| {names[(case, d, dtype)]}, N=M={n:.0e} | {ours['pairs_per_s']:.2g} | {' | '.join(cells)} "
+                     f"| {goal_text} | {met} | {ours['error']:.1e} | {share} |")
+    ours, theirs = latency.get("kred-cpu", {}), latency.get("pykeops-cpu", {})
+
+    def fmt(value, scale, unit):
+        return f"{value * scale:.3g} {unit}" if isinstance(value, (int, float)) else "-"
+    lines.append(f"| cold compile of a new formula | {fmt(ours.get('first_call_s'), 1, 's')} | "
+                 f"{fmt(theirs.get('first_call_s'), 1, 's')} | - | - | 0.5 s | "
+                 f"{'yes' if ours.get('first_call_s', 1e9) <= 0.5 else 'no'} | - | - |")
+    lines.append(f"| warm call N=M=100 | {fmt(ours.get('warm_call_us'), 1, 'µs')} | "
+                 f"{fmt(theirs.get('warm_call_us'), 1, 'µs')} | {fmt(latency.get('torch', {}).get('warm_call_us'), 1, 'µs')} | "
+                 f"{fmt(latency.get('numpy', {}).get('warm_call_us'), 1, 'µs')} | 20 µs | "
+                 f"{'yes' if ours.get('warm_call_us', 1e9) <= 20 else 'no'} | - | - |")
+    return "\n".join(lines)
+
+
+def plot(records, path, info) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in IMPLS:
+        points = sorted((r["n"], r["pairs_per_s"]) for r in records if r["case"] == "gaussian_sum" and r["d"] == 3
+                        and r["dtype"] == "float32" and r["impl"] == impl and r["status"] == "ok")
+        if points:
+            ax.loglog(*zip(*points), marker="o", label=impl)
+    ax.set_xlabel("N = M")
+    ax.set_ylabel("pairs / s")
+    ax.set_title(f"Gaussian sum, D=3, float32, {info.get('threads')} threads\n{info['cpu_model']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
