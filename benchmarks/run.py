@@ -142,7 +142,9 @@ def machine_info() -> dict:
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "physical_cores": None,
         "memory_gb": None,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),       # threads: unset means one per usable CPU
+        "kred_num_threads": os.environ.get("KRED_NUM_THREADS"),
+        "load_average_1_5_15": os.getloadavg() if hasattr(os, "getloadavg") else None,   # other work on the box
         "python": platform.python_version(),
         "platform": platform.platform(),
         "numpy": np.__version__,
