@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..batch import batch_items, batch_shape
 from ..errors import ArgumentError
 from ..formula import P
 from ..plan import Plan, make_plan
@@ -189,8 +190,6 @@ def _selected_vjp(rule, tensors, cotangent, index, pos, options: Options):
 
 def _batched(plan: Plan, pos: int, tensors, one, cotangent, index):
     """`one(args, cotangent, index)` per batch item (leading batch dims), fitted to argument `pos`'s shape."""
-    from ..batch import batch_items, batch_shape
-
     target = tensors[pos]
     batch = batch_shape(plan, tensors)
     if not batch:
