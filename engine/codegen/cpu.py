@@ -35,7 +35,7 @@ import re
 from ..formula import I, J, P, Node, make
 from ..plan import Plan
 from .emit import Emitter, accumulate_steps, finalize_steps, init_steps, merge_steps, prelude, state_slots
-from .steps import skip_bound
+from .steps import skip_bound, working_slots
 
 LANES = 16          # columns per SIMD chunk: one AVX-512 register of float32, two of float64
 ROWS = 4            # rows per register-blocked group
@@ -281,7 +281,7 @@ class _Driver:
                "const long long mp = (mc + KRED_LANES - 1) / KRED_LANES * KRED_LANES;",
                "const long long nblocks = (n + rb - 1) / rb;"]
         par += [f"{slot.ctype} *restrict s{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * "
-                f"(size_t)(rb * {slot.width} * {per_row}));" for s, slot in enumerate(slots)]
+                f"(size_t)(rb * {slot.width} * {per_row}));" for s, slot in enumerate(working_slots(self.reduction))]
         par += ["const int ok = " + " && ".join(f"s{s} != NULL" for s in range(len(slots))) + ";",
                 "if (!ok) {", "    #pragma omp atomic write", "    *failed = 1;", "}"]
         par += self._outer.lines

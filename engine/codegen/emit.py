@@ -22,6 +22,8 @@ structure, where variables live and where states are stored, and asks this modul
     `state(slot, comp) -> C lvalue` where `slot` indexes `state_slots(reduction)` and `comp` is a C integer
     expression (a string) for the component:
         state_slots(reduction)                       -> [Slot(name, width, ctype)], ctype in kred_acc/kred_real/kred_index
+        working_slots(reduction)                     -> the same with the type a kernel may hold them in while it
+                                                        accumulates (LogSumExp's max is exact in kred_real)
         init_steps(reduction, state)                 -> the identity
         accumulate_steps(reduction, state, f, f2, j) -> fold formula values f (and f2) of column j (C expr) in;
                                                         columns must arrive in increasing j order within one state
@@ -39,7 +41,7 @@ from ..errors import BackendError
 from ..formula import I, J, P, Node
 from ..formula.ops import OPS
 from .prelude import prelude
-from .steps import Slot, accumulate_steps, finalize_steps, init_steps, merge_steps, state_slots
+from .steps import Slot, accumulate_steps, finalize_steps, init_steps, merge_steps, state_slots, working_slots
 
 # Unrolled scalar code grows with dimensions; past this many components a formula is refused with a clear error
 # (the reference backend evaluates it) rather than producing a source file the compiler chokes on.
@@ -210,4 +212,4 @@ _STRUCTURAL = {
 
 
 __all__ = ["Emitter", "I", "J", "P", "MAX_COMPONENTS", "Slot", "accumulate_steps", "depends_on", "finalize_steps",
-           "init_steps", "literal", "merge_steps", "prelude", "state_slots"]
+           "init_steps", "literal", "merge_steps", "prelude", "state_slots", "working_slots"]

@@ -29,6 +29,15 @@ def state_slots(reduction: Reduction) -> list[Slot]:
     return [Slot(name, width, _CTYPES[kind]) for name, width, kind in reduction.layout()]
 
 
+def working_slots(reduction: Reduction) -> list[Slot]:
+    """The slots with the C type a kernel may keep them in while it accumulates: the max of the LogSumExp family is
+    always one of the formula's values (or -inf), so kred_real holds it exactly (and compares faster)."""
+    slots = state_slots(reduction)
+    if isinstance(reduction, LogSumExp):
+        slots[0] = slots[0]._replace(ctype="kred_real")
+    return slots
+
+
 def _family(reduction: Reduction):
     for family in (Sum, Extremum, KMin, LogSumExp):
         if isinstance(reduction, family):
@@ -232,12 +241,15 @@ class _LogSumExp:
         lines = []
         for k in range(r.fdim):
             m, total = s(0, str(k)), s(1, str(k))
-            body = [f"const kred_acc v = (kred_acc){f[k]};",
-                    f"const int up = v > {m};",
-                    f"const kred_real d = (kred_real)(up ? {m} - v : v - {m});   /* <= 0, NaN for inf - inf */",
+            # The max is always one of the formula's values (or -inf), so it is exact in kred_real: comparisons and
+            # the exponent are computed in kred_real, only the sums in kred_acc.
+            body = [f"const kred_real v = {f[k]};",
+                    f"const kred_real mo = (kred_real){m};",
+                    "const int up = v > mo;",
+                    "const kred_real d = up ? mo - v : v - mo;   /* <= 0, NaN for inf - inf */",
                     "kred_acc e = (kred_acc)kred_exp(d);",
-                    "e = v == -KRED_ACC_INF ? (kred_acc)0 : e;   /* exp(-inf - m) is 0 even when m = -inf */",
-                    f"{m} = up ? v : {m};",
+                    "e = v == -KRED_INF ? (kred_acc)0 : e;   /* exp(-inf - m) is 0 even when m = -inf */",
+                    f"{m} = up ? v : mo;",
                     f"{total} = up ? {total} * e + 1 : {total} + e;"]
             if r.weighted:
                 for c in range(r.f2dim):
