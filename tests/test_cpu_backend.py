@@ -6,6 +6,7 @@ Kernels are compiled once per (formula, reduction, dtype): the cases below share
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -226,3 +227,27 @@ def test_no_compiler_gives_a_clear_error_and_auto_falls_back_once(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "ERROR" in done.stdout and "no C compiler found" in done.stdout
     assert "AUTO reference reference 1" in done.stdout
+
+
+def test_a_forked_child_still_computes(tmp_path):
+    """GNU OpenMP's thread pool does not survive fork(): the child of a process that ran parallel kernels must still
+    finish (on one thread) instead of hanging, e.g. under multiprocessing's default fork start method."""
+    script = textwrap.dedent("""
+        import os
+        import numpy as np
+        from engine.numpy import Genred
+        op = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)
+        rng = np.random.default_rng(0)
+        x, y, b = rng.standard_normal((2000, 3)), rng.standard_normal((2000, 3)), rng.standard_normal((2000, 1))
+        first = op(x, y, b, backend="cpu")
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if np.array_equal(op(x, y, b, backend="cpu"), first) else 3)
+        _, status = os.waitpid(pid, 0)
+        print("CHILD", os.waitstatus_to_exitcode(status))
+    """)
+    env = dict(os.environ, KRED_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=str(Path(__file__).parents[1]))
+    assert done.returncode == 0, done.stderr
+    assert "CHILD 0" in done.stdout

@@ -76,6 +76,10 @@ class _Kernel:
         outs = [np.empty((n, width), dtype) for width, dtype in specs]
         if n == 0:
             return outs
+        if _pool.forked:
+            threads = 1
+        elif threads > 1 and n * m > SMALL_WORK:
+            _pool.started = True
         if parts is None:
             parts = 1 if threads == 1 or n * m <= SMALL_WORK else split_columns(n, m, threads)
         args = self.pointers(*map(_address, arrays))
@@ -84,6 +88,25 @@ class _Kernel:
         if failed:
             raise MemoryError("the CPU kernel could not allocate its work buffers")
         return outs
+
+
+class _Pool:
+    """GNU OpenMP's thread pool does not survive fork(): a child process that enters a parallel region hangs. So
+    after a fork of a process that has started the pool, the child runs its kernels on one thread."""
+    started = False
+    forked = False
+
+
+_pool = _Pool()
+
+
+def _after_fork_in_child() -> None:
+    if _pool.started:
+        _pool.forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _address(array: np.ndarray) -> int:
