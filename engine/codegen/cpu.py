@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 
-from ..formula import I, J, P, Node, make
+from ..formula import I, J, P, Node
 from ..plan import Plan
 from .emit import Emitter, accumulate_steps, finalize_steps, init_steps, merge_steps, prelude, state_slots
 from .steps import skip_bound, working_slots
@@ -88,13 +88,12 @@ class _Driver:
         self.slots = state_slots(plan.reduction)
         self.lanes = strategy(plan) == "lanes"
         self.roots = [plan.formula] + ([plan.formula2] if plan.formula2 is not None else [])
-        self._classify()
         self.rows = ROWS
+        self._classify()
 
     # Which nodes are computed where ---------------------------------------------------------------------------
     def _classify(self):
         deps: dict[Node, frozenset] = {}
-        order: list[Node] = []
         self.dots: dict[Node, tuple] = {}         # large sqdist / scalar products, by node
         stack = list(self.roots)
         for root in self.roots:
@@ -121,7 +120,7 @@ class _Driver:
         # the squared norms |x|^2 and |y|^2 the blocked squared distances need, computed once per call
         self.row_norms = sorted({x for kind, x, _ in self.dots.values() if kind == "sqdist"}, key=lambda v: v.params)
         self.pairs = sorted({(x, y) for _, x, y in self.dots.values()}, key=lambda p: (p[0].params, p[1].params))
-        self.norms = sorted({y for kind, _, y in self.dots.values() if kind == "sqdist"}, key=lambda v: v.params)
+        self.col_norms = sorted({y for kind, _, y in self.dots.values() if kind == "sqdist"}, key=lambda v: v.params)
 
     # Loads ----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -213,7 +212,7 @@ class _Driver:
         for node in self.col_nodes:
             cols.emit(node)
         body += cols.lines
-        norms = {y: f"nn{y.params[0]}[jj - c0 + l]" for y in self.norms}
+        norms = {y: f"nn{y.params[0]}[jj - c0 + l]" for y in self.col_norms}
         accumulate = []
         for r in range(self.rows):
             known = {**cols.values, **row_values[r]}
@@ -269,7 +268,7 @@ class _Driver:
         # what kred_blocks receives from kred_run
         shared = [f"const kred_real *restrict a{a.pos}" for a in plan.args]
         shared += [f"const kred_real *restrict t{a.pos}" for a in columns]
-        shared += [f"const kred_real *restrict nn{y.params[0]}" for y in self.norms]
+        shared += [f"const kred_real *restrict nn{y.params[0]}" for y in self.col_norms]
         shared += [f"const kred_real *restrict xn{x.params[0]}" for x in self.row_norms]
         shared += [f"{slot.ctype} *restrict q{s}" for s, slot in enumerate(slots)]
         shared += ["void *const *outs", "const int finalize", "const int nparts", "const long long r0",
@@ -330,7 +329,7 @@ class _Driver:
         for a in columns:
             body += [f"kred_real *restrict t{a.pos} = (kred_real *)calloc((size_t)({a.dim} * mp + KRED_LANES), "
                      "sizeof(kred_real));", f"if (!t{a.pos}) failed = 1;"]
-        for y in self.norms:
+        for y in self.col_norms:
             body += [f"kred_real *restrict nn{y.params[0]} = (kred_real *)calloc((size_t)(mp + KRED_LANES), "
                      "sizeof(kred_real));", f"if (!nn{y.params[0]}) failed = 1;"]
         for x in self.row_norms:
@@ -352,7 +351,7 @@ class _Driver:
                     copy.append(f"    for (int k = 0; k < {a.dim}; k++) "
                                 f"t{a.pos}[(j - j % KRED_LANES) * {a.dim} + k * KRED_LANES + j % KRED_LANES] = "
                                 f"a{a.pos}[(c0 + j) * {a.dim} + k];")
-            for y in self.norms:
+            for y in self.col_norms:
                 pos = y.params[0]
                 copy += ["    kred_real sq = 0;",
                          f"    for (int k = 0; k < {y.dim}; k++) sq += a{pos}[(c0 + j) * {y.dim} + k] * "
@@ -379,7 +378,7 @@ class _Driver:
         body += ["if (nparts > 1 && !failed) {",
                  "    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n > 256)",
                  "    for (long long row = 0; row < n; row++) {"] + _indent(merge, 2) + ["    }", "}"]
-        body += [f"free(t{a.pos});" for a in columns] + [f"free(nn{y.params[0]});" for y in self.norms]
+        body += [f"free(t{a.pos});" for a in columns] + [f"free(nn{y.params[0]});" for y in self.col_norms]
         body += [f"free(xn{x.params[0]});" for x in self.row_norms]
         body += [f"free(q{s});" for s in range(len(slots))] + ["return failed;"]
         head = ["int kred_run(void *const *args, const long long r0, const long long r1, const long long c0,",
