@@ -10,7 +10,7 @@ one warm-up that also compiles), the fraction of pairs the ranges keep, and the 
 results (the truncation error).
 Results go to benchmarks/results/<name>-<host kind>.json with the machine description and the load average
 during each size (a block-sparse run makes one backend call per block, so it suffers more than one long dense call
-when other processes compete for the cores; OMP_NUM_THREADS=1 shows the work without that effect).
+when other processes compete for the cores; KRED_NUM_THREADS=1 shows the work without that effect).
 """
 from __future__ import annotations
 
