@@ -190,8 +190,11 @@ def main(argv=None) -> int:
         for impl in impls:
             for n in sizes:
                 n = QUICK_SIZES.get(n, n) if args.quick else n
+                big = n * n >= 10**9        # calls of the peers take minutes there: fewer of them
+                compiled = impl in ("kred-cpu", "pykeops-cpu")
                 spec = {"case": case, "impl": impl, "n": n, "m": n, "d": d, "dtype": dtype,
-                        "reps": args.reps if n < 100_000 else 2, "warmup": 1, "plugins": []}
+                        "reps": args.reps if not big or impl == "kred-cpu" else 1,
+                        "warmup": 1 if compiled or not big else 0, "plugins": []}
                 record = {**spec, **run_worker(spec, timeout=1800)}
                 flops = FLOPS.get((case, d, dtype))
                 if record["status"] == "ok" and impl == "kred-cpu" and flops:
