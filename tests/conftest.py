@@ -65,3 +65,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def start_ray(**options) -> None:
+    """`ray.init` for a test module, tried twice: on a loaded 2-core runner the local GCS can miss its first
+    connection deadline, and one flaky start would otherwise error every test of the module."""
+    import ray
+
+    options = {"include_dashboard": False, "log_to_driver": False, **options}
+    try:
+        ray.init(**options)
+    except Exception:  # Ray raises RaySystemError / ConnectionError / TimeoutError for a GCS that came up late
+        ray.shutdown()
+        ray.init(**options)

@@ -24,6 +24,7 @@ from engine.cluster import Cluster, JobFileError, choose_split, make_shards, run
 from engine.errors import ArgumentError, BackendError, FormulaError  # noqa: E402
 from engine.numpy import Genred  # noqa: E402
 from engine.reductions import REDUCTIONS  # noqa: E402
+from conftest import start_ray  # noqa: E402
 from test_reductions import K, assert_close, dense, genred  # noqa: E402  (the dense oracles)
 
 # Hooks below run inside the workers: ship this module's code by value, workers cannot import test files.
@@ -37,8 +38,7 @@ GAUSS_ALIASES = ["x = Vi(3)", "y = Vj(3)", "b = Vj(2)"]
 def ray_instance():
     # 6 logical CPUs on a 2-core machine: the module's shared Cluster and each test's own one fit side by side
     # (the work per shard is tiny). 4 logical GPUs and 2 units of a custom resource test placement.
-    ray.init(num_cpus=6, num_gpus=4, resources={"accel": 2}, object_store_memory=200 * 1024 * 1024,
-             include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=6, num_gpus=4, resources={"accel": 2}, object_store_memory=200 * 1024 * 1024)
     yield
     ray.shutdown()
 

@@ -14,7 +14,8 @@ def gpu_cluster():
 
     from engine.backends.cuda import gpu_count
     from engine.cluster import Cluster
-    ray.init(num_cpus=2, num_gpus=gpu_count(), include_dashboard=False, log_to_driver=False)
+    from conftest import start_ray
+    start_ray(num_cpus=2, num_gpus=gpu_count())
     try:
         with Cluster(device="gpu") as cl:
             yield cl

@@ -16,6 +16,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from client import Client  # noqa: E402
+from conftest import start_ray  # noqa: E402
 from engine.cluster import Cluster  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.executors import ClusterExecutor  # noqa: E402
@@ -24,7 +25,7 @@ from service_helpers import ALIASES, CASES, FORMULA, Server, assert_matches, dat
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=2, object_store_memory=200 * 1024 * 1024)
     try:
         with Cluster(device="cpu", workers=2, threads=1, backend="reference", min_shard_pairs=1) as cluster:
             app = create_app(settings(tmp_path_factory.mktemp("ray")), executor=ClusterExecutor(cluster=cluster))
