@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import DimensionError, FormulaError, KredError
+from engine.backends.reference import evaluate
 from engine.formula import I, J, P, Node, make, parse, parse_alias, parse_aliases, to_text, var
 
 X, Y, B, S = var(0, 3, I), var(1, 3, J), var(2, 2, J), var(3, 1, P)
@@ -380,3 +382,13 @@ def test_any_aliases_give_variables_or_a_kred_error(aliases):
     except KredError:
         return
     assert all(node.op == "Var" for node in names.values())
+
+
+def test_long_flat_sums_are_not_nesting():
+    # 1000 terms: a left-leaning chain is walked as a loop and is not counted as depth (unlike 150 parentheses)
+    names = parse_aliases(["x = Vi(1)", "y = Vj(1)"])
+    text = " + ".join("x*y" if k % 2 else "y" for k in range(1000))
+    f = parse(text, names)
+    x, y = np.array([[0.5], [2.0]]), np.array([[3.0], [-1.0], [0.25]])
+    values = evaluate(f, [x, y], (0, 2), (0, 3), np.dtype(np.float64))[..., 0]
+    np.testing.assert_allclose(values, 500 * x * y.T + 500 * y.T, rtol=1e-12)

@@ -297,3 +297,13 @@ def test_cuda_tensors_stay_on_the_device(name):
     f = torch.exp(-((cpu_inputs[0][:, None] - cpu_inputs[1][None]) ** 2).sum(-1, keepdim=True)) * cpu_inputs[2][None]
     want = _dense_reduction(name, f, None, 1)
     _assert_close([got.cpu(), *(g.cpu() for g in grads)], [want, *_grads(want, cpu_inputs, weight)], what="cuda")
+
+
+def test_pykeops_constructor_arguments_positionally():
+    # pykeops 2.x torch order: formula, aliases, reduction_op, axis, dtype, opt_arg, formula2, cuda_type, dtype_acc,
+    # use_double_acc, sum_scheme, enable_chunks, rec_multVar_highdim, use_fast_math.
+    x, y = _randn(6, 3, seed=1), _randn(11, 3, seed=2)
+    op = Genred("SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)"], "ArgKMin", 1, "float64", 3, None, "float64", "auto",
+                False, "block_sum", False, True, True)
+    d2 = ((x[:, None] - y[None]) ** 2).sum(-1)
+    assert torch.equal(op(x, y), torch.argsort(d2, dim=1, stable=True)[:, :3])

@@ -145,7 +145,14 @@ def _check_depth(tree: ast.AST, text: str) -> None:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise FormulaError(f"formula nests deeper than {MAX_DEPTH} levels", text, getattr(node, "col_offset", 0) + 1)
-        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+        for child in ast.iter_child_nodes(node):
+            # the left operand of a chain `a + b - c ...` stays at its parent's depth: long sums are not nesting
+            flat = child is getattr(node, "left", None) and _chained(node) and _chained(child)
+            stack.append((child, depth if flat else depth + 1))
+
+
+def _chained(node: ast.AST) -> bool:
+    return isinstance(node, ast.BinOp) and type(node.op) in _BINARY
 
 
 # Walker -----------------------------------------------------------------------------------------------
@@ -178,12 +185,22 @@ class _Walker:
             return operand if isinstance(node.op, ast.UAdd) else self.build("Minus", (operand,), (), node)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
             return self.power(node, depth)
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            left, right = self.node(node.left, depth + 1), self.node(node.right, depth + 1)
-            return self.build(_BINARY[type(node.op)], (left, right), (), node)
+        if _chained(node):
+            return self.chain(node, depth)
         if isinstance(node, ast.Call):
             return self.call(node, depth)
         self.fail(f"{_describe(node)} is not allowed in a formula", node)
+
+    def chain(self, node: ast.BinOp, depth: int) -> Node:
+        """A left-leaning chain `a + b - c * d ...` is walked as a loop, so a long sum costs no recursion."""
+        spine = []
+        while _chained(node):
+            spine.append(node)
+            node = node.left
+        value = self.node(node, depth + 1)
+        for link in reversed(spine):
+            value = self.build(_BINARY[type(link.op)], (value, self.node(link.right, depth + 1)), (), link)
+        return value
 
     def name(self, node: ast.Name) -> Node:
         if node.id in self.names:

@@ -40,11 +40,13 @@ class Genred:
     >>> a = op(x, y, b)                    # (N, 1); differentiable with respect to x, y and b, to any order
     """
 
-    def __init__(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-                 formula2: str | None = None, dtype_acc: str = "auto", use_double_acc: bool = False,
-                 sum_scheme=None, enable_chunks: bool = True, rec_multVar_highdim=None, dtype=None, cuda_type=None):
-        # sum_scheme, enable_chunks, rec_multVar_highdim, dtype and cuda_type are pykeops tuning knobs: accepted for
-        # compatibility; our backends choose their own schemes (dtype comes from the tensors).
+    def __init__(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, dtype=None, opt_arg=None,
+                 formula2: str | None = None, cuda_type=None, dtype_acc: str = "auto", use_double_acc: bool = False,
+                 sum_scheme="auto", enable_chunks: bool = True, rec_multVar_highdim: bool = False,
+                 use_fast_math: bool = True):
+        # The parameters are pykeops 2.x's, in its order (callers pass them positionally). dtype and cuda_type are
+        # ignored (the tensors' dtype decides); sum_scheme, enable_chunks, rec_multVar_highdim and use_fast_math are
+        # pykeops tuning knobs, accepted for compatibility: our backends choose their own schemes.
         if use_double_acc:
             dtype_acc = "float64"
         self.formula, self.aliases = formula, list(aliases)
