@@ -101,9 +101,11 @@ class KernelSolve:
     >>> a = solve(x, x, b, alpha=0.1)          # (alpha * I + K_xx) a = b
     """
 
-    def __init__(self, formula: str, aliases, varinvalias: str, axis: int = 0, dtype_acc: str = "auto",
-                 use_double_acc: bool = False, sum_scheme=None, enable_chunks: bool = True, rec_multVar_highdim=None,
-                 dtype=None, cuda_type=None):
+    def __init__(self, formula: str, aliases, varinvalias: str, axis: int = 0, dtype=None, opt_arg=None,
+                 dtype_acc: str = "auto", use_double_acc: bool = False, sum_scheme="auto", enable_chunks: bool = True,
+                 rec_multVar_highdim=None, use_fast_math: bool = True):
+        # pykeops.numpy.KernelSolve's parameters in its order (its torch twin orders them differently); dtype,
+        # opt_arg and the tuning knobs are accepted for compatibility and ignored.
         if use_double_acc:
             dtype_acc = "float64"
         self.formula, self.aliases, self.varinvalias = formula, list(aliases), varinvalias

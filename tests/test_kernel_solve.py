@@ -105,3 +105,18 @@ def test_conjugate_gradient_per_column_and_vector():
 def test_errors_name_the_problem(formula, varinv, error, message):
     with pytest.raises(error, match=message):
         KernelSolve(formula, ALIASES, varinv, axis=1)
+
+
+def test_pykeops_constructor_arguments_positionally():
+    # numpy order: formula, aliases, varinvalias, axis, dtype, opt_arg, dtype_acc, use_double_acc, ...;
+    # torch order: formula, aliases, varinvalias, axis, dtype_acc, use_double_acc, sum_scheme, ...
+    x, b = _data(n=30, seed=3)
+    s = np.array([0.5])
+    K = _dense_kernel(torch.from_numpy(x), torch.from_numpy(x), 0.5).numpy()
+    want = np.linalg.solve(0.1 * np.eye(30) + K, b)
+    a = NumpyKernelSolve(FORMULA, ALIASES, "b", 1, "float64", None, "float64", True, "block_sum", True, None, True)(
+        x, x, b, s, alpha=0.1, eps=1e-12)
+    np.testing.assert_allclose(a, want, rtol=1e-6, atol=1e-8)
+    t = KernelSolve(FORMULA, ALIASES, "b", 1, "float64", True, "block_sum", True, None, "float64", None, True)(
+        *(torch.from_numpy(v) for v in (x, x, b, s)), alpha=0.1, eps=1e-12)
+    np.testing.assert_allclose(t.numpy(), want, rtol=1e-6, atol=1e-8)

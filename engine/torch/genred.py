@@ -17,7 +17,8 @@ import torch
 from ..batch import batch_items, batch_shape
 from ..errors import ArgumentError
 from ..formula import P
-from ..plan import Plan, make_plan
+from ..frontend import GenredBase
+from ..plan import Plan
 from ..reductions.gradients import (COTANGENT, LOGSUMEXP, OUTPUT, SELECTING, ZERO, ReducedGradient, gradient,
                                     with_indices)
 from ..run import run
@@ -33,24 +34,12 @@ class Options:
     cluster: Any = None
 
 
-class Genred:
+class Genred(GenredBase):
     """A reduction `reduction_op_j formula(x_i, y_j, p)` (axis=1) or over i (axis=0) on torch tensors, with autograd.
 
     >>> op = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)
     >>> a = op(x, y, b)                    # (N, 1); differentiable with respect to x, y and b, to any order
     """
-
-    def __init__(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, dtype=None, opt_arg=None,
-                 formula2: str | None = None, cuda_type=None, dtype_acc: str = "auto", use_double_acc: bool = False,
-                 sum_scheme="auto", enable_chunks: bool = True, rec_multVar_highdim: bool = False,
-                 use_fast_math: bool = True):
-        # The parameters are pykeops 2.x's, in its order (callers pass them positionally). dtype and cuda_type are
-        # ignored (the tensors' dtype decides); sum_scheme, enable_chunks, rec_multVar_highdim and use_fast_math are
-        # pykeops tuning knobs, accepted for compatibility: our backends choose their own schemes.
-        if use_double_acc:
-            dtype_acc = "float64"
-        self.formula, self.aliases = formula, list(aliases)
-        self.plan: Plan = make_plan(formula, self.aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
 
     def __call__(self, *args, backend: str = "auto", device_id: int = -1, ranges=None, out=None, cluster=None):
         return reduce(self.plan, args, Options(backend, device_id, ranges, cluster), out=out)

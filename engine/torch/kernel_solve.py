@@ -21,8 +21,9 @@ class KernelSolve:
     """
 
     def __init__(self, formula: str, aliases, varinvalias: str, axis: int = 0, dtype_acc: str = "auto",
-                 use_double_acc: bool = False, sum_scheme=None, enable_chunks: bool = True, rec_multVar_highdim=None,
-                 dtype=None, cuda_type=None):
+                 use_double_acc: bool = False, sum_scheme="auto", enable_chunks: bool = True, rec_multVar_highdim=None,
+                 dtype=None, cuda_type=None, use_fast_math: bool = True):
+        # pykeops.torch.KernelSolve's parameters in its order; dtype, cuda_type and the tuning knobs are ignored.
         if use_double_acc:
             dtype_acc = "float64"
         self.formula, self.aliases, self.varinvalias = formula, list(aliases), varinvalias

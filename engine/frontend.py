@@ -1,0 +1,20 @@
+"""What the numpy and torch front ends share: pykeops 2.x's `Genred` constructor, parameters in its order."""
+from __future__ import annotations
+
+from .plan import Plan, make_plan
+
+
+class GenredBase:
+    """Parses the reduction once; subclasses define `__call__` for their array type."""
+
+    def __init__(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, dtype=None, opt_arg=None,
+                 formula2: str | None = None, cuda_type=None, dtype_acc: str = "auto", use_double_acc: bool = False,
+                 sum_scheme="auto", enable_chunks: bool = True, rec_multVar_highdim: bool = False,
+                 use_fast_math: bool = True):
+        # Callers pass these positionally, so the order is pykeops's. dtype and cuda_type are ignored (the arrays'
+        # dtype decides); sum_scheme, enable_chunks, rec_multVar_highdim and use_fast_math are pykeops tuning knobs,
+        # accepted for compatibility: our backends choose their own schemes.
+        if use_double_acc:
+            dtype_acc = "float64"
+        self.formula, self.aliases = formula, list(aliases)
+        self.plan: Plan = make_plan(formula, self.aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
