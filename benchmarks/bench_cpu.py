@@ -54,9 +54,7 @@ QUICK_SIZES = {100_000: 20_000, 30_000: 10_000, 10_000: 5_000}
 
 
 def _env(threads: int) -> dict:
-    # MALLOC_MMAP_THRESHOLD_: with glibc's default (a threshold that grows after large frees), the torch peer's
-    # per-block temporaries stop being returned and its resident memory grows like N x M (24 GB at N = M = 1e5, then
-    # the OOM killer); a fixed threshold keeps every impl's large blocks mmapped and freed.
+    # MALLOC_MMAP_THRESHOLD_ also for the scripts run here (see benchmarks.run.run_worker for why)
     return dict(os.environ, KRED_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), RAY_AUTH_MODE="disabled",
                 MALLOC_MMAP_THRESHOLD_="1048576")
 

@@ -105,7 +105,11 @@ def run_worker(spec: dict, timeout: float | None) -> dict:
     times out or dies still reports how much memory it had reached. The watched peak covers the worker's whole life,
     the float64 accuracy check after the timed calls included, so it can exceed the measured `peak_rss_mb`."""
     command = [sys.executable, "-m", "benchmarks.run", "--worker", json.dumps(spec)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # A fixed mmap threshold: with glibc's default (one that grows after large frees) the torch peer's per-block
+    # temporaries stop being returned and its resident memory grows like N x M (24 GB at N = M = 1e5, then the OOM
+    # killer); fixed, every impl's large blocks are mmapped and freed.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576"))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     start, watched = time.monotonic(), None
     while True:
         try:
