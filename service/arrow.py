@@ -18,6 +18,7 @@ import pyarrow as pa
 
 CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 META_KEY = b"kred"
+SMALL = 1 << 20          # bytes: messages up to this size are encoded in one pass (see `encode`)
 DTYPES = {np.dtype(np.float32): pa.float32(), np.dtype(np.float64): pa.float64(), np.dtype(np.int64): pa.int64()}
 
 
@@ -39,6 +40,10 @@ def encode(meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> pa.Buffer:
         columns.append(column)
     schema = pa.schema(fields, metadata={META_KEY: json.dumps(meta).encode()})
     batch = pa.record_batch(columns, schema=schema)
+    if sum(column.nbytes for column in columns) <= SMALL:     # one pass: the copies are cheaper than a second one
+        sink = pa.BufferOutputStream()
+        _write(sink, schema, batch)
+        return sink.getvalue()
     # Measure first, then write into one buffer of the exact size: a growing buffer would copy 100 MB bodies twice.
     mock = pa.MockOutputStream()
     _write(mock, schema, batch)
@@ -86,7 +91,8 @@ def _column_array(field: pa.Field, column: pa.Array) -> np.ndarray:
         raise WireError(f"column {field.name!r} has no 'shape' metadata") from None
     if not all(isinstance(s, int) and s >= 0 for s in shape):
         raise WireError(f"column {field.name!r}: shape {list(shape)} is not a list of sizes")
-    values = column.values.slice(column.offsets[0].as_py(), column.value_lengths()[0].as_py())
+    start, stop = column.offsets.to_numpy()[:2]      # numpy, not pyarrow.compute: ~20 us less per column
+    values = column.values.slice(int(start), int(stop - start))
     if values.null_count:
         raise WireError(f"column {field.name!r} holds nulls")
     flat = values.to_numpy(zero_copy_only=True)

@@ -14,8 +14,9 @@ from .errors import ApiError
 bearer = HTTPBearer(auto_error=False, description="the server's token, when it is started with one")
 
 
-def require_token(request: Request,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+async def require_token(request: Request,
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    # async (it never blocks): FastAPI would run a plain `def` dependency in a worker thread, a hop per request
     token = request.app.state.service.settings.token
     if token is None:
         return

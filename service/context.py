@@ -26,7 +26,8 @@ class Service:
     limiter: anyio.CapacityLimiter          # synchronous reductions computing at once
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    """async so that FastAPI calls it on the event loop rather than in a worker thread (a hop per request)."""
     return request.app.state.service
 
 
