@@ -15,6 +15,8 @@ from `Step`, and index outputs (argmin, argKmin, ...) are int64 arrays.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 import numbers
 from dataclasses import dataclass
@@ -54,7 +56,7 @@ class Variable:
         return Variable(self.value, cat, self.dim, self.symbol)
 
 
-class LazyTensorBase:
+class LazyTensorBase(ABC):
     """A symbolic array: a formula over `variables`, plus the shape facts needed to reduce it.
 
     Attributes (as in pykeops): `ndim` is the vector dimension D, `ni` / `nj` the numbers of i / j points (None
@@ -67,30 +69,34 @@ class LazyTensorBase:
 
     # ---- what a binding provides ------------------------------------------------------------------------------
     @staticmethod
+    @abstractmethod
     def _is_array(x) -> bool:
-        raise NotImplementedError
+        ...
 
     @staticmethod
+    @abstractmethod
     def _reshape(x, shape):
-        raise NotImplementedError
+        ...
 
     @staticmethod
+    @abstractmethod
     def _dtype_name(x) -> str:
-        raise NotImplementedError
+        ...
 
     @staticmethod
+    @abstractmethod
     def _from_list(values, dtype_name: str, like):
-        raise NotImplementedError
+        ...
 
     @classmethod
+    @abstractmethod
     def _reduce(cls, plan: Plan, args: list, call: dict):
         """Run `plan` on `args` with the call options (backend, device_id, ranges, out)."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def _kernel_solve_class():
         """The binding's pykeops-style KernelSolve class."""
-        raise NotImplementedError
 
     # ---- construction -----------------------------------------------------------------------------------------
     def __init__(self, x=None, axis=None):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+from ..errors import BackendError
 from ..reductions.monoids import Extremum, KMin, LogSumExp, Reduction, Sum
 
 State = Callable[[int, str], str]
@@ -42,7 +43,7 @@ def _family(reduction: Reduction):
     for family in (Sum, Extremum, KMin, LogSumExp):
         if isinstance(reduction, family):
             return _FAMILIES[family]
-    raise NotImplementedError(f"no C steps for reduction {reduction.name}")
+    raise BackendError(f"reduction {reduction.name} has no C steps; use backend='reference'")
 
 
 def init_steps(reduction: Reduction, state: State) -> list[str]:
@@ -288,7 +289,7 @@ class _LogSumExp:
         if name == "Max_SumShiftExpWeight":
             return [f"{out(0, str(k))} = (kred_real){s(0, str(k))};" for k in range(d)] + \
                    [f"{out(0, str(d + c))} = (kred_real){s(2, str(c))};" for c in range(d2)]
-        raise NotImplementedError(f"no C finalize for {name}")
+        raise BackendError(f"reduction {name} has no C finalize step; use backend='reference'")
 
 
 _FAMILIES = {Sum: _Sum, Extremum: _Extremum, KMin: _KMin, LogSumExp: _LogSumExp}
