@@ -122,7 +122,7 @@ def _try_load(path: Path) -> ctypes.CDLL | None:
 
 def _build(source, cc, flags, libs, directory: Path, key: str, target: Path) -> None:
     source_path = directory / f"{key}.c"
-    _atomic_write(source_path, source.encode())
+    atomic_write(source_path, source.encode())
     fd, temp = tempfile.mkstemp(prefix=f"{key}.", suffix=".so.tmp", dir=directory)
     os.close(fd)
     command = [cc.path, *flags, "-o", temp, str(source_path), *libs]
@@ -143,7 +143,8 @@ def _build(source, cc, flags, libs, directory: Path, key: str, target: Path) -> 
         log.write(f"{key} {seconds:.3f}s pid={os.getpid()}\n")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
     fd, temp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

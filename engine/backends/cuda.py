@@ -19,7 +19,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -88,7 +87,7 @@ def cubin_path(source: str, arch: str) -> Path:
     """The cubin for `source` on `arch`, from the disk cache or compiled now (once per machine, under a lock)."""
     from filelock import FileLock
 
-    from .cache import cache_dir
+    from .cache import atomic_write, cache_dir
 
     major, minor = nvrtc.version()
     options = nvrtc.DEFAULT_OPTIONS
@@ -102,10 +101,7 @@ def cubin_path(source: str, arch: str) -> Path:
         if not (target.exists() and target.stat().st_size > 0):
             image = nvrtc.compile_source(source, arch)
             (directory / f"{key}.cu").write_text(source)          # for reading; the cubin is the cache entry
-            fd, temp = tempfile.mkstemp(prefix=f"{key}.", suffix=".tmp", dir=directory)
-            with os.fdopen(fd, "wb") as f:
-                f.write(image)
-            os.replace(temp, target)
+            atomic_write(target, image)
     return target
 
 
