@@ -19,9 +19,6 @@ class Backend(ABC):
     xp = np                 # the array module `Plan.check_args` gives this backend (CuPy for GPU-resident inputs)
     dtypes = DTYPES         # the input dtypes it computes in
 
-    def available(self) -> bool:
-        return True
-
     def bind(self, args, device_id: int = -1) -> "Backend":
         """The instance that runs one call on `args` (the CUDA backend picks its device and stream here)."""
         return self

@@ -143,9 +143,6 @@ class CudaBackend(Backend):
     def __init__(self, device_id: int | None = None, stream=None, xp=np):
         self.device_id, self.stream, self.xp = device_id, stream, xp
 
-    def available(self) -> bool:
-        return gpu_count() > 0
-
     def bind(self, args, device_id: int = -1) -> "CudaBackend":
         """The backend for one call on `args`: their device (else `device_id`, else the current one) and the
         caller's stream (torch's current stream for torch tensors, else CuPy's)."""
