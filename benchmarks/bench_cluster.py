@@ -47,10 +47,10 @@ def main(argv=None) -> int:
 
     import ray
 
-    import engine
-    from engine.backends import auto_choice
-    from engine.backends.cuda import gpu_count
-    from engine.cluster import Cluster
+    import kred.engine as engine
+    from kred.engine.backends import auto_choice
+    from kred.engine.backends.cuda import gpu_count
+    from kred.engine.cluster import Cluster
 
     n, d = int(args.n), args.d
     rng = np.random.default_rng(0)

@@ -85,7 +85,7 @@ def cpu_time_rate(case: str, n: int, d: int, dtype: str, threads: int) -> float 
     import json, time
     import numpy as np
     from benchmarks.cases import CASES
-    from engine.numpy import Genred
+    from kred.engine.numpy import Genred
     case = CASES["{case}"]
     arrays = [a.astype("{dtype}") for a in case.data(np.random.default_rng(0), {n}, {n}, {d})]
     op = Genred(case.formula, case.aliases({d}), case.reduction, axis=1, opt_arg=case.opt_arg)
@@ -101,7 +101,7 @@ def cpu_time_rate(case: str, n: int, d: int, dtype: str, threads: int) -> float 
 def cold_compile(impl: str, threads: int) -> dict:
     """Seconds of the first call of a never-seen formula (codegen, compile, load, run at N = M = 100)."""
     constant = 2 + uuid.uuid4().int % 10**6            # an integer: pykeops 2.3 takes no float literals
-    module, backend = ("engine.numpy", "cpu") if impl == "kred-cpu" else ("pykeops.numpy", "CPU")
+    module, backend = ("kred.numpy", "cpu") if impl == "kred-cpu" else ("pykeops.numpy", "CPU")
     script = _DATA + f"""
     from {module} import Genred
     op = Genred("Exp(-SqDist(x, y) / IntCst({constant})) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)
@@ -115,7 +115,7 @@ def cold_compile(impl: str, threads: int) -> dict:
 def warm_call(impl: str, threads: int) -> dict:
     """Microseconds per call of an already compiled Gaussian sum, N = M = 100 (best of 5 x 2000 calls)."""
     if impl in ("kred-cpu", "pykeops-cpu"):
-        module, backend = ("engine.numpy", "cpu") if impl == "kred-cpu" else ("pykeops.numpy", "CPU")
+        module, backend = ("kred.numpy", "cpu") if impl == "kred-cpu" else ("pykeops.numpy", "CPU")
         setup = f"""
     from {module} import Genred
     op = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)
@@ -186,8 +186,8 @@ def fma_peak_gflops(threads: int, dtype: str) -> float | None:
     real = "float" if dtype == "float32" else "double"
     script = f"""
     import json
-    from engine.backends import cache
-    from engine.backends.cpu import FLAGS, LIBS
+    from kred.engine.backends import cache
+    from kred.engine.backends.cpu import FLAGS, LIBS
     from benchmarks.bench_cpu import _FMA_SOURCE
     lib = cache.load(_FMA_SOURCE.replace("REAL", "{real}"), FLAGS, LIBS)
     import ctypes

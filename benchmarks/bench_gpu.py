@@ -69,7 +69,7 @@ CASES = [
 # Impls: each returns a zero-argument callable that computes on tensors already on the GPU ------------------------
 
 def kred_impl(case: Case, tensors):
-    from engine.torch import Genred
+    from kred.engine.torch import Genred
     op = Genred(case.formula, case.aliases(tensors[0].shape[1]), reduction_op=case.reduction, axis=1,
                 opt_arg=case.opt_arg)
     return _with_backward(case, tensors, lambda *t: op(*t, backend="cuda"))
@@ -158,9 +158,9 @@ def error(case: Case, got, want) -> float:
 
 def kernel_profile(case: Case, d: int, device) -> dict:
     """The generated module's pair loop (PTX) and registers (ptxas) for this case, and the chip's limits."""
-    from engine.backends import nvrtc
-    from engine.codegen import cuda as template
-    from engine.numpy import Genred
+    from kred.engine.backends import nvrtc
+    from kred.engine.codegen import cuda as template
+    from kred.engine.numpy import Genred
     plan = Genred(case.formula, case.aliases(d), reduction_op=case.reduction, axis=1, opt_arg=case.opt_arg).plan
     arch = f"sm_{device['major']}{device['minor']}"
     profile = {"arch": arch}

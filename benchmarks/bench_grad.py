@@ -64,7 +64,7 @@ def _kred_build(backend: str):
     def build(case: Case, arrays):
         import torch
 
-        from engine.torch import Genred
+        from kred.engine.torch import Genred
         x, y, b, e = _torch_inputs(arrays)
         op = Genred(case.extra["forward"], _aliases(x.shape[1])[:3], axis=1)
 
@@ -109,7 +109,7 @@ def _supports(case: Case) -> bool:
 
 for _backend in ("reference", "cpu", "cuda"):
     register_impl(Impl(f"kred-{_backend}-autograd", _kred_build(_backend), _engine_available(_backend), _supports,
-                       description=f"engine.torch.Genred(backend={_backend!r}), forward + backward"))
+                       description=f"kred.torch.Genred(backend={_backend!r}), forward + backward"))
 register_impl(Impl("pykeops-cpu-autograd", _pykeops_build, _pykeops_available(False), _supports,
                    description="pykeops.torch LazyTensor on the CPU, forward + backward"))
 register_impl(Impl("torch-autograd", _torch_dense_build, lambda: "", _supports,

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from engine.numpy import Genred, cluster_ranges_centroids, from_matrix, grid_cluster, sort_clusters
+from kred.engine.numpy import Genred, cluster_ranges_centroids, from_matrix, grid_cluster, sort_clusters
 
 from .run import RESULTS, machine_info, host_kind
 

@@ -81,7 +81,7 @@ def start_server(backend: str, store: str):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, KRED_STORE_DIR=store, KRED_BACKEND=backend, KRED_MAX_BODY_BYTES=str(1 << 31))
-    process = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--executor", "local", "--port",
+    process = subprocess.Popen([sys.executable, "-m", "kred.client.cli", "serve", "--executor", "local", "--port",
                                 str(port), "--log-level", "warning"], env=env)
     return process, f"http://127.0.0.1:{port}"
 
@@ -108,11 +108,11 @@ def main(argv=None) -> int:
 
     import httpx
 
-    from client import AsyncClient, Client
-    from client.client import NO_DELAY, chunked
-    from engine.backends import auto_choice
-    from engine.numpy import Genred
-    from service import arrow
+    from kred.client import AsyncClient, Client
+    from kred.client.client import NO_DELAY, chunked
+    from kred.engine.backends import auto_choice
+    from kred.engine.numpy import Genred
+    from kred.service import arrow
 
     backend = auto_choice() if args.backend == "auto" else args.backend
     info = machine_info()

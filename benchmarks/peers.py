@@ -53,8 +53,8 @@ def _aliases(case: Case, arrays) -> list[str]:
 
 def _engine_available(backend: str) -> Callable[[], str]:
     def available() -> str:
-        from engine.backends import get_backend
-        from engine.errors import BackendError
+        from kred.engine.backends import get_backend
+        from kred.engine.errors import BackendError
         try:
             get_backend(backend)
         except BackendError as e:
@@ -65,7 +65,7 @@ def _engine_available(backend: str) -> Callable[[], str]:
 
 def _engine_build(backend: str):
     def build(case: Case, arrays):
-        from engine.numpy import Genred
+        from kred.engine.numpy import Genred
         op = Genred(case.formula, _aliases(case, arrays), reduction_op=case.reduction, axis=1, opt_arg=case.opt_arg,
                     formula2=case.formula2)
         return lambda: op(*arrays, backend=backend)
@@ -74,7 +74,7 @@ def _engine_build(backend: str):
 
 for _backend in ("reference", "cpu", "cuda"):
     register_impl(Impl(f"kred-{_backend}", _engine_build(_backend), _engine_available(_backend),
-                       description=f"engine.numpy.Genred(backend={_backend!r})"))
+                       description=f"kred.numpy.Genred(backend={_backend!r})"))
 
 
 # pykeops ------------------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def measure(spec: dict) -> dict:
 
 def _categories(case, d) -> list[int]:
     """Category of each alias (0 = i, 1 = j, 2 = parameter), read by the engine's own alias parser."""
-    from engine.formula import parse_aliases
+    from kred.engine.formula import parse_aliases
     return [node.params[2] for node in parse_aliases(case.aliases(d)).values()]
 
 

@@ -60,8 +60,8 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
     try:
         import uvicorn
 
-        from service.app import create_app, widen_uvicorn_reads
-        from service.settings import Settings
+        from kred.service.app import create_app, widen_uvicorn_reads
+        from kred.service.settings import Settings
     except ImportError as e:
         _fail(f"the server is not installed ({e.name} is missing): pip install 'kred[server]'")
     overrides = {"host": host, "port": port, "ray_address": ray_address, "token_file": token_file,
@@ -100,8 +100,8 @@ def run(job_file: Path = typer.Argument(..., help="the job's YAML file", exists=
         address: Optional[str] = typer.Option(None, help="Ray cluster address (overrides the file's)"),
         progress: bool = typer.Option(True, "--progress/--quiet")):
     """Run a batch job described by a YAML file on a Ray cluster and write its output."""
-    from engine.cluster import run_job_file
-    from engine.errors import KredError
+    from kred.engine.cluster import run_job_file
+    from kred.engine.errors import KredError
     try:
         output = run_job_file(job_file, address, progress=progress)
     except KredError as e:
@@ -124,9 +124,9 @@ def reduce(formula: str = typer.Argument(..., help="e.g. 'Exp(-SqDist(x,y))*b'")
            job: bool = typer.Option(False, "--job", help="submit as a job and show its progress"),
            url: str = URL, token_file: Optional[Path] = TOKEN_FILE):
     """Reduce arrays stored in files, on a server (default) or locally, and write the result to a file."""
-    from engine.cluster.jobfile import read_array, write_output
-    from engine.errors import KredError
-    from engine.plan import make_plan
+    from kred.engine.cluster.jobfile import read_array, write_output
+    from kred.engine.errors import KredError
+    from kred.engine.plan import make_plan
 
     from .errors import RemoteError
     try:
@@ -138,7 +138,7 @@ def reduce(formula: str = typer.Argument(..., help="e.g. 'Exp(-SqDist(x,y))*b'")
         arrays = [read_array(Path(files[a.name]), None, a.name) for a in plan.args]
         options = dict(reduction_op=reduction, axis=axis, opt_arg=opt_arg, formula2=formula2)
         if local:
-            from engine import reduce as local_reduce
+            from kred.engine import reduce as local_reduce
             result = local_reduce(formula, alias, *arrays, **options)
         else:
             with _client(url, token_file) as client:

@@ -27,8 +27,8 @@ from typing import Any, Generator
 import httpx
 import numpy as np
 
-from service import arrow
-from service.shm import Segment, SegmentPool, aligned, pack, packed_size
+from kred.service import arrow
+from kred.service.shm import Segment, SegmentPool, aligned, pack, packed_size
 
 from .errors import RemoteError, raise_for
 
@@ -82,14 +82,14 @@ def from_numpy(outputs: list[np.ndarray], like):
 
 @functools.lru_cache(maxsize=256)
 def _plan(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc):
-    from engine.plan import make_plan
+    from kred.engine.plan import make_plan
     return make_plan(formula, list(aliases), reduction_op, axis, opt_arg, formula2, dtype_acc)
 
 
 def _result_bytes(spec: dict, arrays: list[np.ndarray]) -> int:
     """Room for the outputs in a shared-memory call (the server replies with Arrow if the estimate falls short)."""
     try:
-        from engine.plan import ROWS
+        from kred.engine.plan import ROWS
         plan = _plan(spec["formula"], tuple(spec["aliases"]), spec["reduction_op"], spec["axis"], spec["opt_arg"],
                      spec["formula2"], spec["dtype_acc"])
         if spec.get("grad") is not None:

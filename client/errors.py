@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from engine import errors as engine_errors
+from kred.engine import errors as engine_errors
 
 
 class RemoteError(Exception):

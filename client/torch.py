@@ -1,6 +1,6 @@
 """A remote Genred for torch: the forward pass and the backward pass both run on a kred server.
 
-    from client.torch import Genred
+    from kred.client.torch import Genred
     op = Genred("Exp(-SqDist(x,y))*b", ["x=Vi(3)", "y=Vj(3)", "b=Vj(1)"], axis=1, url="http://127.0.0.1:8000")
     a = op(x, y, b)            # x.requires_grad: a.sum().backward() asks the server for d a / d x
     

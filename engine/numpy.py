@@ -8,6 +8,9 @@ from .ranges import (cluster_ranges, cluster_ranges_centroids, from_matrix, grid
 from .frontend import GenredBase
 from .run import run
 
+__all__ = ["Genred", "KernelSolve", "LazyTensor", "Pm", "Vi", "Vj", "cluster_ranges", "cluster_ranges_centroids",
+           "from_matrix", "grid_cluster", "sort_clusters", "swap_axes"]
+
 
 class Genred(GenredBase):
     """A reduction `reduction_op_j formula(x_i, y_j, p)` (axis=1) or over i (axis=0), compiled on first use.

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from engine.errors import BackendError, KredError
+from kred.engine.errors import BackendError, KredError
 
 from .arrow import WireError
 from .shm import SharedMemoryError

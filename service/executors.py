@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from engine.backends import get_backend
-from engine.plan import Plan
-from engine.run import backend_name, run
+from kred.engine.backends import get_backend
+from kred.engine.plan import Plan
+from kred.engine.run import backend_name, run
 
 Progress = Callable[[float], None]
 Flag = Callable[[], bool]
@@ -81,7 +81,7 @@ class ClusterExecutor(Executor):
 
     def __init__(self, address: str | None = None, cluster=None, **options):
         if cluster is None:
-            from engine.cluster import Cluster   # Ray is imported only when this executor is chosen
+            from kred.engine.cluster import Cluster   # Ray is imported only when this executor is chosen
 
             cluster, self._owned = Cluster(address, **options), True
         else:

@@ -10,10 +10,10 @@ from typing import Callable
 
 import numpy as np
 
-from engine.errors import ArgumentError
-from engine.formula import P
-from engine.plan import Plan
-from engine.reductions.gradients import COTANGENT, LOGSUMEXP, OUTPUT, ZERO, ReducedGradient, gradient, with_indices
+from kred.engine.errors import ArgumentError
+from kred.engine.formula import P
+from kred.engine.plan import Plan
+from kred.engine.reductions.gradients import COTANGENT, LOGSUMEXP, OUTPUT, ZERO, ReducedGradient, gradient, with_indices
 
 
 def check_cotangent(plan: Plan, cotangent: np.ndarray, rows: int, dtype) -> np.ndarray:

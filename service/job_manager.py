@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.errors import BackendError, KredError
+from kred.engine.errors import BackendError, KredError
 
 from .errors import ApiError
 from .executors import Cancelled, Executor

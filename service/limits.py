@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.plan import Plan
+from kred.engine.plan import Plan
 
 from .errors import ApiError
 from .schemas import ReductionSpec

@@ -12,9 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from engine.errors import ArgumentError
-from engine.plan import Plan, make_plan
-from engine.reductions.gradients import gradient
+from kred.engine.errors import ArgumentError
+from kred.engine.plan import Plan, make_plan
+from kred.engine.reductions.gradients import gradient
 
 from . import gradients, limits
 from .errors import ApiError

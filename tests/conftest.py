@@ -14,8 +14,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest  # noqa: E402
 
-from engine.backends import get_backend  # noqa: E402
-from engine.errors import BackendError  # noqa: E402
+from kred.engine.backends import get_backend  # noqa: E402
+from kred.engine.errors import BackendError  # noqa: E402
 
 
 @functools.cache

@@ -16,8 +16,8 @@ import re
 
 import numpy as np
 
-from engine.backends import cache
-from engine.codegen import cuda as template
+from kred.engine.backends import cache
+from kred.engine.codegen import cuda as template
 
 HEADER = r"""
 #include <math.h>

@@ -13,10 +13,10 @@ import httpx
 import numpy as np
 import uvicorn
 
-from client import AsyncClient
-from service import arrow
+from kred.client import AsyncClient
+from kred.service import arrow
 
-from service.settings import Settings
+from kred.service.settings import Settings
 
 # The formula of every case: x = Vi(3), y = Vj(3), b = Vj(2). F[i, j] = |x_i - y_j|^2 * b_j  (dimension 2).
 ALIASES = ["x = Vi(3)", "y = Vj(3)", "b = Vj(2)"]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import DimensionError, FormulaError
-from engine.formula import parse, parse_aliases
-from engine.numpy import Genred
+from kred.engine.errors import DimensionError, FormulaError
+from kred.engine.formula import parse, parse_aliases
+from kred.engine.numpy import Genred
 from test_ops import ROWS, _sample
 
 N, M = 5, 4

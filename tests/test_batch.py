@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import ArgumentError
-from engine.numpy import Genred, LazyTensor
-from engine.torch import Genred as TorchGenred
-from engine.torch import LazyTensor as TorchLazyTensor
+from kred.engine.errors import ArgumentError
+from kred.engine.numpy import Genred, LazyTensor
+from kred.engine.torch import Genred as TorchGenred
+from kred.engine.torch import LazyTensor as TorchLazyTensor
 
 RNG = np.random.default_rng(5)
 B, N, M, D = 3, 6, 5, 2

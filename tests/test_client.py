@@ -10,10 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
-from client import AsyncClient, Client, LimitExceeded, RemoteError, TooBusy, Unauthorized
-from engine.errors import ArgumentError, DimensionError, FormulaError
-from service import arrow
-from service.app import create_app
+from kred.client import AsyncClient, Client, LimitExceeded, RemoteError, TooBusy, Unauthorized
+from kred.engine.errors import ArgumentError, DimensionError, FormulaError
+from kred.service import arrow
+from kred.service.app import create_app
 from service_helpers import ALIASES, FORMULA, Running, assert_matches, data, dense, settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +33,9 @@ import sys
 for name in {blocked!r}:
     sys.modules[name] = None                       # importing any of them now fails
 import httpx, numpy as np
-from client import Client
+from kred.client import Client
 def reply(request):
-    from service import arrow
+    from kred.service import arrow
     meta, arrays = arrow.decode(request.content)
     assert meta["formula"] == "x" and meta["reduction_op"] == "Sum"
     body = arrow.encode({{"names": ["value"]}}, [arrays[0] * 2])

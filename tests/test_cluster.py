@@ -19,11 +19,11 @@ import pytest
 
 import ray  # noqa: E402
 
-import engine  # noqa: E402
-from engine.cluster import Cluster, JobFileError, choose_split, make_shards, run_job_file  # noqa: E402
-from engine.errors import ArgumentError, BackendError, FormulaError  # noqa: E402
-from engine.numpy import Genred  # noqa: E402
-from engine.reductions import REDUCTIONS  # noqa: E402
+import kred.engine as engine  # noqa: E402
+from kred.engine.cluster import Cluster, JobFileError, choose_split, make_shards, run_job_file  # noqa: E402
+from kred.engine.errors import ArgumentError, BackendError, FormulaError  # noqa: E402
+from kred.engine.numpy import Genred  # noqa: E402
+from kred.engine.reductions import REDUCTIONS  # noqa: E402
 from conftest import start_ray  # noqa: E402
 from test_reductions import K, assert_close, dense, genred  # noqa: E402  (the dense oracles)
 
@@ -81,7 +81,7 @@ def test_split_prefers_rows_and_splits_columns_when_rows_are_few():
 
 
 def test_worker_layout_over_nodes():
-    from engine.cluster.workers import layout
+    from kred.engine.cluster.workers import layout
     a, b, c = ("a" * 56, "b" * 56, "c" * 56)                  # node ids are hex strings
     nodes = [{"NodeID": a, "Alive": True, "Resources": {"CPU": 4.0, "GPU": 2.0}},
              {"NodeID": b, "Alive": True, "Resources": {"CPU": 8.0}},
@@ -153,7 +153,7 @@ def test_results_are_writeable_arrays_of_their_own(cluster):
 
 
 def test_default_cluster_behind_backend_cluster(ray_instance, monkeypatch):
-    from engine.cluster import cluster as module
+    from kred.engine.cluster import cluster as module
     # the default layout here is one worker per logical GPU: have them compute on the CPU
     monkeypatch.setattr(module, "Cluster", functools.partial(Cluster, backend="reference"))
     x, y, b = gaussian_data(50, 60)
@@ -168,7 +168,7 @@ def test_default_cluster_behind_backend_cluster(ray_instance, monkeypatch):
 
 EMBEDDED = """
 import numpy as np, ray
-from engine.cluster import Cluster
+from kred.engine.cluster import Cluster
 x = np.arange(12.0).reshape(4, 3)
 with Cluster(device="cpu", workers=1, threads=1, ray_options={"num_cpus": 1}) as cl:
     pid = cl.workers[0]["pid"]
@@ -188,7 +188,7 @@ def test_embedded_cluster_starts_and_stops_its_own_ray():
 
 
 def test_import_engine_does_not_import_ray():
-    code = "import sys, engine, engine.numpy; sys.exit('ray' in sys.modules)"
+    code = "import sys, kred.engine, kred.numpy; sys.exit('ray' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -343,7 +343,7 @@ def test_cancel_stops_outstanding_shards(ray_instance, tmp_path):
 def test_torch_genred_and_its_gradients_run_on_the_cluster(ray_instance, tmp_path):
     import torch
 
-    from engine.torch import Genred as TorchGenred
+    from kred.engine.torch import Genred as TorchGenred
     x, y, b = (torch.tensor(a, requires_grad=True) for a in gaussian_data(40, 50))
     hook = Log(tmp_path / "log")
     # the reference backend: the point is the routing of every gradient reduction, not compiling each of them

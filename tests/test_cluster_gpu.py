@@ -12,8 +12,8 @@ pytestmark = pytest.mark.gpu         # conftest skips these only when no GPU is 
 def gpu_cluster():
     import ray
 
-    from engine.backends.cuda import gpu_count
-    from engine.cluster import Cluster
+    from kred.engine.backends.cuda import gpu_count
+    from kred.engine.cluster import Cluster
     from conftest import start_ray
     start_ray(num_cpus=2, num_gpus=gpu_count())
     try:
@@ -25,7 +25,7 @@ def gpu_cluster():
 
 @pytest.mark.parametrize("split", [None, (4, 1), (2, 3)])
 def test_gaussian_sum_on_every_gpu(gpu_cluster, split):
-    from engine.backends.cuda import gpu_count
+    from kred.engine.backends.cuda import gpu_count
     workers = gpu_cluster.workers
     assert len(workers) == gpu_count() and all(w["backend"] == "cuda" for w in workers)
     rng = np.random.default_rng(0)

@@ -10,8 +10,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster as RayNodes
 
-from engine.cluster import Cluster
-from engine.numpy import Genred
+from kred.engine.cluster import Cluster
+from kred.engine.numpy import Genred
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])    # the hook runs in the workers
 

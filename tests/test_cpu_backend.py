@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.backends import get_backend
-from engine.backends.cpu import num_threads, split_columns
-from engine.codegen.cpu import DOT_MIN_DIM, cpu_source
-from engine.errors import BackendError
-from engine.numpy import Genred
-from engine.plan import make_plan
-from engine.reductions import merge_all
+from kred.engine.backends import get_backend
+from kred.engine.backends.cpu import num_threads, split_columns
+from kred.engine.codegen.cpu import DOT_MIN_DIM, cpu_source
+from kred.engine.errors import BackendError
+from kred.engine.numpy import Genred
+from kred.engine.plan import make_plan
+from kred.engine.reductions import merge_all
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
 SIZES = [(1, 1), (1, 1025), (7, 1023), (1023, 7), (1025, 1025)]
@@ -211,8 +211,8 @@ def test_no_compiler_gives_a_clear_error_and_auto_falls_back_once(tmp_path):
     script = textwrap.dedent("""
         import warnings
         import numpy as np
-        from engine.backends import get_backend, auto_choice
-        from engine.errors import BackendError
+        from kred.engine.backends import get_backend, auto_choice
+        from kred.engine.errors import BackendError
         try:
             get_backend("cpu")
         except BackendError as e:
@@ -235,7 +235,7 @@ def test_a_forked_child_still_computes(tmp_path):
     script = textwrap.dedent("""
         import os
         import numpy as np
-        from engine.numpy import Genred
+        from kred.engine.numpy import Genred
         op = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)
         rng = np.random.default_rng(0)
         x, y, b = rng.standard_normal((2000, 3)), rng.standard_normal((2000, 3)), rng.standard_normal((2000, 1))

@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from engine.backends import nvrtc
-from engine.codegen import cuda as template
-from engine.errors import ArgumentError, BackendError
-from engine.formula import Node, make
-from engine.numpy import Genred
-from engine.plan import plan_from_nodes
-from engine.reductions import REDUCTIONS
+from kred.engine.backends import nvrtc
+from kred.engine.codegen import cuda as template
+from kred.engine.errors import ArgumentError, BackendError
+from kred.engine.formula import Node, make
+from kred.engine.numpy import Genred
+from kred.engine.plan import plan_from_nodes
+from kred.engine.reductions import REDUCTIONS
 from test_ops import ROWS
 from test_reductions import genred
 

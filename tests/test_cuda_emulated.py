@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import cuda_emulation as emulation
-from engine.numpy import Genred
-from engine.reductions import REDUCTIONS, merge_all
+from kred.engine.numpy import Genred
+from kred.engine.reductions import REDUCTIONS, merge_all
 from test_reductions import assert_close, dense, genred
 
 SPLITS = [pytest.param(None, id="1D"), pytest.param(3, id="2D")]
@@ -39,7 +39,7 @@ def test_every_reduction_matches_dense(name, splits):
 @pytest.mark.parametrize("name", ["Sum", "LogSumExp", "SumSoftMaxWeight", "Min_ArgMin", "KMin_ArgKMin"])
 def test_partial_states_merge_with_numpy_states(name):
     """States written by kred_state (column blocks 1 and 3) merge with the reference's (block 2) into the answer."""
-    from engine.backends import get_backend
+    from kred.engine.backends import get_backend
 
     rng = np.random.default_rng(2)
     x, y = rand(rng, (40, 2), np.float64), rand(rng, (500, 2), np.float64)
@@ -169,8 +169,8 @@ def test_large_outputs_run_as_slices_of_components(name):
 
 @pytest.fixture
 def emulated_gpu(monkeypatch, tmp_path):
-    from engine import backends
-    from engine.backends import cuda
+    from kred.engine import backends
+    from kred.engine.backends import cuda
 
     fake = emulation.FakeCupy(sm_count=4)
     monkeypatch.setenv("KRED_CACHE_DIR", str(tmp_path))
@@ -185,7 +185,7 @@ def emulated_gpu(monkeypatch, tmp_path):
 
 
 def test_runtime_reduce_partial_and_cache(emulated_gpu, tmp_path):
-    from engine.backends import get_backend
+    from kred.engine.backends import get_backend
 
     rng = np.random.default_rng(9)
     x, y, b = rand(rng, (300, 3), np.float32), rand(rng, (9000, 3), np.float32), rand(rng, (9000, 2), np.float32)

@@ -46,7 +46,7 @@ def data(rng, n, m, dtype=np.float32):
 
 
 def genred(formula=GAUSSIAN[0], aliases=GAUSSIAN[1], **kw):
-    from engine.numpy import Genred
+    from kred.engine.numpy import Genred
     return Genred(formula, aliases, axis=kw.pop("axis", 1), **kw)
 
 
@@ -56,7 +56,7 @@ def close(got, want, rtol):
 
 
 def test_auto_prefers_cuda_and_numpy_round_trips():
-    from engine.backends import auto_choice
+    from kred.engine.backends import auto_choice
     assert auto_choice() == "cuda"
     x, y, b = data(np.random.default_rng(0), 500, 700)
     got = genred()(x, y, b)                      # backend="auto"
@@ -73,13 +73,13 @@ def test_cupy_arrays_stay_on_the_gpu(cp):
 
 def test_torch_cuda_tensors_are_read_in_place(cp, torch_cuda):
     torch = torch_cuda
-    from engine.backends import get_backend
+    from kred.engine.backends import get_backend
     x = torch.randn(400, 3, device="cuda")
     plan = genred("SqNorm2(x - y)", ["x = Vi(3)", "y = Vj(3)"]).plan
     engine = get_backend("cuda").bind([x, x])
     arrays, *_ = plan.check_args([x, x], xp=engine.xp, dtypes=engine.dtypes)
     assert arrays[0].data.ptr == x.data_ptr()                  # the same memory: no copy
-    from engine.torch import Genred
+    from kred.engine.torch import Genred
     y, b = torch.randn(800, 3, device="cuda"), torch.randn(800, 2, device="cuda")
     out = Genred(*GAUSSIAN, axis=1)(x, y, b)
     assert out.is_cuda and out.dtype == torch.float32 and out.device == x.device
@@ -89,7 +89,7 @@ def test_torch_cuda_tensors_are_read_in_place(cp, torch_cuda):
 def test_launches_on_the_callers_torch_stream(torch_cuda):
     """Inputs written on a side stream are read by the reduction on that stream, without synchronising first."""
     torch = torch_cuda
-    from engine.torch import Genred
+    from kred.engine.torch import Genred
     op = Genred(*GAUSSIAN, axis=1)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -111,7 +111,7 @@ def test_launches_on_the_current_cupy_stream(cp):
 
 
 def test_device_id(cp):
-    from engine.errors import ArgumentError
+    from kred.engine.errors import ArgumentError
     x, y, b = data(np.random.default_rng(3), 100, 100)
     count = cp.cuda.runtime.getDeviceCount()
     last = count - 1
@@ -169,8 +169,8 @@ def test_large_output_dimension():
 
 def test_partial_states_merge_with_the_reference():
     """`partial` (what the cluster and block-sparse ranges call) returns the reduction's numpy state layout."""
-    from engine.backends import get_backend
-    from engine.reductions import merge_all
+    from kred.engine.backends import get_backend
+    from kred.engine.reductions import merge_all
     rng = np.random.default_rng(8)
     x, y = rng.standard_normal((300, 2)), rng.standard_normal((5000, 2))
     op = genred("SqDist(x, y)", ["x = Vi(2)", "y = Vj(2)"], reduction_op="KMin_ArgKMin", opt_arg=4)
@@ -189,7 +189,7 @@ def test_partial_states_merge_with_the_reference():
 
 def test_torch_forward_and_backward_on_the_gpu(torch_cuda):
     torch = torch_cuda
-    from engine.torch import Genred
+    from kred.engine.torch import Genred
     x = torch.randn(800, 3, device="cuda", dtype=torch.float64, requires_grad=True)
     y = torch.randn(1200, 3, device="cuda", dtype=torch.float64, requires_grad=True)
     b = torch.randn(1200, 2, device="cuda", dtype=torch.float64, requires_grad=True)
@@ -209,7 +209,7 @@ def test_forked_children_use_the_gpu(tmp_path):
     initialise CUDA themselves and compute."""
     code = f"""
 import multiprocessing as mp, numpy as np, engine, engine.numpy
-from engine.backends import auto_choice
+from kred.engine.backends import auto_choice
 assert auto_choice() == "cuda"
 def child(q):
     x = np.ones((10, 1), np.float32)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.errors import ArgumentError, BackendError, DimensionError, FormulaError, KredError
-from engine.numpy import Genred
+from kred.engine.errors import ArgumentError, BackendError, DimensionError, FormulaError, KredError
+from kred.engine.numpy import Genred
 
 ALIASES = ["x = Vi(3)", "y = Vj(3)", "b = Vj(2)"]
 FORMULA = "Exp(-SqDist(x, y)) * b"

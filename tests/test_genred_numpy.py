@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.backends import get_backend
-from engine.errors import BackendError
-from engine.numpy import Genred
-from engine.run import backend_name
+from kred.engine.backends import get_backend
+from kred.engine.errors import BackendError
+from kred.engine.numpy import Genred
+from kred.engine.run import backend_name
 
 FORMULA = "Exp(-SqDist(x, y)) * b"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.backends import cache
-from engine.backends.cpu import FLAGS, LIBS
-from engine.codegen.cpu import cpu_source
-from engine.errors import BackendError
-from engine.plan import make_plan
+from kred.engine.backends import cache
+from kred.engine.backends.cpu import FLAGS, LIBS
+from kred.engine.codegen.cpu import cpu_source
+from kred.engine.errors import BackendError
+from kred.engine.plan import make_plan
 
 ROOT = Path(__file__).parents[1]
 
@@ -91,7 +91,7 @@ def test_eight_processes_build_a_new_kernel_once(cache_dir):
     scale = 1.0 + (uuid.uuid4().int % 10**6) / 10**7        # a formula no cache has seen
     script = textwrap.dedent(f"""
         import numpy as np
-        from engine.numpy import Genred
+        from kred.engine.numpy import Genred
         op = Genred("Exp(-SqDist(x, y) * {scale!r}) * b", ["x = Vi(2)", "y = Vj(2)", "b = Vj(1)"], axis=1)
         rng = np.random.default_rng(0)
         x, y, b = rng.standard_normal((50, 2)), rng.standard_normal((60, 2)), rng.standard_normal((60, 1))

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import ArgumentError, FormulaError
-from engine.kernel_solve import conjugate_gradient
-from engine.numpy import KernelSolve as NumpyKernelSolve
-from engine.torch import KernelSolve
+from kred.engine.errors import ArgumentError, FormulaError
+from kred.engine.kernel_solve import conjugate_gradient
+from kred.engine.numpy import KernelSolve as NumpyKernelSolve
+from kred.engine.torch import KernelSolve
 
 ALIASES = ["x = Vi(3)", "y = Vj(3)", "b = Vj(2)", "s = Pm(1)"]
 FORMULA = "Exp(-SqDist(x, y) * s) * b"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, eigsh
 
-from engine.errors import ArgumentError, DimensionError
-from engine.numpy import LazyTensor, Pm, Vi, Vj
-from engine.torch import LazyTensor as TorchLazyTensor
+from kred.engine.errors import ArgumentError, DimensionError
+from kred.engine.numpy import LazyTensor, Pm, Vi, Vj
+from kred.engine.torch import LazyTensor as TorchLazyTensor
 
 N, M = 9, 7
 RNG = np.random.default_rng(4)

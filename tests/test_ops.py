@@ -14,8 +14,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pytest
 
-from engine.formula import OPS
-from engine.numpy import Genred
+from kred.engine.formula import OPS
+from kred.engine.numpy import Genred
 
 SIZES = [(1, 1), (7, 33), (33, 7)]
 RTOL = {np.float32: 1e-5, np.float64: 1e-10}

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import ArgumentError
-from engine.numpy import (Genred, LazyTensor, cluster_ranges, cluster_ranges_centroids, from_matrix, grid_cluster,
+from kred.engine.errors import ArgumentError
+from kred.engine.numpy import (Genred, LazyTensor, cluster_ranges, cluster_ranges_centroids, from_matrix, grid_cluster,
                           sort_clusters, swap_axes)
-from engine.torch import LazyTensor as TorchLazyTensor
-from engine.torch import from_matrix as torch_from_matrix
-from engine.torch import grid_cluster as torch_grid_cluster
+from kred.engine.torch import LazyTensor as TorchLazyTensor
+from kred.engine.torch import from_matrix as torch_from_matrix
+from kred.engine.torch import grid_cluster as torch_grid_cluster
 
 N, M = 10, 12
 RNG = np.random.default_rng(11)

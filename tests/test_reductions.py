@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.backends import get_backend
-from engine.errors import ArgumentError
-from engine.numpy import Genred
-from engine.reductions import REDUCTIONS
+from kred.engine.backends import get_backend
+from kred.engine.errors import ArgumentError
+from kred.engine.numpy import Genred
+from kred.engine.reductions import REDUCTIONS
 
 RTOL = {np.float32: 1e-5, np.float64: 1e-10}
 K = 4

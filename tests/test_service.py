@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from client import LimitExceeded, Unauthorized
-from engine.errors import ArgumentError, FormulaError
-from service import arrow
-from service.app import create_app
-from service.executors import LocalExecutor
-from service.shm import Segment
+from kred.client import LimitExceeded, Unauthorized
+from kred.engine.errors import ArgumentError, FormulaError
+from kred.service import arrow
+from kred.service.app import create_app
+from kred.service.executors import LocalExecutor
+from kred.service.shm import Segment
 from conftest import BACKENDS
 from service_helpers import ALIASES, CASES, FORMULA, Running, assert_matches, data, dense, request, settings
 
@@ -291,12 +291,12 @@ async def test_each_request_limit(tmp_path, limit, value, body, needle):
 async def test_compile_time_limit(tmp_path, monkeypatch):
     import time
 
-    import service.planning
+    import kred.service.planning as planning
 
     def slow_make_plan(*args):
         time.sleep(1.0)
         raise AssertionError("not reached in time")
-    monkeypatch.setattr(service.planning, "make_plan", slow_make_plan)
+    monkeypatch.setattr(planning, "make_plan", slow_make_plan)
     async with Running(create_app(settings(tmp_path, compile_timeout_s=0.2))) as running:
         r = await running.post_arrow(request(formula="(Exp(x)|y) * b", axis=1), list(data()))
         assert r.status_code == 422 and "compile_timeout_s" in r.json()["detail"]
@@ -370,7 +370,7 @@ async def test_shared_memory_can_be_disabled(tmp_path):
 async def test_result_too_large_for_the_clients_room_comes_back_as_arrow(server):
     x, y, b = data()
     with Segment.create(1 << 16) as segment:
-        from service.shm import pack
+        from kred.service.shm import pack
         refs, end = pack(segment, [x, y, b])
         body = request(axis=1, arrays=refs, out={"segment": segment.name, "offset": end, "size": 8})
         r = await server.raw.post("/v1/reduce", content=json.dumps(body), headers={"content-type": "application/json"})

@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from client.cli import app as cli
+from kred.client.cli import app as cli
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from client import Client
-from client.cli import app as cli
-from client.torch import Genred as RemoteGenred
-from engine.errors import ArgumentError, FormulaError
-from service.app import create_app
+from kred.client import Client
+from kred.client.cli import app as cli
+from kred.client.torch import Genred as RemoteGenred
+from kred.engine.errors import ArgumentError, FormulaError
+from kred.service.app import create_app
 from service_helpers import ALIASES, CASES, FORMULA, Server, assert_matches, data, dense, settings
 
 
@@ -182,7 +182,7 @@ def test_kred_serve_starts_a_working_server(tmp_path):
     from service_helpers import free_port
     port = free_port()
     env = dict(os.environ, KRED_STORE_DIR=str(tmp_path / "jobs"), KRED_BACKEND="reference")
-    process = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--executor", "local", "--port",
+    process = subprocess.Popen([sys.executable, "-m", "kred.client.cli", "serve", "--executor", "local", "--port",
                                 str(port), "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:

@@ -7,10 +7,10 @@ import threading
 import numpy as np
 import pytest
 
-from client import JobFailed, LimitExceeded, TooBusy
-from engine.errors import ArgumentError
-from service.app import create_app
-from service.executors import Cancelled, LocalExecutor
+from kred.client import JobFailed, LimitExceeded, TooBusy
+from kred.engine.errors import ArgumentError
+from kred.service.app import create_app
+from kred.service.executors import Cancelled, LocalExecutor
 from service_helpers import ALIASES, FORMULA, Running, assert_matches, data, dense, request, settings
 
 pytestmark = pytest.mark.anyio

@@ -15,11 +15,11 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from client import Client  # noqa: E402
+from kred.client import Client  # noqa: E402
 from conftest import start_ray  # noqa: E402
-from engine.cluster import Cluster  # noqa: E402
-from service.app import create_app  # noqa: E402
-from service.executors import ClusterExecutor  # noqa: E402
+from kred.engine.cluster import Cluster  # noqa: E402
+from kred.service.app import create_app  # noqa: E402
+from kred.service.executors import ClusterExecutor  # noqa: E402
 from service_helpers import ALIASES, CASES, FORMULA, Server, assert_matches, data, dense, settings  # noqa: E402
 
 

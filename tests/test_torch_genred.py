@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import FormulaError
-from engine.torch import Genred
+from kred.engine.errors import FormulaError
+from kred.engine.torch import Genred
 
 F64 = torch.float64
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from engine.formula import CATEGORY_NAMES, to_text
+from kred.engine.formula import CATEGORY_NAMES, to_text
 
 from ..context import ServiceDep
 from ..schemas import ArgInfo, ErrorBody, OutputInfo, ReductionSpec, Validation

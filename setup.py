@@ -1,0 +1,11 @@
+"""Package layout (metadata lives in pyproject.toml): the repository's engine/, service/ and client/ folders are
+installed beneath one `kred` namespace, so the wheel has a single top-level package."""
+from setuptools import find_packages, setup
+
+LAYERS = ("engine", "service", "client")
+
+setup(
+    packages=["kred"] + [f"kred.{name}" for layer in LAYERS for name in find_packages(include=[layer, f"{layer}.*"])],
+    package_dir={"kred": "kred", **{f"kred.{layer}": layer for layer in LAYERS}},
+    package_data={"kred": ["py.typed"]},
+)
