@@ -13,8 +13,9 @@ six integer arrays:
 Rows that no cluster covers get the reduction of an empty set (0 for Sum, -inf for LogSumExp, index -1 ...), which is
 what a dense reduction with an all-False mask row gives.
 
-`reduce_blocks` runs any backend on such a pattern through `Backend.partial(plan, arrays, rows, cols)` and the
-reduction's `merge`, so the reference, CPU, CUDA and cluster backends all honour ranges without code of their own.
+`reduce_blocks` turns the pattern into a grid of the block runtime (`engine.grid`: one row block per cluster with
+its column ranges) and hands it to the backend: the CPU kernel takes it whole (CSR, one call); other backends run
+it through `Backend.partial` per column range and the reduction's `merge`.
 The helpers (`grid_cluster`, `cluster_ranges`, `cluster_ranges_centroids`, `sort_clusters`, `from_matrix`,
 `swap_axes`) take numpy arrays or torch tensors and answer in kind, as pykeops.numpy / pykeops.torch do.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ArgumentError
-from .reductions import merge_all
+from .grid import Grid
 
 # Ranges as user input -------------------------------------------------------------------------------------------
 
@@ -70,42 +71,18 @@ def _check_pairs(pairs: np.ndarray, name: str, size: int, index: str) -> None:
                             f"{index} (or a range whose start exceeds its end)")
 
 
-# The block-sparse loop ----------------------------------------------------------------------------------------
+# The block-sparse reduction -------------------------------------------------------------------------------------
+
+
+def ranges_grid(ranges, axis: int, n: int, m: int) -> Grid:
+    """The block runtime's grid (engine.grid) of a validated `ranges` 6-tuple: one row block per cluster."""
+    clusters, slices, reduced = check_ranges(ranges, axis, n, m)
+    return Grid.from_ranges(clusters, slices, reduced, n)
 
 
 def reduce_blocks(backend, plan, arrays: list[np.ndarray], n: int, m: int, ranges):
     """The finished result of `plan` visiting only the blocks that `ranges` names."""
-    clusters, slices, reduced = check_ranges(ranges, plan.axis, n, m)
-    reduction = plan.reduction
-    dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
-    acc = plan.acc_dtype(dtype)
-    state = reduction.identity(n, dtype, acc)
-    begin = 0
-    for (r0, r1), end in zip(clusters, slices):
-        columns = _coalesce(reduced[begin:end])
-        begin = end
-        if r1 <= r0 or not columns:
-            continue
-        rows = (int(r0), int(r1))
-        parts = [tuple(a[r0:r1] for a in state)]
-        parts += [backend.partial(plan, arrays, rows, cols) for cols in columns]
-        merged = merge_all(reduction, parts)
-        for whole, part in zip(state, merged):
-            whole[r0:r1] = part
-    return reduction.finalize(state, dtype)
-
-
-def _coalesce(pairs: np.ndarray) -> list[tuple[int, int]]:
-    """Column ranges in the given order, empty ones dropped and touching neighbours joined (fewer backend calls)."""
-    out: list[tuple[int, int]] = []
-    for c0, c1 in pairs.tolist():
-        if c1 <= c0:
-            continue
-        if out and out[-1][1] == c0:
-            out[-1] = (out[-1][0], c1)
-        else:
-            out.append((c0, c1))
-    return out
+    return backend.reduce_grid(plan, arrays, ranges_grid(ranges, plan.axis, n, m))
 
 
 # Helpers to build ranges (pykeops semantics) ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from kred.engine.backends import get_backend
+from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
 from kred.engine.run import backend_name, run
 
@@ -60,17 +61,19 @@ class LocalExecutor(Executor):
             return run(plan, arrays, backend=self.backend)
         arrays, dtype, n, m = plan.check_args(arrays)
         backend = get_backend(backend_name(self.backend))
-        step = max(1, -(-n // self.BLOCKS))
-        states = []
-        for r0 in range(0, n, step):
-            if cancelled is not None and cancelled():
-                raise Cancelled()
-            states.append(backend.partial(plan, arrays, (r0, min(n, r0 + step)), (0, m)))
+        acc = plan.acc_dtype(dtype)
+
+        def after(item, fraction):
             if progress is not None:
-                progress(min(n, r0 + step) / n)
-        if not states:               # no rows: the backend's own empty result
-            return backend.reduce(plan, arrays, n, m)
-        state = tuple(np.concatenate(parts, axis=0) for parts in zip(*states))
+                progress(fraction)
+            if fraction < 1 and cancelled is not None and cancelled():
+                raise Cancelled()
+
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+        grid = Grid.dense((0, n), (0, m), self.BLOCKS)
+        state = grid_state(grid, plan.reduction, lambda rows, cols: backend.partial(plan, arrays, rows, cols),
+                           lambda count: plan.reduction.identity(count, dtype, acc), after)
         return plan.reduction.finalize(state, dtype)
 
 

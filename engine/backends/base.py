@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from ..grid import Grid, grid_state
 from ..plan import DTYPES, Plan
 
 
@@ -31,3 +32,16 @@ class Backend(ABC):
         """The finished result over every row and column."""
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         return plan.reduction.finalize(self.partial(plan, arrays, (0, n), (0, m)), dtype)
+
+    def grid_state(self, plan: Plan, arrays: list[np.ndarray], grid: Grid) -> tuple:
+        """The state of the grid's rows (engine.grid): here one `partial` per column range of each item; compiled
+        backends take the whole grid in one call."""
+        dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        acc = plan.acc_dtype(dtype)
+        return grid_state(grid, plan.reduction, lambda rows, cols: self.partial(plan, arrays, rows, cols),
+                          lambda count: plan.reduction.identity(count, dtype, acc))
+
+    def reduce_grid(self, plan: Plan, arrays: list[np.ndarray], grid: Grid):
+        """The finished result of the grid's rows."""
+        dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        return plan.reduction.finalize(self.grid_state(plan, arrays, grid), dtype)

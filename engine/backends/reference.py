@@ -11,7 +11,7 @@ import numpy as np
 from ..formula import I, J, Node
 from ..formula.ops import OPS
 from ..plan import Plan
-from ..reductions import merge_all
+from ..grid import Grid, grid_state
 from .base import Backend
 
 TILE_ELEMENTS = 1 << 21
@@ -30,19 +30,14 @@ class ReferenceBackend(Backend):
         ti = max(1, min(r1 - r0, 1024))
         tj = max(1, min(c1 - c0, TILE_ELEMENTS // (ti * width)))
         ti = max(1, min(r1 - r0, TILE_ELEMENTS // (tj * width)))
-        blocks = []
-        for i0 in range(r0, r1, ti):
-            i1 = min(i0 + ti, r1)
-            tiles = [reduction.identity(i1 - i0, dtype, acc)]
-            for j0 in range(c0, c1, tj):
-                j1 = min(j0 + tj, c1)
-                f = evaluate(plan.formula, arrays, (i0, i1), (j0, j1), dtype)
-                f2 = evaluate(plan.formula2, arrays, (i0, i1), (j0, j1), dtype) if plan.formula2 is not None else None
-                tiles.append(reduction.tile(f, f2, j0, acc))
-            blocks.append(merge_all(reduction, tiles))
-        if not blocks:
-            return reduction.identity(0, dtype, acc)
-        return tuple(np.concatenate(parts, axis=0) for parts in zip(*blocks))
+
+        def tile(rows, cols):
+            f = evaluate(plan.formula, arrays, rows, cols, dtype)
+            f2 = evaluate(plan.formula2, arrays, rows, cols, dtype) if plan.formula2 is not None else None
+            return reduction.tile(f, f2, cols[0], acc)
+
+        grid = Grid.tiles(rows, cols, ti, tj)
+        return grid_state(grid, reduction, tile, lambda count: reduction.identity(count, dtype, acc))
 
 
 def evaluate(formula: Node, arrays, rows, cols, dtype) -> np.ndarray:
