@@ -30,7 +30,7 @@ import numpy as np
 from kred.service import arrow
 from kred.service.shm import Segment, SegmentPool, aligned, pack, packed_size
 
-from .errors import RemoteError, raise_for
+from .errors import RemoteError, ServerUnreachable, raise_for
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Headers and body leave in separate writes: without TCP_NODELAY, Nagle's algorithm holds the body back until the
@@ -222,6 +222,13 @@ def _retryable(error: Exception, call: Call) -> bool:
     return call.idempotent and isinstance(error, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError))
 
 
+def _raise_unreachable(error: httpx.TransportError, url: str) -> None:
+    """The client's own error for a server that never answered; other transport errors (a read cut short, a
+    timeout while the server computes) stay httpx's, since the server may have done the work."""
+    if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
+        raise ServerUnreachable(url, str(error) or type(error).__name__) from error
+
+
 # Blocking client ----------------------------------------------------------------------------------------
 
 class Client:
@@ -245,6 +252,7 @@ class Client:
                 break
             except httpx.TransportError as e:
                 if attempt == self.retries or not _retryable(e, call):
+                    _raise_unreachable(e, self._flows.url)
                     raise
                 time.sleep(0.1 * 2 ** attempt)
         if call.check:
@@ -422,6 +430,7 @@ class AsyncClient:
                 break
             except httpx.TransportError as e:
                 if attempt == self.retries or not _retryable(e, call):
+                    _raise_unreachable(e, self._flows.url)
                     raise
                 await asyncio.sleep(0.1 * 2 ** attempt)
         if call.check:
