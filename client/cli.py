@@ -124,11 +124,19 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
     if settings.token is None and not insecure and not _loopback(settings.host):
         _fail(f"refusing to serve on {settings.host} without a token: anyone who reaches it could run reductions. "
               "Pass --token-file (or --insecure on a trusted network).")
-    typer.echo(f"kred serve: http://{settings.host}:{settings.port} (docs at /docs), executor {settings.executor}"
-               f"{' on ' + settings.ray_address if settings.ray_address else ''}, "
-               f"auth {'on' if settings.token else 'off'}, jobs in {settings.store_dir}")
+    banner = (f"kred serve: http://{settings.host}:{settings.port} (docs at /docs), executor {settings.executor}"
+              f"{' on ' + settings.ray_address if settings.ray_address else ''}, "
+              f"auth {'on' if settings.token else 'off'}, jobs in {settings.store_dir}")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)        # the app's startup (Ray, the job store), then the listening socket
+            if not self.should_exit:
+                typer.echo(banner)                # so the banner means: connections are accepted now
+
     widen_uvicorn_reads()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    Server(config).run()
 
 
 def _loopback(host: str) -> bool:

@@ -37,6 +37,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # server's delayed ACK of the headers (tens of ms per call).
 NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 FINISHED = ("done", "failed", "cancelled")
+LOG_REDRAW_S = 10.0             # a job's progress bar, written to a log rather than a terminal, redraws this rarely
 Flow = Generator["Call", httpx.Response, Any]
 
 
@@ -404,9 +405,16 @@ def _check_done(info: dict) -> None:
         raise JobFailed(200, info["state"], detail)
 
 
-def _bar(job_id: str):
+def _bar(job_id: str, file=None):
+    """A job's progress bar in percent. Its rate would read "%/s", so the format leaves it out; in a log (not a
+    terminal) it is redrawn at most every LOG_REDRAW_S seconds rather than at every poll."""
+    import sys
+
     from tqdm.auto import tqdm
-    return tqdm(total=100, desc=f"kred job {job_id[:8]}", unit="%")
+    file = sys.stderr if file is None else file
+    terminal = getattr(file, "isatty", lambda: False)()
+    return tqdm(total=100, desc=f"kred job {job_id[:8]}", file=file, mininterval=0.1 if terminal else LOG_REDRAW_S,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
 
 # Async client --------------------------------------------------------------------------------------------

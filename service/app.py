@@ -6,6 +6,7 @@ jobs a previous server left unfinished; shutdown stops the job workers and the e
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -56,6 +57,19 @@ def _start_executor(settings: Settings) -> Executor:
             signal.signal(signal.SIGTERM, previous)
 
 
+async def _apply_retention(store: JobStore, settings: Settings) -> None:
+    """Delete finished jobs past the retention settings, at start and every `cleanup_interval_s`."""
+    while True:
+        try:
+            expired = await asyncio.to_thread(store.expire, settings.job_retention_s, settings.max_stored_jobs,
+                                              settings.max_store_bytes)
+            if expired:
+                log.info("job retention: deleted %d finished jobs", len(expired))
+        except Exception:                                   # a full disk or a locked file must not stop the server
+            log.exception("job retention failed; trying again in %s s", settings.cleanup_interval_s)
+        await asyncio.sleep(settings.cleanup_interval_s)
+
+
 def create_app(settings: Settings | None = None, executor: Executor | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -71,11 +85,14 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
                                     anyio.CapacityLimiter(settings.threads))
         metrics.watch(store.counts, lambda: (planner.hits, planner.misses))
         await manager.start()
+        cleanup = asyncio.create_task(_apply_retention(store, settings), name="kred-job-retention")
         log.info("kred service ready: executor %s, job store %s, auth %s", runner.name, settings.store_dir,
                  "on" if settings.token else "off")
         try:
             yield
         finally:
+            cleanup.cancel()
+            await asyncio.gather(cleanup, return_exceptions=True)
             await manager.stop()
             planner.close()
             store.close()

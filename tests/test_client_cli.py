@@ -2,6 +2,7 @@
 installed, one line (no traceback) for a server that is down."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -69,3 +70,38 @@ def test_the_client_raises_its_own_error_for_a_down_server():
     with Client(url, retries=1) as c, pytest.raises(ServerUnreachable, match=f"at {url}") as raised:
         c.health()
     assert raised.value.url == url and isinstance(raised.value, ConnectionError)
+
+
+def test_serve_prints_its_banner_once_it_accepts_connections(tmp_path):
+    import httpx
+    port = closed_port()
+    env = dict(os.environ, KRED_BACKEND="reference")
+    process = subprocess.Popen([sys.executable, "-m", "kred", "serve", "--executor", "local", "--port", str(port),
+                                "--store-dir", str(tmp_path), "--log-level", "warning"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = process.stdout.readline()               # blocks until the banner (or the server's end)
+        assert line.startswith(f"kred serve: http://127.0.0.1:{port} ")
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)    # at once: no retry, no wait
+        assert health.status_code == 200
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_job_progress_bar_in_a_log_is_calm_and_in_percent():
+    import io
+    import time
+
+    from kred.client.client import LOG_REDRAW_S, _bar
+    log = io.StringIO()                                # not a terminal
+    bar = _bar("0123456789abcdef", file=log)
+    start = time.monotonic()
+    for percent in range(1, 101):                      # a job polled every few ms
+        bar.update(1)
+        time.sleep(0.002)
+    elapsed = time.monotonic() - start
+    bar.close()
+    draws = [d for d in log.getvalue().replace("\n", "\r").split("\r") if d.strip()]
+    assert elapsed < LOG_REDRAW_S and len(draws) <= 2  # the first draw and the closing one
+    assert draws[-1].startswith("kred job 01234567: 100%|") and "/s" not in log.getvalue()
