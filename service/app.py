@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from . import errors
 from .auth import require_token
@@ -29,6 +30,7 @@ from .settings import Settings
 from .store import JobStore
 
 log = logging.getLogger("kred.service")
+DOCS_ASSETS = "/docs-assets"
 
 
 def widen_uvicorn_reads(limit: int = 4 << 20) -> None:
@@ -99,7 +101,8 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
             if own_executor:
                 runner.close()
 
-    app = FastAPI(title="kred", version=VERSION, lifespan=lifespan,
+    # /docs and /redoc load Swagger UI and ReDoc from the assets fastapi-offline ships (no CDN: they work offline)
+    app = FastAPIOffline(title="kred", version=VERSION, lifespan=lifespan, static_url=DOCS_ASSETS,
                   description="KeOps-style formula reductions over HTTP: arrays travel as Arrow IPC streams or, "
                               "on the same host, through shared memory.")
     errors.install(app)
