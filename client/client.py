@@ -104,12 +104,24 @@ def _result_bytes(spec: dict, arrays: list[np.ndarray]) -> int:
 
 
 def _spec(formula, aliases, reduction_op="Sum", axis=0, opt_arg=None, formula2=None, dtype_acc="auto",
-          grad=None) -> dict:
+          grad=None, ranges=None) -> dict:
     if isinstance(aliases, str):
         aliases = [aliases]
     return {"formula": formula, "aliases": list(aliases), "reduction_op": reduction_op, "axis": axis,
             "opt_arg": opt_arg, "formula2": formula2, "dtype_acc": dtype_acc,
-            "grad": None if grad is None else {"wrt": grad}}
+            "grad": None if grad is None else {"wrt": grad}, "ranges": ranges is not None}
+
+
+def _with_ranges(args, ranges) -> list:
+    """The arrays of a request: the reduction's, then the six of `ranges` (as int64) when given."""
+    if ranges is None:
+        return list(args)
+    if not isinstance(ranges, (tuple, list)) or len(ranges) != 6:
+        from kred.engine.errors import ArgumentError
+        raise ArgumentError("ranges must be the pykeops 6-tuple (ranges_i, slices_i, redranges_j, ranges_j, "
+                            "slices_j, redranges_i)")
+    arrays, _ = to_numpy(ranges)
+    return [*args, *(np.ascontiguousarray(a, dtype=np.int64) for a in arrays)]
 
 
 def _decode(response: httpx.Response) -> tuple[dict, list[np.ndarray]]:
@@ -275,10 +287,11 @@ class Client:
 
     # Reductions -----------------------------------------------------------------------------------------
     def reduce(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-               formula2: str | None = None, dtype_acc: str = "auto"):
-        """`reduction_op` over `axis` of `formula` on the server (pykeops Genred semantics)."""
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
-        return self._drive(self._flows.reduce(spec, args))
+               formula2: str | None = None, dtype_acc: str = "auto", ranges=None):
+        """`reduction_op` over `axis` of `formula` on the server (pykeops Genred semantics: leading batch
+        dimensions, block-sparse `ranges`)."""
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+        return self._drive(self._flows.reduce(spec, _with_ranges(args, ranges)))
 
     def grad(self, formula: str, aliases, *args, wrt, cotangent, reduction_op: str = "Sum", axis: int = 0,
              opt_arg=None, formula2: str | None = None, dtype_acc: str = "auto"):
@@ -299,10 +312,10 @@ class Client:
 
     # Jobs -----------------------------------------------------------------------------------------------
     def submit(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-               formula2: str | None = None, dtype_acc: str = "auto") -> "Job":
+               formula2: str | None = None, dtype_acc: str = "auto", ranges=None) -> "Job":
         """Queue a reduction as a job on the server; returns at once."""
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
-        info, like = self._drive(self._flows.submit(spec, args))
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+        info, like = self._drive(self._flows.submit(spec, _with_ranges(args, ranges)))
         return Job(self, info, like)
 
     def job(self, job_id: str) -> "Job":
@@ -341,14 +354,14 @@ class RemoteGenred:
                             dtype_acc=dtype_acc)
         self.formula, self.aliases = formula, list(aliases)
 
-    def __call__(self, *args):
-        return self.client.reduce(self.formula, self.aliases, *args, **self.options)
+    def __call__(self, *args, ranges=None):
+        return self.client.reduce(self.formula, self.aliases, *args, ranges=ranges, **self.options)
 
     def grad(self, *args, wrt, cotangent):
         return self.client.grad(self.formula, self.aliases, *args, wrt=wrt, cotangent=cotangent, **self.options)
 
-    def submit(self, *args):
-        return self.client.submit(self.formula, self.aliases, *args, **self.options)
+    def submit(self, *args, ranges=None):
+        return self.client.submit(self.formula, self.aliases, *args, ranges=ranges, **self.options)
 
 
 class Job:
@@ -459,9 +472,9 @@ class AsyncClient:
         return (await self._send(Call("GET", path, params=params or None))).json()
 
     async def reduce(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-                     formula2: str | None = None, dtype_acc: str = "auto"):
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
-        return await self._drive(self._flows.reduce(spec, args))
+                     formula2: str | None = None, dtype_acc: str = "auto", ranges=None):
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+        return await self._drive(self._flows.reduce(spec, _with_ranges(args, ranges)))
 
     async def grad(self, formula: str, aliases, *args, wrt, cotangent, reduction_op: str = "Sum", axis: int = 0,
                    opt_arg=None, formula2: str | None = None, dtype_acc: str = "auto"):
@@ -479,9 +492,9 @@ class AsyncClient:
         return (await self._send(Call("POST", "/v1/formulas/validate", json=spec))).json()
 
     async def submit(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-                     formula2: str | None = None, dtype_acc: str = "auto") -> "AsyncJob":
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
-        info, like = await self._drive(self._flows.submit(spec, args))
+                     formula2: str | None = None, dtype_acc: str = "auto", ranges=None) -> "AsyncJob":
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+        info, like = await self._drive(self._flows.submit(spec, _with_ranges(args, ranges)))
         return AsyncJob(self, info, like)
 
     async def job(self, job_id: str) -> "AsyncJob":
