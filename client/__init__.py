@@ -2,9 +2,18 @@
 
 Needs only httpx, numpy, pyarrow (and tqdm for progress bars): a client-only install does not pull the server's
 FastAPI stack. `client.torch.Genred` is the differentiable remote Genred; `kred` is the command line (client.cli).
+Names are imported on first use, so that `kred.client.cli` (the `kred` command) loads without the client's extra.
 """
-from .client import AsyncClient, AsyncJob, Client, Job, JobFailed, RemoteGenred
-from .errors import LimitExceeded, RemoteError, TooBusy, Unauthorized
+from importlib import import_module as _import_module
 
-__all__ = ["AsyncClient", "AsyncJob", "Client", "Job", "JobFailed", "LimitExceeded", "RemoteError", "RemoteGenred",
-           "TooBusy", "Unauthorized"]
+_LAZY = {"AsyncClient": ".client", "AsyncJob": ".client", "Client": ".client", "Job": ".client",
+         "JobFailed": ".client", "RemoteGenred": ".client", "LimitExceeded": ".errors", "RemoteError": ".errors",
+         "ServerUnreachable": ".errors", "TooBusy": ".errors", "Unauthorized": ".errors"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(_import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'kred.client' has no attribute {name!r}")

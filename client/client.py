@@ -30,13 +30,14 @@ import numpy as np
 from kred.service import arrow
 from kred.service.shm import Segment, SegmentPool, aligned, pack, packed_size
 
-from .errors import RemoteError, raise_for
+from .errors import RemoteError, ServerUnreachable, raise_for
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Headers and body leave in separate writes: without TCP_NODELAY, Nagle's algorithm holds the body back until the
 # server's delayed ACK of the headers (tens of ms per call).
 NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 FINISHED = ("done", "failed", "cancelled")
+LOG_REDRAW_S = 10.0             # a job's progress bar, written to a log rather than a terminal, redraws this rarely
 Flow = Generator["Call", httpx.Response, Any]
 
 
@@ -103,12 +104,24 @@ def _result_bytes(spec: dict, arrays: list[np.ndarray]) -> int:
 
 
 def _spec(formula, aliases, reduction_op="Sum", axis=0, opt_arg=None, formula2=None, dtype_acc="auto",
-          grad=None) -> dict:
+          grad=None, ranges=None) -> dict:
     if isinstance(aliases, str):
         aliases = [aliases]
     return {"formula": formula, "aliases": list(aliases), "reduction_op": reduction_op, "axis": axis,
             "opt_arg": opt_arg, "formula2": formula2, "dtype_acc": dtype_acc,
-            "grad": None if grad is None else {"wrt": grad}}
+            "grad": None if grad is None else {"wrt": grad}, "ranges": ranges is not None}
+
+
+def _with_ranges(args, ranges) -> list:
+    """The arrays of a request: the reduction's, then the six of `ranges` (as int64) when given."""
+    if ranges is None:
+        return list(args)
+    if not isinstance(ranges, (tuple, list)) or len(ranges) != 6:
+        from kred.engine.errors import ArgumentError
+        raise ArgumentError("ranges must be the pykeops 6-tuple (ranges_i, slices_i, redranges_j, ranges_j, "
+                            "slices_j, redranges_i)")
+    arrays, _ = to_numpy(ranges)
+    return [*args, *(np.ascontiguousarray(a, dtype=np.int64) for a in arrays)]
 
 
 def _decode(response: httpx.Response) -> tuple[dict, list[np.ndarray]]:
@@ -222,6 +235,13 @@ def _retryable(error: Exception, call: Call) -> bool:
     return call.idempotent and isinstance(error, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError))
 
 
+def _raise_unreachable(error: httpx.TransportError, url: str) -> None:
+    """The client's own error for a server that never answered; other transport errors (a read cut short, a
+    timeout while the server computes) stay httpx's, since the server may have done the work."""
+    if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
+        raise ServerUnreachable(url, str(error) or type(error).__name__) from error
+
+
 # Blocking client ----------------------------------------------------------------------------------------
 
 class Client:
@@ -245,6 +265,7 @@ class Client:
                 break
             except httpx.TransportError as e:
                 if attempt == self.retries or not _retryable(e, call):
+                    _raise_unreachable(e, self._flows.url)
                     raise
                 time.sleep(0.1 * 2 ** attempt)
         if call.check:
@@ -266,10 +287,11 @@ class Client:
 
     # Reductions -----------------------------------------------------------------------------------------
     def reduce(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-               formula2: str | None = None, dtype_acc: str = "auto"):
-        """`reduction_op` over `axis` of `formula` on the server (pykeops Genred semantics)."""
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
-        return self._drive(self._flows.reduce(spec, args))
+               formula2: str | None = None, dtype_acc: str = "auto", ranges=None):
+        """`reduction_op` over `axis` of `formula` on the server (pykeops Genred semantics: leading batch
+        dimensions, block-sparse `ranges`)."""
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+        return self._drive(self._flows.reduce(spec, _with_ranges(args, ranges)))
 
     def grad(self, formula: str, aliases, *args, wrt, cotangent, reduction_op: str = "Sum", axis: int = 0,
              opt_arg=None, formula2: str | None = None, dtype_acc: str = "auto"):
@@ -290,10 +312,10 @@ class Client:
 
     # Jobs -----------------------------------------------------------------------------------------------
     def submit(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-               formula2: str | None = None, dtype_acc: str = "auto") -> "Job":
+               formula2: str | None = None, dtype_acc: str = "auto", ranges=None) -> "Job":
         """Queue a reduction as a job on the server; returns at once."""
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
-        info, like = self._drive(self._flows.submit(spec, args))
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+        info, like = self._drive(self._flows.submit(spec, _with_ranges(args, ranges)))
         return Job(self, info, like)
 
     def job(self, job_id: str) -> "Job":
@@ -332,14 +354,14 @@ class RemoteGenred:
                             dtype_acc=dtype_acc)
         self.formula, self.aliases = formula, list(aliases)
 
-    def __call__(self, *args):
-        return self.client.reduce(self.formula, self.aliases, *args, **self.options)
+    def __call__(self, *args, ranges=None):
+        return self.client.reduce(self.formula, self.aliases, *args, ranges=ranges, **self.options)
 
     def grad(self, *args, wrt, cotangent):
         return self.client.grad(self.formula, self.aliases, *args, wrt=wrt, cotangent=cotangent, **self.options)
 
-    def submit(self, *args):
-        return self.client.submit(self.formula, self.aliases, *args, **self.options)
+    def submit(self, *args, ranges=None):
+        return self.client.submit(self.formula, self.aliases, *args, ranges=ranges, **self.options)
 
 
 class Job:
@@ -396,9 +418,16 @@ def _check_done(info: dict) -> None:
         raise JobFailed(200, info["state"], detail)
 
 
-def _bar(job_id: str):
+def _bar(job_id: str, file=None):
+    """A job's progress bar in percent. Its rate would read "%/s", so the format leaves it out; in a log (not a
+    terminal) it is redrawn at most every LOG_REDRAW_S seconds rather than at every poll."""
+    import sys
+
     from tqdm.auto import tqdm
-    return tqdm(total=100, desc=f"kred job {job_id[:8]}", unit="%")
+    file = sys.stderr if file is None else file
+    terminal = getattr(file, "isatty", lambda: False)()
+    return tqdm(total=100, desc=f"kred job {job_id[:8]}", file=file, mininterval=0.1 if terminal else LOG_REDRAW_S,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
 
 # Async client --------------------------------------------------------------------------------------------
@@ -422,6 +451,7 @@ class AsyncClient:
                 break
             except httpx.TransportError as e:
                 if attempt == self.retries or not _retryable(e, call):
+                    _raise_unreachable(e, self._flows.url)
                     raise
                 await asyncio.sleep(0.1 * 2 ** attempt)
         if call.check:
@@ -442,9 +472,9 @@ class AsyncClient:
         return (await self._send(Call("GET", path, params=params or None))).json()
 
     async def reduce(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-                     formula2: str | None = None, dtype_acc: str = "auto"):
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
-        return await self._drive(self._flows.reduce(spec, args))
+                     formula2: str | None = None, dtype_acc: str = "auto", ranges=None):
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+        return await self._drive(self._flows.reduce(spec, _with_ranges(args, ranges)))
 
     async def grad(self, formula: str, aliases, *args, wrt, cotangent, reduction_op: str = "Sum", axis: int = 0,
                    opt_arg=None, formula2: str | None = None, dtype_acc: str = "auto"):
@@ -462,9 +492,9 @@ class AsyncClient:
         return (await self._send(Call("POST", "/v1/formulas/validate", json=spec))).json()
 
     async def submit(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-                     formula2: str | None = None, dtype_acc: str = "auto") -> "AsyncJob":
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
-        info, like = await self._drive(self._flows.submit(spec, args))
+                     formula2: str | None = None, dtype_acc: str = "auto", ranges=None) -> "AsyncJob":
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+        info, like = await self._drive(self._flows.submit(spec, _with_ranges(args, ranges)))
         return AsyncJob(self, info, like)
 
     async def job(self, job_id: str) -> "AsyncJob":

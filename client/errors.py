@@ -2,9 +2,12 @@
 ArgumentError, ...) with the server's message, so `except FormulaError` works locally and remotely alike."""
 from __future__ import annotations
 
-import httpx
+from typing import TYPE_CHECKING
 
 from kred.engine import errors as engine_errors
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class RemoteError(Exception):
@@ -13,6 +16,14 @@ class RemoteError(Exception):
     def __init__(self, status: int, kind: str, detail: str):
         super().__init__(f"{status} {kind}: {detail}")
         self.status, self.kind, self.detail = status, kind, detail
+
+
+class ServerUnreachable(ConnectionError):
+    """No kred server answers at `url` (refused, unknown host, timed out connecting), after the client's retries."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"cannot reach a kred server at {url}: {reason}")
+        self.url, self.reason = url, reason
 
 
 class Unauthorized(RemoteError):
@@ -31,7 +42,7 @@ ENGINE = {cls.__name__: cls for cls in (engine_errors.FormulaError, engine_error
                                         engine_errors.ArgumentError, engine_errors.BackendError)}
 
 
-def raise_for(response: httpx.Response) -> None:
+def raise_for(response: "httpx.Response") -> None:
     if response.status_code < 400:
         return
     try:

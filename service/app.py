@@ -6,6 +6,7 @@ jobs a previous server left unfinished; shutdown stops the job workers and the e
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -13,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from . import errors
 from .auth import require_token
@@ -28,6 +30,7 @@ from .settings import Settings
 from .store import JobStore
 
 log = logging.getLogger("kred.service")
+DOCS_ASSETS = "/docs-assets"
 
 
 def widen_uvicorn_reads(limit: int = 4 << 20) -> None:
@@ -56,6 +59,19 @@ def _start_executor(settings: Settings) -> Executor:
             signal.signal(signal.SIGTERM, previous)
 
 
+async def _apply_retention(store: JobStore, settings: Settings) -> None:
+    """Delete finished jobs past the retention settings, at start and every `cleanup_interval_s`."""
+    while True:
+        try:
+            expired = await asyncio.to_thread(store.expire, settings.job_retention_s, settings.max_stored_jobs,
+                                              settings.max_store_bytes)
+            if expired:
+                log.info("job retention: deleted %d finished jobs", len(expired))
+        except Exception:                                   # a full disk or a locked file must not stop the server
+            log.exception("job retention failed; trying again in %s s", settings.cleanup_interval_s)
+        await asyncio.sleep(settings.cleanup_interval_s)
+
+
 def create_app(settings: Settings | None = None, executor: Executor | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -71,18 +87,22 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
                                     anyio.CapacityLimiter(settings.threads))
         metrics.watch(store.counts, lambda: (planner.hits, planner.misses))
         await manager.start()
+        cleanup = asyncio.create_task(_apply_retention(store, settings), name="kred-job-retention")
         log.info("kred service ready: executor %s, job store %s, auth %s", runner.name, settings.store_dir,
                  "on" if settings.token else "off")
         try:
             yield
         finally:
+            cleanup.cancel()
+            await asyncio.gather(cleanup, return_exceptions=True)
             await manager.stop()
             planner.close()
             store.close()
             if own_executor:
                 runner.close()
 
-    app = FastAPI(title="kred", version=VERSION, lifespan=lifespan,
+    # /docs and /redoc load Swagger UI and ReDoc from the assets fastapi-offline ships (no CDN: they work offline)
+    app = FastAPIOffline(title="kred", version=VERSION, lifespan=lifespan, static_url=DOCS_ASSETS,
                   description="KeOps-style formula reductions over HTTP: arrays travel as Arrow IPC streams or, "
                               "on the same host, through shared memory.")
     errors.install(app)

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from kred.engine.backends import get_backend
+from kred.engine.errors import ArgumentError
 from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
 from kred.engine.run import backend_name, run
@@ -32,8 +33,9 @@ class Executor(ABC):
 
     @abstractmethod
     def run(self, plan: Plan, arrays: list[np.ndarray], progress: Progress | None = None,
-            cancelled: Flag | None = None):
-        """The reduction's result (an array, or a tuple for values + indices)."""
+            cancelled: Flag | None = None, ranges=None):
+        """The reduction's result (an array, or a tuple for values + indices); `ranges`: pykeops' block-sparse
+        6-tuple (engine.ranges)."""
 
     def prepare(self, plan: Plan, dtype) -> None:
         """Compile what `run` will need (called within the compile-time limit); a no-op where nothing compiles."""
@@ -56,9 +58,9 @@ class LocalExecutor(Executor):
         if hasattr(backend, "kernel"):           # compiled backends (cpu, cuda) build and cache a kernel per plan
             backend.kernel(plan, np.dtype(dtype))
 
-    def run(self, plan, arrays, progress=None, cancelled=None):
-        if progress is None and cancelled is None:
-            return run(plan, arrays, backend=self.backend)
+    def run(self, plan, arrays, progress=None, cancelled=None, ranges=None):
+        if ranges is not None or (progress is None and cancelled is None):
+            return run(plan, arrays, backend=self.backend, ranges=ranges)
         arrays, dtype, n, m = plan.check_args(arrays)
         backend = get_backend(backend_name(self.backend))
         acc = plan.acc_dtype(dtype)
@@ -91,7 +93,9 @@ class ClusterExecutor(Executor):
             self._owned = False
         self.cluster = cluster
 
-    def run(self, plan, arrays, progress=None, cancelled=None):
+    def run(self, plan, arrays, progress=None, cancelled=None, ranges=None):
+        if ranges is not None:
+            raise ArgumentError("ranges (block-sparse reductions) are not supported by the cluster executor")
         job = self.cluster.submit_plan(plan, arrays)
         while True:
             if cancelled is not None and cancelled():

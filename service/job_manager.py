@@ -164,8 +164,8 @@ class JobManager:
         def progress(fraction: float) -> None:
             running.progress = float(fraction)
 
-        def run(plan, arrays):
-            return self.executor.run(plan, arrays, progress=progress, cancelled=running.cancel.is_set)
+        def run(plan, arrays, **options):          # options: ranges
+            return self.executor.run(plan, arrays, progress=progress, cancelled=running.cancel.is_set, **options)
 
         start = time.perf_counter()
         outputs = work.compute(run)

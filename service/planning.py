@@ -4,6 +4,7 @@ and describe how to compute the outputs with any executor.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from kred.engine.batch import batch_items, batch_shape, stack_items
 from kred.engine.errors import ArgumentError
 from kred.engine.plan import Plan, make_plan
 from kred.engine.reductions.gradients import gradient
@@ -53,7 +55,7 @@ class Planner:
     @staticmethod
     def key(spec: ReductionSpec) -> tuple:
         return (spec.formula, tuple(spec.aliases), spec.reduction_op, spec.axis, spec.opt_arg, spec.formula2,
-                spec.dtype_acc, spec.grad.wrt if spec.grad is not None else None)
+                spec.dtype_acc, spec.grad.wrt if spec.grad is not None else None)     # (ranges: data, not plan)
 
     async def plan(self, spec: ReductionSpec) -> Plan:
         """The plan of `spec`, from the cache or built in a thread within `compile_timeout_s`."""
@@ -107,13 +109,35 @@ class Planner:
     def bind(self, plan: Plan, spec: ReductionSpec, arrays: list[np.ndarray], pair_limit: float,
              limit_name: str) -> Work:
         """Check the arrays against the plan and the limits (blocking: it reads the data once for NaN)."""
+        ranges = None
+        if spec.ranges:
+            if len(arrays) < 6:
+                raise ArgumentError(f"ranges=true: the last six arrays are the ranges 6-tuple; got {len(arrays)} "
+                                    "arrays in all")
+            arrays, ranges = arrays[:-6], arrays[-6:]
         if spec.grad is not None:
+            if ranges is not None:
+                raise ArgumentError("a grad request cannot take ranges: send the gradient's reduction itself")
             return self._gradient(plan, spec, arrays, pair_limit, limit_name)
+        names = [kind for kind, _ in plan.reduction.outputs]
+        batch = batch_shape(plan, arrays)
+        if batch:                       # leading batch dimensions: one reduction per item, as engine.run does
+            if ranges is not None:
+                raise ArgumentError("ranges (block-sparse reductions) cannot be combined with batch dimensions")
+            items = [plan.check_args(item)[0] for item in batch_items(plan, arrays, batch)]
+            _, _, rows, cols = plan.check_args(items[0])
+            limits.check_pairs(rows * math.prod(batch), cols, pair_limit, limit_name)
+            if self.settings.reject_nonfinite:
+                for item in items:
+                    limits.check_finite([a.name for a in plan.args], item)
+            return Work(plan, arrays, rows * math.prod(batch), cols, names,
+                        lambda run: as_list(stack_items(batch, [run(plan, item) for item in items])))
         checked, _, rows, cols = plan.check_args(arrays)
         limits.check_pairs(rows, cols, pair_limit, limit_name)
         if self.settings.reject_nonfinite:
             limits.check_finite([a.name for a in plan.args], checked)
-        names = [kind for kind, _ in plan.reduction.outputs]
+        if ranges is not None:          # the executor's engine checks every index of the ranges
+            return Work(plan, checked, rows, cols, names, lambda run: as_list(run(plan, checked, ranges=ranges)))
         return Work(plan, checked, rows, cols, names, lambda run: as_list(run(plan, checked)))
 
     def _gradient(self, plan, spec, arrays, pair_limit, limit_name) -> Work:

@@ -46,6 +46,7 @@ class ReductionSpec(Strict):
     formula2: str | None = None
     dtype_acc: Literal["auto", "float32", "float64"] = "auto"
     grad: GradSpec | None = None
+    ranges: bool = False         # the last six arrays are pykeops' block-sparse `ranges` 6-tuple (integer arrays)
 
 
 class ReduceRequest(ReductionSpec):

@@ -24,7 +24,13 @@ class Settings(BaseSettings):
     backend: str = "auto"                        # engine backend for the local executor
     threads: int = Field(4, ge=1)                # concurrent synchronous reductions
 
-    store_dir: Path = Field(default_factory=lambda: platformdirs.user_data_path("kred") / "jobs")
+    # The job store. By default one per server address (host_port under the user's data folder), so that two
+    # servers on one machine never share jobs; servers meant to share a store are given the same store_dir.
+    store_dir: Path | None = None
+    job_retention_s: float = Field(7 * 86400.0, gt=0)    # finished jobs (and their results) are deleted after this
+    max_stored_jobs: int = Field(10_000, ge=0)            # finished jobs kept at most (the oldest go first)
+    max_store_bytes: int = Field(50 << 30, ge=0)          # bytes of stored inputs and results kept at most
+    cleanup_interval_s: float = Field(300.0, gt=0)        # how often the retention policy is applied
     allow_shm: bool = True                       # accept same-host shared-memory requests
 
     # Limits. A request past one gets a 4xx naming the limit.
@@ -39,6 +45,13 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(64, ge=0)       # waiting beyond those; 429 past it
     compile_timeout_s: float = 60.0              # building a plan (parse, differentiate, compile)
     reject_nonfinite: bool = True                # NaN / inf inputs are a 422
+
+    @model_validator(mode="after")
+    def _default_store_dir(self):
+        if self.store_dir is None:
+            address = f"{self.host}_{self.port}".replace(":", "-").replace("/", "-")   # IPv6 hosts have colons
+            self.store_dir = platformdirs.user_data_path("kred") / "jobs" / address
+        return self
 
     @model_validator(mode="after")
     def _read_token_file(self):

@@ -6,6 +6,10 @@ at start, jobs still `queued` or `running` are handed back to the queue. Layout 
     jobs.sqlite            id, state, progress, times, error, sizes
     inputs/<id>.arrow      the request (schema metadata) and its arrays
     results/<id>.arrow     the outputs (names and timings in the metadata)
+
+Retention (`expire`): finished jobs (done, failed, cancelled) are deleted, row and files, once older than the
+retention time, and the oldest finished ones go first while the store holds more finished jobs or more bytes than
+allowed. Queued and running jobs are never deleted. The app calls it at start and then periodically.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from . import arrow
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 UNFINISHED = ("queued", "running")
+FINISHED = ("done", "failed", "cancelled")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -103,6 +108,38 @@ class JobStore:
 
     def write_result(self, job_id: str, meta: dict[str, Any], arrays: list[np.ndarray]) -> int:
         return arrow.write_file(self.result_path(job_id), meta, arrays)
+
+    def expire(self, max_age_s: float, max_jobs: int, max_bytes: int, now: float | None = None) -> list[str]:
+        """Delete finished jobs past the retention policy (see the module docstring); the ids deleted."""
+        now = time.time() if now is None else now
+        with self._lock:
+            finished = self._db.execute(
+                "SELECT id, COALESCE(finished, created) AS t FROM jobs WHERE state IN ('done', 'failed', 'cancelled') "
+                "ORDER BY t DESC").fetchall()                  # newest first
+            unfinished = [r[0] for r in self._db.execute(
+                "SELECT id FROM jobs WHERE state IN ('queued', 'running')").fetchall()]
+        kept_bytes = sum(self._bytes(job_id) for job_id in unfinished)
+        doomed = []
+        for rank, (job_id, finished_at) in enumerate(finished):
+            size = self._bytes(job_id)
+            if now - finished_at > max_age_s or rank >= max_jobs or kept_bytes + size > max_bytes:
+                doomed.append(job_id)
+            else:
+                kept_bytes += size
+        for job_id in doomed:
+            self.delete(job_id)
+        return doomed
+
+    def delete(self, job_id: str) -> None:
+        """Forget a job: its row first (so no reader finds a row without files), then its files."""
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        for path in (self.inputs_path(job_id), self.result_path(job_id)):
+            path.unlink(missing_ok=True)
+
+    def _bytes(self, job_id: str) -> int:
+        return sum(path.stat().st_size for path in (self.inputs_path(job_id), self.result_path(job_id))
+                   if path.exists())
 
     def close(self) -> None:
         with self._lock:

@@ -112,10 +112,14 @@ def test_concurrent_requests(server):
 
 def test_connection_errors_are_retried_then_raised():
     import httpx
+
+    from kred.client import ServerUnreachable
     from service_helpers import free_port
-    with Client(f"http://127.0.0.1:{free_port()}", retries=2, transport="arrow") as c:
-        with pytest.raises(httpx.ConnectError):
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url, retries=2, transport="arrow") as c:
+        with pytest.raises(ServerUnreachable, match=f"cannot reach a kred server at {url}") as raised:
             c.health()
+    assert isinstance(raised.value.__cause__, httpx.ConnectError)
 
 
 # The command line ---------------------------------------------------------------------------------------------
