@@ -59,20 +59,22 @@ def supported_archs() -> list[int]:
 
 
 def compile_source(source: str, arch: str = "sm_90", *, options: tuple[str, ...] = (), output: str = "cubin",
-                   name: str = "kred.cu") -> bytes:
+                   name: str = "kred.cu", defaults: bool = True) -> bytes:
     """Compile `source` for `arch` ("sm_90", or 90) and return the cubin or PTX bytes.
 
     Results are memoised in this process by (source hash, arch, options, output): the CUDA runtime keeps its own
-    disk cache on top. A compilation error raises BackendError with NVRTC's log and the source lines it points at.
+    disk cache on top. `defaults=False` compiles with `options` alone (a peer's source, as its library compiles it).
+    A compilation error raises BackendError with NVRTC's log and the source lines it points at.
     """
     arch = normalize_arch(arch)
     if output not in ("cubin", "ptx"):
         raise BackendError(f"NVRTC output must be 'cubin' or 'ptx', not {output!r}")
-    key = (hashlib.sha256(source.encode()).hexdigest(), arch, tuple(options), output)
+    flags = (DEFAULT_OPTIONS if defaults else ()) + tuple(options)
+    key = (hashlib.sha256(source.encode()).hexdigest(), arch, flags, output)
     with _MEMO_LOCK:
         image = _MEMO.get(key)
     if image is None:
-        image, _ = _compile(source, arch, tuple(options), output, name)
+        image, _ = _compile(source, arch, flags, output, name)
         with _MEMO_LOCK:
             _MEMO[key] = image
     return image
@@ -89,7 +91,7 @@ class Usage:
 
 def resource_usage(source: str, arch: str = "sm_90") -> dict[str, Usage]:
     """Registers and local memory of every kernel in `source`, from ptxas's verbose report (`-v`)."""
-    _, log = _compile(source, normalize_arch(arch), ("--ptxas-options=-v",), "cubin", "kred.cu")
+    _, log = _compile(source, normalize_arch(arch), DEFAULT_OPTIONS + ("--ptxas-options=-v",), "cubin", "kred.cu")
     usage, kernel, frame = {}, None, (0, 0, 0)
     for line in log.splitlines():
         if (match := re.search(r"Function properties for (\w+)", line)):
@@ -115,7 +117,7 @@ def normalize_arch(arch) -> str:
 def _compile(source: str, arch: str, options: tuple[str, ...], output: str, name: str) -> tuple[bytes, str]:
     nvrtc = _module()
     target = arch if output == "cubin" else arch.replace("sm_", "compute_")
-    flags = [f"--gpu-architecture={target}", *DEFAULT_OPTIONS, *options]
+    flags = [f"--gpu-architecture={target}", *options]
     result, program = nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], [])
     _check(nvrtc, result, "nvrtcCreateProgram")
     try:

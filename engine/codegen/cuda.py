@@ -78,6 +78,7 @@ class Program:
     acc: str                    # accumulator dtype name
     chunked: bool
     signatures: dict            # kernel name -> its C parameter declarations, in order
+    stride_bytes: int = 0       # bytes between two columns of the staged j-tile
 
     def dtype_of(self, kind: str) -> np.dtype:
         """The numpy dtype of a buffer kind (see `Buffer`)."""
@@ -194,7 +195,8 @@ class _Generator:
                  self._merge_kernel("kred_merge_final", final=True),
                  self._merge_kernel("kred_merge_state", final=False)]
         return Program("\n".join(parts), self.block, self.shared_reals * self.real_size, self.slots,
-                       tuple(self.reduction.outputs), self.storage, self.acc, bool(self.chunks), self.signatures)
+                       tuple(self.reduction.outputs), self.storage, self.acc, bool(self.chunks), self.signatures,
+                       self.stride * self.real_size)
 
     def _storage_macros(self) -> str:
         store = STORAGE[self.storage]

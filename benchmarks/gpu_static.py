@@ -1,0 +1,241 @@
+"""Static GPU performance check, no GPU needed: SASS instructions per pair of kred's kernels and of KeOps 2.3's.
+
+    python -m benchmarks.gpu_static            # a table
+    python -m benchmarks.gpu_static --json     # [{"case", "kred_sass_per_pair", "keops_sass_per_pair",
+                                               #   "registers", "spills"}, ...]
+
+Both kernels of a case are compiled for sm_90 with NVRTC (the `nvrtc` extra) — kred's generated module as the CUDA
+backend compiles it, KeOps's `GpuConv1DOnDevice` as keopscore 2.3 generates it (its own source generator runs without
+a GPU) and compiles it (`-use_fast_math`) — and disassembled with `cuobjdump -sass` (the `nvidia-cuda-cuobjdump`
+wheel of the `gpu-static` extra). The pair loop is the innermost backward branch whose body loads from shared memory
+and holds no barrier; the compiler unrolls it, so its length is divided by the unroll factor: the number of distinct
+columns (shared-memory offset // column stride) its loads touch. An issue-bound kernel (every one here: one MUFU per
+pair against four schedulers issuing one instruction per clock) runs at about
+    SMs x 4 x clock / (SASS per pair)   pairs per second,
+so these counts compare kernels before any GPU is lent. `registers` and `spills` are ptxas's for kred's kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ARCH = "sm_90"
+K = 10
+
+
+@dataclass(frozen=True)
+class StaticCase:
+    name: str
+    formula: str             # kred (pykeops) syntax over x = Vi(d), y = Vj(d)[, b = Vj(1)]
+    reduction: str
+    d: int
+    keops: str               # the same reduction in keopscore's syntax, over Var(pos, dim, cat)
+    with_b: bool = False
+    opt_arg: int | None = None
+    gradient: bool = False   # the backward kernel of the Sum w.r.t. x (its cost adds to the forward's)
+
+    def aliases(self) -> list[str]:
+        return [f"x = Vi({self.d})", f"y = Vj({self.d})"] + (["b = Vj(1)"] if self.with_b else [])
+
+
+def _gauss(d):
+    return f"Exp(-SqDist(Var(0,{d},0),Var(1,{d},1)))*Var(2,1,1)"
+
+
+CASES = [
+    StaticCase("gaussian_sum_f32_d3", "Exp(-SqDist(x, y)) * b", "Sum", 3, f"Sum_Reduction({_gauss(3)},0)",
+               with_b=True),
+    StaticCase("logsumexp_f32_d3", "-SqDist(x, y)", "LogSumExp", 3,
+               "Max_SumShiftExp_Reduction(-SqDist(Var(0,3,0),Var(1,3,1)),0)"),
+    StaticCase("argkmin_k10_f32_d3", "SqDist(x, y)", "ArgKMin", 3,
+               f"ArgKMin_Reduction(SqDist(Var(0,3,0),Var(1,3,1)),{K},0)", opt_arg=K),
+    StaticCase("gaussian_grad_f32_d3", "Exp(-SqDist(x, y)) * b", "Sum", 3,
+               f"Sum_Reduction(Grad({_gauss(3)},Var(0,3,0),Var(3,1,0)),0)", with_b=True, gradient=True),
+]
+
+# The goals of issue 12, held by tests/test_gpu_static.py.
+GOALS = {"gaussian_sum_f32_d3": 9}
+
+
+# Disassembly -------------------------------------------------------------------------------------------------
+
+def _tool(name: str) -> str:
+    """A CUDA binary tool from the nvidia-cuda-* wheels (nvidia/cu13/bin or nvidia/cuda_*/bin), else from PATH."""
+    import shutil
+    try:
+        import nvidia
+        for root in nvidia.__path__:
+            for found in sorted(Path(root).glob(f"*/bin/{name}")):
+                return str(found)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found: pip install 'kred[gpu-static]' (the nvidia-cuda-{name} wheel)")
+    return found
+
+
+def sass(cubin: bytes, kernel: str) -> list[tuple[int, str]]:
+    """(address, instruction) of `kernel` in `cubin`, from cuobjdump -sass."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([_tool("cuobjdump"), "-sass", "-fun", kernel, file.name], check=True,
+                              capture_output=True, text=True).stdout
+    code = []
+    for line in text.splitlines():
+        match = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if match:
+            code.append((int(match.group(1), 16), match.group(2)))
+    return code
+
+
+@dataclass(frozen=True)
+class PairLoop:
+    instructions: tuple[str, ...]
+    unroll: int
+
+    @property
+    def per_pair(self) -> float:
+        return round(len(self.instructions) / self.unroll, 2)
+
+    def mix(self) -> dict[str, float]:
+        counts: dict[str, int] = {}
+        for text in self.instructions:
+            opcode = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+            counts[opcode] = counts.get(opcode, 0) + 1
+        return {op: round(n / self.unroll, 2) for op, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def pair_loop(code: list[tuple[int, str]], stride_bytes: int) -> PairLoop:
+    """The innermost loop that loads from shared memory without a barrier (see the module docstring)."""
+    index = {address: k for k, (address, _) in enumerate(code)}
+    loops = []
+    for k, (address, text) in enumerate(code):
+        match = re.search(r"\bBRA\s+(?:`?\(?\.?L?_?x?_?\d*\)?)?\s*0x([0-9a-f]+)", text)
+        if match and "BRA" in text:
+            target = int(match.group(1), 16)
+            if target < address and target in index:
+                loops.append((index[target], k))
+    candidates = []
+    for start, end in loops:
+        body = [text for _, text in code[start:end + 1]]
+        inner = any(s2 > start and e2 < end or (s2 >= start and e2 <= end and (s2, e2) != (start, end))
+                    for s2, e2 in loops)
+        if inner or any("BAR" in t for t in body) or not any(re.search(r"\bLDS\b|\bLDS\.", t) for t in body):
+            continue
+        candidates.append(body)
+    if not candidates:
+        raise RuntimeError("no pair loop found in the kernel's SASS")
+    body = max(candidates, key=len)
+    columns = set()
+    for text in body:
+        match = re.search(r"\bLDS(?:\.\w+)*\s+\w+,\s*\[([^\]]*)\]", text)
+        if match:
+            offset = re.search(r"\+\s*(-?0x[0-9a-f]+)", match.group(1))
+            columns.add((int(offset.group(1), 16) if offset else 0) // stride_bytes)
+    return PairLoop(tuple(body), max(1, len(columns)))
+
+
+# kred ----------------------------------------------------------------------------------------------------------
+
+def kred_plan(case: StaticCase):
+    from kred.engine.numpy import Genred
+    plan = Genred(case.formula, case.aliases(), reduction_op=case.reduction, axis=1, opt_arg=case.opt_arg).plan
+    if case.gradient:
+        from kred.engine.reductions.gradients import gradient
+        plan = gradient(plan, 0).plan
+    return plan
+
+
+def kred_kernel(case: StaticCase, dtype=np.float32) -> dict:
+    from kred.engine.backends import nvrtc
+    from kred.engine.codegen import cuda as template
+
+    plan = kred_plan(case)
+    program = template.build(plan, dtype, plan.acc_dtype(dtype))
+    cubin = nvrtc.compile_source(program.source, ARCH)
+    loop = pair_loop(sass(cubin, "kred_final"), program.stride_bytes)
+    usage = nvrtc.resource_usage(program.source, ARCH)["kred_final"]
+    return {"per_pair": loop.per_pair, "unroll": loop.unroll, "mix": loop.mix(), "registers": usage.registers,
+            "spills": usage.spill_stores + usage.spill_loads, "stack": usage.stack}
+
+
+# KeOps 2.3 -------------------------------------------------------------------------------------------------------
+
+def keops_source(formula: str, nargs: int) -> tuple[str, int]:
+    """KeOps 2.3's 1D GPU kernel source for `formula` (float32, block sums, data on the device) and its j-stride in
+    numbers. keopscore's generator runs without a GPU once its CUDA probe is told a version (it is never called)."""
+    from keopscore.config import cuda_config
+    cuda_config.get_cuda_version = lambda *args, **kwargs: 12090
+    cuda_config.get_gpu_props = lambda: (0, "")
+    from keopscore.mapreduce.gpu.GpuReduc1D import GpuReduc1D
+    from keopscore.mapreduce.MapReduce import MapReduce
+
+    reduc = GpuReduc1D.__new__(GpuReduc1D)     # skips Gpu_link_compile.__init__, which wants a device
+    with contextlib.redirect_stdout(sys.stderr):        # keopscore prints as it parses
+        # (formula, aliases, nargs, dtype, dtypeacc, sum_scheme, tagHostDevice, tagCPUGPU, tag1D2D, use_half,
+        #  use_fast_math, device_id)
+        MapReduce.__init__(reduc, formula, [], nargs, "float", "float", "block_sum", 1, 1, 0, 0, 1, 0)
+        reduc.dimy = reduc.varloader.dimy
+        reduc.get_code()
+    return reduc.code, reduc.dimy
+
+
+def keops_kernel(case: StaticCase) -> dict:
+    from kred.engine.backends import nvrtc
+
+    nargs = 2 + case.with_b + case.gradient
+    source, dimy = keops_source(case.keops, nargs)
+    cubin = nvrtc.compile_source(source, ARCH, options=("-use_fast_math",), defaults=False)
+    loop = pair_loop(sass(cubin, "GpuConv1DOnDevice"), 4 * max(dimy, 1))
+    return {"per_pair": loop.per_pair, "unroll": loop.unroll, "mix": loop.mix()}
+
+
+# Report ----------------------------------------------------------------------------------------------------------
+
+def measure(cases=CASES, keops: bool = True) -> list[dict]:
+    rows = []
+    for case in cases:
+        mine = kred_kernel(case)
+        theirs = keops_kernel(case) if keops else None
+        rows.append({"case": case.name, "kred_sass_per_pair": mine["per_pair"],
+                     "keops_sass_per_pair": theirs["per_pair"] if theirs else None,
+                     "registers": mine["registers"], "spills": mine["spills"],
+                     "kred_mix": mine["mix"], "keops_mix": theirs["mix"] if theirs else None})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the JSON list only")
+    parser.add_argument("--no-keops", action="store_true", help="kred's kernels only (no keopscore installed)")
+    parser.add_argument("--mix", action="store_true", help="also print the SASS opcodes per pair")
+    options = parser.parse_args(argv)
+    rows = measure(keops=not options.no_keops)
+    if options.json:
+        keys = ("case", "kred_sass_per_pair", "keops_sass_per_pair", "registers", "spills")
+        print(json.dumps([{k: row[k] for k in keys} | ({"kred_mix": row["kred_mix"], "keops_mix": row["keops_mix"]}
+                                                       if options.mix else {}) for row in rows], indent=1))
+        return 0
+    print(f"{'case':24} {'kred SASS/pair':>15} {'KeOps 2.3':>10} {'registers':>10} {'spills':>7}")
+    for row in rows:
+        keops = row["keops_sass_per_pair"]
+        print(f"{row['case']:24} {row['kred_sass_per_pair']:>15} {keops if keops is not None else '-':>10} "
+              f"{row['registers']:>10} {row['spills']:>7}")
+        if options.mix:
+            print(f"    kred:  {row['kred_mix']}\n    KeOps: {row['keops_mix']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
