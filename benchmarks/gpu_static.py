@@ -8,8 +8,8 @@ Both kernels of a case are compiled for sm_90 with NVRTC (the `nvrtc` extra) —
 backend compiles it, KeOps's `GpuConv1DOnDevice` as keopscore 2.3 generates it (its own source generator runs without
 a GPU) and compiles it (`-use_fast_math`) — and disassembled with `cuobjdump -sass` (the `nvidia-cuda-cuobjdump`
 wheel of the `gpu-static` extra). The pair loop is the innermost backward branch whose body loads from shared memory
-and holds no barrier; the compiler unrolls it, so its length is divided by the unroll factor: the number of distinct
-columns (shared-memory offset // column stride) its loads touch. An issue-bound kernel (every one here: one MUFU per
+and holds no barrier; the compiler unrolls it, so its length is divided by the unroll factor: the bytes its
+shared-memory loads read over the bytes of one column. An issue-bound kernel (every one here: one MUFU per
 pair against four schedulers issuing one instruction per clock) runs at about
     SMs x 4 x clock / (SASS per pair)   pairs per second,
 so these counts compare kernels before any GPU is lent. `registers` and `spills` are ptxas's for kred's kernel.
@@ -116,7 +116,7 @@ class PairLoop:
         return {op: round(n / self.unroll, 2) for op, n in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
-def pair_loop(code: list[tuple[int, str]], stride_bytes: int) -> PairLoop:
+def pair_loop(code: list[tuple[int, str]], column_bytes: int) -> PairLoop:
     """The innermost loop that loads from shared memory without a barrier (see the module docstring)."""
     index = {address: k for k, (address, _) in enumerate(code)}
     loops = []
@@ -137,13 +137,12 @@ def pair_loop(code: list[tuple[int, str]], stride_bytes: int) -> PairLoop:
     if not candidates:
         raise RuntimeError("no pair loop found in the kernel's SASS")
     body = max(candidates, key=len)
-    columns = set()
+    loaded = 0
     for text in body:
-        match = re.search(r"\bLDS(?:\.\w+)*\s+\w+,\s*\[([^\]]*)\]", text)
+        match = re.search(r"\bLDS(?:\.U)?(?:\.(\d+))?\s", re.sub(r"^@!?U?P\w+\s+", "", text))
         if match:
-            offset = re.search(r"\+\s*(-?0x[0-9a-f]+)", match.group(1))
-            columns.add((int(offset.group(1), 16) if offset else 0) // stride_bytes)
-    return PairLoop(tuple(body), max(1, len(columns)))
+            loaded += int(match.group(1) or 32) // 8
+    return PairLoop(tuple(body), max(1, round(loaded / column_bytes)))
 
 
 # kred ----------------------------------------------------------------------------------------------------------
@@ -164,7 +163,7 @@ def kred_kernel(case: StaticCase, dtype=np.float32) -> dict:
     plan = kred_plan(case)
     program = template.build(plan, dtype, plan.acc_dtype(dtype))
     cubin = nvrtc.compile_source(program.source, ARCH)
-    loop = pair_loop(sass(cubin, "kred_final"), program.stride_bytes)
+    loop = pair_loop(sass(cubin, "kred_final"), program.column_bytes)
     usage = nvrtc.resource_usage(program.source, ARCH)["kred_final"]
     return {"per_pair": loop.per_pair, "unroll": loop.unroll, "mix": loop.mix(), "registers": usage.registers,
             "spills": usage.spill_stores + usage.spill_loads, "stack": usage.stack}

@@ -12,9 +12,10 @@ class GenredBase:
                  sum_scheme="auto", enable_chunks: bool = True, rec_multVar_highdim: bool = False,
                  use_fast_math: bool = True):
         # Callers pass these positionally, so the order is pykeops's. dtype and cuda_type are ignored (the arrays'
-        # dtype decides); sum_scheme, enable_chunks, rec_multVar_highdim and use_fast_math are pykeops tuning knobs,
-        # accepted for compatibility: our backends choose their own schemes.
+        # dtype decides); sum_scheme, enable_chunks and rec_multVar_highdim are pykeops tuning knobs, accepted for
+        # compatibility: our backends choose their own schemes. use_fast_math travels in the plan (GPU exp).
         if use_double_acc:
             dtype_acc = "float64"
         self.formula, self.aliases = formula, list(aliases)
-        self.plan: Plan = make_plan(formula, self.aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        self.plan: Plan = make_plan(formula, self.aliases, reduction_op, axis, opt_arg, formula2, dtype_acc,
+                                    use_fast_math)

@@ -41,6 +41,7 @@ class Plan:
     axis: int
     args: tuple[ArgSpec, ...]
     dtype_acc: str = "auto"
+    fast_math: bool = True        # pykeops's use_fast_math: GPU kernels may use approximate exp (see codegen/cuda.py)
     key: str = field(default="", compare=False)
 
     @property
@@ -120,16 +121,16 @@ def _as_array(spec: ArgSpec, value, xp=np, dtypes=DTYPES) -> np.ndarray:
 # Building plans ----------------------------------------------------------------------------------------
 
 def make_plan(formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-              formula2: str | None = None, dtype_acc: str = "auto") -> Plan:
+              formula2: str | None = None, dtype_acc: str = "auto", fast_math: bool = True) -> Plan:
     """Parse a pykeops-style reduction into a Plan."""
     names = parse_aliases(aliases)
     f = parse(formula, names)
     f2 = parse(formula2, names) if formula2 is not None else None
-    return plan_from_nodes(f, f2, reduction_op, axis, opt_arg, dtype_acc, names)
+    return plan_from_nodes(f, f2, reduction_op, axis, opt_arg, dtype_acc, names, fast_math=fast_math)
 
 
 def plan_from_nodes(f: Node, f2: Node | None, reduction_op: str, axis: int, opt_arg=None, dtype_acc="auto",
-                    names: dict[str, Node] | None = None, nargs: int | None = None) -> Plan:
+                    names: dict[str, Node] | None = None, nargs: int | None = None, fast_math: bool = True) -> Plan:
     """A Plan from formula nodes (used by the parser path and by autodiff, which builds nodes directly)."""
     if axis not in (0, 1) or isinstance(axis, bool):
         raise ArgumentError(f"axis must be 0 (reduce over i) or 1 (reduce over j), got {axis!r}")
@@ -142,8 +143,9 @@ def plan_from_nodes(f: Node, f2: Node | None, reduction_op: str, axis: int, opt_
     if axis == 0:
         f, f2 = swap_ij(f), swap_ij(f2) if f2 is not None else None
     key = "|".join([to_text(f), to_text(f2) if f2 is not None else "", reduction_op, str(opt_arg), dtype_acc,
-                    ";".join(f"{a.pos},{a.role},{a.dim}" for a in args)])
-    return Plan(f, f2, reduction, axis, args, dtype_acc, hashlib.sha256(key.encode()).hexdigest()[:24])
+                    ";".join(f"{a.pos},{a.role},{a.dim}" for a in args)] + ([] if fast_math else ["exact math"]))
+    return Plan(f, f2, reduction, axis, args, dtype_acc, bool(fast_math),
+                hashlib.sha256(key.encode()).hexdigest()[:24])
 
 
 def _arg_specs(f, f2, names, axis, nargs) -> tuple[ArgSpec, ...]:

@@ -47,6 +47,7 @@ from ..errors import BackendError
 from ..formula import I, J, P, Node, make
 from ..plan import Plan
 from ..reductions import bind
+from . import affine
 from .emit import Emitter, depends_on, prelude
 from .steps import Slot, accumulate_steps, finalize_steps, init_steps, merge_steps, state_slots
 
@@ -78,7 +79,7 @@ class Program:
     acc: str                    # accumulator dtype name
     chunked: bool
     signatures: dict            # kernel name -> its C parameter declarations, in order
-    stride_bytes: int = 0       # bytes between two columns of the staged j-tile
+    column_bytes: int = 0       # bytes of one column of the staged j-tile (its stride may pad them)
 
     def dtype_of(self, kind: str) -> np.dtype:
         """The numpy dtype of a buffer kind (see `Buffer`)."""
@@ -155,22 +156,75 @@ class _Generator:
         self.reduction = plan.reduction
         self.slots = tuple(state_slots(self.reduction))
         self.roots = [plan.formula] + ([plan.formula2] if plan.formula2 is not None else [])
+        if plan.fast_math and real == "float32":
+            self.roots = [affine.hoist_factors(root) for root in self.roots]
         self.args = plan.args
         self.real_size = np.dtype(real).itemsize
         self.block_sums = acc != real and any(slot.ctype == "kred_acc" for slot in self.slots)
-        # j-variables staged per tile, interleaved per column ([y_0..y_D, b_0..] for column jj at jj * stride) so a
-        # column's values are contiguous and read with wide shared-memory loads
-        self.tile_vars = [(a.pos, a.dim) for a in self.args if a.role == J]
+        self.i_components = sum(a.dim for a in self.args if a.role == I)
+        self.chunks = _chunk_plan(self.roots) if self.i_components > CHUNK_THRESHOLD else []
+        # use_fast_math in float32: dot-product forms and exp2 (see engine/codegen/affine.py)
+        self.fast = plan.fast_math and real == "float32" and not self.chunks
+        self.affine = self._affine_nodes() if self.fast else {}
+        # j-variables staged per tile, interleaved per column ([y_0..y_D, b_0.., atoms] for column jj at jj * stride)
+        # so a column's values are contiguous and read with wide shared-memory loads; a variable read only through
+        # dot-product forms is not staged, its atoms (centred coordinates, norms) are
+        used = self._tile_variables()
+        self.tile_vars = [(a.pos, a.dim) for a in self.args if a.role == J and a.pos in used]
         self.tile_offsets, width = {}, 0
         for pos, dim in self.tile_vars:
             self.tile_offsets[pos] = width
             width += dim
-        self.stride = _padded(width, 16 // self.real_size)
-        self.i_components = sum(a.dim for a in self.args if a.role == I)
-        self.chunks = _chunk_plan(self.roots) if self.i_components > CHUNK_THRESHOLD else []
+        self.atoms: dict[Node, int] = {}
+        for form, _ in self.affine.values():
+            for _, atom in form.terms:
+                if atom not in self.atoms:
+                    self.atoms[atom] = width
+                    width += 1
+        self.width, self.stride = width, _padded(width, 16 // self.real_size)
         self.block = self._block_size()
         self.chunk_offset = self.block * self.stride         # per-thread partial sums of chunked nodes follow
         self.shared_reals = self.chunk_offset + len(self.chunks) * self.block * self.block
+
+    def _affine_nodes(self) -> dict:
+        """Scalar pair terms computed in dot-product form: node -> (affine form, through exp2). The outermost ones."""
+        found: dict = {}
+        log2e = affine.scale_factor(affine.LOG2E)
+
+        def visit(node: Node) -> None:
+            cats = depends_on(node)
+            if node in found or J not in cats:
+                return
+            if node.op == "Exp" and I in cats:
+                forms = affine.decompose(node.children[0])
+                if forms is not None:
+                    found[node] = (affine.scale(forms[0], log2e), True)
+                    return
+            if node.dim == 1 and I in cats and affine.worthwhile(node):
+                forms = affine.decompose(node)
+                if forms is not None:
+                    found[node] = (forms[0], False)
+                    return
+            for child in node.children:
+                visit(child)
+
+        for root in self.roots:
+            visit(root)
+        return found
+
+    def _tile_variables(self) -> set[int]:
+        """Positions of the j-variables the pair loop reads directly (not through an affine node)."""
+        used, seen = set(), set()
+        stack = list(self.roots)
+        while stack:
+            node = stack.pop()
+            if node in seen or node in self.affine:
+                continue
+            seen.add(node)
+            if node.op == "Var" and node.params[2] == J:
+                used.add(node.params[0])
+            stack.extend(node.children)
+        return used
 
     def _block_size(self) -> int:
         def need(block):
@@ -190,13 +244,14 @@ class _Generator:
         self.signatures: dict[str, list[str]] = {}
         parts = [f"/* kred CUDA module: {self.reduction.name}, {self.storage} in, {self.acc} accumulator, "
                  f"{self.block} threads per block */",
-                 prelude("cuda", self.real, self.acc), _HALF, self._storage_macros(),
+                 "#define KRED_FAST_EXP 1" if self.fast else "", prelude("cuda", self.real, self.acc), _HALF,
+                 self._storage_macros(),
                  self._reduce_kernel("kred_final", final=True), self._reduce_kernel("kred_state", final=False),
                  self._merge_kernel("kred_merge_final", final=True),
                  self._merge_kernel("kred_merge_state", final=False)]
         return Program("\n".join(parts), self.block, self.shared_reals * self.real_size, self.slots,
                        tuple(self.reduction.outputs), self.storage, self.acc, bool(self.chunks), self.signatures,
-                       self.stride * self.real_size)
+                       self.width * self.real_size)
 
     def _storage_macros(self) -> str:
         store = STORAGE[self.storage]
@@ -267,6 +322,7 @@ class _Generator:
                      f"        tile[column * {self.stride} + {self.tile_offsets[pos]} + e - column * {dim}] = "
                      f"KRED_LOAD(arg{pos}[jt * {dim} + e]);",
                      "    }"]
+        body += ["    " + line for line in self._stage_atoms()]
         body.append("    __syncthreads();")
         body += ["    " + line for line in self._chunk_pass()]
         body.append("    if (active) {")
@@ -317,6 +373,9 @@ class _Generator:
 
     # Formula body ---------------------------------------------------------------------------------------------
     def _load(self, node: Node, k: int) -> str:
+        if len(node.params) == 4:           # a column variable's centre (affine.centre): the call's first column
+            pos, dim = node.params[:2]
+            return f"(c1 > c0 ? KRED_LOAD(arg{pos}[c0 * {dim} + {k}]) : (kred_real)0)"
         pos, dim, cat = node.params
         if cat == J:
             return f"tile[jj * {self.stride} + {self.tile_offsets[pos] + k}]"
@@ -343,12 +402,37 @@ class _Generator:
                 if any(node in c.node.postorder() for c in self.chunks) and node not in chunked:
                     continue            # parts of chunked sums are computed chunk by chunk
                 hoist.emit(node)
+        tile_values: dict[Node, list[str]] = {}
+        for node, (form, exp2) in self.affine.items():
+            value = hoist.emit(form.const)[0] if form.const is not None else "((kred_real)0)"
+            for coef, atom in form.terms:
+                staged = f"tile[jj * {self.stride} + {self.atoms[atom]}]"
+                value = f"({hoist.emit(coef)[0]} * {staged} + {value})" if coef is not None else \
+                    f"({staged} + {value})"
+            tile_values[node] = [f"kred_exp2_f32({value})" if exp2 else value]
         lines += hoist.lines
         known = dict(hoist.values)
+        known.update(tile_values)
         for index, chunk in enumerate(self.chunks):
             known[chunk.node] = [f"tile[{self.chunk_offset + index * self.block * self.block} + "
                                  f"jj * {self.block} + threadIdx.x]"]
         return lines, Emitter(self._load, prefix="v", known=known)
+
+    def _stage_atoms(self) -> list[str]:
+        """Each column's atoms of the dot-product forms (centred coordinates, norms), computed once per column."""
+        if not self.atoms:
+            return []
+
+        def load(node: Node, k: int) -> str:
+            if len(node.params) == 3 and node.params[2] == J:
+                return f"KRED_LOAD(arg{node.params[0]}[(jt + column) * {node.params[1]} + {k}])"
+            return self._load(node, k)
+
+        emitter = Emitter(load, prefix="g")
+        values = [(emitter.emit(atom)[0], offset) for atom, offset in self.atoms.items()]
+        return ([f"for (int column = threadIdx.x; column < count; column += {self.block}) {{"]
+                + ["    " + line for line in emitter.lines]
+                + [f"    tile[column * {self.stride} + {offset}] = {value};" for value, offset in values] + ["}"])
 
     def _chunk_pass(self) -> list[str]:
         """Partial sums of the chunked nodes for every column of the tile (see `_chunk_plan`): a loop over the
