@@ -220,3 +220,43 @@ def test_runtime_large_state_and_float16(emulated_gpu):
     assert got.dtype == np.float16
     want = np.exp(-((h[0][:, None].astype(np.float64) - h[1][None]) ** 2).sum(-1)).sum(1, keepdims=True)
     np.testing.assert_allclose(got.astype(np.float64), want, rtol=1e-2)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_math", "exact"])
+def test_dot_product_form_far_from_the_origin(fast):
+    """Points at distance 1e3 from the origin, spread 1: the fast path's dot-product form is centred, so float32
+    cancellation stays at the size of the spread (documented in engine/codegen/affine.py), for the Gaussian sum, the
+    log-sum-exp and the nearest neighbours. Oracle: float64 differences."""
+    rng = np.random.default_rng(7)
+    x = (1000 + rng.standard_normal((40, 3))).astype(np.float32)
+    y = (1000 + rng.standard_normal((300, 3))).astype(np.float32)
+    b = rng.standard_normal((300, 1)).astype(np.float32)
+    d2 = ((x[:, None].astype(np.float64) - y[None].astype(np.float64)) ** 2).sum(-1)
+    aliases = ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"]
+    got = emulate(Genred("Exp(-SqDist(x, y) / 4) * b", aliases, "Sum", 1, use_fast_math=fast), x, y, b)
+    want = np.exp(-d2 / 4) @ b.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(np.exp(-d2 / 4)).sum(1).max())
+    got = emulate(Genred("-SqDist(x, y)", aliases[:2], "LogSumExp", 1, use_fast_math=fast), x, y)
+    top = (-d2).max(1, keepdims=True)
+    np.testing.assert_allclose(got, top + np.log(np.exp(-d2 - top).sum(1, keepdims=True)), rtol=0, atol=1e-4)
+    got = emulate(Genred("SqDist(x, y)", aliases[:2], "Min", 1, use_fast_math=fast), x, y)
+    # bound (D + 2) eps (|x - o|^2 + |y - o|^2) with |x - o|, |y - o| <~ 8 (spread 1, 3 dims, o a data point)
+    np.testing.assert_allclose(got[:, 0], d2.min(1), rtol=0, atol=5 * 2 ** -24 * 2 * 64 + 1e-4)
+
+
+def test_gradient_kernel_fast_path_matches_dense():
+    """The backward kernel of a Gaussian sum (products regrouped, exp2, dot-product form) against float64."""
+    from kred.engine.reductions.gradients import gradient
+
+    rng = np.random.default_rng(8)
+    x, y = rand(rng, (30, 3), np.float32), rand(rng, (200, 3), np.float32)
+    b, e = rand(rng, (200, 1), np.float32), rand(rng, (30, 1), np.float32)
+    op = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], "Sum", 1)
+    plan = gradient(op.plan, 0).plan
+    arrays, dtype, n, m = plan.check_args([x, y, b, e])
+    (got,) = emulation.execute(plan, arrays, (0, n), (0, m), final=True)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    diff = x64[:, None] - y64[None]
+    k = np.exp(-(diff ** 2).sum(-1))
+    want = -2 * ((k * b[:, 0][None]) [..., None] * diff).sum(1) * e
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
