@@ -195,7 +195,7 @@ class _Generator:
             cats = depends_on(node)
             if node in found or J not in cats:
                 return
-            if node.op == "Exp" and I in cats:
+            if node.op == "Exp" and node.dim == 1 and I in cats:
                 forms = affine.decompose(node.children[0])
                 if forms is not None:
                     found[node] = (affine.scale(forms[0], log2e), True)
