@@ -54,9 +54,7 @@ class LocalExecutor(Executor):
         get_backend(backend_name(backend))       # fail at start, not at the first request, if it is missing
 
     def prepare(self, plan, dtype):
-        backend = get_backend(backend_name(self.backend))
-        if hasattr(backend, "kernel"):           # compiled backends (cpu, cuda) build and cache a kernel per plan
-            backend.kernel(plan, np.dtype(dtype))
+        get_backend(backend_name(self.backend)).prepare(plan, np.dtype(dtype))
 
     def run(self, plan, arrays, progress=None, cancelled=None, ranges=None):
         if ranges is not None or (progress is None and cancelled is None):

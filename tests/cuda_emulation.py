@@ -129,13 +129,21 @@ class FakeCupy:
         import types
 
         self.launches: list[tuple] = []
+        self.copies: list[object] = []          # the stream each copy to the host was ordered on
+        self.stream = contextlib.nullcontext()
+
+        def asnumpy(array, stream=None):
+            self.copies.append(stream)
+            return np.asarray(array)
+
+        self.asnumpy = asnumpy
         self.asarray, self.ascontiguousarray, self.empty = np.asarray, np.ascontiguousarray, np.empty
         self.ndarray = np.ndarray
         runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1,
                                         getDeviceProperties=lambda device: {"multiProcessorCount": sm_count})
         device = types.SimpleNamespace(id=0, compute_capability="90")
         self.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda index: contextlib.nullcontext(device),
-                                          get_current_stream=contextlib.nullcontext)
+                                          get_current_stream=lambda: self.stream)
         self.RawModule = lambda path: _FakeModule(path, self.launches)
 
 

@@ -176,7 +176,7 @@ def emulated_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv("KRED_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cuda, "_cupy", lambda: fake)
     monkeypatch.setattr(cuda, "gpu_count", lambda: 1)
-    monkeypatch.setattr(cuda, "_MODULES", {})
+    monkeypatch.setattr(cuda, "_MODULES", cuda.cachetools.LRUCache(maxsize=4))
     cuda._sm_count.cache_clear()
     backends._instance.cache_clear()
     yield fake
@@ -204,6 +204,11 @@ def test_runtime_reduce_partial_and_cache(emulated_gpu, tmp_path):
     like = get_backend("reference").partial(op.plan, arrays, (10, 20), (100, 1500))
     assert [s.dtype for s in state] == [s.dtype for s in like] and [s.shape for s in state] == [s.shape for s in like]
     np.testing.assert_allclose(state[0], like[0], rtol=1e-5, atol=1e-5 * np.abs(like[0]).max())
+    # every copy back to the host was ordered on the caller's stream (the one the kernels ran on)
+    assert emulated_gpu.copies and all(stream is emulated_gpu.stream for stream in emulated_gpu.copies)
+
+    get_backend("cuda").prepare(op.plan, np.float64)                  # the service's compile step: cubin on disk
+    assert len(list((tmp_path / "cuda").glob("*.sm_90.cubin"))) == 2
 
 
 def test_runtime_large_state_and_float16(emulated_gpu):

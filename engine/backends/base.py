@@ -24,6 +24,10 @@ class Backend(ABC):
         """The instance that runs one call on `args` (the CUDA backend picks its device and stream here)."""
         return self
 
+    def prepare(self, plan: Plan, dtype) -> None:
+        """Build and cache what calls of `plan` on `dtype` inputs need (the service calls it under its compile time
+        limit); nothing to do where nothing compiles."""
+
     @abstractmethod
     def partial(self, plan: Plan, arrays: list[np.ndarray], rows: tuple[int, int], cols: tuple[int, int]) -> tuple:
         """The reduction's state for rows [r0, r1) reduced over columns [c0, c1)."""

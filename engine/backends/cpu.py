@@ -152,6 +152,9 @@ class CpuBackend(Backend):
         self._lock = threading.Lock()
         self.threads = num_threads()
 
+    def prepare(self, plan, dtype) -> None:
+        self.kernel(plan, np.dtype(dtype))
+
     def kernel(self, plan, dtype) -> _Kernel:
         key = (plan.key, dtype)
         kernel = self._kernels.get(key) if plan.key else self._unkeyed.get(plan, {}).get(dtype)

@@ -11,7 +11,10 @@
 - Nothing touches CUDA at import time, so `import engine` is safe in forked processes and Ray workers. Whether a GPU
   is visible is asked of NVML (`gpu_count`), which does not initialise CUDA either.
 - `partial` returns the reduction's state as numpy arrays in the layout of `engine.reductions` (what the cluster and
-  block-sparse `ranges` merge); `reduce` finalizes on the device.
+  block-sparse `ranges` merge); `reduce` finalizes on the device. Every copy back to the host is made on the
+  caller's stream, after the kernels (`cupy.asnumpy(..., stream=)`, which waits for that stream).
+- `prepare(plan, dtype)` generates and compiles a plan's modules ahead of the first call (the service's compile
+  limit). Generated programs and loaded modules are kept in bounded LRU caches (the cubins stay on disk).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import os
 import threading
 from pathlib import Path
 
+import cachetools
 import numpy as np
 
 from ..codegen import cuda as template
@@ -79,7 +83,8 @@ def _cupy():
 
 # Compiled modules -------------------------------------------------------------------------------------------
 
-_MODULES: dict[tuple, object] = {}
+# Bounded: a long-lived service sees many formulas; an evicted module is reloaded from the disk cache.
+_MODULES: cachetools.LRUCache = cachetools.LRUCache(maxsize=256)
 _MODULES_LOCK = threading.Lock()
 
 
@@ -109,26 +114,28 @@ def _module(program: template.Program, device) -> object:
     """The loaded CuPy module of `program` on `device` (a cupy.cuda.Device)."""
     arch = f"sm_{device.compute_capability}"
     key = (program.source, arch, device.id)
-    module = _MODULES.get(key)
-    if module is None:
+    with _MODULES_LOCK:
+        module = _MODULES.get(key)
+    if module is None:                  # compiled at most once per machine: cubin_path holds a file lock
+        module = _cupy().RawModule(path=str(cubin_path(program.source, arch)))
         with _MODULES_LOCK:
-            module = _MODULES.get(key)
-            if module is None:
-                path = cubin_path(program.source, arch)
-                module = _cupy().RawModule(path=str(path))
-                _MODULES[key] = module
+            _MODULES[key] = module
     return module
 
 
-_PROGRAMS: dict[tuple, template.Program] = {}
+_PROGRAMS: cachetools.LRUCache = cachetools.LRUCache(maxsize=1024)
+_PROGRAMS_LOCK = threading.Lock()
 
 
 def _program(plan: Plan, dtype, acc) -> template.Program:
     """The generated module for (plan, dtype, acc), memoised by the plan's key (or the plan itself)."""
     key = (plan.key or plan, np.dtype(dtype).name, np.dtype(acc).name)
-    program = _PROGRAMS.get(key)
+    with _PROGRAMS_LOCK:
+        program = _PROGRAMS.get(key)
     if program is None:
-        program = _PROGRAMS[key] = template.build(plan, dtype, acc)
+        program = template.build(plan, dtype, acc)
+        with _PROGRAMS_LOCK:
+            _PROGRAMS[key] = program
     return program
 
 
@@ -165,25 +172,32 @@ class CudaBackend(Backend):
         return CudaBackend(device, stream, cp if devices else np)
 
     # Backend interface ------------------------------------------------------------------------------------------
+    def prepare(self, plan, dtype) -> None:
+        """Generate and compile (to the disk cache) the modules of `plan` for the current device's architecture."""
+        cp = _cupy()
+        acc = plan.acc_dtype(np.dtype(dtype))
+        with cp.cuda.Device(self.device_id if self.device_id is not None else cp.cuda.runtime.getDevice()) as device:
+            for group in template.component_groups(plan, dtype, acc):
+                cubin_path(_program(group, dtype, acc).source, f"sm_{device.compute_capability}")
+
     def partial(self, plan, arrays, rows, cols):
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         acc = plan.acc_dtype(dtype)
-        states = self._run(plan, arrays, rows, cols, final=False)
+        states = self._run(plan, arrays, rows, cols, final=False, host=True)
         template_state = plan.reduction.identity(0, dtype, acc)
-        return tuple(_host(s).reshape((-1,) + like.shape[1:]).astype(like.dtype, copy=False)
+        return tuple(s.reshape((-1,) + like.shape[1:]).astype(like.dtype, copy=False)
                      for s, like in zip(states, template_state))
 
     def reduce(self, plan, arrays, n, m):
-        results = self._run(plan, arrays, (0, n), (0, m), final=True)
-        if self.xp is np:
-            results = [_host(r) for r in results]
+        results = self._run(plan, arrays, (0, n), (0, m), final=True, host=self.xp is np)
         return results[0] if len(results) == 1 else tuple(results)
 
     # Running ------------------------------------------------------------------------------------------------
-    def _run(self, plan: Plan, arrays, rows, cols, final: bool) -> list:
+    def _run(self, plan: Plan, arrays, rows, cols, final: bool, host: bool) -> list:
+        """The outputs (`final`) or state slots; copied to numpy (`host`) on the caller's stream, after the kernels."""
         cp = _cupy()
         if self.device_id is None:          # not bound: called directly (cluster workers, ranges, tests)
-            return self.bind(arrays)._run(plan, arrays, rows, cols, final)
+            return self.bind(arrays)._run(plan, arrays, rows, cols, final, host)
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         with cp.cuda.Device(self.device_id) as device:
             stream = self.stream if self.stream is not None else cp.cuda.get_current_stream()
@@ -197,8 +211,9 @@ class CudaBackend(Backend):
                     kernel(step.grid, (step.block,), tuple(_argument(a, buffers) for a in step.args),
                            shared_mem=step.shared_bytes)
 
-                return template.execute(plan, dtype, inputs, rows, cols, _sm_count(self.device_id), final,
-                                        allocate=cp.empty, launch=launch, programs=_program)
+                results = template.execute(plan, dtype, inputs, rows, cols, _sm_count(self.device_id), final,
+                                           allocate=cp.empty, launch=launch, programs=_program)
+                return [cp.asnumpy(r, stream=stream) if host else r for r in results]
 
 
 def _argument(arg, buffers):
@@ -220,10 +235,6 @@ def _device_of(value) -> int:
     if device is not None and hasattr(device, "id"):
         return int(device.id)
     return _cupy().asarray(value).device.id
-
-
-def _host(array) -> np.ndarray:
-    return array if isinstance(array, np.ndarray) else array.get()
 
 
 def create() -> CudaBackend:
