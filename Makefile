@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | cksu
 
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install test test-gpu serve bench lint clean
+.PHONY: install test test-gpu serve bench docs lint clean
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch is pinned: any other torch request downloads GBs of CUDA packages
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[torch,nvrtc,gpu-static,server,bench,test]"
+	$(PY) -m pip install -q -e ".[torch,nvrtc,gpu-static,server,bench,test,docs,examples]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -33,5 +33,9 @@ serve: install
 bench: install
 	$(PY) -m benchmarks.run
 
+# the documentation site, offline, into site/ (warnings are errors: mkdocs.yml sets strict)
+docs: install
+	PYTHONPATH=$(CURDIR) $(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis site

@@ -44,14 +44,12 @@ class Mode:
 
     @staticmethod
     def _start_cluster(address):
-        # backend="cluster" everywhere below runs on kred.cluster's default Cluster; start it (on this Ray) now so
-        # the first reduction does not pay for it, and with a modest object store on a small machine.
+        # backend="cluster" below runs on kred.cluster's default Cluster, started on first use on this Ray; a job
+        # file starts a Cluster of its own. A local Ray gets a modest object store (small machines, CI).
         import ray
-        from kred.cluster import default_cluster
         if not ray.is_initialized():
-            options = {} if address else {"object_store_memory": 256 << 20, "num_cpus": os.cpu_count()}
+            options = {} if address else {"object_store_memory": 256 << 20}
             ray.init(address=address, include_dashboard=False, **options)
-        default_cluster()
 
     @property
     def backend(self) -> str:

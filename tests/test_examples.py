@@ -62,3 +62,13 @@ def test_example_in_process(name, tmp_path, capsys):
 def test_example_through_the_service(name, tmp_path, capsys, server_client):
     assert run(name, "server", tmp_path, server_client) == 0, capsys.readouterr().out
     assert "check ok" in capsys.readouterr().out
+
+
+def test_batch_job_on_the_cluster(tmp_path, capsys):
+    """The one cluster run: the job file through kred.cluster.run_job_file on an embedded Ray (loopback)."""
+    import ray
+    try:
+        assert run("batch_job", "cluster", tmp_path) == 0, capsys.readouterr().out
+        assert "check ok" in capsys.readouterr().out
+    finally:
+        ray.shutdown()
