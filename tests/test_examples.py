@@ -18,7 +18,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 # example -> a small --size that still exercises it
-SIZES = {"kmeans": 4000, "knn": 2000, "gp_regression": 400, "sinkhorn": 600, "gmm_em": 3000, "block_sparse": 4000,
+SIZES = {"kmeans": 4000, "knn": 2000, "gp_regression": 300, "sinkhorn": 300, "gmm_em": 3000, "block_sparse": 4000,
          "batch_job": 3000}
 
 
