@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 LAYERS = ("engine", "service", "client")
 
 setup(
-    packages=["kred"] + [f"kred.{name}" for layer in LAYERS for name in find_packages(include=[layer, f"{layer}.*"])],
+    packages=find_packages(include=["kred", "kred.*"])
+    + [f"kred.{name}" for layer in LAYERS for name in find_packages(include=[layer, f"{layer}.*"])],
     package_dir={"kred": "kred", **{f"kred.{layer}": layer for layer in LAYERS}},
     package_data={"kred": ["py.typed"]},
 )

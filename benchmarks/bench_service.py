@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     from kred.client.client import NO_DELAY, chunked
     from kred.engine.backends import auto_choice
     from kred.engine.numpy import Genred
-    from kred.service import arrow
+    from kred.wire import arrow
 
     backend = auto_choice() if args.backend == "auto" else args.backend
     info = machine_info()

@@ -27,8 +27,8 @@ from typing import Any, Generator
 import httpx
 import numpy as np
 
-from kred.service import arrow
-from kred.service.shm import Segment, SegmentPool, aligned, pack, packed_size
+from kred.wire import arrow
+from kred.wire.shm import HEADER, SegmentPool, aligned, pack, packed_size
 
 from .errors import RemoteError, ServerUnreachable, raise_for
 
@@ -144,13 +144,13 @@ class _Flows:
         """Whether this client and the server see the same shared memory (asked once, with a probe segment)."""
         if self._shared is None:
             nonce = secrets.token_bytes(64)
-            probe = Segment.create(len(nonce))
+            probe = self._pool.segment(len(nonce))
             try:
-                probe.buf[:len(nonce)] = nonce
-                response = yield Call("POST", "/v1/shm/probe", json={"segment": probe.name, "size": len(nonce)},
-                                      check=False)
+                probe.buf[HEADER:HEADER + len(nonce)] = nonce
+                response = yield Call("POST", "/v1/shm/probe", check=False,
+                                      json={"segment": probe.name, "size": len(nonce), "key": self._pool.key})
             finally:
-                probe.close()
+                self._pool.discard(probe)
             ok = response.status_code == 200 and response.json().get("sha256") == hashlib.sha256(nonce).hexdigest()
             if not ok and self.transport == "shm":
                 raise RemoteError(response.status_code, "shared_memory",
@@ -165,8 +165,8 @@ class _Flows:
             segment = self._pool.acquire(packed_size(arrays) + room)
             try:
                 refs, end = pack(segment, arrays)
-                body = dict(spec, arrays=refs, out={"segment": segment.name, "offset": end,
-                                                    "size": segment.size - end})
+                body = dict(spec, arrays=refs, shm_key=self._pool.key,
+                            out={"segment": segment.name, "offset": end, "size": segment.size - end})
                 response = yield Call("POST", path, json=body, idempotent=idempotent)
                 if response.headers.get("content-type", "").startswith(arrow.CONTENT_TYPE):
                     return _decode(response)

@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException
 
 from kred.engine.errors import BackendError, KredError
 
-from .arrow import WireError
-from .shm import SharedMemoryError
+from kred.wire import WireError
+from kred.wire.shm import SharedMemoryError
 
 log = logging.getLogger("kred.service")
 

@@ -1,4 +1,4 @@
-"""The JSON the service reads and writes (pydantic). Arrays never travel as JSON: see arrow.py and shm.py."""
+"""The JSON the service reads and writes (pydantic). Arrays never travel as JSON: see kred.wire."""
 from __future__ import annotations
 
 from typing import Literal
@@ -15,7 +15,7 @@ class Strict(BaseModel):
 class ArrayRef(Strict):
     """An array inside a client's shared-memory segment."""
     segment: str = Field(max_length=64)
-    offset: int = Field(ge=0)
+    offset: int = Field(ge=0, lt=1 << 62)
     dtype: DType
     shape: list[int] = Field(max_length=8)
 
@@ -23,8 +23,8 @@ class ArrayRef(Strict):
 class OutRoom(Strict):
     """The part of a client's segment the server may write the result into."""
     segment: str = Field(max_length=64)
-    offset: int = Field(ge=0)
-    size: int = Field(ge=0)
+    offset: int = Field(ge=0, lt=1 << 62)
+    size: int = Field(ge=0, lt=1 << 62)
 
 
 class GradSpec(Strict):
@@ -53,6 +53,7 @@ class ReduceRequest(ReductionSpec):
     """The request: in an Arrow stream's metadata (arrays are its columns) or as a JSON body with shared memory."""
     arrays: list[ArrayRef] | None = Field(None, max_length=256)
     out: OutRoom | None = None
+    shm_key: str | None = Field(None, max_length=64)     # the client's key, held by the header of its segments
 
 
 class SharedResult(BaseModel):
@@ -105,6 +106,7 @@ class ErrorBody(BaseModel):
 class ShmProbe(Strict):
     segment: str = Field(max_length=64)
     size: int = Field(ge=1, le=4096)
+    key: str = Field(max_length=64)              # the client's key: only its own segment is read
 
 
 class Health(BaseModel):

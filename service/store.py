@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrow
+from kred.wire import arrow
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 UNFINISHED = ("queued", "running")

@@ -1,25 +1,31 @@
 """Reading a request's arrays from its transport, and replying through the same one.
 
 - Arrow: the body is an Arrow IPC stream (request JSON in its schema metadata, arrays as columns); so is the reply.
-- Shared memory: the body is the request JSON whose `arrays` name slices of the client's segments; the reply is JSON
-  saying where in the client's `out` room the outputs were written, or an Arrow reply when they do not fit.
+- Shared memory: the body is the request JSON whose `arrays` name slices of the client's segments (headed by the key
+  in `shm_key`); they are copied into the server's memory (never mapped: see kred.wire.shm). The reply is JSON saying
+  where in the client's `out` room the outputs were written, or an Arrow reply when they do not fit.
 """
 from __future__ import annotations
 
+import math
+
+import anyio
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from . import arrow
+from kred.wire import arrow
+from kred.wire.arrow import check_shape
 from .errors import ApiError
 from .schemas import ReduceRequest, SharedResult
 from .settings import Settings
-from .shm import Mapped
+from kred.wire.shm import ClientSegments
 
 JSON = "application/json"
 
 
-async def read_request(request: Request, settings: Settings) -> tuple[ReduceRequest, list[np.ndarray], Mapped | None]:
+async def read_request(request: Request, settings: Settings
+                       ) -> tuple[ReduceRequest, list[np.ndarray], ClientSegments | None]:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request)
     if kind == arrow.CONTENT_TYPE:
@@ -36,11 +42,11 @@ async def read_request(request: Request, settings: Settings) -> tuple[ReduceRequ
                                                    f"send arrays in an Arrow stream ({arrow.CONTENT_TYPE}) otherwise")
         if not settings.allow_shm:
             raise ApiError(422, "shared_memory", "this server does not accept shared-memory requests (allow_shm)")
-        mapped = Mapped()
+        segments = ClientSegments(spec.shm_key)
         try:
-            return spec, [mapped.array(item.model_dump()) for item in spec.arrays], mapped
+            return spec, await anyio.to_thread.run_sync(read_shared, spec, segments, settings), segments
         except BaseException:
-            mapped.close()
+            segments.close()
             raise
     raise ApiError(415, "unsupported_media_type", f"send {arrow.CONTENT_TYPE} (arrays in an Arrow stream) or "
                                                   f"{JSON} (arrays in shared memory), not {kind or 'no content type'}")
@@ -64,11 +70,23 @@ async def read_body(request: Request):
     return buffer
 
 
-def write_shared(spec: ReduceRequest, mapped: Mapped | None, outputs: list[np.ndarray]):
+def read_shared(spec: ReduceRequest, segments: ClientSegments, settings: Settings) -> list[np.ndarray]:
+    """Copies of the arrays a shared-memory request names (blocking), within the same size limit as a body."""
+    items = [item.model_dump() for item in spec.arrays]
+    total = 0
+    for item in items:
+        total += math.prod(check_shape(item["shape"], f"segment {item['segment']}")) * 8
+        if total > settings.max_body_bytes:
+            raise ApiError(413, "limit", f"the arrays named in shared memory hold {total} bytes or more; this server "
+                                         f"accepts at most {settings.max_body_bytes} (max_body_bytes)")
+    return [segments.read(item) for item in items]
+
+
+def write_shared(spec: ReduceRequest, segments: ClientSegments | None, outputs: list[np.ndarray]):
     """Write outputs into the client's room (blocking); their refs, or None to reply with Arrow."""
-    if mapped is None or spec.out is None:
+    if segments is None or spec.out is None:
         return None
-    return mapped.write(spec.out.model_dump(), outputs)
+    return segments.write(spec.out.model_dump(), outputs)
 
 
 def reply(meta: dict, outputs: list[np.ndarray], refs) -> Response:

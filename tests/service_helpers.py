@@ -14,7 +14,7 @@ import numpy as np
 import uvicorn
 
 from kred.client import AsyncClient
-from kred.service import arrow
+from kred.wire import arrow
 
 from kred.service.settings import Settings
 

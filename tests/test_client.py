@@ -12,7 +12,7 @@ import pytest
 
 from kred.client import AsyncClient, Client, LimitExceeded, RemoteError, ServerUnreachable, TooBusy, Unauthorized
 from kred.engine.errors import ArgumentError, DimensionError, FormulaError
-from kred.service import arrow
+from kred.wire import arrow
 from kred.service.app import create_app
 from service_helpers import ALIASES, FORMULA, Running, assert_matches, data, dense, settings
 
@@ -35,7 +35,7 @@ for name in {blocked!r}:
 import httpx, numpy as np
 from kred.client import Client
 def reply(request):
-    from kred.service import arrow
+    from kred.wire import arrow
     meta, arrays = arrow.decode(request.content)
     assert meta["formula"] == "x" and meta["reduction_op"] == "Sum"
     body = arrow.encode({{"names": ["value"]}}, [arrays[0] * 2])

@@ -45,6 +45,7 @@ def test_wheel_has_a_single_top_level_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"kred", wheel.name.split("-py")[0] + ".dist-info"}
     for must in ("kred/__init__.py", "kred/py.typed", "kred/engine/formula/ops.py", "kred/service/app.py",
-                 "kred/client/cli.py", "kred/numpy.py", "kred/torch.py", "kred/cluster.py"):
+                 "kred/client/cli.py", "kred/numpy.py", "kred/torch.py", "kred/cluster.py",
+                 "kred/wire/arrow.py", "kred/wire/shm.py"):
         assert must in names
     assert not any(n.startswith("kred/tests") or n.startswith("kred/benchmarks") for n in names)

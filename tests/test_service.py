@@ -14,10 +14,10 @@ import torch
 
 from kred.client import LimitExceeded, Unauthorized
 from kred.engine.errors import ArgumentError, FormulaError
-from kred.service import arrow
+from kred.wire import arrow
 from kred.service.app import create_app
 from kred.service.executors import LocalExecutor
-from kred.service.shm import Segment
+from kred.wire.shm import HEADER, Segment, new_key
 from conftest import BACKENDS
 from service_helpers import ALIASES, CASES, FORMULA, Running, assert_matches, data, dense, request, settings
 
@@ -222,14 +222,16 @@ async def test_hostile_aliases_and_options(server):
 
 async def test_bad_shared_memory_references(server):
     x, y, b = data()
-    refs = [{"segment": "kred_" + "0" * 32, "offset": 0, "dtype": "float64", "shape": [23, 3]}] * 3
-    r = await server.raw.post("/v1/reduce", json=request(arrays=refs))
+    key = new_key()
+    refs = [{"segment": "kred_" + "0" * 32, "offset": HEADER, "dtype": "float64", "shape": [23, 3]}] * 3
+    r = await server.raw.post("/v1/reduce", json=request(arrays=refs, shm_key=key))
     assert r.status_code == 422 and "does not exist" in r.json()["detail"]
-    r = await server.raw.post("/v1/reduce", json=request(arrays=[dict(refs[0], segment="../../etc/passwd")] * 3))
+    r = await server.raw.post("/v1/reduce", json=request(arrays=[dict(refs[0], segment="../../etc/passwd")] * 3,
+                                                         shm_key=key))
     assert r.status_code == 422 and "not one this service accepts" in r.json()["detail"]
-    with Segment.create(64) as segment:
-        far = [{"segment": segment.name, "offset": 0, "dtype": "float64", "shape": [1000, 3]}] * 3
-        r = await server.raw.post("/v1/reduce", json=request(arrays=far))
+    with Segment.create(64, key) as segment:
+        far = [{"segment": segment.name, "offset": HEADER, "dtype": "float64", "shape": [1000, 3]}] * 3
+        r = await server.raw.post("/v1/reduce", json=request(arrays=far, shm_key=key))
         assert r.status_code == 422 and "does not fit" in r.json()["detail"]
     await server.still_serving()
 
@@ -361,18 +363,19 @@ async def test_shared_memory_can_be_disabled(tmp_path):
             x, y, b = data()
             assert_matches(await c.reduce(FORMULA, ALIASES, x, y, b, axis=1),
                            dense("Sum", FORMULA, None, None, 1, x, y, b), np.float64)
-        with Segment.create(64) as segment:
-            ref = {"segment": segment.name, "offset": 0, "dtype": "float64", "shape": [1, 3]}
-            r = await running.raw.post("/v1/reduce", json=request(arrays=[ref] * 3))
+        with Segment.create(64, new_key()) as segment:
+            ref = {"segment": segment.name, "offset": HEADER, "dtype": "float64", "shape": [1, 3]}
+            r = await running.raw.post("/v1/reduce", json=request(arrays=[ref] * 3, shm_key=segment.key))
             assert r.status_code == 422 and "allow_shm" in r.json()["detail"]
 
 
 async def test_result_too_large_for_the_clients_room_comes_back_as_arrow(server):
     x, y, b = data()
-    with Segment.create(1 << 16) as segment:
-        from kred.service.shm import pack
+    with Segment.create(1 << 16, new_key()) as segment:
+        from kred.wire.shm import pack
         refs, end = pack(segment, [x, y, b])
-        body = request(axis=1, arrays=refs, out={"segment": segment.name, "offset": end, "size": 8})
+        body = request(axis=1, arrays=refs, out={"segment": segment.name, "offset": end, "size": 8},
+                       shm_key=segment.key)
         r = await server.raw.post("/v1/reduce", content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.headers["content-type"] == arrow.CONTENT_TYPE
     meta, (result,) = arrow.decode(r.content)

@@ -11,7 +11,7 @@ from .. import metrics
 from ..auth import require_token
 from ..context import ServiceDep
 from ..schemas import Health, ShmProbe
-from ..shm import Segment, SharedMemoryError
+from kred.wire.shm import ClientSegments, SharedMemoryError
 
 router = APIRouter(tags=["health"])
 
@@ -34,16 +34,14 @@ async def prometheus(service: ServiceDep):
 
 @router.post("/v1/shm/probe", dependencies=[Depends(require_token)])
 async def probe(body: ShmProbe, service: ServiceDep) -> dict:
-    """SHA-256 of the first `size` bytes of the client's segment: equal to the client's own hash only when both
-    see the same memory, which is how a client decides to use shared memory."""
+    """SHA-256 of the first `size` bytes of the client's probe segment: equal to the client's own hash only when both
+    see the same memory, which is how a client decides to use shared memory. Only a segment headed by the client's
+    `key` is read: the probe reveals nothing about anyone else's segments."""
     if not service.settings.allow_shm:
         return {"shared_memory": False, "sha256": None}
     try:
-        segment = Segment.attach(body.segment)
-    except SharedMemoryError:        # not on this host (or not visible to this server): no shared memory
+        with ClientSegments(body.key) as segments:
+            digest = hashlib.sha256(segments.read_bytes(body.segment, body.size)).hexdigest()
+    except SharedMemoryError:        # not on this host, not visible to this server, or not the client's
         return {"shared_memory": False, "sha256": None}
-    with segment:
-        if segment.size < body.size:
-            return {"shared_memory": False, "sha256": None}
-        digest = hashlib.sha256(segment.buf[:body.size]).hexdigest()
     return {"shared_memory": True, "sha256": digest}

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from .. import transport
-from ..arrow import CONTENT_TYPE
+from kred.wire.arrow import CONTENT_TYPE
 from ..context import ServiceDep
 from ..schemas import ErrorBody, JobInfo
 from .reductions import BODY
@@ -19,13 +19,13 @@ ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 
 @router.post("", status_code=202, response_model=JobInfo, openapi_extra={"requestBody": BODY}, responses=ERRORS)
 async def submit(request: Request, service: ServiceDep):
     """Queue a reduction; its inputs are stored before the id is returned, so a restart does not lose it."""
-    spec, arrays, mapped = await transport.read_request(request, service.settings)
+    spec, arrays, segments = await transport.read_request(request, service.settings)
     try:
         info = await service.jobs.submit(spec, arrays)
     finally:
         arrays = None
-        if mapped is not None:
-            mapped.close()
+        if segments is not None:
+            segments.close()
     return JSONResponse(info.model_dump(), 202, headers={"Location": f"/v1/jobs/{info.id}"})
 
 

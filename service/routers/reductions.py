@@ -7,7 +7,7 @@ import anyio
 from fastapi import APIRouter, Request
 
 from .. import transport
-from ..arrow import CONTENT_TYPE
+from kred.wire.arrow import CONTENT_TYPE
 from ..context import ServiceDep
 from ..schemas import ErrorBody, ReduceRequest, SharedResult
 
@@ -32,7 +32,7 @@ ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 500, 
 async def reduce(request: Request, service: ServiceDep):
     """Compute `reduction_op` of `formula` over axis `axis` (or its gradient when `grad` is given)."""
     start = time.perf_counter()
-    spec, arrays, mapped = await transport.read_request(request, service.settings)
+    spec, arrays, segments = await transport.read_request(request, service.settings)
     receive_s = time.perf_counter() - start
     try:
         plan = await service.planner.plan(spec)
@@ -45,13 +45,13 @@ async def reduce(request: Request, service: ServiceDep):
             began = time.perf_counter()
             outputs = work.compute(service.executor.run)
             compute_s = time.perf_counter() - began
-            return work, outputs, compute_s, transport.write_shared(spec, mapped, outputs)
+            return work, outputs, compute_s, transport.write_shared(spec, segments, outputs)
 
         work, outputs, compute_s, refs = await anyio.to_thread.run_sync(compute, limiter=service.limiter)
     finally:
         arrays = None
-        if mapped is not None:
-            mapped.close()
+        if segments is not None:
+            segments.close()
     service.metrics.reduced("request", work.pairs, compute_s)
     meta = {"names": work.names, "rows": work.rows, "cols": work.cols,
             "timings": {"receive_s": receive_s, "plan_s": plan_s, "compute_s": compute_s}}

@@ -6,24 +6,39 @@ field's metadata. The request (or response) JSON travels in the schema metadata 
 carries everything and there is a single encoding for every transport.
 
 Reading maps the buffers of the message without copying them: the arrays returned by `decode` are read-only views
-of the body. This module needs only numpy and pyarrow (the client imports it without the server's dependencies).
+of the body. Every byte of a body is untrusted: the batch is fully validated (offsets, buffer sizes) before any
+buffer is touched, shapes are checked as exact Python integers, and any malformed body is a `WireError` naming what
+is wrong. This module needs only numpy and pyarrow (the client imports it without the server's dependencies).
 """
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from .errors import WireError
+
 CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 META_KEY = b"kred"
 SMALL = 1 << 20          # bytes: messages up to this size are encoded in one pass (see `encode`)
 DTYPES = {np.dtype(np.float32): pa.float32(), np.dtype(np.float64): pa.float64(), np.dtype(np.int64): pa.int64()}
+MAX_NDIM = 8             # dimensions of one array (batch dimensions + rows + width)
+MAX_META = 1 << 20       # bytes of request JSON
 
 
-class WireError(ValueError):
-    """A message that is not a well-formed kred Arrow stream."""
+def check_shape(shape, what: str) -> tuple[int, ...]:
+    """`shape` as a tuple of sizes: a JSON list of at most MAX_NDIM non-negative integers (not booleans) whose
+    product fits in int64. Shared by the Arrow and shared-memory paths."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
+        raise WireError(f"{what}: shape {shape!r} is not a list of at most {MAX_NDIM} sizes")
+    if not all(type(s) is int and s >= 0 for s in shape):
+        raise WireError(f"{what}: shape {list(shape)!r} must hold non-negative integers")
+    if math.prod(shape) >= 1 << 62:
+        raise WireError(f"{what}: shape {list(shape)} holds {math.prod(shape)} values, more than any array can")
+    return tuple(shape)
 
 
 def encode(meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> pa.Buffer:
@@ -64,14 +79,18 @@ def decode(body) -> tuple[dict[str, Any], list[np.ndarray]]:
         reader = pa.ipc.open_stream(source)
         schema = reader.schema
         batches = list(reader)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
-        raise WireError(f"the body is not an Arrow IPC stream ({e})") from None
+        for batch in batches:          # offsets and buffer sizes checked before any buffer is read
+            batch.validate(full=True)
+    except (pa.ArrowException, ValueError, TypeError, IndexError, OverflowError, MemoryError) as e:
+        raise WireError(f"the body is not a valid Arrow IPC stream ({type(e).__name__}: {e})") from None
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise WireError("the Arrow stream carries no request: its schema metadata lacks the 'kred' JSON")
+    if len(raw) > MAX_META:
+        raise WireError(f"the 'kred' schema metadata is {len(raw)} bytes; at most {MAX_META} are accepted")
     try:
         meta = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise WireError(f"the 'kred' schema metadata is not JSON ({e})") from None
     if not isinstance(meta, dict):
         raise WireError("the 'kred' schema metadata must be a JSON object")
@@ -86,19 +105,22 @@ def _column_array(field: pa.Field, column: pa.Array) -> np.ndarray:
     if not pa.types.is_large_list(field.type) or field.type.value_type not in DTYPES.values():
         raise WireError(f"column {field.name!r} has type {field.type}; expected large_list of float32/float64/int64")
     try:
-        shape = tuple(json.loads((field.metadata or {})[b"shape"]))
-    except (KeyError, ValueError):
-        raise WireError(f"column {field.name!r} has no 'shape' metadata") from None
-    if not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise WireError(f"column {field.name!r}: shape {list(shape)} is not a list of sizes")
-    start, stop = column.offsets.to_numpy()[:2]      # numpy, not pyarrow.compute: ~20 us less per column
-    values = column.values.slice(int(start), int(stop - start))
+        shape = json.loads((field.metadata or {})[b"shape"])
+    except (KeyError, ValueError, RecursionError):
+        raise WireError(f"column {field.name!r} has no 'shape' metadata (a JSON list of sizes)") from None
+    shape = check_shape(shape, f"column {field.name!r}")
+    if column.null_count:
+        raise WireError(f"column {field.name!r} holds a null")
+    start, stop = (int(v) for v in column.offsets.to_numpy()[:2])   # numpy, not pyarrow.compute: ~20 us less
+    if not 0 <= start <= stop <= len(column.values):
+        raise WireError(f"column {field.name!r}: list offsets [{start}, {stop}] are not within its "
+                        f"{len(column.values)} values")
+    values = column.values.slice(start, stop - start)
     if values.null_count:
         raise WireError(f"column {field.name!r} holds nulls")
-    flat = values.to_numpy(zero_copy_only=True)
-    if flat.size != int(np.prod(shape, dtype=np.int64)):
-        raise WireError(f"column {field.name!r}: {flat.size} values do not fill shape {list(shape)}")
-    return flat.reshape(shape)
+    if len(values) != math.prod(shape):
+        raise WireError(f"column {field.name!r}: {len(values)} values do not fill shape {list(shape)}")
+    return values.to_numpy(zero_copy_only=True).reshape(shape)
 
 
 def write_file(path, meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> int:
