@@ -135,7 +135,8 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
                 typer.echo(banner)                # so the banner means: connections are accepted now
 
     widen_uvicorn_reads()
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
     Server(config).run()
 
 

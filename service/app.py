@@ -21,7 +21,7 @@ from .auth import require_token
 from .context import Service
 from .executors import Executor, make_executor
 from .job_manager import JobManager
-from .limits import BodyLimit
+from .limits import Bodies, BodyLimit
 from .metrics import Metrics, Middleware
 from .planning import Planner
 from .routers import formulas, health, jobs, reductions
@@ -111,7 +111,8 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(formulas.router, dependencies=protected)
     app.include_router(health.router)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, bodies=Bodies(settings.max_inflight_bytes),
+                       timeout=settings.body_timeout_s)
     app.add_middleware(Middleware, metrics=metrics)
     app.add_middleware(errors.CatchAll)
     return app

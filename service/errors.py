@@ -22,12 +22,13 @@ from kred.wire.shm import SharedMemoryError
 log = logging.getLogger("kred.service")
 
 
-class ApiError(Exception):
-    """An error with its HTTP status, raised anywhere in the service."""
+class ApiError(HTTPException):
+    """An error with its HTTP status, raised anywhere in the service. An HTTPException, so that FastAPI passes it
+    through unchanged when it is raised while the body is read (it turns other exceptions there into a bare 400)."""
 
     def __init__(self, status: int, kind: str, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status, self.kind, self.detail, self.headers = status, kind, detail, headers
+        super().__init__(status, detail, headers)
+        self.status, self.kind = status, kind
 
 
 def body(kind: str, detail: str) -> dict[str, str]:

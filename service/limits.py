@@ -1,6 +1,7 @@
 """Admission limits: what a request may ask of the server. Each check raises an ApiError naming the limit."""
 from __future__ import annotations
 
+import anyio
 import numpy as np
 
 from kred.engine.plan import Plan
@@ -62,11 +63,49 @@ def check_finite(names: list[str], arrays: list[np.ndarray]) -> None:
                 raise ApiError(422, "ArgumentError", f"{name} contains an infinite value; inputs must be finite")
 
 
-class BodyLimit:
-    """ASGI layer: a body larger than `limit` bytes is refused with 413, by its Content-Length or as it streams."""
+class Bodies:
+    """Bytes of request bodies (and shared-memory inputs) the server holds at once, over all requests: counted as
+    they arrive, given back when the request ends. Past `limit`, a request gets 429 (413 when it alone is larger)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int, held: int) -> None:
+        """Count `n` more bytes for a request that holds `held` already (called on the event loop)."""
+        if held + n > self.limit:
+            raise ApiError(413, "limit", f"the request needs {held + n} bytes or more; this server holds at most "
+                                         f"{self.limit} bytes of bodies at once (max_inflight_bytes)")
+        if self.used + n > self.limit:
+            raise ApiError(429, "too_busy", f"the server holds {self.used} bytes of other requests' bodies, its limit "
+                                            f"is {self.limit} (max_inflight_bytes); retry later", {"Retry-After": "1"})
+        self.used += n
+
+
+class Held:
+    """One request's share of `Bodies` (in its ASGI scope under `HELD`, so the transports can add to it)."""
+
+    def __init__(self, bodies: Bodies):
+        self.bodies, self.bytes = bodies, 0
+
+    def take(self, n: int) -> None:
+        self.bodies.take(n, self.bytes)
+        self.bytes += n
+
+    def release(self) -> None:
+        self.bodies.used -= self.bytes
+        self.bytes = 0
+
+
+HELD = "kred.held"
+
+
+class BodyLimit:
+    """ASGI layer over every request body: larger than `limit` bytes is a 413 (by its Content-Length or as it
+    streams); bytes count against the server-wide `bodies` budget as they arrive (never as announced); a client that
+    sends nothing for `timeout` seconds in the middle of a body gets 408."""
+
+    def __init__(self, app, limit: int, bodies: Bodies, timeout: float):
+        self.app, self.limit, self.bodies, self.timeout = app, limit, bodies, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -74,18 +113,31 @@ class BodyLimit:
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(scope, receive, send, int(length))
-        seen = 0
+        held = scope[HELD] = Held(self.bodies)
+        more = True
 
         async def counting_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal more
+            if not more:                        # the body is complete: what follows is only a disconnect
+                return await receive()
+            try:
+                with anyio.fail_after(self.timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise ApiError(408, "timeout", f"the request body stalled: nothing arrived for {self.timeout} s "
+                                               "(body_timeout_s)") from None
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(413, "limit", self._detail(seen))
+                more = message.get("more_body", False)
+                size = len(message.get("body", b""))
+                if held.bytes + size > self.limit:
+                    raise ApiError(413, "limit", self._detail(held.bytes + size))
+                held.take(size)
             return message
 
-        await self.app(scope, counting_receive, send)
+        try:
+            await self.app(scope, counting_receive, send)
+        finally:
+            held.release()
 
     def _detail(self, size: int) -> str:
         return f"the request body is {size} bytes or more; this server accepts at most {self.limit} (max_body_bytes)"

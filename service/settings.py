@@ -35,6 +35,9 @@ class Settings(BaseSettings):
 
     # Limits. A request past one gets a 4xx naming the limit.
     max_body_bytes: int = 1 << 30                # 413
+    max_inflight_bytes: int = 2 << 30            # bodies (and shm inputs) held at once by all requests; 429 past it
+    body_timeout_s: float = Field(30.0, gt=0)    # a body that sends nothing for this long is a 408
+    shutdown_timeout_s: float = Field(5.0, ge=0)  # SIGTERM: requests still running after this are cut off
     max_formula_chars: int = 10_000              # 422
     max_formula_depth: int = 100                 # nesting of the parsed formula (after expansion)
     max_formula_nodes: int = 20_000              # distinct nodes (gradients grow formulas)
@@ -55,6 +58,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _read_token_file(self):
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise ValueError("KRED_TOKEN is set but empty (or only whitespace): set a real token to require one, "
+                             "or unset KRED_TOKEN to serve without authentication")
         if self.token is None and self.token_file is not None:
             try:
                 text = self.token_file.read_text().strip().splitlines()

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from kred.wire import arrow
 from kred.wire.arrow import check_shape
 from .errors import ApiError
+from .limits import HELD
 from .schemas import ReduceRequest, SharedResult
 from .settings import Settings
 from kred.wire.shm import ClientSegments
@@ -43,8 +44,13 @@ async def read_request(request: Request, settings: Settings
         if not settings.allow_shm:
             raise ApiError(422, "shared_memory", "this server does not accept shared-memory requests (allow_shm)")
         segments = ClientSegments(spec.shm_key)
+        held = request.scope.get(HELD)
         try:
-            return spec, await anyio.to_thread.run_sync(read_shared, spec, segments, settings), segments
+            size = shared_bytes(spec, settings)
+            if held is not None:          # the server's copies count against the same budget as bodies
+                held.take(size)
+            arrays = await anyio.to_thread.run_sync(lambda: [segments.read(a.model_dump()) for a in spec.arrays])
+            return spec, arrays, segments
         except BaseException:
             segments.close()
             raise
@@ -52,34 +58,24 @@ async def read_request(request: Request, settings: Settings
                                                   f"{JSON} (arrays in shared memory), not {kind or 'no content type'}")
 
 
-async def read_body(request: Request):
-    """The body, received straight into one buffer of its declared length (joining received chunks afterwards, as
-    `request.body()` does, would hold a large body twice)."""
-    length = request.headers.get("content-length", "")
-    if not length.isdigit():
-        return await request.body()
-    buffer = bytearray(int(length))
-    view, received = memoryview(buffer), 0
+async def read_body(request: Request) -> bytearray:
+    """The body, appended to one buffer as it arrives: memory follows the bytes received, never the Content-Length
+    announced (a large bytearray grows in place through realloc/mremap; joining chunks, as `request.body()` does,
+    would hold a large body twice). Size, stalls and the server-wide budget are policed by `limits.BodyLimit`."""
+    body = bytearray()
     async for chunk in request.stream():
-        if received + len(chunk) > len(buffer):
-            raise ApiError(400, "invalid_body", f"the body is longer than its Content-Length ({length})")
-        view[received:received + len(chunk)] = chunk
-        received += len(chunk)
-    if received != len(buffer):
-        raise ApiError(400, "invalid_body", f"the body ended after {received} of {length} bytes")
-    return buffer
+        body += chunk
+    return body
 
 
-def read_shared(spec: ReduceRequest, segments: ClientSegments, settings: Settings) -> list[np.ndarray]:
-    """Copies of the arrays a shared-memory request names (blocking), within the same size limit as a body."""
-    items = [item.model_dump() for item in spec.arrays]
-    total = 0
-    for item in items:
-        total += math.prod(check_shape(item["shape"], f"segment {item['segment']}")) * 8
-        if total > settings.max_body_bytes:
-            raise ApiError(413, "limit", f"the arrays named in shared memory hold {total} bytes or more; this server "
-                                         f"accepts at most {settings.max_body_bytes} (max_body_bytes)")
-    return [segments.read(item) for item in items]
+def shared_bytes(spec: ReduceRequest, settings: Settings) -> int:
+    """What copying the arrays a shared-memory request names will take (8 bytes a value at most), within the same
+    size limit as a body."""
+    total = sum(math.prod(check_shape(a.shape, f"segment {a.segment}")) * 8 for a in spec.arrays)
+    if total > settings.max_body_bytes:
+        raise ApiError(413, "limit", f"the arrays named in shared memory hold up to {total} bytes; this server "
+                                     f"accepts at most {settings.max_body_bytes} (max_body_bytes)")
+    return total
 
 
 def write_shared(spec: ReduceRequest, segments: ClientSegments | None, outputs: list[np.ndarray]):
