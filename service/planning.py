@@ -20,6 +20,7 @@ from kred.engine.reductions.gradients import gradient
 
 from . import gradients, limits
 from .errors import ApiError
+from .plan_workers import PlanWorkers, TimedOut
 from .schemas import ReductionSpec
 from .settings import Settings
 
@@ -48,7 +49,8 @@ class Planner:
         self.settings = settings
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(2, thread_name_prefix="kred-plan")
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="kred-compile")
+        self._workers = PlanWorkers.shared(2, warm=(__name__,))
         self._compiled: set[tuple] = set()
         self.hits = self.misses = 0
 
@@ -68,12 +70,11 @@ class Planner:
                 return plan
             self.misses += 1
         limits.check_text(spec, self.settings)
-        future = asyncio.wrap_future(self._pool.submit(self.build, spec))
-        try:
-            plan = await asyncio.wait_for(future, self.settings.compile_timeout_s)
-        except asyncio.TimeoutError:
+        try:           # in a worker process: one past the limit is killed, not left computing (see plan_workers)
+            plan = await self._workers.call(build, spec, self.settings, timeout=self.settings.compile_timeout_s)
+        except TimedOut:
             raise ApiError(422, "limit", f"building the plan took longer than {self.settings.compile_timeout_s} s "
-                                         "(compile_timeout_s)") from None
+                                         "(compile_timeout_s); it was stopped") from None
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > self.CACHE:
@@ -94,17 +95,8 @@ class Planner:
         self._compiled.add((plan.key, dtype))
 
     def build(self, spec: ReductionSpec) -> Plan:
-        """Parse and check (blocking; also used by the job workers)."""
-        limits.check_text(spec, self.settings)
-        plan = make_plan(spec.formula, spec.aliases, spec.reduction_op, spec.axis, spec.opt_arg, spec.formula2,
-                         spec.dtype_acc)
-        limits.check_plan(plan, self.settings)
-        if spec.grad is not None:        # differentiate now, within the compile-time budget (rules are cached)
-            rule = gradient(plan, argument_index(plan, spec.grad.wrt))
-            for derived in (getattr(rule, "plan", None), getattr(rule, "logsumexp", None)):
-                if derived is not None:
-                    limits.check_plan(derived, self.settings)
-        return plan
+        """Parse and check in this thread (blocking; the job workers' restart path)."""
+        return build(spec, self.settings)
 
     def bind(self, plan: Plan, spec: ReductionSpec, arrays: list[np.ndarray], pair_limit: float,
              limit_name: str) -> Work:
@@ -157,6 +149,20 @@ class Planner:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def build(spec: ReductionSpec, settings: Settings) -> Plan:
+    """Parse, check and differentiate (blocking: run in a plan worker process by `Planner.plan`)."""
+    limits.check_text(spec, settings)
+    plan = make_plan(spec.formula, spec.aliases, spec.reduction_op, spec.axis, spec.opt_arg, spec.formula2,
+                     spec.dtype_acc)
+    limits.check_plan(plan, settings)
+    if spec.grad is not None:        # differentiate now, within the compile-time budget (rules are cached)
+        rule = gradient(plan, argument_index(plan, spec.grad.wrt))
+        for derived in (getattr(rule, "plan", None), getattr(rule, "logsumexp", None)):
+            if derived is not None:
+                limits.check_plan(derived, settings)
+    return plan
 
 
 def as_list(result) -> list[np.ndarray]:

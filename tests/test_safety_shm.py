@@ -17,7 +17,7 @@ import pytest
 
 from kred.client import Client
 from kred.wire.shm import HEADER, SegmentPool, pack
-from safety_server import ServerProcess
+from safety_helpers import ServerProcess
 from service_helpers import ALIASES, FORMULA, request
 
 

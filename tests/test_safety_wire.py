@@ -20,7 +20,7 @@ from kred.service.app import create_app
 from kred.service.settings import Settings
 from kred.wire import arrow
 from kred.wire.shm import HEADER, new_key
-from safety_server import SERVE, ServerProcess
+from safety_helpers import SERVE, ServerProcess
 from service_helpers import Running, data, request, settings
 
 X, Y, B = data()

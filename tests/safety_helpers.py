@@ -62,3 +62,14 @@ class ServerProcess:
     def __exit__(self, *exc):
         if self.process.poll() is None:
             self.stop()
+
+
+def nested_laplacians(depth: int) -> str:
+    """Issue 10 row 2's formula: `depth` Laplacians around Exp(-SqDist(x,y))*Sin(Sum(x*y)); 4 take ~20 s to plan."""
+    formula = "Exp(-SqDist(x,y))*Sin(Sum(x*y))"
+    for _ in range(depth):
+        formula = f"Laplacian(Sum({formula}),x)"
+    return formula
+
+
+NESTED = nested_laplacians(4)
