@@ -81,7 +81,8 @@ def decode(body) -> tuple[dict[str, Any], list[np.ndarray]]:
         batches = list(reader)
         for batch in batches:          # offsets and buffer sizes checked before any buffer is read
             batch.validate(full=True)
-    except (pa.ArrowException, ValueError, TypeError, IndexError, OverflowError, MemoryError) as e:
+    except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError, OverflowError,
+            MemoryError) as e:
         raise WireError(f"the body is not a valid Arrow IPC stream ({type(e).__name__}: {e})") from None
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
