@@ -100,6 +100,8 @@ def shm_request(rng: random.Random, pool: SegmentPool) -> dict:
         where = rng.choice(["array", "out", "top"])
         if where == "array" and isinstance(body["arrays"], list) and body["arrays"]:
             ref = rng.choice(body["arrays"])
+            if not isinstance(ref, dict):       # the list itself was replaced by a hostile one
+                continue
             field = rng.choice(["segment", "offset", "dtype", "shape"])
             ref[field] = rng.choice(hostile + ["kred_" + "0" * 32, "../x", "float16", [2 ** 32, 2 ** 32], [5, 3, 1]])
         elif where == "out" and isinstance(body["out"], dict):
