@@ -11,12 +11,20 @@ writes it: `Sum Grad(f, v, g)` over the same axis (v indexed like the output, or
 `Genred`, whose backward is built the same way, so gradients of any order work over HTTP. The server parses every
 formula; the client only asks it (`/v1/formulas/validate`, once per op) which arguments are indexed how.
 The other reductions (Min, Max, KMin, ...) are differentiated once, by the server's `grad` request.
+
+`LazyTensor` (with `Vi`, `Vj`, `Pm`) is kred.torch's LazyTensor whose reductions are sent through this Genred
+(see client/lazytensor.py): pykeops-style code, differentiable the same way, computed on a server.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from kred.engine.torch.lazytensor import LazyTensor as _LocalLazyTensor
+
 from .client import DEFAULT_URL, Client
+from .lazytensor import RemoteLazyTensor, Request, helpers, request_of, using
 
 FORMULA_GRADIENTS = ("Sum", "LogSumExp")
 
@@ -124,3 +132,41 @@ def _fit(grad: torch.Tensor, shape) -> torch.Tensor:
     while grad.dim() > len(shape):
         grad = grad.sum(0)
     return grad.sum_to_size(shape)
+
+
+# Remote LazyTensor -----------------------------------------------------------------------------------------------
+
+_genreds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()      # client -> {Request: Genred}
+
+
+def _remote_genred(client: Client, request: Request) -> Genred:
+    """One Genred per client and request, so that its signature and gradient ops are asked for once."""
+    ops = _genreds.setdefault(client, {})
+    if request not in ops:
+        ops[request] = Genred(request.formula, list(request.aliases), request.reduction_op, request.axis,
+                              opt_arg=request.opt_arg, formula2=request.formula2, dtype_acc=request.dtype_acc,
+                              client=client)
+    return ops[request]
+
+
+class LazyTensor(RemoteLazyTensor, _LocalLazyTensor):
+    """kred.torch's LazyTensor, reduced on a server: `LazyTensor(x[:, None, :], client=c)`; differentiable (any
+    order for Sum and LogSumExp reductions, once for the others)."""
+
+    @classmethod
+    def _reduce(cls, plan, args, call):
+        call = cls._call_options(call)
+        result = _remote_genred(cls._server(), request_of(plan))(*args, ranges=call["ranges"])
+        out = call["out"]
+        if out is None:
+            return result
+        if isinstance(result, tuple) or not isinstance(out, torch.Tensor) or out.shape != result.shape:
+            raise ValueError(f"out= must be a tensor of shape {tuple(result.shape)}")
+        with torch.no_grad():
+            out.copy_(result)
+        return out
+
+
+Vi, Vj, Pm = helpers(LazyTensor)
+
+__all__ = ["Genred", "LazyTensor", "Pm", "Vi", "Vj", "using"]

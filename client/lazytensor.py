@@ -1,0 +1,148 @@
+"""Remote LazyTensors: the symbolic expression is built here, the reduction runs on a kred server.
+
+    from kred.client.torch import LazyTensor          # (or kred.client.numpy)
+    with Client(url) as c:
+        x_i, y_j = LazyTensor(x[:, None, :], client=c), LazyTensor(y[None, :, :], client=c)
+        a = (-((x_i - y_j) ** 2).sum(-1)).exp().sum(dim=1)     # one request; differentiable for the torch binding
+
+A binding (`kred.client.torch.LazyTensor`, `kred.client.numpy.LazyTensor`) is the in-process binding with its
+reduction hook replaced: the Plan that `LazyReduction` builds from the formula nodes is turned back into pykeops text
+(`request_of`), which the server parses. Which server: the client the first operand was made with
+(`LazyTensor(x, client=c)`, or `Vi(x, client=c)`), else the one of an enclosing `with using(c):`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import weakref
+from dataclasses import dataclass
+
+from kred.engine.errors import ArgumentError
+from kred.engine.formula import CATEGORY_NAMES, to_text
+from kred.engine.lazytensor import LazyTensorBase
+from kred.engine.plan import Plan, swap_ij
+
+_current: contextvars.ContextVar = contextvars.ContextVar("kred_client", default=None)
+
+
+@contextlib.contextmanager
+def using(client):
+    """Remote LazyTensors made without `client=` reduce on `client` inside this block."""
+    token = _current.set(client)
+    try:
+        yield client
+    finally:
+        _current.reset(token)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A Genred as text, in the user's orientation (the i/j categories as written, pykeops' `axis`)."""
+    formula: str
+    aliases: tuple[str, ...]
+    reduction_op: str
+    axis: int
+    opt_arg: int | None
+    formula2: str | None
+    dtype_acc: str
+
+
+def request_of(plan: Plan) -> Request:
+    """The text of `plan` (a plan normalises axis=0 by swapping i and j: swap them back, so that `ranges` keep
+    their pykeops meaning)."""
+    user = swap_ij if plan.axis == 0 else (lambda node: node)
+    aliases = tuple(f"v{a.pos} = {CATEGORY_NAMES[a.cat]}({a.pos}, {a.dim})" for a in plan.args)
+    formula2 = to_text(user(plan.formula2)) if plan.formula2 is not None else None
+    return Request(to_text(user(plan.formula)), aliases, plan.reduction.name, plan.axis, plan.reduction.k,
+                   formula2, plan.dtype_acc)
+
+
+class RemoteLazyTensor(LazyTensorBase):
+    """What both remote bindings add to their in-process one: a client, carried by the class.
+
+    `LazyTensor(x, client=c)` is an instance of the subclass bound to `c` (made once per client), so every tensor
+    derived from it (`type(self)(...)` in engine.lazytensor) reduces on `c` too.
+    """
+    client = None
+    _bound: weakref.WeakKeyDictionary
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "client" not in cls.__dict__:        # a binding, not a bound class: it keeps its own bound subclasses
+            cls._bound = weakref.WeakKeyDictionary()
+
+    def __new__(cls, x=None, axis=None, client=None):
+        if client is not None and client is not cls.client:
+            cls = cls.bind(client)
+        return super().__new__(cls)
+
+    def __init__(self, x=None, axis=None, client=None):
+        super().__init__(x, axis)
+
+    @classmethod
+    def bind(cls, client) -> type:
+        """The subclass of this binding whose reductions go to `client`."""
+        base = next(c for c in cls.__mro__ if "client" not in c.__dict__)
+        if client not in base._bound:
+            base._bound[client] = type(base.__name__, (base,), {"client": client, "__module__": base.__module__,
+                                                                "__qualname__": base.__qualname__})
+        return base._bound[client]
+
+    @classmethod
+    def _server(cls):
+        client = cls.client if cls.client is not None else _current.get()
+        if client is None:
+            raise ArgumentError("a remote LazyTensor needs a server: LazyTensor(x, client=Client(url)), or reduce "
+                                "inside `with kred.client.lazytensor.using(client):`")
+        return client
+
+    def _with_client_of(self, *others) -> "RemoteLazyTensor":
+        """`self`, moved to the bound class of its operands (the engine builds results with the first operand's
+        class, so `Pm(p) * LazyTensor(x, client=c)` reduces on c)."""
+        classes = {type(o) for o in (self, *others) if isinstance(o, RemoteLazyTensor) and type(o).client is not None}
+        if len(classes) > 1:
+            raise ArgumentError("these LazyTensors are bound to different clients")
+        if not classes or type(self) in classes:
+            return self
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.__class__ = classes.pop()
+        return out
+
+    def _op(self, op, *others, params=()):
+        return super(RemoteLazyTensor, self._with_client_of(*others))._op(op, *others, params=params)
+
+    def _derivative(self, name, v, *rest):
+        return super(RemoteLazyTensor, self._with_client_of(v, *rest))._derivative(name, v, *rest)
+
+    def reduction(self, reduction_op, other=None, opt_arg=None, axis=None, dim=None, call=True, **options):
+        return super(RemoteLazyTensor, self._with_client_of(other)).reduction(
+            reduction_op, other, opt_arg, axis, dim, call, **options)
+
+    @classmethod
+    def _call_options(cls, call: dict) -> dict:
+        """The call options a server honours: `ranges` (and `out`, filled here); it chooses its own backend."""
+        for key in ("backend", "device_id"):
+            if call.get(key) not in (None, "auto", -1):
+                raise ArgumentError(f"{key}={call[key]!r}: the server chooses where a remote reduction runs")
+        return {"ranges": call.get("ranges"), "out": call.get("out")}
+
+    def solve(self, other, var=None, call=True, **options):
+        raise ArgumentError("LazyTensor.solve runs in-process only (kred.torch / kred.numpy LazyTensor); a remote "
+                            "LazyTensor sends reductions")
+
+
+def helpers(binding):
+    """`Vi`, `Vj`, `Pm` for a remote binding, taking `client=` like `LazyTensor`."""
+
+    def helper(axis, name):
+        def make_variable(x_or_index, dim=None, client=None):
+            if dim is None:
+                return binding(x_or_index, axis=axis, client=client)
+            return binding((x_or_index, dim, axis), client=client)
+        make_variable.__name__ = make_variable.__qualname__ = name
+        make_variable.__doc__ = (f"{name}(x, client=None): x as a remote LazyTensor; {name}(index, dim): a symbolic "
+                                 "one, given when the reduction is called.")
+        return make_variable
+
+    return helper(0, "Vi"), helper(1, "Vj"), helper(2, "Pm")

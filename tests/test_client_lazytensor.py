@@ -1,0 +1,124 @@
+"""Remote LazyTensor: pykeops-style code built locally, reductions computed on a server. Oracles: dense torch / numpy
+in float64 written here (with torch autograd for gradients), never the engine."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kred.client import Client
+from kred.client.lazytensor import using
+from kred.client.numpy import LazyTensor as NumpyLazyTensor
+from kred.client.torch import LazyTensor, Pm, Vi, Vj
+from kred.engine.errors import ArgumentError
+from kred.service.app import create_app
+from service_helpers import Server, settings
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with Server(create_app(settings(tmp_path_factory.mktemp("lazy")))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.url, transport="arrow") as c:
+        yield c
+
+
+def tensors(*shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(*shape, generator=g, dtype=torch.float64) + 0.25).requires_grad_() for shape in shapes]
+
+
+def test_gaussian_kernel_values_and_gradients_to_second_order(client):
+    x, y, b, p = tensors((6, 3), (5, 3), (5, 2), (1,))
+    x_i = LazyTensor(x[:, None, :], client=client)
+    y_j, b_j = Vj(y), Vj(b)                                   # unbound leaves follow the bound operand's client
+    k_ij = (-Pm(p) * ((x_i - y_j) ** 2).sum(-1)).exp()
+    remote = (k_ij * b_j).sum(dim=1)
+    dense = (torch.exp(-p * ((x[:, None] - y[None]) ** 2).sum(-1, keepdim=True)) * b[None]).sum(1)
+    assert remote.shape == (6, 2)
+    np.testing.assert_allclose(remote.detach().numpy(), dense.detach().numpy(), rtol=1e-12)
+    weights = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(6, 2)
+
+    def first_and_second(out):
+        grads = torch.autograd.grad((out * weights).sum(), (x, y, b, p), create_graph=True)
+        second = torch.autograd.grad(sum((g ** 2).sum() for g in grads), (x, y, b, p))
+        return [g.detach() for g in grads] + list(second)
+
+    for got, want in zip(first_and_second(remote), first_and_second(dense)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_logsumexp_over_i_and_its_gradient(client):
+    x, y = tensors((7, 2), (4, 2), seed=1)
+    x_i, y_j = Vi(x, client=client), Vj(y)
+    remote = (-((x_i - y_j) ** 2).sum(-1)).logsumexp(dim=0)            # axis 0: one row per j
+    dense = torch.logsumexp(-((x[:, None] - y[None]) ** 2).sum(-1), 0)[:, None]
+    np.testing.assert_allclose(remote.detach().numpy(), dense.detach().numpy(), rtol=1e-12)
+    got = torch.autograd.grad(remote.sum(), (x, y))
+    want = torch.autograd.grad(dense.sum(), (x, y))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-10)
+
+
+def test_min_gradient_and_argkmin(client):
+    x, y = tensors((6, 2), (9, 2), seed=2)
+    d_ij = ((Vi(x, client=client) - Vj(y)) ** 2).sum(-1)
+    dense = ((x[:, None] - y[None]) ** 2).sum(-1)
+    remote = d_ij.min(dim=1)
+    np.testing.assert_allclose(remote.detach().numpy(), dense.min(1).values[:, None].detach().numpy(), rtol=1e-12)
+    (got,) = torch.autograd.grad(remote.sum(), x)                       # first order, by the server's grad request
+    (want,) = torch.autograd.grad(dense.min(1).values.sum(), x)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10)
+    indices = d_ij.argKmin(3, dim=1)
+    assert indices.dtype == torch.int64 and indices.shape == (6, 3)
+    np.testing.assert_array_equal(indices.numpy(), torch.argsort(dense.detach(), dim=1, stable=True)[:, :3].numpy())
+
+
+def test_numpy_binding_batches_and_using(client):
+    rng = np.random.default_rng(3)
+    x, y, b = rng.normal(size=(2, 5, 3)), rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 1))
+    with using(client):                                       # no client= anywhere: the block's client
+        x_i, y_j, b_j = NumpyLazyTensor(x[:, :, None, :]), NumpyLazyTensor(y[:, None]), NumpyLazyTensor(b[:, None])
+        remote = ((-((x_i - y_j) ** 2).sum(-1)).exp() * b_j).sum(axis=2)
+    dense = (np.exp(-((x[:, :, None] - y[:, None]) ** 2).sum(-1, keepdims=True)) * b[:, None]).sum(2)
+    assert remote.shape == (2, 5, 1)
+    np.testing.assert_allclose(remote, dense, rtol=1e-12)
+
+
+def test_ranges_travel_with_the_reduction(client):
+    x, y = (t.detach() for t in tensors((4, 1), (6, 1), seed=4))
+    ranges = tuple(torch.tensor(a, dtype=torch.int64) for a in
+                   ([[0, 2], [2, 4]], [1, 2], [[0, 3], [3, 6]], [[0, 3], [3, 6]], [1, 2], [[0, 2], [2, 4]]))
+    k_ij = (-(Vi(x, client=client) - Vj(y)) ** 2).exp()
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[0:2, 0:3] = mask[2:4, 3:6] = True
+    dense = torch.exp(-(x[:, None, 0] - y[None, :, 0]) ** 2)
+    np.testing.assert_allclose(k_ij.sum(dim=1, ranges=ranges).numpy(), (dense * mask).sum(1, keepdim=True).numpy(),
+                               rtol=1e-12)
+    np.testing.assert_allclose(k_ij.sum(dim=0, ranges=ranges).numpy(), (dense * mask).sum(0)[:, None].numpy(),
+                               rtol=1e-12)
+
+
+def test_symbolic_variables_are_called_like_genred(client):
+    x, y = (t.detach() for t in tensors((3, 2), (5, 2), seed=6))
+    op = ((Vi(0, 2, client=client) - Vj(1, 2)) ** 2).sum(-1).sum_reduction(dim=1, call=False)
+    np.testing.assert_allclose(op(x, y).numpy(), ((x[:, None] - y[None]) ** 2).sum((1, 2))[:, None].numpy(),
+                               rtol=1e-12)
+
+
+def test_clear_errors(client, server):
+    x = torch.rand(3, 1, 2, dtype=torch.float64)
+    with pytest.raises(ArgumentError, match="needs a server"):
+        (LazyTensor(x) * 2).sum(-1).sum(dim=1)
+    with Client(server.url, transport="arrow") as other:
+        with pytest.raises(ArgumentError, match="different clients"):
+            LazyTensor(x, client=client) + LazyTensor(x, client=other)
+    with pytest.raises(ArgumentError, match="server chooses"):
+        LazyTensor(x, client=client).sum(-1).sum(dim=1, backend="cpu")
+    with pytest.raises(ArgumentError, match="in-process only"):
+        LazyTensor(x, client=client).solve(x[:, 0])
