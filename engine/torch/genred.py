@@ -7,20 +7,19 @@ each one a reduction that never builds the N x M matrix and runs on the same bac
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..batch import batch_items, batch_shape
 from ..errors import ArgumentError
 from ..formula import P
 from ..frontend import GenredBase
 from ..plan import Plan
-from ..reductions.gradients import (COTANGENT, LOGSUMEXP, OUTPUT, SELECTING, ZERO, ReducedGradient, gradient,
-                                    with_indices)
+from ..reductions.gradients import SELECTING, with_indices
+from ..reductions.vjp import ArrayOps
+from ..reductions.vjp import vjp as shared_vjp
 from ..run import run
 
 
@@ -128,81 +127,20 @@ def _output_kinds(plan: Plan) -> list[str]:
 
 # Backward ---------------------------------------------------------------------------------------------------
 
+TORCH = ArrayOps(
+    zeros=lambda shape, like: torch.zeros(shape, dtype=like.dtype, device=like.device),
+    arange=lambda n, like: torch.arange(n, device=like.device), where=torch.where,
+    gather=lambda t, index: t.index_select(0, index), repeat=lambda t, k: t.repeat_interleave(k, dim=0),
+    scatter_add=lambda zeros, index, rows: zeros.index_add(0, index, rows),
+    cast=lambda t, like: t.to(like.dtype).contiguous(), stack=torch.stack)
+
+
 def vjp(plan: Plan, pos: int, tensors, cotangent, value, index, options: Options):
-    """sum_r <cotangent_r, d result_r / d tensors[pos]>, built from reductions and torch ops (differentiable)."""
-    target = tensors[pos]
-    rule = gradient(plan, pos)
-    if rule is ZERO:
-        return None
-    if rule.plan.formula.op == "Zero":      # the formula does not depend on this argument
-        return torch.zeros_like(target)
-    if isinstance(rule, ReducedGradient):
-        return _reduced_vjp(rule, tensors, cotangent, value, options, target)
+    """sum_r <cotangent_r, d result_r / d tensors[pos]> (engine/reductions/vjp.py), its reductions run through
+    `reduce`, so the result is differentiable again."""
     pointwise = Options(options.backend, options.device_id, None, options.cluster)     # no ranges: one column
-    return _batched(plan, pos, tensors, lambda args, g, idx: _selected_vjp(rule, args, g, idx, pos, pointwise),
-                    cotangent, index)
-
-
-def _reduced_vjp(rule: ReducedGradient, tensors, cotangent, value, options: Options, target):
-    extras = {COTANGENT: lambda: cotangent.to(target.dtype).contiguous(), OUTPUT: lambda: value,
-              LOGSUMEXP: lambda: reduce(rule.logsumexp, tensors, options)}
-    result = reduce(rule.plan, [*tensors, *(extras[name]() for name in rule.extras)], options)
-    if rule.sum_rows:
-        result = result.sum(-2)
-    return fit(result, target.shape)
-
-
-def _selected_vjp(rule, tensors, cotangent, index, pos, options: Options):
-    """Evaluate Grad(f, v, e) at the (row, selected column) pairs, then add each pair's share where it belongs."""
-    rows, slots = index.shape
-    valid = index >= 0                                  # -1 marks a row that selected nothing (an empty range)
-    flat = torch.where(valid, index, torch.zeros_like(index)).reshape(-1)
-    args = []
-    for spec, tensor, gathered in zip(rule.plan.args, tensors, rule.gathered):
-        if spec.cat == P:
-            args.append(tensor)
-        else:
-            args.append(tensor.index_select(0, flat) if gathered else tensor.repeat_interleave(slots, dim=0))
-    # Slot s of a row holds component s % fdim of the formula: its cotangent is that component alone.
-    component = torch.arange(slots, device=index.device) % rule.fdim
-    mask = component[:, None] == torch.arange(rule.fdim, device=index.device)[None, :]
-    g = cotangent.reshape(rows, slots) * valid
-    e = (g[:, :, None] * mask.to(g.dtype)).reshape(rows * slots, rule.fdim)
-    pairs = reduce(rule.plan, [*args, e.contiguous()], options)
-    pairs = pairs.reshape(rows * slots, -1)
-    target = tensors[pos]
-    if rule.role == "rows":
-        return pairs.reshape(rows, slots, -1).sum(1)
-    if rule.role == "reduced":
-        zeros = torch.zeros((target.shape[0], pairs.shape[-1]), dtype=pairs.dtype, device=pairs.device)
-        return zeros.index_add(0, flat, pairs)
-    return pairs.sum(0)
-
-
-def _batched(plan: Plan, pos: int, tensors, one, cotangent, index):
-    """`one(args, cotangent, index)` per batch item (leading batch dims), fitted to argument `pos`'s shape."""
-    target = tensors[pos]
-    batch = batch_shape(plan, tensors)
-    if not batch:
-        return fit(one(tensors, cotangent, index), target.shape)
-    flat_g = cotangent.reshape((-1,) + cotangent.shape[len(batch):])
-    flat_i = index.reshape((-1,) + index.shape[len(batch):])
-    parts = [fit(one(args, flat_g[k], flat_i[k]), args[pos].shape)
-             for k, args in enumerate(batch_items(plan, tensors, batch))]
-    return fit(torch.stack(parts).reshape(batch + parts[0].shape), target.shape)
-
-
-def fit(grad, shape) -> torch.Tensor:
-    """A gradient reshaped / summed to an argument's shape (a 1-D variable of dim 1, a (1, D) parameter, batch
-    dimensions of size 1 that broadcast)."""
-    shape = torch.Size(shape)
-    if grad.shape == shape:
-        return grad
-    if grad.numel() == math.prod(shape):
-        return grad.reshape(shape)
-    while grad.dim() > len(shape):
-        grad = grad.sum(0)
-    return grad.sum_to_size(shape)
+    return shared_vjp(plan, pos, list(tensors), cotangent, lambda p, args: reduce(p, args, options), TORCH,
+                      output=value, index=index, run_pairs=lambda p, args: reduce(p, args, pointwise))
 
 
 # Tensors <-> arrays -------------------------------------------------------------------------------------------
