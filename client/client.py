@@ -15,8 +15,8 @@ backoff; submitting a job is retried only when the connection was never made.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
+import math
 import os
 import secrets
 import socket
@@ -37,6 +37,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # server's delayed ACK of the headers (tens of ms per call).
 NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 FINISHED = ("done", "failed", "cancelled")
+VALIDATED = ("formula", "aliases", "reduction_op", "axis", "opt_arg", "formula2", "dtype_acc")   # what a plan reads
+FACTS_KEPT = 256                # reductions whose server reading a client remembers
 LOG_REDRAW_S = 10.0             # a job's progress bar, written to a log rather than a terminal, redraws this rarely
 Flow = Generator["Call", httpx.Response, Any]
 
@@ -81,26 +83,30 @@ def from_numpy(outputs: list[np.ndarray], like):
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-@functools.lru_cache(maxsize=256)
-def _plan(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc):
-    from kred.engine.plan import make_plan
-    return make_plan(formula, list(aliases), reduction_op, axis, opt_arg, formula2, dtype_acc)
-
-
-def _result_bytes(spec: dict, arrays: list[np.ndarray]) -> int:
-    """Room for the outputs in a shared-memory call (the server replies with Arrow if the estimate falls short)."""
+def _result_bytes(facts: dict, spec: dict, arrays: list[np.ndarray]) -> int:
+    """Room for the outputs of a shared-memory call, from the server's reading of the reduction (`facts`, the
+    reply of /v1/formulas/validate): (batch x rows) x width per output, or the argument's size for a gradient."""
+    args = facts["args"]
+    if spec.get("grad") is not None:
+        wrt = spec["grad"]["wrt"]
+        return max((aligned(arrays[a["position"]].nbytes) for a in args if wrt in (a["position"], a["name"])),
+                   default=0)
+    rows_category = "Vi" if facts["axis"] == 1 else "Vj"
+    rows, leads = 1, []
+    for a in args:
+        shape = arrays[a["position"]].shape
+        if a["category"] == "Pm":        # as engine.batch reads them: (*B, D) carries a batch, (1, D) does not
+            leads.append(shape[:-1] if len(shape) >= 2 and shape != (1, a["dim"]) else ())
+            continue
+        leads.append(shape[:-2] if len(shape) >= 3 else ())
+        if a["category"] == rows_category and rows == 1:
+            rows = shape[-2] if len(shape) >= 2 else shape[0]
     try:
-        from kred.engine.plan import ROWS
-        plan = _plan(spec["formula"], tuple(spec["aliases"]), spec["reduction_op"], spec["axis"], spec["opt_arg"],
-                     spec["formula2"], spec["dtype_acc"])
-        if spec.get("grad") is not None:
-            wrt = spec["grad"]["wrt"]
-            return max(aligned(arrays[a.pos].nbytes) for a in plan.args if wrt in (a.pos, a.name))
-        rows = next((arrays[a.pos].shape[0] for a in plan.args if a.role == ROWS), 1)
-        itemsize = {"value": arrays[0].dtype.itemsize if arrays else 8, "index": 8}
-        return sum(aligned(rows * width * itemsize[kind]) for kind, width in plan.reduction.outputs)
-    except Exception:
+        count = rows * math.prod(np.broadcast_shapes(*leads)) if leads else rows
+    except ValueError:                   # the server names what does not broadcast
         return 0
+    itemsize = {"value": arrays[0].dtype.itemsize if arrays else 8, "index": 8}
+    return sum(aligned(count * out["dim"] * itemsize[out["kind"]]) for out in facts["outputs"])
 
 
 def _spec(formula, aliases, reduction_op="Sum", axis=0, opt_arg=None, formula2=None, dtype_acc="auto",
@@ -139,6 +145,7 @@ class _Flows:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._shared: bool | None = None if transport != "arrow" else False
         self._pool = SegmentPool()
+        self._facts: dict[tuple, dict] = {}          # the server's reading of each reduction sent through shm
 
     def shared_memory(self) -> Flow:
         """Whether this client and the server see the same shared memory (asked once, with a probe segment)."""
@@ -158,10 +165,25 @@ class _Flows:
             self._shared = ok
         return self._shared
 
+    def facts(self, spec: dict) -> Flow:
+        """The server's reading of `spec` (arguments, categories, outputs), asked once per reduction; None when it
+        refuses the spec (the request itself then reports why)."""
+        request = {key: spec[key] for key in VALIDATED}
+        key = repr(sorted(request.items()))
+        if key not in self._facts:
+            response = yield Call("POST", "/v1/formulas/validate", json=request, check=False)
+            if response.status_code != 200:
+                return None
+            if len(self._facts) >= FACTS_KEPT:
+                self._facts.pop(next(iter(self._facts)))
+            self._facts[key] = response.json()
+        return self._facts[key]
+
     def send_arrays(self, path: str, spec: dict, arrays: list[np.ndarray], idempotent: bool) -> Flow:
         """POST a request with its arrays; returns (meta, outputs)."""
         if (yield from self.shared_memory()):
-            room = _result_bytes(spec, arrays)
+            facts = yield from self.facts(spec)
+            room = _result_bytes(facts, spec, arrays) if facts is not None else 0
             segment = self._pool.acquire(packed_size(arrays) + room)
             try:
                 refs, end = pack(segment, arrays)

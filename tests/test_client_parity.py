@@ -110,3 +110,24 @@ def test_remote_batch_gradient_matches_dense(client):
     want = torch.autograd.grad(dense.sum(), (x, y, b, p))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("reduction,opt_arg", [("Sum", None), ("KMin_ArgKMin", 2)])
+def test_batched_reply_fits_in_shared_memory(client, reduction, opt_arg):
+    """Regression: the room for a shared-memory reply was sized from the first axis of the arrays (the batch axis,
+    2 here) rather than batch x rows, so batched results always fell back to an Arrow reply."""
+    x, y, b, p = tensors((2, 3, 2000, 3), (2, 1, 30, 3), (1, 3, 30, 2), (2, 3, 1), seed=7)
+    with Client(client._flows.url, transport="shm") as c:
+        replies = []
+        c.http.event_hooks["response"].append(lambda r: replies.append((r.url.path, r.headers["content-type"])))
+        got = c.reduce(GAUSS, ALIASES, x.numpy(), y.numpy(), b.numpy(), p.numpy(), axis=1, reduction_op=reduction,
+                       opt_arg=opt_arg)
+    values = dense_gauss(x, y, b, p, batch=True)                                    # (2, 3, 2000, 30, 2)
+    if reduction == "Sum":
+        np.testing.assert_allclose(got, values.sum(-2).numpy(), rtol=1e-12)
+    else:
+        order = torch.argsort(values, dim=-2, stable=True)[..., :2, :]             # (2, 3, 2000, 2, 2)
+        want = torch.take_along_dim(values, order, -2).flatten(-2)
+        np.testing.assert_allclose(got[0], want.numpy(), rtol=1e-12)
+        np.testing.assert_array_equal(got[1], order.flatten(-2).numpy())
+    assert [kind for path, kind in replies if path == "/v1/reduce"] == ["application/json"]
