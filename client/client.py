@@ -27,6 +27,7 @@ from typing import Any, Generator
 import httpx
 import numpy as np
 
+from kred.engine.spec import Spec
 from kred.wire import arrow
 from kred.wire.shm import HEADER, SegmentPool, aligned, pack, packed_size
 
@@ -37,7 +38,6 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # server's delayed ACK of the headers (tens of ms per call).
 NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 FINISHED = ("done", "failed", "cancelled")
-VALIDATED = ("formula", "aliases", "reduction_op", "axis", "opt_arg", "formula2", "dtype_acc")   # what a plan reads
 FACTS_KEPT = 256                # reductions whose server reading a client remembers
 LOG_REDRAW_S = 10.0             # a job's progress bar, written to a log rather than a terminal, redraws this rarely
 Flow = Generator["Call", httpx.Response, Any]
@@ -111,11 +111,9 @@ def _result_bytes(facts: dict, spec: dict, arrays: list[np.ndarray]) -> int:
 
 def _spec(formula, aliases, reduction_op="Sum", axis=0, opt_arg=None, formula2=None, dtype_acc="auto",
           grad=None, ranges=None) -> dict:
-    if isinstance(aliases, str):
-        aliases = [aliases]
-    return {"formula": formula, "aliases": list(aliases), "reduction_op": reduction_op, "axis": axis,
-            "opt_arg": opt_arg, "formula2": formula2, "dtype_acc": dtype_acc,
-            "grad": None if grad is None else {"wrt": grad}, "ranges": ranges is not None}
+    """The request body: an engine Spec (its cheap checks made here, the formula parsed by the server) and `grad`."""
+    spec = Spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges is not None)
+    return spec.to_json() | {"grad": None if grad is None else {"wrt": grad}}
 
 
 def _with_ranges(args, ranges) -> list:
@@ -168,7 +166,7 @@ class _Flows:
     def facts(self, spec: dict) -> Flow:
         """The server's reading of `spec` (arguments, categories, outputs), asked once per reduction; None when it
         refuses the spec (the request itself then reports why)."""
-        request = {key: spec[key] for key in VALIDATED}
+        request = {key: value for key, value in spec.items() if key not in ("grad", "ranges")}   # what plans read
         key = repr(sorted(request.items()))
         if key not in self._facts:
             response = yield Call("POST", "/v1/formulas/validate", json=request, check=False)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
-from dataclasses import dataclass
 
 from kred.engine.errors import ArgumentError
 from kred.engine.formula import CATEGORY_NAMES, to_text
 from kred.engine.lazytensor import LazyTensorBase
 from kred.engine.plan import Plan, swap_ij
+from kred.engine.spec import Spec
 
 _current: contextvars.ContextVar = contextvars.ContextVar("kred_client", default=None)
 
@@ -35,26 +35,14 @@ def using(client):
         _current.reset(token)
 
 
-@dataclass(frozen=True)
-class Request:
-    """A Genred as text, in the user's orientation (the i/j categories as written, pykeops' `axis`)."""
-    formula: str
-    aliases: tuple[str, ...]
-    reduction_op: str
-    axis: int
-    opt_arg: int | None
-    formula2: str | None
-    dtype_acc: str
-
-
-def request_of(plan: Plan) -> Request:
-    """The text of `plan` (a plan normalises axis=0 by swapping i and j: swap them back, so that `ranges` keep
-    their pykeops meaning)."""
+def request_of(plan: Plan) -> Spec:
+    """`plan` as the Spec of a Genred, in the user's orientation (a plan normalises axis=0 by swapping i and j:
+    swap them back, so that `axis` and `ranges` keep their pykeops meaning)."""
     user = swap_ij if plan.axis == 0 else (lambda node: node)
     aliases = tuple(f"v{a.pos} = {CATEGORY_NAMES[a.cat]}({a.pos}, {a.dim})" for a in plan.args)
     formula2 = to_text(user(plan.formula2)) if plan.formula2 is not None else None
-    return Request(to_text(user(plan.formula)), aliases, plan.reduction.name, plan.axis, plan.reduction.k,
-                   formula2, plan.dtype_acc)
+    return Spec(to_text(user(plan.formula)), aliases, plan.reduction.name, plan.axis, plan.reduction.k, formula2,
+                plan.dtype_acc, plan.fast_math)
 
 
 class RemoteLazyTensor(LazyTensorBase):

@@ -29,10 +29,10 @@ class LazyTensor(RemoteLazyTensor, _LocalLazyTensor):
     @classmethod
     def _reduce(cls, plan, args, call):
         call = cls._call_options(call)
-        request = request_of(plan)
-        result = cls._server().reduce(request.formula, list(request.aliases), *args,
-                                      reduction_op=request.reduction_op, axis=request.axis, opt_arg=request.opt_arg,
-                                      formula2=request.formula2, dtype_acc=request.dtype_acc, ranges=call["ranges"])
+        spec = request_of(plan)
+        result = cls._server().reduce(spec.formula, list(spec.aliases), *args, reduction_op=spec.reduction_op,
+                                      axis=spec.axis, opt_arg=spec.opt_arg, formula2=spec.formula2,
+                                      dtype_acc=spec.dtype_acc, ranges=call["ranges"])
         out = call["out"]
         if out is None:
             return result

@@ -24,7 +24,9 @@ import torch
 from kred.engine.torch.lazytensor import LazyTensor as _LocalLazyTensor
 
 from .client import DEFAULT_URL, Client
-from .lazytensor import RemoteLazyTensor, Request, helpers, request_of, using
+from kred.engine.spec import Spec
+
+from .lazytensor import RemoteLazyTensor, helpers, request_of, using
 
 FORMULA_GRADIENTS = ("Sum", "LogSumExp")
 
@@ -136,17 +138,16 @@ def _fit(grad: torch.Tensor, shape) -> torch.Tensor:
 
 # Remote LazyTensor -----------------------------------------------------------------------------------------------
 
-_genreds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()      # client -> {Request: Genred}
+_genreds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()      # client -> {Spec: Genred}
 
 
-def _remote_genred(client: Client, request: Request) -> Genred:
-    """One Genred per client and request, so that its signature and gradient ops are asked for once."""
+def _remote_genred(client: Client, spec: Spec) -> Genred:
+    """One Genred per client and spec, so that its signature and gradient ops are asked for once."""
     ops = _genreds.setdefault(client, {})
-    if request not in ops:
-        ops[request] = Genred(request.formula, list(request.aliases), request.reduction_op, request.axis,
-                              opt_arg=request.opt_arg, formula2=request.formula2, dtype_acc=request.dtype_acc,
-                              client=client)
-    return ops[request]
+    if spec not in ops:
+        ops[spec] = Genred(spec.formula, list(spec.aliases), spec.reduction_op, spec.axis, opt_arg=spec.opt_arg,
+                           formula2=spec.formula2, dtype_acc=spec.dtype_acc, client=client)
+    return ops[spec]
 
 
 class LazyTensor(RemoteLazyTensor, _LocalLazyTensor):

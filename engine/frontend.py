@@ -1,7 +1,8 @@
 """What the numpy and torch front ends share: pykeops 2.x's `Genred` constructor, parameters in its order."""
 from __future__ import annotations
 
-from .plan import Plan, make_plan
+from .plan import Plan
+from .spec import Spec
 
 
 class GenredBase:
@@ -17,5 +18,6 @@ class GenredBase:
         if use_double_acc:
             dtype_acc = "float64"
         self.formula, self.aliases = formula, list(aliases)
-        self.plan: Plan = make_plan(formula, self.aliases, reduction_op, axis, opt_arg, formula2, dtype_acc,
-                                    use_fast_math)
+        self.spec = Spec(formula, tuple(self.aliases), reduction_op, axis, opt_arg, formula2, dtype_acc,
+                         fast_math=use_fast_math)
+        self.plan: Plan = self.spec.plan()

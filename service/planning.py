@@ -15,7 +15,7 @@ import numpy as np
 
 from kred.engine.batch import batch_items, batch_shape, stack_items
 from kred.engine.errors import ArgumentError
-from kred.engine.plan import Plan, make_plan
+from kred.engine.plan import Plan
 from kred.engine.reductions.gradients import gradient
 
 from . import gradients, limits
@@ -56,8 +56,7 @@ class Planner:
 
     @staticmethod
     def key(spec: ReductionSpec) -> tuple:
-        return (spec.formula, tuple(spec.aliases), spec.reduction_op, spec.axis, spec.opt_arg, spec.formula2,
-                spec.dtype_acc, spec.grad.wrt if spec.grad is not None else None)     # (ranges: data, not plan)
+        return spec.to_spec().key + (spec.grad.wrt if spec.grad is not None else None,)
 
     async def plan(self, spec: ReductionSpec) -> Plan:
         """The plan of `spec`, from the cache or built in a thread within `compile_timeout_s`."""
@@ -154,8 +153,7 @@ class Planner:
 def build(spec: ReductionSpec, settings: Settings) -> Plan:
     """Parse, check and differentiate (blocking: run in a plan worker process by `Planner.plan`)."""
     limits.check_text(spec, settings)
-    plan = make_plan(spec.formula, spec.aliases, spec.reduction_op, spec.axis, spec.opt_arg, spec.formula2,
-                     spec.dtype_acc)
+    plan = spec.to_spec().plan()
     limits.check_plan(plan, settings)
     if spec.grad is not None:        # differentiate now, within the compile-time budget (rules are cached)
         rule = gradient(plan, argument_index(plan, spec.grad.wrt))

@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kred.engine.spec import Spec
+
 DType = Literal["float32", "float64", "int64"]
 
 
@@ -37,7 +39,8 @@ class GradSpec(Strict):
 
 
 class ReductionSpec(Strict):
-    """What to compute: the arguments of `engine.plan.make_plan` (pykeops' Genred)."""
+    """What to compute, as JSON: the fields of `engine.spec.Spec` (pykeops' Genred), with the server's size limits,
+    and `grad`. `to_spec()` is what every other part of the service reads."""
     formula: str
     aliases: list[str] = Field(default_factory=list, max_length=256)
     reduction_op: str = Field("Sum", max_length=64)
@@ -45,8 +48,12 @@ class ReductionSpec(Strict):
     opt_arg: int | None = None
     formula2: str | None = None
     dtype_acc: Literal["auto", "float32", "float64"] = "auto"
+    fast_math: bool = True
     grad: GradSpec | None = None
     ranges: bool = False         # the last six arrays are pykeops' block-sparse `ranges` 6-tuple (integer arrays)
+
+    def to_spec(self) -> Spec:
+        return Spec.from_fields(self)
 
 
 class ReduceRequest(ReductionSpec):

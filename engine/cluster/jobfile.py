@@ -24,7 +24,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ArgumentError
-from ..plan import Plan, make_plan
+from ..plan import Plan
+from ..spec import Spec
 
 INPUT_SUFFIXES = (".npy", ".parquet", ".arrow", ".feather", ".ipc")
 OUTPUT_SUFFIXES = (".npy", ".npz", ".parquet", ".arrow")
@@ -79,8 +80,8 @@ def load_job(path) -> tuple[JobSpec, Plan, Path]:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'job'}: {err['msg']}" for err in e.errors())
         raise JobFileError(f"{path}: {problems}") from None
-    plan = make_plan(spec.formula, spec.aliases, spec.reduction, spec.axis, spec.opt_arg, spec.formula2,
-                     spec.dtype_acc)
+    plan = Spec(spec.formula, tuple(spec.aliases), spec.reduction, spec.axis, spec.opt_arg, spec.formula2,
+                spec.dtype_acc).plan()
     names = [arg.name for arg in plan.args]
     missing, unknown = set(names) - set(spec.inputs), set(spec.inputs) - set(names)
     if missing or unknown:
