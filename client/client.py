@@ -112,7 +112,7 @@ def _result_bytes(facts: dict, spec: dict, arrays: list[np.ndarray]) -> int:
 def _spec(formula, aliases, reduction_op="Sum", axis=0, opt_arg=None, formula2=None, dtype_acc="auto",
           grad=None, ranges=None) -> dict:
     """The request body: an engine Spec (its cheap checks made here, the formula parsed by the server) and `grad`."""
-    spec = Spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges is not None)
+    spec = Spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges is not None)
     return spec.to_json() | {"grad": None if grad is None else {"wrt": grad}}
 
 

@@ -42,7 +42,7 @@ def request_of(plan: Plan) -> Spec:
     aliases = tuple(f"v{a.pos} = {CATEGORY_NAMES[a.cat]}({a.pos}, {a.dim})" for a in plan.args)
     formula2 = to_text(user(plan.formula2)) if plan.formula2 is not None else None
     return Spec(to_text(user(plan.formula)), aliases, plan.reduction.name, plan.axis, plan.reduction.k, formula2,
-                plan.dtype_acc, plan.fast_math)
+                plan.dtype_acc, fast_math=plan.fast_math)
 
 
 class RemoteLazyTensor(LazyTensorBase):

@@ -7,7 +7,7 @@ the caches (`key`). Construction checks the cheap things (types, axis, dtype_acc
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import KW_ONLY, asdict, dataclass, fields
 
 from .errors import ArgumentError
 from .plan import DTYPE_ACC, Plan, make_plan
@@ -22,6 +22,7 @@ class Spec:
     opt_arg: int | None = None
     formula2: str | None = None
     dtype_acc: str = "auto"
+    _: KW_ONLY                    # (the flags by name: a field added above them must not shift a caller's meaning)
     fast_math: bool = True        # pykeops' use_fast_math (the GPU's fast exp); part of the plan
     ranges: bool = False          # pykeops' block-sparse `ranges` 6-tuple travels with the arrays (data, not plan)
 
