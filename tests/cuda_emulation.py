@@ -121,10 +121,12 @@ def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int
 
 class FakeCupy:
     """Just enough of CuPy for engine.backends.cuda: "device" arrays are numpy arrays, the one "device" reports
-    compute capability 9.0 and `sm_count` multiprocessors, and `RawModule(path=cubin)` — the cubin NVRTC really
-    built — runs the kernels of the source cached next to it through the emulation above."""
+    compute capability 9.0, `sm_count` multiprocessors and `shared_limit` bytes of opt-in shared memory per block,
+    and `RawModule(path=cubin)` — the cubin NVRTC really built — runs the kernels of the source cached next to it
+    through the emulation above. A launch is refused as CUDA refuses it: more than 48 KiB of dynamic shared memory
+    without the kernel's opt-in attribute, or more than the device has."""
 
-    def __init__(self, sm_count: int = 4):
+    def __init__(self, sm_count: int = 4, shared_limit: int = 48 * 1024):
         import contextlib
         import types
 
@@ -139,16 +141,19 @@ class FakeCupy:
         self.asnumpy = asnumpy
         self.asarray, self.ascontiguousarray, self.empty = np.asarray, np.ascontiguousarray, np.empty
         self.ndarray = np.ndarray
+        attributes = {97: shared_limit}       # cudaDevAttrMaxSharedMemoryPerBlockOptin
         runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1,
-                                        getDeviceProperties=lambda device: {"multiProcessorCount": sm_count})
+                                        getDeviceProperties=lambda device: {"multiProcessorCount": sm_count},
+                                        deviceGetAttribute=lambda attribute, device: attributes[attribute])
         device = types.SimpleNamespace(id=0, compute_capability="90")
         self.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda index: contextlib.nullcontext(device),
                                           get_current_stream=lambda: self.stream)
-        self.RawModule = lambda path: _FakeModule(path, self.launches)
+        self.RawModule = lambda path: _FakeModule(path, self.launches, shared_limit)
 
 
 class _FakeModule:
-    def __init__(self, path, launches):
+    def __init__(self, path, launches, shared_limit):
+        self.shared_limit = shared_limit
         from pathlib import Path
         path = Path(path)
         assert path.suffix == ".cubin" and path.stat().st_size > 0
@@ -166,6 +171,9 @@ class _FakeKernel:
         self.module, self.name = module, name
 
     def __call__(self, grid, block, args, shared_mem=0):
+        if shared_mem > max(48 * 1024, self.max_dynamic_shared_size_bytes) or shared_mem > self.module.shared_limit:
+            raise RuntimeError(f"cudaErrorInvalidValue: {shared_mem} bytes of dynamic shared memory (opted in: "
+                               f"{self.max_dynamic_shared_size_bytes}, device: {self.module.shared_limit})")
         keep, pointers = [], []
         for arg in args:
             if isinstance(arg, np.ndarray):
@@ -174,7 +182,8 @@ class _FakeKernel:
                 scalar = (ctypes.c_longlong if arg.dtype == np.int64 else ctypes.c_int)(int(arg))
                 keep.append(scalar)
                 pointers.append(ctypes.addressof(scalar))
-        self.module.launches.append((self.name, tuple(grid), tuple(block), shared_mem))
+        self.module.launches.append((self.name, tuple(grid), tuple(block), shared_mem,
+                                     self.max_dynamic_shared_size_bytes))
         argv = (ctypes.c_void_p * len(pointers))(*pointers)
         getattr(_load_source(self.module.source), f"emulate_{self.name}")(
             ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block[0]), ctypes.c_size_t(shared_mem), argv)

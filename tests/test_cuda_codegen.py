@@ -166,10 +166,19 @@ def test_two_dimensional_rule():
     assert span % 256 == 0 and span * splits >= 1_000_000 and span <= 1_000_000 // splits + 256
 
 
-def test_shared_memory_limit_is_a_clear_error():
+def test_shared_memory_layout_fits_the_device():
+    """A tile too wide for 48 KiB is staged in the device's opt-in shared memory when it has enough (sm_90: 227
+    KiB), else read from global memory; chunked sums stage their j-variables chunk by chunk. Each compiles."""
     plan = Genred("x * y", ["x = Vi(1)", "y = Vj(600)"], axis=1).plan
-    with pytest.raises(BackendError, match="shared memory"):
-        template.build(plan, np.float64, np.float64)
+    small = template.build(plan, np.float64, np.float64)
+    assert small.shared_bytes <= template.SHARED_BUDGET and "arg1[(jt + jj) * 600 + 599]" in small.source
+    large = template.build(plan, np.float64, np.float64, shared_limit=227 * 1024)
+    assert template.SHARED_DEFAULT < large.shared_bytes <= 227 * 1024 and "arg1[(jt + jj)" not in large.source
+    plan = Genred("SqDist(x, y)", ["x = Vi(4096)", "y = Vj(4096)"], reduction_op="ArgKMin", axis=1, opt_arg=10).plan
+    chunked = template.build(plan, np.float64, np.float64)
+    assert chunked.chunked and chunked.shared_bytes <= template.SHARED_BUDGET
+    for program in (small, large, chunked):
+        nvrtc.compile_source(program.source, "sm_90")
 
 
 def test_import_does_not_touch_cuda():

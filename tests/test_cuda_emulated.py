@@ -129,6 +129,31 @@ def test_large_dimensions_are_chunked(dim):
     np.testing.assert_allclose(emulate(op, x, y, b, splits=2), want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dim", [257, 1000, 4096])
+def test_any_dimension_fits_in_shared_memory(dim, dtype):
+    """The j-tile of a chunked Sum is staged chunk by chunk, so any D fits in 64 KiB (what every sm_75+ device has): a Gaussian sum,
+    the K smallest distances and, in float64, their indices, against dense float64 (a partial last tile, 2 spans)."""
+    rng = np.random.default_rng(11)
+    x, y, b = rand(rng, (33, dim), dtype), rand(rng, (150, dim), dtype), rand(rng, (150, 1), dtype)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    d2 = ((x64[:, None] - y64[None]) ** 2).sum(-1)
+    op = Genred("Exp(-SqDist(x, y) / s) * b", [f"x = Vi({dim})", f"y = Vj({dim})", "b = Vj(1)", "s = Pm(1)"],
+                axis=1)
+    program = emulation.template.build(op.plan, dtype, op.plan.acc_dtype(dtype))
+    assert program.chunked and program.shared_bytes <= emulation.template.SHARED_BUDGET
+    s = np.array([dim], dtype)
+    want = np.exp(-d2 / dim) @ b.astype(np.float64)
+    rtol = 1e-12 if dtype == np.float64 else 2e-4 * np.sqrt(dim / 257)    # float32: eps * |d2| / D, d2 ~ 2D
+    np.testing.assert_allclose(emulate(op, x, y, b, s, splits=2), want, rtol=rtol, atol=rtol * np.abs(want).max())
+    op = Genred("SqDist(x, y)", [f"x = Vi({dim})", f"y = Vj({dim})"], reduction_op="KMin_ArgKMin", axis=1, opt_arg=4)
+    values, index = emulate(op, x, y)
+    order = np.argsort(d2, axis=1, kind="stable")[:, :4]
+    np.testing.assert_allclose(values, np.take_along_axis(d2, order, 1), rtol=1e-12 if dtype == np.float64 else 1e-5)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(index, order)
+
+
 @pytest.mark.parametrize("name", ["Sum", "Min_ArgMin", "KMin_ArgKMin", "LogSumExp", "Max_SumShiftExp",
                                   "SumSoftMaxWeight", "Max_SumShiftExpWeight"])
 def test_large_outputs_run_as_slices_of_components(name):
@@ -168,20 +193,43 @@ def test_large_outputs_run_as_slices_of_components(name):
 # The CUDA runtime end to end, with CuPy replaced by the emulation (real NVRTC cubins in a real disk cache) --------
 
 @pytest.fixture
-def emulated_gpu(monkeypatch, tmp_path):
+def emulated_gpu(monkeypatch, tmp_path, request):
+    """The CUDA runtime over the emulation; `@pytest.mark.parametrize("emulated_gpu", [bytes], indirect=True)` sets
+    the device's opt-in shared memory (48 KiB by default)."""
     from kred.engine import backends
     from kred.engine.backends import cuda
 
-    fake = emulation.FakeCupy(sm_count=4)
+    fake = emulation.FakeCupy(sm_count=4, shared_limit=getattr(request, "param", 48 * 1024))
     monkeypatch.setenv("KRED_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cuda, "_cupy", lambda: fake)
     monkeypatch.setattr(cuda, "gpu_count", lambda: 1)
     monkeypatch.setattr(cuda, "_MODULES", cuda.cachetools.LRUCache(maxsize=4))
-    cuda._sm_count.cache_clear()
-    backends._instance.cache_clear()
+    monkeypatch.setattr(cuda, "_PROGRAMS", cuda.cachetools.LRUCache(maxsize=16))
+    for cached in (cuda._sm_count, cuda._shared_limit, backends._instance):
+        cached.cache_clear()
     yield fake
-    backends._instance.cache_clear()
-    cuda._sm_count.cache_clear()
+    for cached in (cuda._sm_count, cuda._shared_limit, backends._instance):
+        cached.cache_clear()
+
+
+@pytest.mark.parametrize("emulated_gpu", [48 * 1024, 227 * 1024], ids=["48KiB", "227KiB"], indirect=True)
+def test_wide_staged_tile_opts_in_or_reads_global_memory(emulated_gpu):
+    """A j-variable read outside chunked sums (SqNorm2(y), D = 500, float32) is staged whole: 64 KB per block of 32
+    columns. On a device with 227 KiB (sm_90) the launch opts in above 48 KiB; on one with 48 KiB, y is read from
+    global memory instead. Both against dense float64."""
+    rng = np.random.default_rng(12)
+    dim = 500
+    x, y = rand(rng, (70, dim), np.float32), rand(rng, (200, dim), np.float32)
+    op = Genred(f"Exp(-SqDist(x, y) / {dim}) * SqNorm2(y)", [f"x = Vi({dim})", f"y = Vj({dim})"], axis=1)
+    got = op(x, y, backend="cuda")
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    want = np.exp(-((x64[:, None] - y64[None]) ** 2).sum(-1) / dim) @ (y64 ** 2).sum(1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    (name, grid, block, shared, opted_in), *_ = emulated_gpu.launches
+    if emulated_gpu.cuda.runtime.deviceGetAttribute(97, 0) > 48 * 1024:
+        assert shared > 48 * 1024 and opted_in == shared
+    else:
+        assert shared <= 48 * 1024 and opted_in == 0
 
 
 def test_runtime_reduce_partial_and_cache(emulated_gpu, tmp_path):

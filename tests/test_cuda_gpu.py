@@ -145,14 +145,39 @@ def test_float16(cp):
     close(got, gaussian_dense(x, y, b), 1e-2)
 
 
-@pytest.mark.parametrize("dim", [100, 257])
-def test_large_dimension_nearest_neighbours(dim):
+def sqdist64(x, y):
+    """Squared distances in float64 without the (N, M, D) difference array: cancellation of |x|^2 + |y|^2 - 2 x.y
+    in float64 is ~1e-16 * 4D, far below the gaps between neighbours of random data."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return (x ** 2).sum(1)[:, None] + (y ** 2).sum(1)[None] - 2 * x @ y.T
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dim", [100, 257, 1000, 4096])
+def test_large_dimension_nearest_neighbours(dim, dtype):
+    """Chunked j-tiles: any D within the device's shared memory. float64: indices exact; float32: the distances."""
     rng = np.random.default_rng(6)
-    x, y = rng.standard_normal((1500, dim)), rng.standard_normal((4000, dim))
-    op = genred("SqDist(x, y)", [f"x = Vi({dim})", f"y = Vj({dim})"], reduction_op="ArgKMin", opt_arg=10)
-    got = op(x, y, backend="cuda")
-    d2 = ((x[:, None] - y[None]) ** 2).sum(-1)
-    np.testing.assert_array_equal(got, np.argsort(d2, axis=1, kind="stable")[:, :10])
+    x, y = rng.standard_normal((700, dim)).astype(dtype), rng.standard_normal((3000, dim)).astype(dtype)
+    d2 = sqdist64(x, y)
+    order = np.argsort(d2, axis=1, kind="stable")[:, :10]
+    op = genred("SqDist(x, y)", [f"x = Vi({dim})", f"y = Vj({dim})"], reduction_op="KMin_ArgKMin", opt_arg=10)
+    values, index = op(x, y, backend="cuda")
+    close(values, np.take_along_axis(d2, order, 1), 1e-12 if dtype == np.float64 else 1e-5)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(index, order)
+
+
+def test_wide_tile_opts_in_above_48_kib():
+    """SqNorm2(y) reads y (D = 500, float32) outside the chunked SqDist: 64 KB of staged tile per block of 32, so
+    the launch opts in to more than 48 KiB of shared memory (sm_80+)."""
+    from kred.engine.backends import cuda
+    rng = np.random.default_rng(13)
+    x, y = rng.standard_normal((900, 500)).astype(np.float32), rng.standard_normal((2000, 500)).astype(np.float32)
+    op = genred("Exp(-SqDist(x, y) / 500) * SqNorm2(y)", ["x = Vi(500)", "y = Vj(500)"])
+    program = cuda.template.build(op.plan, np.float32, np.float64, cuda._shared_limit(0))
+    assert program.shared_bytes > 48 * 1024
+    want = np.exp(-sqdist64(x, y) / 500) @ (y.astype(np.float64) ** 2).sum(1, keepdims=True)
+    close(op(x, y, backend="cuda"), want, 1e-4)
 
 
 def test_large_output_dimension():

@@ -127,13 +127,14 @@ _PROGRAMS: cachetools.LRUCache = cachetools.LRUCache(maxsize=1024)
 _PROGRAMS_LOCK = threading.Lock()
 
 
-def _program(plan: Plan, dtype, acc) -> template.Program:
-    """The generated module for (plan, dtype, acc), memoised by the plan's key (or the plan itself)."""
-    key = (plan.key or plan, np.dtype(dtype).name, np.dtype(acc).name)
+def _program(plan: Plan, dtype, acc, shared_limit: int = template.SHARED_BUDGET) -> template.Program:
+    """The generated module for (plan, dtype, acc) within `shared_limit` bytes of shared memory per block, memoised
+    by the plan's key (or the plan itself)."""
+    key = (plan.key or plan, np.dtype(dtype).name, np.dtype(acc).name, shared_limit)
     with _PROGRAMS_LOCK:
         program = _PROGRAMS.get(key)
     if program is None:
-        program = template.build(plan, dtype, acc)
+        program = template.build(plan, dtype, acc, shared_limit)
         with _PROGRAMS_LOCK:
             _PROGRAMS[key] = program
     return program
@@ -178,7 +179,8 @@ class CudaBackend(Backend):
         acc = plan.acc_dtype(np.dtype(dtype))
         with cp.cuda.Device(self.device_id if self.device_id is not None else cp.cuda.runtime.getDevice()) as device:
             for group in template.component_groups(plan, dtype, acc):
-                cubin_path(_program(group, dtype, acc).source, f"sm_{device.compute_capability}")
+                program = _program(group, dtype, acc, _shared_limit(device.id))
+                cubin_path(program.source, f"sm_{device.compute_capability}")
 
     def partial(self, plan, arrays, rows, cols):
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
@@ -211,8 +213,10 @@ class CudaBackend(Backend):
                     kernel(step.grid, (step.block,), tuple(_argument(a, buffers) for a in step.args),
                            shared_mem=step.shared_bytes)
 
+                limit = _shared_limit(self.device_id)
                 results = template.execute(plan, dtype, inputs, rows, cols, _sm_count(self.device_id), final,
-                                           allocate=cp.empty, launch=launch, programs=_program)
+                                           allocate=cp.empty, launch=launch,
+                                           programs=lambda *key: _program(*key, shared_limit=limit))
                 return [cp.asnumpy(r, stream=stream) if host else r for r in results]
 
 
@@ -226,6 +230,16 @@ def _argument(arg, buffers):
 @functools.cache
 def _sm_count(device_id: int) -> int:
     return int(_cupy().cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+
+
+SHARED_OPTIN = 97       # cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+
+@functools.cache
+def _shared_limit(device_id: int) -> int:
+    """Bytes of shared memory a block may use once opted in (227 KiB on sm_90, 99 KiB on sm_86, 64 KiB on sm_75)."""
+    runtime = _cupy().cuda.runtime
+    return int(runtime.deviceGetAttribute(SHARED_OPTIN, device_id))
 
 
 def _device_of(value) -> int:

@@ -32,9 +32,18 @@ cuda_fp16.h: NVRTC needs no header at all); the formula runs in float32, and res
 
 Large dimensions. The unrolled body keeps one register per live component: past `CHUNK_THRESHOLD` components of
 i-variables, `Sum` nodes over elementwise expressions (SqDist, Scalprod, SqNorm2 of differences...) are evaluated in
-chunks of `CHUNK` components: for a tile, each chunk of x_i is loaded from global memory (L1-cached) into registers
-and the partial sums of every column of the tile are accumulated in shared memory, so registers stay bounded by the
-chunk size, whatever D is. See `_chunk_plan`.
+chunks of `CHUNK` components: for a tile, each chunk of x_i is loaded from global memory (L1-cached) into registers,
+the same chunk of the tile's j-variables is staged in shared memory, and the partial sums of every column of the tile
+are accumulated in shared memory, so registers and shared memory stay bounded by the chunk size, whatever D is. See
+`_chunk_plan`.
+
+Shared memory (`_lay_out`). Per block: the staged j-tile (block x stride), the chunk staging area (block x CHUNK per
+j-variable of a chunked Sum) and the chunked partial sums (block x block per chunked Sum). The block is the largest
+that fits `SHARED_BUDGET` (64 KiB, or the device's limit if lower: more shared memory per block, fewer blocks per
+SM); failing that, the largest that fits `shared_limit` (the device's opt-in maximum,
+cudaDevAttrMaxSharedMemoryPerBlockOptin, which the runtime queries). Above 48 KiB the launcher opts in
+(cudaFuncAttributeMaxDynamicSharedMemorySize). Failing that, the widest j-variables are read from global memory
+(L1/L2-cached) instead of being staged, until the rest fits. So any D runs.
 """
 from __future__ import annotations
 
@@ -58,8 +67,9 @@ NUMPY_STATE = {"kred_acc": "acc", "kred_real": "real", "kred_index": "index"}
 
 MAX_BLOCK = 256                 # threads per block and columns per tile
 MIN_BLOCK = 32
-SHARED_BUDGET = 64 * 1024       # bytes of shared memory per block: the opt-in limit of sm_75 (sm_80+: more)
-SHARED_DEFAULT = 48 * 1024      # above this, the launcher opts in (cudaFuncAttributeMaxDynamicSharedMemorySize)
+SHARED_DEFAULT = 48 * 1024      # bytes per block without opting in; above this the launcher opts in
+                                # (cudaFuncAttributeMaxDynamicSharedMemorySize), up to the device's limit
+SHARED_BUDGET = 64 * 1024       # preferred bytes per block (every sm_75+ device opts in this far); the default limit
 BLOCKS_PER_SM = 4               # the 2D rule aims at this many blocks per SM
 MIN_SPAN_TILES = 4              # a split column span holds at least this many tiles
 MAX_STATE_BYTES = 256 << 20     # bound on the 2D scheme's partial states
@@ -107,8 +117,9 @@ def span_of(cols: int, splits: int, block: int) -> int:
     return math.ceil(tiles / splits) * block
 
 
-def build(plan: Plan, dtype, acc) -> Program:
-    """The CUDA module for `plan` on inputs of `dtype` with accumulator dtype `acc`."""
+def build(plan: Plan, dtype, acc, shared_limit: int = SHARED_BUDGET) -> Program:
+    """The CUDA module for `plan` on inputs of `dtype` with accumulator dtype `acc`, using at most `shared_limit`
+    bytes of shared memory per block (the device's opt-in maximum; see "Shared memory" above)."""
     storage = np.dtype(dtype).name
     if storage not in STORAGE:
         raise BackendError(f"the CUDA backend computes in float16, float32 or float64, not {storage}")
@@ -116,7 +127,7 @@ def build(plan: Plan, dtype, acc) -> Program:
     real = REAL[storage]
     if np.dtype(acc).itemsize < np.dtype(real).itemsize:
         acc = real
-    return _Generator(plan, storage, real, acc).program()
+    return _Generator(plan, storage, real, acc, shared_limit).program()
 
 
 # The generator ----------------------------------------------------------------------------------------------
@@ -151,7 +162,7 @@ _UNALIAS_ACC = """#undef kred_acc
 
 
 class _Generator:
-    def __init__(self, plan: Plan, storage: str, real: str, acc: str):
+    def __init__(self, plan: Plan, storage: str, real: str, acc: str, shared_limit: int):
         self.plan, self.storage, self.real, self.acc = plan, storage, real, acc
         self.reduction = plan.reduction
         self.slots = tuple(state_slots(self.reduction))
@@ -166,11 +177,37 @@ class _Generator:
         # use_fast_math in float32: dot-product forms and exp2 (see engine/codegen/affine.py)
         self.fast = plan.fast_math and real == "float32" and not self.chunks
         self.affine = self._affine_nodes() if self.fast else {}
-        # j-variables staged per tile, interleaved per column ([y_0..y_D, b_0.., atoms] for column jj at jj * stride)
-        # so a column's values are contiguous and read with wide shared-memory loads; a variable read only through
-        # dot-product forms is not staged, its atoms (centred coordinates, norms) are
+        self._lay_out(shared_limit)
+
+    def _lay_out(self, shared_limit: int) -> None:
+        """The block size and the shared memory layout (see "Shared memory" in the module docstring).
+
+        j-variables are staged per tile, interleaved per column ([y_0..y_D, b_0.., atoms] for column jj at jj *
+        stride), so a column's values are contiguous and read with wide shared-memory loads; a variable read only
+        through dot-product forms is not staged, its atoms (centred coordinates, norms) are; one read only inside
+        chunked Sums is staged chunk by chunk. Then come the chunk staging area and the chunked partial sums."""
         used = self._tile_variables()
-        self.tile_vars = [(a.pos, a.dim) for a in self.args if a.role == J and a.pos in used]
+        staged = [(a.pos, a.dim) for a in self.args if a.role == J and a.pos in used]
+        self.global_vars: dict[int, int] = {}       # j-variables read from global memory: pos -> dim
+        self.chunk_vars = max((len(chunk.j_vars) for chunk in self.chunks), default=0)
+        while True:
+            self._lay_out_tile(staged)
+            block = self._block_size(shared_limit)
+            if block is not None:
+                break
+            if not staged:
+                raise BackendError(f"this formula's {len(self.chunks)} chunked sums need more shared memory than the "
+                                   f"device has ({shared_limit} bytes per block of {MIN_BLOCK}); use backend='cpu'")
+            widest = max(staged, key=lambda var: var[1])
+            staged.remove(widest)
+            self.global_vars[widest[0]] = widest[1]
+        self.block = block
+        self.stage_offset = block * self.stride                          # chunk staging area
+        self.chunk_offset = self.stage_offset + block * CHUNK * self.chunk_vars   # chunked partial sums
+        self.shared_reals = self.chunk_offset + len(self.chunks) * block * block
+
+    def _lay_out_tile(self, staged: list[tuple[int, int]]) -> None:
+        self.tile_vars = list(staged)
         self.tile_offsets, width = {}, 0
         for pos, dim in self.tile_vars:
             self.tile_offsets[pos] = width
@@ -182,9 +219,19 @@ class _Generator:
                     self.atoms[atom] = width
                     width += 1
         self.width, self.stride = width, _padded(width, 16 // self.real_size)
-        self.block = self._block_size()
-        self.chunk_offset = self.block * self.stride         # per-thread partial sums of chunked nodes follow
-        self.shared_reals = self.chunk_offset + len(self.chunks) * self.block * self.block
+
+    def _shared_bytes(self, block: int) -> int:
+        return (block * (self.stride + CHUNK * self.chunk_vars) + len(self.chunks) * block * block) * self.real_size
+
+    def _block_size(self, shared_limit: int) -> int | None:
+        """The largest block within SHARED_BUDGET, else within the device's limit; None when none fits."""
+        for limit in (min(SHARED_BUDGET, shared_limit), shared_limit):
+            block = MAX_BLOCK
+            while block > MIN_BLOCK and self._shared_bytes(block) > limit:
+                block //= 2
+            if self._shared_bytes(block) <= limit:
+                return block
+        return None
 
     def _affine_nodes(self) -> dict:
         """Scalar pair terms computed in dot-product form: node -> (affine form, through exp2). The outermost ones."""
@@ -213,31 +260,25 @@ class _Generator:
         return found
 
     def _tile_variables(self) -> set[int]:
-        """Positions of the j-variables the pair loop reads directly (not through an affine node)."""
+        """Positions of the j-variables the pair loop reads from the staged tile: not through an affine node, nor
+        as the full-dimension operands of a chunked Sum (staged chunk by chunk); dim-1 operands of one are."""
         used, seen = set(), set()
+        chunked = {chunk.node: chunk for chunk in self.chunks}
         stack = list(self.roots)
         while stack:
             node = stack.pop()
             if node in seen or node in self.affine:
                 continue
             seen.add(node)
+            if node in chunked:
+                chunk = chunked[node]
+                used.update(n.params[0] for n in chunk.term.postorder()
+                            if n.op == "Var" and n.params[2] == J and n.dim != chunk.dim)
+                continue
             if node.op == "Var" and node.params[2] == J:
                 used.add(node.params[0])
             stack.extend(node.children)
         return used
-
-    def _block_size(self) -> int:
-        def need(block):
-            return (block * self.stride + len(self.chunks) * block * block) * self.real_size
-
-        block = MAX_BLOCK
-        while block > MIN_BLOCK and need(block) > SHARED_BUDGET:
-            block //= 2
-        if need(block) > SHARED_BUDGET:
-            raise BackendError(f"the j-variables of this formula need {self.stride} numbers per column: more than the "
-                               f"CUDA backend stages in shared memory ({SHARED_BUDGET} bytes per block of "
-                               f"{MIN_BLOCK}); use backend='cpu' or 'reference'")
-        return block
 
     # Source -------------------------------------------------------------------------------------------------
     def program(self) -> Program:
@@ -377,6 +418,8 @@ class _Generator:
             pos, dim = node.params[:2]
             return f"(c1 > c0 ? KRED_LOAD(arg{pos}[c0 * {dim} + {k}]) : (kred_real)0)"
         pos, dim, cat = node.params
+        if cat == J and pos in self.global_vars:
+            return f"KRED_LOAD(arg{pos}[(jt + jj) * {dim} + {k}])"
         if cat == J:
             return f"tile[jj * {self.stride} + {self.tile_offsets[pos] + k}]"
         if cat == I:
@@ -454,8 +497,17 @@ class _Generator:
         return lines
 
     def _chunk_block(self, chunk, base: int, width: int) -> list[str]:
-        """Components [k0, k0 + width) of a chunked Sum, for every column of the tile."""
-        lines = []
+        """Components [k0, k0 + width) of a chunked Sum, for every column of the tile: that chunk of its j-variables
+        staged by the whole block (every thread runs the chunk pass, so the barriers are reached by all), that
+        chunk of its i-variables in registers."""
+        lines = ["__syncthreads();          /* the staging area is free: the previous chunk is read */"]
+        for v, (pos, dim) in enumerate(chunk.j_vars):
+            lines += [f"for (int e = threadIdx.x; e < count * {width}; e += {self.block}) {{",
+                      f"    const int column = e / {width};",
+                      f"    tile[{self.stage_offset} + column * {CHUNK * self.chunk_vars} + {v * CHUNK} + e - column * "
+                      f"{width}] = KRED_LOAD(arg{pos}[(jt + column) * {dim} + k0 + e - column * {width}]);",
+                      "}"]
+        lines.append("__syncthreads();")
         for pos, dim in chunk.i_vars:         # this chunk of each i-variable, in registers
             lines.append(f"kred_real c{pos}[{width}];")
             lines.append(f"#pragma unroll\nfor (int k = 0; k < {width}; k++) "
@@ -482,7 +534,8 @@ class _Generator:
         if cat == I:
             return f"c{pos}[k]"
         if cat == J:
-            return f"tile[jj * {self.stride} + {self.tile_offsets[pos]} + k0 + k]"
+            v = [p for p, _ in chunk.j_vars].index(pos)
+            return f"tile[{self.stage_offset} + jj * {CHUNK * self.chunk_vars} + {v * CHUNK} + k]"
         return f"KRED_LOAD(arg{pos}[k0 + k])"
 
 
@@ -512,7 +565,8 @@ class _Chunk:
     node: Node                          # the Sum node replaced by its chunked value
     term: Node                          # its operand, evaluated one component at a time
     dim: int
-    i_vars: tuple[tuple[int, int], ...]  # (pos, dim) of the i-variables it reads
+    i_vars: tuple[tuple[int, int], ...]  # (pos, dim) of the i-variables it reads, component by component
+    j_vars: tuple[tuple[int, int], ...]  # the same for j-variables (staged chunk by chunk)
 
 
 _ELEMENTWISE_LEAVES = ("Var", "IntCst", "Const")
@@ -539,9 +593,9 @@ def _chunk_plan(roots: list[Node]) -> list[_Chunk]:
                 continue
             if any(n.op == "Var" and n.dim not in (1, term.dim) for n in inner):
                 continue
-            i_vars = tuple(sorted({(n.params[0], n.params[1]) for n in inner
-                                   if n.op == "Var" and n.params[2] == I and n.dim > 1}))
-            found[node] = _Chunk(node, _scalar_body(term), term.dim, i_vars)
+            i_vars, j_vars = (tuple(sorted({(n.params[0], n.params[1]) for n in inner
+                                            if n.op == "Var" and n.params[2] == cat and n.dim > 1})) for cat in (I, J))
+            found[node] = _Chunk(node, _scalar_body(term), term.dim, i_vars, j_vars)
     return list(found.values())
 
 
