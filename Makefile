@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | cksu
 
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install test test-gpu serve bench docs lint clean
+.PHONY: install test test-gpu gpu-carry gpu-check serve bench docs lint clean
 
 install: $(STAMP)
 
@@ -23,9 +23,20 @@ test: install
 	$(PY) -m pytest -q -ra --durations=15
 
 test-gpu: install
-	# CuPy for the cuda backend (the GPU tests need it; torch's CUDA tests need a CUDA build of torch)
+	# CuPy for the cuda backend (the GPU tests need it; torch's CUDA tests need a CUDA build of torch);
+	# the GPU test files are listed in benchmarks/gpu_check.py (none needs Ray or FastAPI)
 	$(PY) -m pip install -q -e ".[cuda]"
-	$(PY) -m pytest -q -ra -m gpu
+	$(PY) -m pytest -q -ra -m gpu $$($(PY) -c "from benchmarks.gpu_check import GPU_TEST_FILES; print(*GPU_TEST_FILES)")
+
+# Pure-Python wheels the lent GPU machine lacks (it has no network): benchmarks.gpu_check puts them on the path.
+gpu-carry:
+	rm -rf .carry && mkdir -p .carry
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .carry \
+		"platformdirs>=3" "cachetools>=5"
+
+# On the lent machine, from the source tree: python3 -m benchmarks.gpu_check --out "$$OUT" (no install)
+gpu-check:
+	python3 -m benchmarks.gpu_check
 
 serve: install
 	$(VENV)/bin/kred serve
