@@ -174,13 +174,14 @@ def error(case: Case, got, want) -> float:
 def kernel_profile(case: Case, d: int, device) -> dict:
     """The generated module's pair loop (PTX) and registers (ptxas) for this case, and the chip's limits."""
     from kred.engine.backends import nvrtc
+    from kred.engine.backends import cuda as runtime
     from kred.engine.codegen import cuda as template
     from kred.engine.numpy import Genred
     plan = Genred(case.formula, case.aliases(d), reduction_op=case.reduction, axis=1, opt_arg=case.opt_arg).plan
     arch = f"sm_{device['major']}{device['minor']}"
     profile = {"arch": arch}
     dtype = np.dtype(case.dtype)
-    groups = template.component_groups(plan, dtype, plan.acc_dtype(dtype))
+    groups = runtime.component_groups(plan, dtype, plan.acc_dtype(dtype))
     programs = [template.build(g, dtype, plan.acc_dtype(dtype)) for g in groups]
     profile["chunked"] = any(p.chunked for p in programs)
     profile["block"] = programs[0].block

@@ -3,7 +3,7 @@
 The generated module is compiled as C++ by the system compiler with a small header that stands in for the CUDA
 execution model: each block runs as `blockDim.x` POSIX threads sharing one buffer (the block's shared memory) and
 one barrier (`__syncthreads`); blocks run one after another. A wrapper per kernel unpacks the launch arguments.
-The launch schedule is the backend's own (`engine.codegen.cuda.execute`), so tiling, the 2D split and its merge
+The launch schedule is the backend's own (`engine.backends.cuda.execute`), so tiling, the 2D split and its merge
 kernel, block sums, chunked large dimensions and float16 conversions all run as they do on a GPU — only the NVIDIA
 math library (expf, ...) is replaced by the C library's.
 
@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from kred.engine.backends import cache
+from kred.engine.backends import cuda as runtime
 from kred.engine.codegen import cuda as template
 
 HEADER = r"""
@@ -98,7 +99,7 @@ def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int
     dtype = arrays[0].dtype
     inputs = {f"arg{spec.pos}": np.ascontiguousarray(a) for spec, a in zip(plan.args, arrays)}
 
-    def launch(program: template.Program, step: template.Launch, buffers: dict) -> None:
+    def launch(program: template.Program, step: runtime.Launch, buffers: dict) -> None:
         keep, pointers = [], []
         for kind, value in step.args:
             if kind == "buffer":
@@ -113,7 +114,7 @@ def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int
             ctypes.c_uint(step.grid[0]), ctypes.c_uint(step.grid[1]), ctypes.c_uint(step.block),
             ctypes.c_size_t(step.shared_bytes), argv)
 
-    return template.execute(plan, dtype, inputs, rows, cols, sm_count=1, final=final,
+    return runtime.execute(plan, dtype, inputs, rows, cols, sm_count=1, final=final,
                             allocate=lambda shape, dt: np.zeros(shape, dt), launch=launch, splits=splits)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kred.engine.backends import nvrtc
+from kred.engine.backends import cuda as runtime
 from kred.engine.codegen import cuda as template
 from kred.engine.errors import ArgumentError, BackendError
 from kred.engine.formula import Node, make
@@ -80,7 +81,7 @@ for _name, _plan in BENCHMARK.items():
 def sources(plan, dtype) -> list[str]:
     """The modules the CUDA backend builds for `plan` (one, or one per slice of a large state's components)."""
     acc = plan.acc_dtype(dtype)
-    return [template.build(group, dtype, acc).source for group in template.component_groups(plan, dtype, acc)]
+    return [template.build(group, dtype, acc).source for group in runtime.component_groups(plan, dtype, acc)]
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +158,12 @@ def test_generated_source_holds_no_user_text():
 def test_two_dimensional_rule():
     """The 1D scheme when rows fill the GPU; otherwise columns split into spans of whole tiles, bounded by the
     column count and the partial-state memory."""
-    assert template.choose_splits(1_000_000, 1_000_000, 256, 132, 8) == 1
-    splits = template.choose_splits(1_000, 1_000_000, 256, 132, 8)
+    assert runtime.choose_splits(1_000_000, 1_000_000, 256, 132, 8) == 1
+    splits = runtime.choose_splits(1_000, 1_000_000, 256, 132, 8)
     assert splits == 132           # 4 row-blocks, 528 blocks wanted
-    assert template.choose_splits(1_000, 2_000, 256, 132, 8) == 1               # too few columns to split
-    assert template.choose_splits(1, 10**9, 256, 132, 10**9) == 1               # states too large to split
-    span = template.span_of(1_000_000, splits, 256)
+    assert runtime.choose_splits(1_000, 2_000, 256, 132, 8) == 1               # too few columns to split
+    assert runtime.choose_splits(1, 10**9, 256, 132, 10**9) == 1               # states too large to split
+    span = runtime.span_of(1_000_000, splits, 256)
     assert span % 256 == 0 and span * splits >= 1_000_000 and span <= 1_000_000 // splits + 256
 
 

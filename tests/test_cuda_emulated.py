@@ -164,7 +164,7 @@ def test_large_outputs_run_as_slices_of_components(name):
     formula, formula2 = ("-SqDist(x, y)", "v") if weighted else ("Exp(-SqDist(x, y)) * v", None)
     op = Genred(formula, ["x = Vi(2)", "y = Vj(2)", "v = Vj(40)"], reduction_op=name, axis=1, formula2=formula2,
                 opt_arg=3 if "KMin" in name else None)
-    assert len(emulation.template.component_groups(op.plan, np.float64, np.float64)) > 1
+    assert len(emulation.runtime.component_groups(op.plan, np.float64, np.float64)) > 1
     got = emulate(op, x, y, v, splits=2)
     F = -((x[:, None] - y[None]) ** 2).sum(-1)
     if weighted:

@@ -1,7 +1,8 @@
 """CUDA driver templates: the loops, memory staging and launch shapes around the shared emitter's pieces.
 
 One generated module holds four kernels for a (plan, dtype, accumulator) triple; `engine.backends.cuda` compiles it
-with NVRTC and launches them. Rows are the plan's category-0 variables (one output row each), columns category 1.
+with NVRTC, chooses the launches (`schedule`: 1D or 2D scheme, slices of large states) and runs them. This module
+only writes source. Rows are the plan's category-0 variables (one output row each), columns category 1.
 
     kred_final(r0, rows, c0, c1, span, arg0, arg1, ..., out0, ...)      1D scheme: reduce and finalize
     kred_state(r0, rows, c0, c1, span, arg0, arg1, ..., state0, ...)    the same, writing partial states
@@ -14,11 +15,6 @@ of every j-variable into shared memory (coalesced: a tile of a row-major (M, D) 
 each thread folds the tile's columns into its registers. `blockIdx.y` splits the columns into `splits` spans of `span`
 columns (the 2D scheme): each writes its partial state to `state[split][row]`, and the merge kernel folds them with
 the reduction's `merge` step — the same monoid as between tiles, between shards and between nodes.
-
-When to split (`choose_splits`, the documented rule): with R = ceil(rows / block) row-blocks and S streaming
-multiprocessors, the 1D scheme keeps every SM busy when R >= 4 S. Otherwise columns are split into the fewest spans
-that give about 4 S blocks in total, each span at least `MIN_SPAN_TILES` tiles long (so the state round trip stays
-small next to the work), and the partial states at most `MAX_STATE_BYTES`.
 
 Accumulation. Each thread keeps the reduction's state in the accumulator type (`kred_acc`, float64 under
 dtype_acc="auto"). When that type is wider than the formula's (`kred_real`), the columns of one tile are folded into a
@@ -47,15 +43,13 @@ cudaDevAttrMaxSharedMemoryPerBlockOptin, which the runtime queries). Above 48 Ki
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import BackendError
 from ..formula import I, J, P, Node, make
 from ..plan import Plan
-from ..reductions import bind
 from . import affine
 from .emit import Emitter, depends_on, prelude
 from .steps import Slot, accumulate_steps, finalize_steps, init_steps, merge_steps, state_slots
@@ -70,9 +64,6 @@ MIN_BLOCK = 32
 SHARED_DEFAULT = 48 * 1024      # bytes per block without opting in; above this the launcher opts in
                                 # (cudaFuncAttributeMaxDynamicSharedMemorySize), up to the device's limit
 SHARED_BUDGET = 64 * 1024       # preferred bytes per block (every sm_75+ device opts in this far); the default limit
-BLOCKS_PER_SM = 4               # the 2D rule aims at this many blocks per SM
-MIN_SPAN_TILES = 4              # a split column span holds at least this many tiles
-MAX_STATE_BYTES = 256 << 20     # bound on the 2D scheme's partial states
 CHUNK_THRESHOLD = 96            # i-variable components beyond which Sum nodes are chunked
 CHUNK = 32                      # components per chunk
 
@@ -97,24 +88,6 @@ class Program:
 
     def state_bytes_per_row(self) -> int:
         return sum(slot.width * self.dtype_of(NUMPY_STATE[slot.ctype]).itemsize for slot in self.slots)
-
-
-def choose_splits(rows: int, cols: int, block: int, sm_count: int, state_bytes_per_row: int) -> int:
-    """How many column spans the 2D scheme uses (1 = the 1D scheme). See the module docstring."""
-    row_blocks = max(1, math.ceil(rows / block))
-    target = BLOCKS_PER_SM * max(1, sm_count)
-    if row_blocks >= target:
-        return 1
-    by_work = math.ceil(target / row_blocks)
-    by_length = max(1, cols // (MIN_SPAN_TILES * block))
-    by_memory = max(1, MAX_STATE_BYTES // max(1, rows * state_bytes_per_row))
-    return max(1, min(by_work, by_length, by_memory, 65535))
-
-
-def span_of(cols: int, splits: int, block: int) -> int:
-    """Columns per span: a whole number of tiles, so only the last span has a partial tile."""
-    tiles = math.ceil(max(cols, 1) / block)
-    return math.ceil(tiles / splits) * block
 
 
 def build(plan: Plan, dtype, acc, shared_limit: int = SHARED_BUDGET) -> Program:
@@ -614,149 +587,3 @@ def _scalar_body(term: Node) -> Node:
         else:
             done[n] = Node(n.op, tuple(done[c] for c in n.children), n.params, 1)
     return done[term]
-
-
-# Launch schedule ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Buffer:
-    """An array a launch reads or writes: `arg{pos}` (inputs), `out{o}` (finalized results), `state{s}` (a partial
-    state, the reduction's layout) or `part{s}` (the 2D scheme's per-span states). `kind` is its element type:
-    "store" (the input dtype), "index" (int64), "acc" or "real" (the accumulator and formula dtypes)."""
-    name: str
-    shape: tuple[int, ...]
-    kind: str
-
-
-@dataclass(frozen=True)
-class Launch:
-    kernel: str
-    grid: tuple[int, int]
-    block: int
-    shared_bytes: int
-    args: tuple                 # ("int64" | "int32", value) or ("buffer", name), in the kernel's parameter order
-
-
-MERGE_BLOCK = 128
-
-
-def schedule(program: Program, plan: Plan, rows: tuple[int, int], cols: tuple[int, int], sm_count: int,
-             final: bool, splits: int | None = None) -> tuple[list[Launch], list[Buffer]]:
-    """The kernel launches computing rows [r0, r1) over columns [c0, c1): finalized outputs when `final`, else the
-    partial state. Returns the launches and the buffers they write (inputs are `arg{pos}`, supplied by the caller);
-    the results come first. `splits` overrides the 2D rule (tests use it)."""
-    (r0, r1), (c0, c1) = rows, cols
-    n = r1 - r0
-    if n <= 0:
-        return [], _results(program, 0, final)
-    if splits is None:
-        splits = choose_splits(n, c1 - c0, program.block, sm_count, program.state_bytes_per_row())
-    span = span_of(c1 - c0, splits, program.block)
-    splits = max(1, math.ceil((c1 - c0) / span))        # rounding spans up to whole tiles can leave fewer
-    inputs = tuple(("buffer", f"arg{a.pos}") for a in plan.args)
-    head = (("int64", r0), ("int64", n), ("int64", c0), ("int64", c1), ("int64", span))
-    grid = (math.ceil(n / program.block), splits)
-    results = _results(program, n, final)
-    if splits == 1:
-        kernel = "kred_final" if final else "kred_state"
-        names = tuple(("buffer", b.name) for b in results)
-        return [Launch(kernel, grid, program.block, program.shared_bytes, head + inputs + names)], results
-    parts = [Buffer(f"part{s}", (splits, n, slot.width), NUMPY_STATE[slot.ctype])
-             for s, slot in enumerate(program.slots)]
-    first = Launch("kred_state", grid, program.block, program.shared_bytes,
-                   head + inputs + tuple(("buffer", b.name) for b in parts))
-    merge = Launch("kred_merge_final" if final else "kred_merge_state", (math.ceil(n / MERGE_BLOCK), 1),
-                   MERGE_BLOCK, 0, (("int64", n), ("int32", splits)) + tuple(("buffer", b.name) for b in parts)
-                   + tuple(("buffer", b.name) for b in results))
-    return [first, merge], results + parts
-
-
-def _results(program: Program, n: int, final: bool) -> list[Buffer]:
-    if final:
-        return [Buffer(f"out{o}", (n, width), "store" if kind == "value" else "index")
-                for o, (kind, width) in enumerate(program.outputs)]
-    return [Buffer(f"state{s}", (n, slot.width), NUMPY_STATE[slot.ctype]) for s, slot in enumerate(program.slots)]
-
-
-def execute(plan: Plan, dtype, inputs: dict, rows: tuple[int, int], cols: tuple[int, int], sm_count: int,
-            final: bool, allocate, launch, programs=None, splits: int | None = None) -> list:
-    """Compute rows [r0, r1) of `plan` over columns [c0, c1) on a device given by `allocate(shape, dtype)` and
-    `launch(program, Launch, buffers)` — the CUDA runtime passes CuPy's, the CI emulation its own — with `programs(plan,
-    dtype, acc)` building (or fetching) the modules. Returns the outputs (`final`) or the state slots, as arrays.
-
-    A plan whose state is too large for registers runs as several plans over slices of its components (see
-    `component_groups`); their states are joined in the reduction's layout and finalized by the reduction itself."""
-    programs = programs or build
-    acc = plan.acc_dtype(dtype)
-    groups = component_groups(plan, dtype, acc)
-    if len(groups) == 1:
-        return _execute(programs(plan, dtype, acc), plan, inputs, rows, cols, sm_count, final, allocate, launch,
-                        splits)
-    parts = [_execute(programs(group, dtype, acc), group, inputs, rows, cols, sm_count, False, allocate, launch,
-                      splits) for group in groups]
-    n = rows[1] - rows[0]
-    state = []
-    for s, like in enumerate(plan.reduction.identity(0, dtype, acc)):
-        slots = [part[s].reshape((n,) + shaped.shape[1:]) for part, shaped in
-                 zip(parts, (g.reduction.identity(0, dtype, acc)[s] for g in groups))]
-        if slots[0].shape[1:] == like.shape[1:]:        # not split: the same in every group (LSE's max of weights)
-            state.append(slots[0])
-        else:                                           # components are the last axis of every layout
-            state.append(np.concatenate(slots, axis=-1))
-    if not final:
-        return [slot.reshape(n, -1) for slot in state]
-    result = plan.reduction.finalize(tuple(state), np.dtype(dtype))
-    return list(result) if isinstance(result, tuple) else [result]
-
-
-def _execute(program: Program, plan: Plan, inputs, rows, cols, sm_count, final, allocate, launch, splits) -> list:
-    launches, buffers = schedule(program, plan, rows, cols, sm_count, final, splits)
-    arrays = dict(inputs)
-    for buffer in buffers:
-        arrays[buffer.name] = allocate(buffer.shape, program.dtype_of(buffer.kind))
-    for step in launches:
-        launch(program, step, arrays)
-    count = len(program.outputs) if final else len(program.slots)
-    return [arrays[buffer.name] for buffer in buffers[:count]]
-
-
-# Large states ----------------------------------------------------------------------------------------------
-
-STATE_REGISTERS = 64            # 32-bit registers a thread may spend on reduction state (running + tile)
-
-
-def state_registers(plan: Plan, dtype, acc) -> int:
-    """Registers the per-thread state of `plan` takes: the running state, plus the tile state of block sums."""
-    real = np.dtype(REAL[np.dtype(dtype).name])
-    words = {"kred_acc": np.dtype(acc).itemsize // 4, "kred_real": real.itemsize // 4, "kred_index": 2}
-    slots = state_slots(plan.reduction)
-    block_sums = np.dtype(acc) != real and any(slot.ctype == "kred_acc" for slot in slots)
-    running = sum(slot.width * words[slot.ctype] for slot in slots)
-    tile = sum(slot.width * (real.itemsize // 4 if slot.ctype == "kred_acc" else words[slot.ctype])
-               for slot in slots) if block_sums else 0
-    return running + tile
-
-
-def component_groups(plan: Plan, dtype, acc) -> list[Plan]:
-    """`plan` alone when its state fits in `STATE_REGISTERS`; else plans over consecutive slices of its formula's
-    components (formula2's for the weighted reductions), each small enough. Every reduction works component by
-    component, so the slices' states join along the component axis. The formula's shared work (the exponential of
-    a Gaussian kernel...) is recomputed per slice: a few instructions, against spilling the state to memory."""
-    if state_registers(plan, dtype, acc) <= STATE_REGISTERS:
-        return [plan]
-    weighted = plan.formula2 is not None
-    whole = plan.formula2 if weighted else plan.formula
-    if whole.dim == 1:
-        return [plan]
-
-    def sliced(start: int, width: int) -> Plan:
-        part = make("Extract", (whole,), (start, width))
-        formula, formula2 = (plan.formula, part) if weighted else (part, plan.formula2)
-        reduction = bind(plan.reduction.name, formula.dim, formula2.dim if weighted else None, plan.reduction.k)
-        return replace(plan, formula=formula, formula2=formula2, reduction=reduction,
-                       key=f"{plan.key}|components {start}+{width}" if plan.key else "")
-
-    one, two = (state_registers(sliced(0, w), dtype, acc) for w in (1, 2))
-    per, fixed = two - one, 2 * one - two
-    width = max(1, (STATE_REGISTERS - fixed) // max(per, 1))
-    return [sliced(start, min(width, whole.dim - start)) for start in range(0, whole.dim, width)]
