@@ -162,7 +162,7 @@ def test_large_dimension_nearest_neighbours(dim, dtype):
     order = np.argsort(d2, axis=1, kind="stable")[:, :10]
     op = genred("SqDist(x, y)", [f"x = Vi({dim})", f"y = Vj({dim})"], reduction_op="KMin_ArgKMin", opt_arg=10)
     values, index = op(x, y, backend="cuda")
-    close(values, np.take_along_axis(d2, order, 1), 1e-12 if dtype == np.float64 else 1e-5)
+    close(values, np.take_along_axis(d2, order, 1), 1e-12 if dtype == np.float64 else 5e-5)   # float32: ~sqrt(D) eps
     if dtype == np.float64:
         np.testing.assert_array_equal(index, order)
 
@@ -174,7 +174,7 @@ def test_wide_tile_opts_in_above_48_kib():
     rng = np.random.default_rng(13)
     x, y = rng.standard_normal((900, 500)).astype(np.float32), rng.standard_normal((2000, 500)).astype(np.float32)
     op = genred("Exp(-SqDist(x, y) / 500) * SqNorm2(y)", ["x = Vi(500)", "y = Vj(500)"])
-    program = cuda.template.build(op.plan, np.float32, np.float64, cuda._shared_limit(0))
+    program = cuda.template.build(op.plan, np.float32, op.plan.acc_dtype(np.float32), cuda._shared_limit(0))
     assert program.shared_bytes > 48 * 1024
     want = np.exp(-sqdist64(x, y) / 500) @ (y.astype(np.float64) ** 2).sum(1, keepdims=True)
     close(op(x, y, backend="cuda"), want, 1e-4)
