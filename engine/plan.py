@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import ArgumentError, FormulaError
 from .formula import CATEGORY_NAMES, I, J, P, Node, make, parse, parse_aliases, to_text
+from .formula.nodes import bounded
 from .reductions import Reduction, bind
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -173,6 +174,7 @@ def _arg_specs(f, f2, names, axis, nargs) -> tuple[ArgSpec, ...]:
     return tuple(specs)
 
 
+@bounded
 def swap_ij(node: Node) -> Node:
     """The same formula with categories i and j exchanged."""
     done: dict[int, Node] = {}

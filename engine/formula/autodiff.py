@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..errors import DimensionError, FormulaError
 from .build import make
-from .nodes import Node
+from .nodes import Node, bounded
 from .ops import OPS
 
 # A category no user variable can have (make() refuses it), for the placeholders of Diff / Divergence / Laplacian.
@@ -29,6 +29,7 @@ def derivative_op(name: str, args: list) -> Node:
     return {"Grad": grad, "Diff": diff, "Divergence": divergence, "Laplacian": laplacian}[name](*args)
 
 
+@bounded
 def grad(f: Node, v: Node, e: Node) -> Node:
     """e^T (df/dv): the gradient of f with respect to variable v, against a cotangent e of f's dimension."""
     _check_variable("Grad", v)
@@ -55,6 +56,7 @@ def grad(f: Node, v: Node, e: Node) -> Node:
     return result if result is not None else make("Zero", (), (v.dim,))
 
 
+@bounded
 def diff(f: Node, v: Node, u: Node) -> Node:
     """(df/dv) u: the derivative of f with respect to v in the direction u (dimension of v)."""
     _check_variable("Diff", v)
@@ -65,6 +67,7 @@ def diff(f: Node, v: Node, u: Node) -> Node:
     return _drop(grad(grad(f, v, e), e, u), e)
 
 
+@bounded
 def divergence(f: Node, v: Node) -> Node:
     """Sum_k d f_k / d v_k, for f of the same dimension as v."""
     _check_variable("Divergence", v)
@@ -74,6 +77,7 @@ def divergence(f: Node, v: Node) -> Node:
     return _trace(grad(f, v, e), e)
 
 
+@bounded
 def laplacian(f: Node, v: Node) -> Node:
     """Sum_k d^2 f / d v_k^2, for a scalar f."""
     _check_variable("Laplacian", v)
@@ -82,6 +86,7 @@ def laplacian(f: Node, v: Node) -> Node:
     return divergence(grad(f, v, make("IntCst", (), (1,))), v)
 
 
+@bounded
 def substitute(f: Node, replacements: dict[Node, Node]) -> Node:
     """f with some nodes replaced (same dimensions), rebuilt through `make` so the result is simplified."""
     done: dict[int, Node] = {}

@@ -2,15 +2,62 @@
 
 A node is `(op, children, params)`: `op` names a row of the op table, `children` are nodes, `params` are the
 integer or float parameters of the row (an exponent, an index, a variable's position). Building the same node twice
-returns the same object, so equality is identity and common sub-expressions are shared for free.
+returns the same object, so equality is identity and common sub-expressions are shared for free. The intern table
+holds nodes weakly: a node lives only as long as a formula uses it.
+
+Symbolic work is bounded while it happens: inside `node_budget()` (which the parser, autodiff and the plan builders
+open) every node created counts, and the one past the limit raises a FormulaError, so nested derivatives that grow
+exponentially are stopped early and leave nothing behind.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 
+from .. import limits
+from ..errors import FormulaError
+
 _TABLE: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
+_BUDGET = threading.local()     # .left: nodes this thread's current symbolic work may still create (None: unbounded)
+
+
+class node_budget:
+    """`with node_budget():` bounds the nodes created inside by `limit` (default: limits.FORMULA_NODES, set by
+    KRED_MAX_FORMULA_NODES). Budgets do not stack: inside an open one, a new one joins it."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
+
+    def __enter__(self):
+        self.outermost = getattr(_BUDGET, "left", None) is None
+        if self.outermost:
+            _BUDGET.limit = _BUDGET.left = self.limit if self.limit is not None else limits.FORMULA_NODES
+        return self
+
+    def __exit__(self, *exc):
+        if self.outermost:
+            _BUDGET.left = None
+
+
+def bounded(function):
+    """Run `function` within a node budget (joining the caller's, if one is open)."""
+    @functools.wraps(function)
+    def within_budget(*args, **kwargs):
+        with node_budget():
+            return function(*args, **kwargs)
+    return within_budget
+
+
+def _charge() -> None:
+    left = getattr(_BUDGET, "left", None)
+    if left is None:
+        return
+    if left <= 0:
+        raise FormulaError(f"the formula is too large: building it needs more than {_BUDGET.limit} nodes (the limit, "
+                           "KRED_MAX_FORMULA_NODES); nested derivatives grow formulas exponentially")
+    _BUDGET.left = left - 1
 
 # Variable categories, as in KeOps: indexed by i, by j, or a parameter shared by all pairs.
 I, J, P = 0, 1, 2
@@ -30,6 +77,7 @@ class Node:
         with _LOCK:
             node = _TABLE.get(key)
             if node is None:
+                _charge()
                 node = object.__new__(cls)
                 object.__setattr__(node, "op", op)
                 object.__setattr__(node, "children", children)

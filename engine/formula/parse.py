@@ -10,15 +10,18 @@ import ast
 import difflib
 import functools
 import re
+import unicodedata
 from typing import Mapping
 
 from ..errors import DimensionError, FormulaError
 from .build import make
-from .nodes import Node
+from .nodes import Node, bounded
 from .ops import MAX_INT_PARAM, OPS
 
 MAX_TEXT = 20_000      # characters in one formula
 MAX_DEPTH = 150        # nesting of the syntax tree (Python's own parser stops near 200 parentheses)
+MAX_LITERAL = 100      # characters in one numeric literal (Python refuses integers past 4300 digits, in its own words)
+_LITERAL = re.compile(r"(?<![\w.])\.?\d[\w.]*")    # a number token: digits, not part of a name
 
 _CATEGORIES = {"Vi": 0, "Vj": 1, "Pm": 2}
 _BINARY = {ast.Add: "Add", ast.Sub: "Subtract", ast.Mult: "Mult", ast.Div: "Divide", ast.BitOr: "Scalprod"}
@@ -26,12 +29,15 @@ _BINARY = {ast.Add: "Add", ast.Sub: "Subtract", ast.Mult: "Mult", ast.Div: "Divi
 _SPECIAL = {"Var", "Vi", "Vj", "Pm", "Grad", "Diff", "Laplacian", "Divergence"}
 
 
+@bounded
 def parse(text: str, names: Mapping[str, Node]) -> Node:
     """Parse user formula text; `names` binds alias names to variable nodes."""
     text = _checked_text(text)
+    names = _canonical_names(names)
     return _Walker(text, names, {}).node(_syntax(text).body, 0)
 
 
+@bounded
 def instantiate(template: str, names: Mapping[str, Node], fields: Mapping[str, int] | None = None) -> Node:
     """Build a formula from one of the engine's own templates (op-table expansions and gradient rules)."""
     text = template.format(**fields) if fields else template
@@ -54,7 +60,7 @@ def parse_alias(text: str, index: int) -> tuple[str, Node]:
     if not isinstance(text, str):
         raise FormulaError(f"alias {index} must be a string like 'x = Vi(3)', got {type(text).__name__}")
     name, sep, rhs = text.partition("=")
-    name = name.strip()
+    name = canonical_name(name.strip())
     if not sep or not name.isidentifier() or name in OPS or name in _SPECIAL:
         raise FormulaError(f"alias {text!r}: expected 'name = Vi(dim)', 'name = Vj(pos, dim)' or "
                            f"'name = Var(pos, dim, cat)' with a name that is not an op")
@@ -86,12 +92,34 @@ def parse_aliases(aliases) -> dict[str, Node]:
     if isinstance(aliases, str):
         raise FormulaError("aliases must be a list of strings such as ['x = Vi(3)', 'y = Vj(3)']")
     names: dict[str, Node] = {}
+    written: dict[str, str] = {}
     for index, text in enumerate(aliases):
         name, node = parse_alias(text, index)
         if name in names:
+            spelled = text.partition("=")[0].strip()
+            if spelled != written[name]:
+                raise FormulaError(f"aliases {written[name]!r} and {spelled!r} are the same name {name!r} once "
+                                   "normalised (NFKC, as Python identifiers are): rename one of them")
             raise FormulaError(f"alias {name!r} is defined twice")
-        names[name] = node
+        names[name], written[name] = node, text.partition("=")[0].strip()
     return names
+
+
+def canonical_name(name: str) -> str:
+    """A name as the parser sees it in formula text: NFKC-normalised, as Python identifiers are (`ſ` is `s`)."""
+    return unicodedata.normalize("NFKC", name)
+
+
+def _canonical_names(names: Mapping[str, Node]) -> Mapping[str, Node]:
+    if all(name.isascii() for name in names):
+        return names
+    canonical: dict[str, Node] = {}
+    for name, node in names.items():
+        key = canonical_name(name)
+        if key in canonical and canonical[key] is not node:
+            raise FormulaError(f"two names are {key!r} once normalised (NFKC, as Python identifiers are)")
+        canonical[key] = node
+    return canonical
 
 
 # Syntax -----------------------------------------------------------------------------------------------
@@ -108,12 +136,20 @@ def _checked_text(text) -> str:
 
 
 def _syntax(text: str) -> ast.Expression:
+    """User text: checked before Python's parser sees it, and not cached (a cache of user texts is memory a client
+    could fill)."""
     _check_nesting(text)
-    return _cached_syntax(text)
+    _check_literals(text)
+    return _parsed(text)
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_syntax(text: str) -> ast.Expression:
+    """The engine's own templates (a few hundred short texts)."""
+    return _parsed(text)
+
+
+def _parsed(text: str) -> ast.Expression:
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as e:
@@ -137,6 +173,13 @@ def _check_nesting(text: str) -> None:
                 raise FormulaError(f"formula nests deeper than {MAX_DEPTH} levels", text, col)
         elif ch in ")]}":
             depth -= 1
+
+
+def _check_literals(text: str) -> None:
+    for match in _LITERAL.finditer(text):
+        if len(match.group()) > MAX_LITERAL:
+            raise FormulaError(f"a numeric literal is {len(match.group())} characters long; the limit is {MAX_LITERAL}",
+                               text[:match.start() + 20] + "...", match.start() + 1)
 
 
 def _check_depth(tree: ast.AST, text: str) -> None:
