@@ -53,13 +53,15 @@ def test_build_once_then_memo_and_disk(cache_dir):
     assert len(builds(cache_dir)) == 1
     assert cache.load(small_source(value), FLAGS, LIBS) is lib          # in-process memo
     cache.forget_loaded()
+    assert lib.kred_value() == value                                    # still loaded while referenced
     assert cache.load(small_source(value), FLAGS, LIBS).kred_value() == value   # from disk, no new build
     assert len(builds(cache_dir)) == 1
     assert cache.load(small_source(value), FLAGS + ("-DKRED_OTHER",), LIBS).kred_value() == value
     assert len(builds(cache_dir)) == 2                                    # other flags, other entry
 
 
-def test_corrupt_entry_is_rebuilt(cache_dir):
+def test_entry_without_a_checksum_is_rebuilt(cache_dir):
+    """An entry with no recorded checksum (an older kred's, or garbage) is rebuilt without being loaded."""
     source = small_source(4242 + int(uuid.uuid4().int % 1000))
     key = cache.cache_key(source, cache.compiler(), FLAGS + LIBS)
     (cache_dir / f"{key}.so").write_bytes(b"\x7fELF this is not a shared library")
@@ -111,3 +113,4 @@ def test_eight_processes_build_a_new_kernel_once(cache_dir):
     # one build of the OpenMP probe, one of the kernel, whoever won the lock
     assert len(builds(cache_dir)) == 2, builds(cache_dir)
     assert len(list(cache_dir.glob("*.so"))) == 2 and not list(cache_dir.glob("*.tmp"))
+    assert all(cache.verified(path) for path in cache_dir.glob("*.so"))

@@ -2,14 +2,21 @@
 
 Entries are content-addressed: the key is the sha256 of the source, the compiler's identity (`cc --version`) and the
 flags, so a new compiler or new flags never reuse an old binary. Files live under `KRED_CACHE_DIR` (default: the
-user cache directory, e.g. ~/.cache/kred). A build holds a file lock (`filelock`) on its key, compiles into a
-temporary file and renames it into place, so any number of processes (or Ray workers) asking for the same new kernel
-at once build it once and all load the same file. Each build appends one line to `builds.log` in the cache
-directory. An entry that fails to load (a truncated or corrupt file) is rebuilt. Loaded libraries are memoised in
-the process.
+user cache directory, e.g. ~/.cache/kred). A build holds a file lock (`filelock`, one of 256 lock files chosen by the
+key), compiles into a temporary file and renames it into place, so any number of processes (or Ray workers) asking
+for the same new kernel at once build it once and all load the same file. Each build appends one line to
+`builds.log` in the cache directory.
+
+Integrity: every entry (CPU `.so`, CUDA `.cubin`) has a `.sum` file beside it with the size and sha256 recorded when
+it was written; an entry is loaded only when it matches, else it is discarded and rebuilt (with one warning), so a
+truncated or overwritten file never reaches dlopen. Bounds: the directory is trimmed to `KRED_CACHE_MAX_BYTES`
+(least recently used entries first; an entry's mtime is refreshed when a process loads it) after each build, and a
+process keeps at most `KRED_MAX_LOADED_KERNELS` libraries (`KRED_MAX_LOADED_KERNEL_BYTES`) loaded through this
+module's memo; a library is closed (dlclose) when the last reference to it goes.
 """
 from __future__ import annotations
 
+import _ctypes      # dlclose (POSIX), for Library's finalizer
 import ctypes
 import functools
 import hashlib
@@ -19,15 +26,22 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
+from .. import limits
 from ..errors import BackendError
 
-_MEMO: dict[str, ctypes.CDLL] = {}
-_MEMO_LOCK = threading.Lock()
+LOG_BYTES = 1 << 20         # builds.log is rotated (to builds.log.1) past this size
+TRIM_TO = 0.8               # a trim deletes down to this fraction of the cap, so it does not run on every build
+
+_LOADED = limits.BoundedLRU(limits.LOADED_KERNELS, limits.LOADED_KERNEL_BYTES, getsizeof=lambda lib: lib.size)
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -77,50 +91,165 @@ def cache_key(source: str, cc: Compiler, flags: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
-def load(source: str, flags: tuple[str, ...], libs: tuple[str, ...] = ()) -> ctypes.CDLL:
+def load(source: str, flags: tuple[str, ...], libs: tuple[str, ...] = ()) -> "Library":
     """The shared library built from `source` with `flags` (and linked with `libs`), from the cache or built now."""
     cc = compiler()
     key = cache_key(source, cc, flags + libs)
-    lib = _MEMO.get(key)
-    if lib is not None:
-        return lib
-    with _MEMO_LOCK:
-        lib = _MEMO.get(key)
-        if lib is None:
-            lib = _load_or_build(source, cc, flags, libs, key)
-            _MEMO[key] = lib
-    return lib
-
-
-def _load_or_build(source, cc, flags, libs, key) -> ctypes.CDLL:
-    directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{key}.so"
-    if target.exists():
-        lib = _try_load(target)
-        if lib is not None:
-            return lib
-    with FileLock(str(directory / f"{key}.lock"), timeout=600):
-        if target.exists():           # built by another process while we waited, or corrupt
-            lib = _try_load(target)
-            if lib is not None:
-                return lib
-            target.unlink()
-        _build(source, cc, flags, libs, directory, key, target)
-    lib = _try_load(target)
+    lib = _LOADED.get(key)
     if lib is None:
-        raise BackendError(f"the kernel built at {target} cannot be loaded")
+        with _LOAD_LOCK:
+            lib = _LOADED.get(key)
+            if lib is None:
+                lib = _load_or_build(source, cc, flags, libs, key)
+                _LOADED[key] = lib
     return lib
 
 
-def _try_load(path: Path) -> ctypes.CDLL | None:
+class Library(ctypes.CDLL):
+    """A loaded kernel library. It stays mapped while this object or a function taken from it is referenced, and is
+    closed (dlclose) when the last reference goes, so evicted kernels give their memory and mappings back."""
+
+    def __init__(self, path: Path):
+        self.size = path.stat().st_size
+        super().__init__(str(path))
+        close = getattr(_ctypes, "dlclose", None)
+        if close is not None:
+            weakref.finalize(self, close, self._handle).atexit = False
+
+
+def _load_or_build(source, cc, flags, libs, key) -> Library:
+    directory = cache_dir()
+    build = functools.partial(_build, source, cc, flags, libs, directory, key)
+    for _ in range(2):              # a verified entry can be trimmed by another process before we open it
+        target = entry(directory, f"{key}.so", build)
+        try:
+            return Library(target)
+        except OSError as e:
+            error = e
+    raise BackendError(f"the kernel built at {target} cannot be loaded: {error}")
+
+
+# Entries: verified files, built under a lock, trimmed to a size ----------------------------------------------
+
+def entry(directory: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """The path of the cache entry `directory/name`, checked against its recorded size and hash; when it is missing
+    or does not match, `build(path)` writes it (under the entry's file lock) and its checksum is recorded."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    if verified(path):
+        _touch(path)
+        return path
+    with FileLock(str(lock_path(directory, name)), timeout=600):
+        if verified(path):           # built by another process while we waited
+            return path
+        _discard(path)
+        build(path)
+        _record(path)
+    trim()
+    return path
+
+
+def verified(path: Path) -> bool:
+    """Does the file match the size and sha256 recorded when it was written?"""
     try:
-        return ctypes.CDLL(str(path))
+        size, digest = _sum_path(path).read_text().split()
+        if path.stat().st_size != int(size):
+            return False
+        return hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    except (OSError, ValueError):
+        return False
+
+
+def lock_path(directory: Path, name: str) -> Path:
+    """One of 256 lock files, chosen by the entry's key (its hex name): lock files do not pile up with entries."""
+    locks = directory / "locks"
+    locks.mkdir(exist_ok=True)
+    return locks / f"{name[:2]}.lock"
+
+
+def _sum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sum")
+
+
+def _record(path: Path) -> None:
+    data = path.read_bytes()
+    atomic_write(_sum_path(path), f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode())
+
+
+def _discard(path: Path) -> None:
+    """Remove a bad entry; warn when it had a checksum (an entry without one was written by an older kred)."""
+    if path.exists() and _sum_path(path).exists():
+        warnings.warn(f"kred: the cached kernel {path} does not match its recorded size and hash (corrupt or "
+                      "truncated); it is discarded and rebuilt", RuntimeWarning, stacklevel=2)
+    for stale in (path, _sum_path(path)):
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry as used now (trimming deletes the least recently used first)."""
+    try:
+        os.utime(path)
     except OSError:
-        return None
+        pass
+
+
+def trim(directory: Path | None = None, max_bytes: int | None = None) -> int:
+    """Delete least recently used entries until the cache holds at most `max_bytes` (KRED_CACHE_MAX_BYTES); once
+    over, down to TRIM_TO of it. An entry being built or checked (its lock held) is skipped; one process trims at a
+    time. Returns the bytes deleted."""
+    directory = directory or cache_dir()
+    max_bytes = limits.DISK_CACHE_BYTES if max_bytes is None else max_bytes
+    try:
+        with FileLock(str(directory / "trim.lock"), timeout=0):
+            return _trim(directory, max_bytes)
+    except Timeout:
+        return 0
+
+
+def _trim(directory: Path, max_bytes: int) -> int:
+    groups: dict[tuple[Path, str], list] = {}        # (folder, key) -> [files, bytes, last use]
+    for folder in (directory, directory / "cuda"):
+        try:
+            listing = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for item in listing:
+            key = item.name.split(".")[0]
+            if len(key) != 64 or not item.is_file(follow_symlinks=False):
+                continue        # builds.log, locks/, trim.lock, the cuda/ folder
+            try:
+                stat = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            group = groups.setdefault((folder, key), [[], 0, 0.0])
+            group[0].append(Path(item.path))
+            group[1] += stat.st_size
+            group[2] = max(group[2], stat.st_mtime)
+    total = sum(size for _, size, _ in groups.values())
+    if total <= max_bytes:
+        return 0
+    deleted = 0
+    for (folder, key), (files, size, _) in sorted(groups.items(), key=lambda item: item[1][2]):
+        if total - deleted <= max_bytes * TRIM_TO:
+            break
+        try:
+            with FileLock(str(lock_path(folder, key)), timeout=0):
+                for file in files:
+                    try:
+                        file.unlink()
+                    except FileNotFoundError:
+                        pass
+        except Timeout:
+            continue
+        deleted += size
+    return deleted
 
 
 def _build(source, cc, flags, libs, directory: Path, key: str, target: Path) -> None:
+    """Compile `source` into `target` (called by `entry`, under the entry's lock)."""
     source_path = directory / f"{key}.c"
     atomic_write(source_path, source.encode())
     fd, temp = tempfile.mkstemp(prefix=f"{key}.", suffix=".so.tmp", dir=directory)
@@ -139,8 +268,11 @@ def _build(source, cc, flags, libs, directory: Path, key: str, target: Path) -> 
                            f"command: {' '.join(command)}\n{message[-4000:]}")
     os.replace(temp, target)
     seconds = time.perf_counter() - start
-    with open(directory / "builds.log", "a") as log:
+    log_path = directory / "builds.log"
+    with open(log_path, "a") as log:
         log.write(f"{key} {seconds:.3f}s pid={os.getpid()}\n")
+    if log_path.stat().st_size > LOG_BYTES:
+        os.replace(log_path, directory / "builds.log.1")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -152,6 +284,6 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def forget_loaded() -> None:
-    """Drop the in-process memo (tests use it to exercise the on-disk cache)."""
-    with _MEMO_LOCK:
-        _MEMO.clear()
+    """Drop the in-process memo (tests use it to exercise the on-disk cache); libraries still in use stay loaded."""
+    with _LOAD_LOCK:
+        _LOADED.clear()

@@ -14,6 +14,7 @@ import weakref
 
 import numpy as np
 
+from .. import limits
 from ..codegen.cpu import TILE_BYTES, LANES, SMALL_WORK, column_bytes, cpu_source, strategy
 from ..errors import BackendError
 from ..reductions import INDEX_DTYPE
@@ -54,8 +55,8 @@ class _Kernel:
     def __init__(self, plan, dtype: np.dtype):
         acc = plan.acc_dtype(dtype)
         source = cpu_source(plan, _NAMES[dtype], _NAMES[acc])
-        library = cache.load(source, FLAGS, LIBS)
-        self.run = library.kred_run
+        self.library = cache.load(source, FLAGS, LIBS)      # kept: the library is closed when its last user goes
+        self.run = self.library["kred_run"]
         self.run.argtypes = _ARGTYPES
         self.run.restype = ctypes.c_int
         self.dtype, self.acc = dtype, acc
@@ -134,7 +135,7 @@ _PROBE = "int kred_probe(void) { int s = 0;\n#pragma omp parallel reduction(+:s)
 def compiler_problem() -> str | None:
     """Why kernels cannot be built here (no compiler, or it fails on OpenMP C), or None. Checked once."""
     try:
-        cache.load(_PROBE, FLAGS, LIBS).kred_probe()
+        cache.load(_PROBE, FLAGS, LIBS)["kred_probe"]()
     except BackendError as e:
         return str(e)
     return None
@@ -147,7 +148,9 @@ class CpuBackend(Backend):
         problem = compiler_problem()
         if problem is not None:
             raise BackendError(f"the cpu backend needs a working C compiler with OpenMP: {problem}")
-        self._kernels: dict[tuple, _Kernel] = {}
+        # loaded kernels, least recently used dropped first (their libraries are closed when no call uses them)
+        self._kernels = limits.BoundedLRU(limits.LOADED_KERNELS, limits.LOADED_KERNEL_BYTES,
+                                          getsizeof=lambda kernel: kernel.library.size)
         self._unkeyed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # plans built without a key
         self._lock = threading.Lock()
         self.threads = num_threads()

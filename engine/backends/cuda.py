@@ -98,25 +98,21 @@ _MODULES_LOCK = threading.Lock()
 
 
 def cubin_path(source: str, arch: str) -> Path:
-    """The cubin for `source` on `arch`, from the disk cache or compiled now (once per machine, under a lock)."""
-    from filelock import FileLock
-
-    from .cache import atomic_write, cache_dir
+    """The cubin for `source` on `arch`, from the disk cache (checked against its recorded size and hash) or compiled
+    now (once per machine, under a lock)."""
+    from . import cache
 
     major, minor = nvrtc.version()
     options = nvrtc.DEFAULT_OPTIONS
     key = hashlib.sha256("\0".join([source, arch, f"nvrtc {major}.{minor}", *options]).encode()).hexdigest()
-    directory = cache_dir() / "cuda"
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{key}.{arch}.cubin"
-    if target.exists() and target.stat().st_size > 0:
-        return target
-    with FileLock(str(directory / f"{key}.lock"), timeout=600):
-        if not (target.exists() and target.stat().st_size > 0):
-            image = nvrtc.compile_source(source, arch)
-            (directory / f"{key}.cu").write_text(source)          # for reading; the cubin is the cache entry
-            atomic_write(target, image)
-    return target
+    directory = cache.cache_dir() / "cuda"
+
+    def build(target: Path) -> None:
+        image = nvrtc.compile_source(source, arch)
+        (directory / f"{key}.cu").write_text(source)          # for reading; the cubin is the cache entry
+        cache.atomic_write(target, image)
+
+    return cache.entry(directory, f"{key}.{arch}.cubin", build)
 
 
 def _module(program: template.Program, device) -> object:

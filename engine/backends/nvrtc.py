@@ -16,13 +16,14 @@ import re
 import threading
 from dataclasses import dataclass
 
+from .. import limits
 from ..errors import BackendError
 
 ARCHS = ("sm_75", "sm_80", "sm_90")          # the architectures CI compiles every kernel for
 DEFAULT_OPTIONS = ("--std=c++17", "--fmad=true", "--extra-device-vectorization")
 INSTALL_HINT = "install the NVRTC extra: pip install 'kred[nvrtc]' (cuda-bindings 12.9 + nvidia-cuda-nvrtc-cu12)"
 
-_MEMO: dict[tuple, bytes] = {}
+_MEMO = limits.BoundedLRU(limits.LOADED_KERNELS, limits.LOADED_KERNEL_BYTES, getsizeof=len)     # compiled images
 _MEMO_LOCK = threading.Lock()
 
 
