@@ -218,3 +218,27 @@ def test_processes_building_under_a_small_cap_all_get_their_kernels(cache_dir):
     sizes = {key: sum(p.stat().st_size for p in files) for key, files in entry_files(cache_dir).items()}
     assert sum(sizes.values()) <= cap + 3 * max(sizes.values()), sizes
     assert len(sizes) < 18 and not list(cache_dir.glob("*.tmp"))
+
+
+# Row 11: bounded plans ---------------------------------------------------------------------------------------------
+
+def test_make_plan_caches_plans_with_a_bound_on_count_and_bytes(monkeypatch):
+    from kred.engine import plan as plan_module
+    from kred.engine.errors import ArgumentError
+    from kred.engine.formula import nodes
+
+    aliases = ["x = Vi(3)", "y = Vj(3)"]
+    first = make_plan("Exp(-SqDist(x, y) * 0.25)", aliases, axis=1)
+    assert make_plan("Exp(-SqDist(x, y) * 0.25)", list(aliases), axis=1) is first
+    assert make_plan("Exp(-SqDist(x, y) * 0.25)", aliases, axis=0) is not first
+    with pytest.raises(ArgumentError, match="axis"):
+        make_plan("Exp(-SqDist(x, y) * 0.25)", aliases, axis=True)      # not the cached plan of axis=1
+    small = limits.BoundedLRU(8, 40 * plan_module.NODE_BYTES, getsizeof=plan_module.plan_bytes)
+    monkeypatch.setattr(plan_module, "_PLANS", small)
+    gc.collect()
+    before = len(nodes._TABLE)
+    for k in range(200):
+        make_plan(f"Exp(-SqDist(x, y) * {k + 0.5}) * Sin(x | y) * {k + 1000.5}", aliases, axis=1)
+    assert len(small) <= 8 and small.currsize <= 40 * plan_module.NODE_BYTES
+    gc.collect()
+    assert len(nodes._TABLE) - before < 100          # the nodes of dropped plans are freed (unbounded: ~2,000)

@@ -21,13 +21,15 @@ plans keep the pykeops meaning of `axis` and of the `ranges` 6-tuple: a plan ove
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
+import cachetools
+
+from .. import limits
 from ..errors import FormulaError
 from ..formula import I, J, P, Node, make, var
 from ..formula.autodiff import grad, substitute
-from ..plan import Plan, plan_from_nodes, swap_ij
+from ..plan import Plan, plan_bytes, plan_from_nodes, swap_ij
 
 # Extra arrays a gradient plan takes after the user's arguments, in this order when present.
 COTANGENT, OUTPUT, LOGSUMEXP = "cotangent", "output", "logsumexp"
@@ -62,7 +64,17 @@ def gradient(plan: Plan, pos: int):
     return _gradient(plan, pos)
 
 
-@functools.lru_cache(maxsize=2048)
+def _rule_bytes(rule) -> int:
+    plans = [getattr(rule, name, None) for name in ("plan", "logsumexp")]
+    return 1 + sum(plan_bytes(p) for p in plans if p is not None)
+
+
+# derived plans per plan, bounded like make_plan's cache (KRED_MAX_PLANS, KRED_MAX_PLAN_BYTES)
+_RULES = limits.BoundedLRU(limits.PLANS, limits.PLAN_BYTES, getsizeof=_rule_bytes)
+_WITH_INDICES = limits.BoundedLRU(limits.PLANS, limits.PLAN_BYTES, getsizeof=plan_bytes)
+
+
+@cachetools.cached(_RULES, lock=_RULES.lock)
 def _gradient(plan: Plan, pos: int):
     name = plan.reduction.name
     if name in ZERO_GRADIENT:
@@ -82,7 +94,7 @@ def with_indices(plan: Plan) -> Plan:
     return _with_indices(plan)
 
 
-@functools.lru_cache(maxsize=1024)
+@cachetools.cached(_WITH_INDICES, lock=_WITH_INDICES.lock)
 def _with_indices(plan: Plan) -> Plan:
     target = SELECTING[plan.reduction.name]
     if target == plan.reduction.name:
