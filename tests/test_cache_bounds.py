@@ -188,6 +188,8 @@ def test_trim_deletes_least_recently_used_entries(cache_dir, small_memo):
     assert deleted == total - sum(sizes[key] for key in left)
     assert keys[0] in left and keys[1] in left and keys[9] in left and keys[2] not in left
     assert len(list((cache_dir / "locks").iterdir())) <= 256
+    cache.trim(cache_dir, max_bytes=1, keep=keys[9])                   # the entry just built is never trimmed
+    assert list(entry_files(cache_dir)) == [keys[9]]
     # a trimmed entry is simply built again
     cache.forget_loaded()
     built = len(builds(cache_dir))

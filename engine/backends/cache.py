@@ -145,7 +145,7 @@ def entry(directory: Path, name: str, build: Callable[[Path], None]) -> Path:
         _discard(path)
         build(path)
         _record(path)
-    trim()
+    trim(keep=name.split(".")[0])
     return path
 
 
@@ -196,20 +196,23 @@ def _touch(path: Path) -> None:
         pass
 
 
-def trim(directory: Path | None = None, max_bytes: int | None = None) -> int:
+def trim(directory: Path | None = None, max_bytes: int | None = None, keep: str = "") -> int:
     """Delete least recently used entries until the cache holds at most `max_bytes` (KRED_CACHE_MAX_BYTES); once
-    over, down to TRIM_TO of it. An entry being built or checked (its lock held) is skipped; one process trims at a
-    time. Returns the bytes deleted."""
+    over, down to TRIM_TO of it. The entry `keep` (a key: the one just built) and entries being built or checked
+    (their lock held) are skipped; one process trims at a time. Returns the bytes deleted."""
     directory = directory or cache_dir()
     max_bytes = limits.DISK_CACHE_BYTES if max_bytes is None else max_bytes
     try:
         with FileLock(str(directory / "trim.lock"), timeout=0):
-            return _trim(directory, max_bytes)
+            return _trim(directory, max_bytes, keep)
     except Timeout:
+        return 0
+    except OSError as e:            # a cache we cannot tidy (permissions, a full disk) still serves its kernels
+        warnings.warn(f"kred: could not trim the kernel cache {directory}: {e}", RuntimeWarning, stacklevel=2)
         return 0
 
 
-def _trim(directory: Path, max_bytes: int) -> int:
+def _trim(directory: Path, max_bytes: int, keep: str) -> int:
     groups: dict[tuple[Path, str], list] = {}        # (folder, key) -> [files, bytes, last use]
     for folder in (directory, directory / "cuda"):
         try:
@@ -218,8 +221,8 @@ def _trim(directory: Path, max_bytes: int) -> int:
             continue
         for item in listing:
             key = item.name.split(".")[0]
-            if len(key) != 64 or not item.is_file(follow_symlinks=False):
-                continue        # builds.log, locks/, trim.lock, the cuda/ folder
+            if len(key) != 64 or key == keep or not item.is_file(follow_symlinks=False):
+                continue        # builds.log, locks/, trim.lock, the cuda/ folder, the entry just built
             try:
                 stat = item.stat(follow_symlinks=False)
             except FileNotFoundError:
