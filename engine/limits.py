@@ -1,8 +1,8 @@
 """The engine's bounds: how much symbolic work one formula may cost, and how much its caches may hold.
 
 Each bound has a default and an environment variable, read when this module is imported (so set them before the
-first `import kred`, or on the `kred serve` command line). `BoundedLRU` is the cache type every in-process cache of
-the engine uses: least recently used entries go first, bounded by count and by bytes.
+first `import kred`; `kred serve` passes its environment on). `BoundedLRU` is the engine's cache bounded by count and
+by bytes (plans, loaded kernels, compiled images): least recently used entries go first.
 """
 from __future__ import annotations
 
