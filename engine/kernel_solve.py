@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import ArgumentError, FormulaError
 from .formula import I, J, make, var
+from .frontend import check_sum_scheme
 from .formula.autodiff import grad, substitute
 from .plan import Plan, make_plan, plan_from_nodes, swap_ij
 from .run import run
@@ -106,6 +107,7 @@ class KernelSolve:
                  rec_multVar_highdim=None, use_fast_math: bool = True):
         # pykeops.numpy.KernelSolve's parameters in its order (its torch twin orders them differently); dtype,
         # opt_arg and the tuning knobs are accepted for compatibility and ignored.
+        check_sum_scheme(sum_scheme)
         if use_double_acc:
             dtype_acc = "float64"
         self.formula, self.aliases, self.varinvalias = formula, list(aliases), varinvalias

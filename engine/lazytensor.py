@@ -27,6 +27,7 @@ from .errors import ArgumentError, DimensionError
 from .formula import I, J, P, Node, make, to_text, var
 from .formula.autodiff import derivative_op
 from .formula.ops import MAX_INT_PARAM
+from .frontend import check_sum_scheme
 from .plan import Plan, plan_from_nodes, swap_ij
 from .ranges import swap_axes
 
@@ -35,7 +36,9 @@ K_REDUCTIONS = ("KMin", "ArgKMin", "KMin_ArgKMin")
 # Keyword arguments of a reduction: those that shape the plan, and those of the call.
 PLAN_OPTIONS = ("dtype_acc", "use_double_acc")
 CALL_OPTIONS = ("backend", "device_id", "ranges", "out")
-IGNORED_OPTIONS = ("sum_scheme", "enable_chunks", "use_fast_math", "optional_flags")   # pykeops tuning knobs
+# pykeops tuning knobs, accepted (sum_scheme is checked: see engine.frontend.SUM_SCHEMES): our backends choose their
+# own tiling and chunking.
+IGNORED_OPTIONS = ("enable_chunks", "use_fast_math", "optional_flags", "rec_multVar_highdim")
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,7 +104,7 @@ class LazyTensorBase(ABC):
     # ---- construction -----------------------------------------------------------------------------------------
     def __init__(self, x=None, axis=None):
         self.node: Node | None = None
-        self.variables: tuple[Variable, ...] = ()
+        self.leaves: tuple[Variable, ...] = ()
         self.batchdims: tuple[int, ...] = ()
         self.ni = self.nj = None
         self.ranges = None
@@ -184,12 +187,12 @@ class LazyTensorBase(ABC):
         self._set_leaf(Variable(x, cat, shape[-1]))
 
     def _set_leaf(self, variable: Variable):
-        self.variables = (variable,)
+        self.leaves = (variable,)
         self.node = make("Var", (), (0, variable.dim, variable.cat))
 
     def _derived(self, node: Node, variables, batchdims, ni, nj, ranges, backend, dtype) -> "LazyTensorBase":
         out = type(self)()
-        out.node, out.variables, out.batchdims = node, tuple(variables), batchdims
+        out.node, out.leaves, out.batchdims = node, tuple(variables), batchdims
         out.ni, out.nj, out.ranges, out.backend, out._dtype = ni, nj, ranges, backend, dtype
         return out
 
@@ -230,10 +233,25 @@ class LazyTensorBase(ABC):
     def nbatchdims(self) -> int:
         return len(self.batchdims)
 
+    # pykeops's attributes of a LazyTensor that is not (yet) reduced
+    axis = None             # the reduction axis: set on a reduction (a LazyReduction), None here
+    formula2 = None         # the second formula of a reduction (a weight), None here
+
+    @property
+    def variables(self) -> tuple:
+        """The arrays (and lists of numbers) the formula reads, in the order of `formula`'s Var indices after
+        the symbolic ones (as pykeops's `variables`)."""
+        return tuple(v.value for v in self.leaves if v.symbol is None)
+
+    @property
+    def symbolic_variables(self) -> tuple:
+        """The symbolic variables `Vi(index, dim)`... as (index, dim, category) triples, sorted by index."""
+        return tuple(sorted({(v.symbol, v.dim, v.cat) for v in self.leaves if v.symbol is not None}))
+
     @property
     def formula(self) -> str:
         """The formula text, with variables numbered as a reduction would number them."""
-        node, _, _ = _numbered(self.node, None, self.variables)
+        node, _, _ = _numbered(self.node, None, self.leaves)
         return to_text(node)
 
     def __repr__(self):
@@ -600,20 +618,27 @@ class LazyTensorBase(ABC):
     Kmin_reduction, argKmin_reduction, Kmin_argKmin_reduction = Kmin, argKmin, Kmin_argKmin
 
     # ---- linear algebra ----------------------------------------------------------------------------------------
-    def __matmul__(self, v):
-        """`K @ v`: sum_j K_ij v_j for a LazyTensor K of vector dimension 1 and an array v of M (or (..., M, E))."""
+    def __matmul__(self, v, **options):
+        """`K @ v`: sum_j K_ij v_j for a LazyTensor K of vector dimension 1 and an array v of M (or (..., M, E)).
+
+        `K.__matmul__(v, backend=..., out=..., sum_scheme=...)` takes a reduction's options, as in pykeops."""
         if self.ndim != 1:
             raise DimensionError(f"K @ v needs a LazyTensor of vector dimension 1; this one has shape {self.shape}")
         shape = tuple(v.shape)
         column = self._lift(self._reshape(v, (1, shape[0], 1) if len(shape) == 1 else
                                           shape[:-2] + (1,) + shape[-2:]))
         product = self * column
-        kv = product.sum(dim=product.dim() - 2)
+        out = options.get("out")
+        if len(shape) == 1 and out is not None:
+            options["out"] = self._reshape(out, (-1, 1))        # a view: the reduction writes into `out` itself
+        kv = product.sum(dim=product.dim() - 2, **options)
+        if out is not None:
+            return out
         return self._reshape(kv, (-1,)) if len(shape) == 1 else kv
 
     def t(self):
         """The transpose: i and j exchanged (shape (..., M, N, D)), ranges swapped to match."""
-        return self._derived(swap_ij(self.node), [v.swapped() for v in self.variables], self.batchdims,
+        return self._derived(swap_ij(self.node), [v.swapped() for v in self.leaves], self.batchdims,
                              self.nj, self.ni, swap_axes(self.ranges), self.backend, self._dtype)
 
     @property
@@ -621,17 +646,20 @@ class LazyTensorBase(ABC):
         return self.t()
 
     def matvec(self, v):
-        """For scipy.sparse.linalg.aslinearoperator: `K @ v`."""
-        return self @ v
+        """For scipy.sparse.linalg.aslinearoperator: `K @ v`, also for numpy vectors given to a torch LazyTensor."""
+        return self._scipy_product(self, v)
 
     def rmatvec(self, v):
-        return self.T @ v
+        return self._scipy_product(self.T, v)
 
-    def matmat(self, v):
-        return self @ v
+    matmat, rmatmat = matvec, rmatvec
 
-    def rmatmat(self, v):
-        return self.T @ v
+    def _scipy_product(self, operator, v):
+        if self._is_array(v) or not isinstance(v, np.ndarray):
+            return operator @ v
+        # scipy works in numpy: a torch operator gets a tensor of its own dtype and answers in numpy
+        like = next((x.value for x in self.leaves if self._is_array(x.value)), None)
+        return _numpy(operator @ self._from_list(v, self._dtype or v.dtype.name, like))
 
     def solve(self, other, var=None, call=True, **options):
         """`a` with sum_j self_ij a_j + alpha a_i = other_i (conjugate gradient; `alpha=`, `eps=` in options).
@@ -640,26 +668,26 @@ class LazyTensorBase(ABC):
         the i points (N, E) or a variable LazyTensor. With `var` (a symbolic variable such as `Vj(0, E)`), `self` is
         read as linear in `var` instead of being multiplied by it.
         """
-        if not call:
-            raise ArgumentError("solve(call=False) is not supported: give the right-hand side and solve at once")
+        if not call:            # pykeops returns the solve to be called later (with no arguments)
+            return _DeferredSolve(self, other, var, options)
         rhs = other if isinstance(other, LazyTensorBase) else type(self)(other, axis=0)
-        if rhs.node.op != "Var" or rhs.variables[0].symbol is not None or rhs.variables[0].cat == P:
+        if rhs.node.op != "Var" or rhs.leaves[0].symbol is not None or rhs.leaves[0].cat == P:
             raise ArgumentError("solve: the right-hand side must be an array (or a variable LazyTensor) of i or "
                                 "j points")
-        axis = 1 if rhs.variables[0].cat == I else 0        # reduce over the other index
+        axis = 1 if rhs.leaves[0].cat == I else 0        # reduce over the other index
         if var is None:
-            unknown = type(self)((_next_symbol(self.variables), rhs.ndim, axis))
+            unknown = type(self)((_next_symbol(self.leaves), rhs.ndim, axis))
             lazy = self * unknown
         else:
             unknown, lazy = self._lift(var), self
-            if unknown.node.op != "Var" or unknown.variables[0].symbol is None:
+            if unknown.node.op != "Var" or unknown.leaves[0].symbol is None:
                 raise ArgumentError("solve: var must be a symbolic variable, such as Vj(index, dim)")
         joined, nodes = _join((lazy, unknown))
-        formula, (position,), order = _numbered(nodes[0], None, joined.variables, keep=(nodes[1],))
+        formula, (position,), order = _numbered(nodes[0], None, joined.leaves, keep=(nodes[1],))
         if any(v is None or (v.symbol is not None and k != position) for k, v in enumerate(order)):
             raise ArgumentError("solve: symbolic variables other than the unknown are not supported")
-        args = _arguments(order, joined.variables, joined.dtype, type(self))
-        args[position] = rhs.variables[0].value         # pykeops' KernelSolve takes b in the unknown's place
+        args = _arguments(order, joined.leaves, joined.dtype, type(self))
+        args[position] = rhs.leaves[0].value         # pykeops' KernelSolve takes b in the unknown's place
         build = {k: options.pop(k) for k in PLAN_OPTIONS if k in options}
         for key, value in (("ranges", joined.ranges), ("backend", joined.backend)):
             if value is not None:
@@ -676,12 +704,24 @@ class LazyTensorBase(ABC):
         return None if self._dtype is None else np.dtype(self._dtype)
 
 
+class _DeferredSolve:
+    """`K.solve(b, call=False)`: the solve, run when called (options given then add to those given before)."""
+
+    def __init__(self, lazy, other, var, options):
+        self.lazy, self.other, self.var, self.options = lazy, other, var, options
+
+    def __call__(self, *args, **options):
+        if args:
+            raise ArgumentError("a solve built with call=False takes no arrays: its right-hand side is already set")
+        return self.lazy.solve(self.other, self.var, call=True, **{**self.options, **options})
+
+
 class _Joined:
     """The facts shared by the operands of one operation: their merged variables, shapes and options."""
 
     def __init__(self, first: LazyTensorBase):
         self.first = first
-        self.variables: list[Variable] = []
+        self.leaves: list[Variable] = []
         self.batchdims: tuple[int, ...] = ()
         self.ni = self.nj = None
         self.ranges = self.backend = self.dtype = None
@@ -689,14 +729,14 @@ class _Joined:
     def add(self, lazy: LazyTensorBase) -> Node:
         """Merge `lazy`'s facts; returns its formula renumbered into the merged variable list."""
         mapping = {}
-        for pos, v in enumerate(lazy.variables):
-            for k, known in enumerate(self.variables):
+        for pos, v in enumerate(lazy.leaves):
+            for k, known in enumerate(self.leaves):
                 if known.same_as(v):
                     mapping[pos] = k
                     break
             else:
-                mapping[pos] = len(self.variables)
-                self.variables.append(v)
+                mapping[pos] = len(self.leaves)
+                self.leaves.append(v)
         self.ni = _agree(self.ni, lazy.ni, "numbers of i points")
         self.nj = _agree(self.nj, lazy.nj, "numbers of j points")
         self.dtype = _agree(self.dtype, lazy._dtype, "dtypes (cast the arrays to one dtype)")
@@ -710,7 +750,7 @@ class _Joined:
         return _renumber(lazy.node, mapping)
 
     def __call__(self, node: Node) -> LazyTensorBase:
-        return self.first._derived(node, self.variables, self.batchdims, self.ni, self.nj, self.ranges,
+        return self.first._derived(node, self.leaves, self.batchdims, self.ni, self.nj, self.ranges,
                                    self.backend, self.dtype)
 
 
@@ -805,7 +845,7 @@ class LazyReduction:
     def __init__(self, binding, lazy: LazyTensorBase, formula2: Node | None, reduction_op: str, axis: int, opt_arg,
                  options: dict):
         self.binding, self.reduction_op, self.axis, self.opt_arg = binding, reduction_op, axis, opt_arg
-        self.formula, self.formula2, self.order = _numbered(lazy.node, formula2, lazy.variables)
+        self.formula, self.formula2, self.order = _numbered(lazy.node, formula2, lazy.leaves)
         self.symbolic = sum(1 for v in self.order if v is None or v.symbol is not None)
         self.batchdims = lazy.batchdims
         self.rows = lazy.ni if axis == 1 else lazy.nj
@@ -815,7 +855,7 @@ class LazyReduction:
             self.call_options.setdefault("ranges", lazy.ranges)
         if lazy.backend is not None:
             self.call_options.setdefault("backend", lazy.backend)
-        self.arguments = _arguments(self.order, lazy.variables, lazy._dtype, binding)
+        self.arguments = _arguments(self.order, lazy.leaves, lazy._dtype, binding)
         self._plans: dict[str, Plan] = {}
 
     def __call__(self, *symbolic_args, **options):
@@ -866,6 +906,8 @@ def _split_options(options: dict) -> tuple[dict, dict]:
                 plan["dtype_acc"] = "float64"
         elif key in CALL_OPTIONS:
             call[key] = value
+        elif key == "sum_scheme":
+            check_sum_scheme(value)
         elif key not in IGNORED_OPTIONS:
             raise TypeError(f"unexpected keyword argument {key!r} for a LazyTensor reduction "
                             f"(known: {', '.join(PLAN_OPTIONS + CALL_OPTIONS)})")

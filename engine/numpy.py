@@ -5,11 +5,12 @@ from .kernel_solve import KernelSolve  # noqa: F401  (re-exported: engine.numpy.
 from .numpy_lazytensor import LazyTensor, Pm, Vi, Vj  # noqa: F401  (re-exported, as in pykeops.numpy)
 from .ranges import (cluster_ranges, cluster_ranges_centroids, from_matrix, grid_cluster,  # noqa: F401
                      sort_clusters, swap_axes)
-from .frontend import GenredBase
+from .frontend import GenredBase, generic_helpers
 from .run import run
 
 __all__ = ["Genred", "KernelSolve", "LazyTensor", "Pm", "Vi", "Vj", "cluster_ranges", "cluster_ranges_centroids",
-           "from_matrix", "grid_cluster", "sort_clusters", "swap_axes"]
+           "from_matrix", "generic_argkmin", "generic_argmin", "generic_logsumexp", "generic_sum", "grid_cluster",
+           "sort_clusters", "swap_axes"]
 
 
 class Genred(GenredBase):
@@ -22,3 +23,6 @@ class Genred(GenredBase):
     def __call__(self, *args, backend: str = "auto", device_id: int = -1, ranges=None, out=None, cluster=None):
         # backend="cluster" (or cluster=engine.cluster.Cluster(...)) runs the reduction on Ray workers
         return run(self.plan, args, backend=backend, out=out, ranges=ranges, device_id=device_id, cluster=cluster)
+
+
+generic_sum, generic_logsumexp, generic_argmin, generic_argkmin = generic_helpers(Genred)

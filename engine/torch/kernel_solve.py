@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ArgumentError
+from ..frontend import check_sum_scheme
 from ..kernel_solve import LinearSystem, conjugate_gradient, linear_system, transpose
 from .genred import Options, reduce, vjp
 
@@ -24,6 +25,7 @@ class KernelSolve:
                  use_double_acc: bool = False, sum_scheme="auto", enable_chunks: bool = True, rec_multVar_highdim=None,
                  dtype=None, cuda_type=None, use_fast_math: bool = True):
         # pykeops.torch.KernelSolve's parameters in its order; dtype, cuda_type and the tuning knobs are ignored.
+        check_sum_scheme(sum_scheme)
         if use_double_acc:
             dtype_acc = "float64"
         self.formula, self.aliases, self.varinvalias = formula, list(aliases), varinvalias

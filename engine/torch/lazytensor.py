@@ -15,6 +15,8 @@ class LazyTensor(LazyTensorBase):
 
     >>> x_i, y_j = LazyTensor(x[:, None, :]), LazyTensor(y[None, :, :])
     >>> a = (-((x_i - y_j) ** 2).sum(-1)).exp().sum(dim=1)        # (N, 1), differentiable in x and y
+
+    `dtype` is a numpy dtype (pykeops gives the name, "float32"), so scipy's aslinearoperator can read it.
     """
 
     @staticmethod
@@ -41,10 +43,6 @@ class LazyTensor(LazyTensorBase):
     @staticmethod
     def _kernel_solve_class():
         return KernelSolve
-
-    @property
-    def dtype(self):
-        return None if self._dtype is None else getattr(torch, self._dtype)
 
 
 Vi, Vj, Pm = variable_helpers(LazyTensor)

@@ -1,0 +1,160 @@
+"""pykeops 2.3 call forms of the front ends (issue 13): reduction keywords, tuning options, generic_* helpers,
+LazyTensor attributes, solve(call=False), scipy operators on torch LazyTensors.
+
+Oracles are dense numpy / torch computations written here, in float64, on the reference backend (no compiles).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.sparse.linalg import aslinearoperator
+
+import kred.numpy as kn
+import kred.torch as kt
+from kred.engine.errors import ArgumentError
+
+N, M = 8, 6
+RNG = np.random.default_rng(13)
+X = RNG.standard_normal((N, 3))
+Y = RNG.standard_normal((M, 3))
+B = RNG.standard_normal((M, 2))
+W = RNG.uniform(0.5, 2.0, (M, 1))
+
+
+def gauss(x, y):
+    return np.exp(-((x[:, None] - y[None]) ** 2).sum(-1))
+
+
+def kernel(binding, x, y):
+    x_i, y_j = binding.LazyTensor(x[:, None, :]), binding.LazyTensor(y[None, :, :])
+    return (-((x_i - y_j) ** 2).sum(-1)).exp()
+
+
+# Reduction keywords ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["auto", "direct_sum", "block_sum", "kahan_scheme"])
+def test_matmul_takes_reduction_keywords_numpy(scheme):
+    K = kernel(kn, X, Y)
+    out = np.empty((N, 2))
+    got = K.__matmul__(B, sum_scheme=scheme, out=out, backend="reference")
+    assert got is out
+    np.testing.assert_allclose(out, gauss(X, Y) @ B, rtol=1e-12)
+    out1 = np.empty(N)                                  # a vector: out has the vector's shape
+    assert K.__matmul__(B[:, 0], out=out1, backend="reference") is out1
+    np.testing.assert_allclose(out1, gauss(X, Y) @ B[:, 0], rtol=1e-12)
+
+
+def test_matmul_takes_reduction_keywords_torch():
+    x, y, b = map(torch.tensor, (X, Y, B))
+    K = kernel(kt, x, y)
+    out = torch.empty(N, 2, dtype=torch.float64)
+    got = K.__matmul__(b, sum_scheme="block_sum", out=out, backend="reference", enable_chunks=False)
+    assert got is out
+    torch.testing.assert_close(out, torch.tensor(gauss(X, Y) @ B))
+
+
+def test_tuning_options_are_accepted_and_sum_scheme_is_checked():
+    K = kernel(kn, X, Y)
+    options = dict(sum_scheme="kahan_scheme", enable_chunks=False, use_fast_math=False, optional_flags=["-O2"],
+                   rec_multVar_highdim=True, backend="reference")
+    np.testing.assert_allclose(K.sum(dim=1, **options), gauss(X, Y).sum(1, keepdims=True), rtol=1e-12)
+    with pytest.raises(ArgumentError, match="sum_scheme must be one of"):
+        K.sum(dim=1, sum_scheme="fast", backend="reference")
+    op = kn.Genred("Exp(-SqDist(x,y))", ["x = Vi(3)", "y = Vj(3)"], axis=1, sum_scheme="block_sum",
+                   enable_chunks=False, rec_multVar_highdim=True, use_fast_math=False)
+    np.testing.assert_allclose(op(X, Y, backend="reference"), gauss(X, Y).sum(1, keepdims=True), rtol=1e-12)
+    with pytest.raises(ArgumentError, match="sum_scheme"):
+        kn.Genred("Exp(-SqDist(x,y))", ["x = Vi(3)", "y = Vj(3)"], axis=1, sum_scheme="fast")
+    for solver in (kn.KernelSolve, kt.KernelSolve):
+        with pytest.raises(ArgumentError, match="sum_scheme"):
+            solver("Exp(-SqDist(x,y))*b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(2)"], "b", axis=1, sum_scheme="x")
+
+
+def test_logsumexp_weight_under_torch_func():
+    x, y, w = map(torch.tensor, (X, Y, W))
+
+    def lazy(x):
+        x_i, y_j, w_j = kt.LazyTensor(x[:, None]), kt.LazyTensor(y[None]), kt.LazyTensor(w[None])
+        return (-((x_i - y_j) ** 2).sum(-1)).logsumexp(dim=1, weight=w_j, backend="reference").sum()
+
+    def dense(x):
+        f = -((x[:, None] - y[None]) ** 2).sum(-1)
+        return torch.log((f.exp() * w[:, 0]).sum(1)).sum()
+
+    torch.testing.assert_close(torch.func.grad(lazy)(x), torch.func.grad(dense)(x))
+
+
+def test_genred_logsumexp_reads_formula2_as_the_weight():
+    op = kn.Genred("-SqDist(x,y)", ["x = Vi(3)", "y = Vj(3)", "w = Vj(1)"], reduction_op="LogSumExp", axis=1,
+                   formula2="w")
+    want = np.log((gauss(X, Y) * W[:, 0]).sum(1, keepdims=True))
+    np.testing.assert_allclose(op(X, Y, W, backend="reference"), want, rtol=1e-12)
+
+
+def test_solve_with_call_false_solves_when_called():
+    K = kernel(kn, X, X)
+    K.backend = "reference"
+    rhs = RNG.standard_normal((N, 2))
+    later = K.solve(rhs, alpha=0.5, eps=1e-12, call=False)
+    want = np.linalg.solve(gauss(X, X) + 0.5 * np.eye(N), rhs)
+    np.testing.assert_allclose(later(), want, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ArgumentError, match="takes no arrays"):
+        later(rhs)
+
+
+# generic_* helpers -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("binding", [kn, kt], ids=["numpy", "torch"])
+def test_generic_helpers(binding):
+    convert = (lambda a: a) if binding is kn else torch.tensor
+    x, y = convert(X), convert(Y)
+    d2 = ((X[:, None] - Y[None]) ** 2).sum(-1)
+
+    def value(a):
+        return a.numpy() if isinstance(a, torch.Tensor) else a
+
+    total = binding.generic_sum("Exp(-SqDist(x,y))", "a = Vi(1)", "x = Vi(3)", "y = Vj(3)")
+    np.testing.assert_allclose(value(total(x, y, backend="reference")), np.exp(-d2).sum(1, keepdims=True), rtol=1e-12)
+    over_i = binding.generic_sum("Exp(-SqDist(x,y))", "a = Vj(1)", "x = Vi(3)", "y = Vj(3)")
+    np.testing.assert_allclose(value(over_i(x, y, backend="reference")), np.exp(-d2).sum(0)[:, None], rtol=1e-12)
+    lse = binding.generic_logsumexp("-SqDist(x,y)", "a = Vi(1)", "x = Vi(3)", "y = Vj(3)")
+    np.testing.assert_allclose(value(lse(x, y, backend="reference")), np.log(np.exp(-d2).sum(1, keepdims=True)),
+                               rtol=1e-12)
+    argmin = binding.generic_argmin("SqDist(x,y)", "a = Vi(1)", "x = Vi(3)", "y = Vj(3)")
+    np.testing.assert_array_equal(value(argmin(x, y, backend="reference"))[:, 0], d2.argmin(1))
+    argkmin = binding.generic_argkmin("SqDist(x,y)", "a = Vi(3)", 3, "x = Vi(3)", "y = Vj(3)")
+    np.testing.assert_array_equal(value(argkmin(x, y, backend="reference")), np.argsort(d2, 1)[:, :3])
+    with pytest.raises(Exception, match="indexed by i"):
+        binding.generic_sum("x", "a = Pm(3)", "x = Vi(3)")
+
+
+# Attributes, symbolic calls, scipy ---------------------------------------------------------------------------
+
+def test_lazytensor_attributes():
+    x_i, y_j = kn.LazyTensor(X[:, None, :]), kn.LazyTensor(Y[None, :, :])
+    K = (-((x_i - y_j) ** 2).sum(-1)).exp() * kn.Pm(np.array([2.0]))
+    assert (K.ni, K.nj, K.axis, K.formula2, K.ranges, K.backend) == (N, M, None, None, None, None)
+    assert [v.shape for v in K.variables] == [(N, 3), (M, 3), (1,)]
+    assert K.symbolic_variables == ()
+    u, v = kn.Vi(0, 3), kn.Vj(2, 3)
+    assert (u - v).sqnorm2().symbolic_variables == ((0, 3, 0), (2, 3, 1))
+    K.backend = "reference"
+    assert (K * 1).backend == "reference"
+
+
+def test_calling_a_torch_reduction_on_symbolic_variables():
+    u, v = kt.Vi(0, 3), kt.Vj(1, 3)
+    gaussian = (-((u - v) ** 2).sum(-1)).exp().sum(dim=1)
+    got = gaussian(torch.tensor(X), torch.tensor(Y), backend="reference")
+    torch.testing.assert_close(got, torch.tensor(gauss(X, Y).sum(1, keepdims=True)))
+
+
+def test_scipy_aslinearoperator_on_a_torch_lazytensor():
+    K = kernel(kt, torch.tensor(X), torch.tensor(Y))
+    K.backend = "reference"
+    operator = aslinearoperator(K)
+    assert operator.shape == (N, M) and operator.dtype == np.float64
+    np.testing.assert_allclose(operator.matvec(B[:, 0]), gauss(X, Y) @ B[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(operator.rmatvec(X[:, 0]), gauss(X, Y).T @ X[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(operator.matmat(B), gauss(X, Y) @ B, rtol=1e-12)
