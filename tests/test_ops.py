@@ -56,6 +56,8 @@ def _sample(rng, domain, shape):
         values = rng.uniform(0.0, 2.0, shape)
         values.reshape(-1)[::3] = 0.0
         return values
+    if domain == "sorted":                      # increasing, distinct knots (BSpline)
+        return np.sort(rng.uniform(-2.0, 2.0, shape), -1) + np.arange(shape[-1]) * 1e-3
     if domain == "index5":                      # integers 0..4 stored as floats, for OneHot
         return rng.integers(0, 5, shape).astype(np.float64)
     raise AssertionError(domain)
@@ -113,6 +115,45 @@ def weighted(s, v):
     if s.shape[-1] == d:
         return (s * v ** 2).sum(-1, keepdims=True)
     return (v * matvec(s, v)).sum(-1, keepdims=True)
+
+
+def bspline(t, x, order):
+    """B-spline basis values by scipy, one basis element at a time (0 outside its support)."""
+    from scipy.interpolate import BSpline
+    shape = np.broadcast_shapes(t.shape[:-1], x.shape[:-1])
+    t, x = np.broadcast_to(t, shape + t.shape[-1:]), np.broadcast_to(x, shape + (1,))
+    out = np.zeros(shape + (t.shape[-1] - order - 1,))
+    for index in np.ndindex(*shape):
+        for k in range(out.shape[-1]):
+            value = BSpline.basis_element(t[index][k:k + order + 2], extrapolate=False)(x[index][0])
+            out[index + (k,)] = 0.0 if np.isnan(value) else value
+    return out
+
+
+def softdtw(x, y, gamma):
+    """Soft-DTW by its textbook recursion, with R[0, 0] = 0 and infinite borders."""
+    shape = np.broadcast_shapes(x.shape[:-1], y.shape[:-1], gamma.shape[:-1])
+    x, y = np.broadcast_to(x, shape + x.shape[-1:]), np.broadcast_to(y, shape + y.shape[-1:])
+    gamma = np.broadcast_to(gamma, shape + (1,))
+    out = np.zeros(shape + (1,))
+    for index in np.ndindex(*shape):
+        a, b, g = x[index], y[index], gamma[index][0]
+        R = np.full((len(a) + 1, len(b) + 1), np.inf)
+        R[0, 0] = 0.0
+        for i in range(1, len(a) + 1):
+            for j in range(1, len(b) + 1):
+                r = np.array([R[i - 1, j - 1], R[i - 1, j], R[i, j - 1]])
+                low = r.min()
+                R[i, j] = (a[i - 1] - b[j - 1]) ** 2 + low - g * np.log(np.exp(-(r - low) / g).sum())
+        out[index] = R[-1, -1]
+    return out
+
+
+def tensordot(a, b, shape_a, shape_b, subscripts):
+    shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    a = np.broadcast_to(a, shape + a.shape[-1:]).reshape(shape + shape_a)
+    b = np.broadcast_to(b, shape + b.shape[-1:]).reshape(shape + shape_b)
+    return np.einsum(subscripts, a, b).reshape(shape + (-1,))
 
 
 ROWS = [
@@ -227,6 +268,43 @@ ROWS = [
         lambda s, x, y: weighted(s, x - y)),
     Row("WeightedSqDist", "WeightedSqDist(s, x, y)", {"s": j(4), "x": i(2), "y": j(2)},
         lambda s, x, y: weighted(s, x - y)),
+    Row("SqNormIso", "SqNormIso(s, x - y)", {"s": p(1, "positive"), "x": i(3), "y": j(3)},
+        lambda s, x, y: s * sq(x - y)),
+    Row("SqNormDiag", "SqNormDiag(s, x - y)", {"s": j(3, "positive"), "x": i(3), "y": j(3)},
+        lambda s, x, y: (s * (x - y) ** 2).sum(-1, keepdims=True)),
+    Row("SymSqNorm", "SymSqNorm(A, x - y)", {"A": i(9), "x": i(3), "y": j(3)},
+        lambda A, x, y: weighted(A, x - y)),
+    Row("IntInv", "IntInv(3) * x + y", {"x": i(2), "y": j(2)}, lambda x, y: x / 3 + y),
+    Row("RatCst", "RatCst(-2, 7) * y", {"y": j(2)}, lambda y: -2 / 7 * y),
+    Row("LessThan", "LessThan(x, y)", {"x": i(3, "index5"), "y": j(3, "index5")}, lambda x, y: (x < y) * 1.0),
+    Row("LessThan", "LessThan(x, c) * y", {"x": i(3), "c": j(1), "y": j(3)}, lambda x, c, y: (x < c) * y),
+    Row("LessOrEqual", "LessOrEqual(x, y)", {"x": i(3, "index5"), "y": j(3, "index5")},
+        lambda x, y: (x <= y) * 1.0),
+    Row("Equal", "Equal(x, y)", {"x": i(3, "index5"), "y": j(3, "index5")}, lambda x, y: (x == y) * 1.0),
+    Row("NotEqual", "NotEqual(x, y)", {"x": i(3, "index5"), "y": j(3, "index5")}, lambda x, y: (x != y) * 1.0),
+    Row("TensorDot", "TensorDot(a, b, Ind(2,3), Ind(3,2), Ind(1), Ind(0))", {"a": i(6), "b": j(6)},
+        lambda a, b: tensordot(a, b, (2, 3), (3, 2), "...ik,...kl->...il")),
+    Row("TensorDot", "TensorDot(a, b, Ind(2,3), Ind(4), Ind(), Ind(), Ind(2,0,1))", {"a": i(6), "b": j(4)},
+        lambda a, b: tensordot(a, b, (2, 3), (4,), "...ij,...k->...jki")),
+    Row("Kron", "Kron(a, b, Ind(2,3), Ind(2,1))", {"a": i(6), "b": j(2)},
+        lambda a, b: tensordot(a, b, (2, 3), (2, 1), "...ij,...kl->...ikjl")),
+    Row("DifferenceMatrix", "DifferenceMatrix(x, y)", {"x": i(2), "y": j(3)},
+        lambda x, y: (x[..., :, None] - y[..., None, :]).reshape(np.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+                                                                  + (6,))),
+    Row("BSpline", "BSpline(t, x, 2)", {"t": p(7, "sorted"), "x": i(1)}, lambda t, x: bspline(t, x, 2)),
+    Row("BSpline", "BSpline(t, x, 0) * c", {"t": j(4, "sorted"), "x": i(1), "c": p(1)},
+        lambda t, x, c: bspline(t, x, 0) * c),
+    Row("SoftDTW_SqDist", "SoftDTW_SqDist(x, y, g)", {"x": i(3), "y": j(4), "g": p(1, "positive")},
+        lambda x, y, g: softdtw(x, y, g)),
+    Row("GradMatrix", "GradMatrix(x * Sum(x * y), x)", {"x": i(3), "y": j(3)},
+        lambda x, y: ((x * y).sum(-1)[..., None, None] * np.eye(3) + x[..., :, None] * y[..., None, :])
+        .reshape(np.broadcast_shapes(x.shape[:-1], y.shape[:-1]) + (9,))),
+    Row("TraceOperator", "TraceOperator(MatVecMult(A, v), v)", {"A": i(9), "v": j(3)},
+        lambda A, v: A[..., 0:1] + A[..., 4:5] + A[..., 8:9] + 0 * v[..., :1]),
+    Row("TraceOperator", "TraceOperator(Sum(x * v), v)", {"x": i(3), "v": j(3)},
+        lambda x, v: x.sum(-1, keepdims=True) + 0 * v[..., :1]),
+    Row("Factorize", "Factorize(Exp(-SqDist(x, y)) * SqDist(x, y), SqDist(x, y))", {"x": i(3), "y": j(3)},
+        lambda x, y: np.exp(-sq(x - y)) * sq(x - y)),
 ]
 
 

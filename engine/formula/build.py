@@ -9,7 +9,7 @@ import math
 
 from ..errors import DimensionError, FormulaError
 from .nodes import Node
-from .ops import MAX_DIM, MAX_INT_PARAM, OPS
+from .ops import MAX_DIM, MAX_INT_PARAM, MAX_LIST_PARAM, OPS
 from .simplify import apply_rules
 
 
@@ -23,6 +23,10 @@ def make(op: str, children: tuple = (), params: tuple = ()) -> Node:
         names = ", ".join(row.params) or "none"
         raise FormulaError(f"{op}: expects {len(row.params)} integer parameter(s) ({names}), got {len(params)}")
     params = tuple(_check_param(op, p) for p in params)
+    for name, p in zip(row.params, params):
+        if isinstance(p, tuple) != (name in row.lists):
+            raise FormulaError(f"{op}: parameter {name} must be "
+                               + ("an integer list such as Ind(2, 3)" if name in row.lists else "an integer"))
     if op == "Var":
         return _make_var(*params)
     dim = row.dim(tuple(c.dim for c in children), params, op)
@@ -39,6 +43,12 @@ def _check_param(op: str, p):
         if not math.isfinite(p):
             raise FormulaError(f"Const: value {p} is not finite")
         return p
+    if isinstance(p, tuple):        # an integer list, written Ind(2, 3) (TensorDot's shapes and axes)
+        if len(p) > MAX_LIST_PARAM:
+            raise FormulaError(f"{op}: an integer list has {len(p)} entries; the limit is {MAX_LIST_PARAM}")
+        if any(isinstance(q, tuple) for q in p):
+            raise FormulaError(f"{op}: integer lists cannot be nested")
+        return tuple(_check_param(op, q) for q in p)
     if isinstance(p, bool) or not isinstance(p, int):
         raise FormulaError(f"{op}: parameters must be integers, got {p!r}")
     if abs(p) > MAX_INT_PARAM:

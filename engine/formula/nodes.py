@@ -140,4 +140,6 @@ def to_text(node: Node) -> str:
 
 
 def _param_text(p) -> str:
+    if isinstance(p, tuple):
+        return f"Ind({','.join(map(str, p))})"
     return repr(float(p)) if isinstance(p, float) else str(p)

@@ -5,7 +5,8 @@ Every reader of the language works from these rows: the parser (keyword, arity, 
 (`expand`). Adding an op is adding a row; `validate_table()` runs at import and checks every row.
 
 Conventions
-- Operands are formulas; `params` are integer literals written after them (`Pow(x, 3)`, `Elem(x, 2)`).
+- Operands are formulas; `params` are integer literals written after them (`Pow(x, 3)`, `Elem(x, 2)`), or integer
+  lists written `Ind(2, 3)` for the params a row names in `lists` (TensorDot's shapes and axes).
 - numpy implementations receive arrays of shape (..., dim) and return (..., out_dim); dim-1 operands broadcast.
 - `c` is a C expression for one output component of an elementwise op, with `{0}`, `{1}`, `{2}` standing for the
   operands' matching components (the emitter handles broadcasting), or None for structural ops that the emitter
@@ -19,6 +20,7 @@ Conventions
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +30,8 @@ from ..errors import DimensionError
 
 MAX_DIM = 1 << 16          # any node's dimension (refuses Zero(10**9) or a runaway TensorProd)
 MAX_INT_PARAM = 1 << 20    # integer parameters (exponents, indices, IntCst values)
+MAX_LIST_PARAM = 16        # entries of an integer-list parameter `Ind(...)` (tensor shapes and axes)
+MAX_TERMS = 1 << 14        # scalar terms a composite may expand into (TensorDot, SoftDTW_SqDist, BSpline)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class Op:
     leaf: bool = False
     doc: str = ""
     differentiable: tuple[bool, ...] = field(default=())
+    lists: tuple[str, ...] = ()                 # the params that are integer lists, written Ind(2, 3)
+    defaults: tuple = ()                        # values of trailing params that may be left out
 
 
 # Dimension rules -------------------------------------------------------------------------------------
@@ -243,6 +249,222 @@ def _expand_weighted_sqdist(children, params, make):
     return make("WeightedSqNorm", (s, make("Subtract", (x, y))))
 
 
+def _vector(parts, make):
+    """The scalar nodes `parts` as one vector (a balanced tree of Concat, so no chain is deep)."""
+    while len(parts) > 1:
+        parts = [make("Concat", (parts[k], parts[k + 1])) if k + 1 < len(parts) else parts[k]
+                 for k in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _total(terms, make):
+    """The sum of `terms` (a balanced tree of Add)."""
+    while len(terms) > 1:
+        terms = [make("Add", (terms[k], terms[k + 1])) if k + 1 < len(terms) else terms[k]
+                 for k in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _elem(x, k, make):
+    return make("Elem", (x,), (k,))
+
+
+def _tensordot_layout(dims, params, op):
+    """For TensorDot(a, b, shape_a, shape_b, axes_a, axes_b, permute): per output component, the pairs (k, l) of
+    entries of a and b whose products it sums (numpy.tensordot's order, then the output axes permuted so that old
+    axis k lands at permute[k]). Raises DimensionError on inconsistent shapes."""
+    shape_a, shape_b, axes_a, axes_b, permute = params
+    if math.prod(shape_a) != dims[0] or math.prod(shape_b) != dims[1]:
+        raise DimensionError(f"{op}: shapes {list(shape_a)} and {list(shape_b)} do not hold dimensions "
+                             f"{dims[0]} and {dims[1]}")
+    if any(d < 1 for d in shape_a + shape_b):
+        raise DimensionError(f"{op}: shape entries must be positive")
+    if len(axes_a) != len(axes_b) or len(set(axes_a)) != len(axes_a) or len(set(axes_b)) != len(axes_b):
+        raise DimensionError(f"{op}: contracted axes {list(axes_a)} and {list(axes_b)} must pair up, each once")
+    if not all(0 <= k < len(shape_a) for k in axes_a) or not all(0 <= k < len(shape_b) for k in axes_b):
+        raise DimensionError(f"{op}: a contracted axis is out of range")
+    if any(shape_a[k] != shape_b[l] for k, l in zip(axes_a, axes_b)):
+        raise DimensionError(f"{op}: contracted axes {list(axes_a)} and {list(axes_b)} differ in size")
+    free_a = [k for k in range(len(shape_a)) if k not in axes_a]
+    free_b = [k for k in range(len(shape_b)) if k not in axes_b]
+    contracted = math.prod(shape_a[k] for k in axes_a)
+    out_shape = [shape_a[k] for k in free_a] + [shape_b[k] for k in free_b]
+    if permute and sorted(permute) != list(range(len(out_shape))):
+        raise DimensionError(f"{op}: permute {list(permute)} is not a permutation of the {len(out_shape)} output axes")
+    if math.prod(out_shape) * contracted > MAX_TERMS:
+        raise DimensionError(f"{op}: {math.prod(out_shape) * contracted} products exceed the limit of {MAX_TERMS}")
+    a = np.arange(dims[0]).reshape(shape_a).transpose(free_a + list(axes_a)).reshape(-1, contracted)
+    b = np.arange(dims[1]).reshape(shape_b).transpose(free_b + list(axes_b)).reshape(-1, contracted)
+    order = np.arange(len(a) * len(b)).reshape(out_shape or [1])
+    if permute:
+        order = order.transpose(np.argsort(permute))
+    return [[(int(a[o // len(b), c]), int(b[o % len(b), c])) for c in range(contracted)] for o in order.reshape(-1)]
+
+
+def _dim_tensordot(dims, params, op):
+    shape_a, shape_b, axes_a, axes_b, _ = params
+    _tensordot_layout(dims, params, op)
+    return max(1, math.prod(shape_a) * math.prod(shape_b) // math.prod(shape_a[k] for k in axes_a) ** 2)
+
+
+def _expand_tensordot(children, params, make):
+    a, b = children
+    return _vector([_total([make("Mult", (_elem(a, k, make), _elem(b, l, make))) for k, l in pairs], make)
+                    for pairs in _tensordot_layout((a.dim, b.dim), params, "TensorDot")], make)
+
+
+def _kron_params(params, op):
+    shape_a, shape_b = params
+    if len(shape_a) != len(shape_b):
+        raise DimensionError(f"{op}: shapes {list(shape_a)} and {list(shape_b)} have different numbers of axes")
+    n = len(shape_a)
+    return shape_a, shape_b, (), (), tuple(range(0, 2 * n, 2)) + tuple(range(1, 2 * n, 2))
+
+
+def _dim_kron(dims, params, op):
+    return _dim_tensordot(dims, _kron_params(params, op), op)
+
+
+def _expand_kron(children, params, make):
+    return _expand_tensordot(children, _kron_params(params, "Kron"), make)
+
+
+def _dim_weight(kind):
+    def rule(dims, params, op):
+        s, x = dims
+        want = {"iso": 1, "diag": x, "sym": x * x}[kind]
+        if s != want:
+            raise DimensionError(f"{op}: the weight has dimension {s}; it must be {want} for a vector of dimension {x}")
+        return 1
+    return rule
+
+
+def _dim_ratio(dims, params, op):
+    if params[-1] == 0:
+        raise DimensionError(f"{op}: division by zero")
+    return 1
+
+
+def _expand_ratio(children, params, make):
+    numerator, denominator = (1, params[0]) if len(params) == 1 else params
+    return make("Const", (), (numerator / denominator,))
+
+
+def _dim_bspline(dims, params, op):
+    knots, x = dims
+    order = params[0]
+    _needs_scalar(dims, op, 1)
+    if order < 0 or knots < order + 2:
+        raise DimensionError(f"{op}: order {order} needs order >= 0 and at least {order + 2} knots, not {knots}")
+    return knots - order - 1
+
+
+def _expand_bspline(children, params, make):
+    """Cox-de Boor: B_j^0 = [t_j <= x < t_j+1]; B_j^k = w_j^k B_j^k-1 + (1 - w_j+1^k) B_j+1^k-1 with
+    w_j^k = (x - t_j) / (t_j+k - t_j), taken as 0 where the knots coincide (as KeOps does)."""
+    knots, x = children
+    order = params[0]
+    if knots.dim * (order + 1) > MAX_TERMS:
+        raise DimensionError(f"BSpline: {knots.dim} knots of order {order} exceed the limit of {MAX_TERMS} terms")
+    one, zero = make("IntCst", (), (1,)), make("Zero", (), (1,))
+    t = [_elem(knots, k, make) for k in range(knots.dim)]
+
+    def step(v):
+        return make("Step", (v,))
+
+    def ratio(j, k):            # IfElse(c, a, b) is a where c >= 0: knots t_j >= t_j+k give 0
+        gap = make("Subtract", (t[j + k], t[j]))
+        return make("IfElse", (make("Minus", (gap,)), zero, make("Divide", (make("Subtract", (x, t[j])), gap))))
+
+    basis = [make("Mult", (step(make("Subtract", (x, t[j]))), make("Subtract", (one, step(make("Subtract", (x, t[j + 1]))))))) for j in range(knots.dim - 1)]
+    for k in range(1, order + 1):
+        basis = [make("Add", (make("Mult", (ratio(j, k), basis[j])),
+                              make("Mult", (make("Subtract", (one, ratio(j + 1, k))), basis[j + 1]))))
+                 for j in range(len(basis) - 1)]
+    return _vector(basis, make)
+
+
+def _dim_softdtw(dims, params, op):
+    _needs_scalar(dims, op, 2)
+    if dims[0] * dims[1] > MAX_TERMS:
+        raise DimensionError(f"{op}: series of lengths {dims[0]} and {dims[1]} exceed the limit of {MAX_TERMS} cells")
+    return 1
+
+
+def _expand_softdtw(children, params, make):
+    """Soft-DTW with squared differences: R_ij = (x_i - y_j)^2 + softmin_gamma(R_i-1,j-1, R_i-1,j, R_i,j-1), the
+    first row and column summing along their edge (as KeOps does); softmin_g(r) = m - g log sum exp((m - r) / g)
+    with m = min(r), so that no exponential overflows."""
+    x, y, gamma = children
+    xs = [_elem(x, i, make) for i in range(x.dim)]
+    ys = [_elem(y, j, make) for j in range(y.dim)]
+    R = {}
+    for j in range(y.dim):
+        for i in range(x.dim):
+            cost = make("Square", (make("Subtract", (xs[i], ys[j])),))
+            if i == 0 and j == 0:
+                R[i, j] = cost
+            elif i == 0 or j == 0:
+                R[i, j] = make("Add", (cost, R[(i - 1, j) if j == 0 else (i, j - 1)]))
+            else:
+                previous = [R[i - 1, j - 1], R[i, j - 1], R[i - 1, j]]
+                low = make("Min", (_vector(previous, make),))
+                spread = _total([make("Exp", (make("Divide", (make("Subtract", (low, r)), gamma)),))
+                                 for r in previous], make)
+                softmin = make("Subtract", (low, make("Mult", (gamma, make("Log", (spread,))))))
+                R[i, j] = make("Add", (cost, softmin))
+    return R[x.dim - 1, y.dim - 1]
+
+
+def _dim_difference_matrix(dims, params, op):
+    return dims[0] * dims[1]
+
+
+def _expand_difference_matrix(children, params, make):
+    """(x_k - y_l) for k, l, row-major: x ⊗ 1 - 1 ⊗ y."""
+    x, y = children
+    one = make("IntCst", (), (1,))
+    ones = [make("SumT", (one,), (d,)) for d in (x.dim, y.dim)]
+    return make("Subtract", (make("TensorProd", (x, ones[1])), make("TensorProd", (ones[0], y))))
+
+
+def _basis(dim, k, make):
+    return make("ElemT", (make("IntCst", (), (1,)),), (dim, k))
+
+
+def _dim_derivative_matrix(dims, params, op):
+    return dims[0] * dims[1]
+
+
+def _variable_operand(v, op):
+    if v.op != "Var":
+        raise DimensionError(f"{op}: the second operand must be a variable, not {v!r}")
+
+
+def _expand_grad_matrix(children, params, make):
+    """The gradients of f's components with respect to v, row after row (the transposed Jacobian)."""
+    from .autodiff import grad       # autodiff reads this table: import it when a row is expanded
+    f, v = children
+    _variable_operand(v, "GradMatrix")
+    return _vector([grad(f, v, _basis(f.dim, k, make)) for k in range(f.dim)], make)
+
+
+def _dim_trace(dims, params, op):
+    if dims[0] not in (1, dims[1]):
+        raise DimensionError(f"{op}: a linear map of a vector of dimension {dims[1]} must have dimension "
+                             f"{dims[1]} or 1, not {dims[0]}")
+    return 1
+
+
+def _expand_trace(children, params, make):
+    """The trace of f, linear in v: sum_k <e_k, f(e_k)> (for a scalar f, sum_k f(e_k))."""
+    from .autodiff import diff
+    f, v = children
+    _variable_operand(v, "TraceOperator")
+    terms = [diff(f, v, _basis(v.dim, k, make)) for k in range(v.dim)]
+    return _total([t if f.dim == 1 else _elem(t, k, make) for k, t in enumerate(terms)], make)
+
+
 def _grad_pow(params):
     p = params[0]
     if p == 0:
@@ -336,6 +558,32 @@ ROWS: list[Op] = [
     Op("SqDist", 2, dim=_equal_to_scalar, expand="Sum(Square(x-y))"),
     Op("WeightedSqNorm", 2, dim=_dim_weighted, expand=_expand_weighted_sqnorm),
     Op("WeightedSqDist", 3, dim=_dim_weighted, expand=_expand_weighted_sqdist),
+    Op("SqNormIso", 2, dim=_dim_weight("iso"), expand="x*Sum(Square(y))", doc="s |x|^2, s scalar"),
+    Op("SqNormDiag", 2, dim=_dim_weight("diag"), expand="Sum(x*Square(y))", doc="sum_k s_k x_k^2"),
+    Op("SymSqNorm", 2, dim=_dim_weight("sym"), expand="Sum(x*TensorProd(y,y))", doc="x^T A x, A row-major"),
+    Op("IntInv", 0, ("value",), dim=_dim_ratio, expand=_expand_ratio, doc="1/n"),
+    Op("RatCst", 0, ("numerator", "denominator"), dim=_dim_ratio, expand=_expand_ratio, doc="p/q"),
+    # Comparisons: 1 where true, else 0 (not differentiable), with dim-1 broadcasting
+    Op("LessThan", 2, dim=_broadcast, expand="IntCst(1)-Step(x-y)"),
+    Op("LessOrEqual", 2, dim=_broadcast, expand="Step(y-x)"),
+    Op("Equal", 2, dim=_broadcast, expand="Step(x-y)*Step(y-x)"),
+    Op("NotEqual", 2, dim=_broadcast, expand="IntCst(1)-Step(x-y)*Step(y-x)"),
+    # Tensors stored row-major in vectors
+    Op("TensorDot", 2, ("shape_a", "shape_b", "axes_a", "axes_b", "permute"), dim=_dim_tensordot,
+       expand=_expand_tensordot, lists=("shape_a", "shape_b", "axes_a", "axes_b", "permute"), defaults=((),),
+       doc="numpy.tensordot(a, b, (axes_a, axes_b)), output axes optionally permuted"),
+    Op("Kron", 2, ("shape_a", "shape_b"), dim=_dim_kron, expand=_expand_kron, lists=("shape_a", "shape_b"),
+       doc="numpy.kron of tensors with the same number of axes"),
+    Op("DifferenceMatrix", 2, dim=_dim_difference_matrix, expand=_expand_difference_matrix, doc="x_k - y_l"),
+    # Sequences and splines
+    Op("BSpline", 2, ("order",), dim=_dim_bspline, expand=_expand_bspline,
+       doc="the B-spline basis of an order on the knots (operand 1), at the scalar operand 2"),
+    Op("SoftDTW_SqDist", 3, dim=_dim_softdtw, expand=_expand_softdtw,
+       doc="soft dynamic time warping of two series with squared differences, smoothed by the scalar gamma"),
+    # Derivatives as matrices, and no-op factorisation (hash-consing already shares common sub-expressions)
+    Op("GradMatrix", 2, dim=_dim_derivative_matrix, expand=_expand_grad_matrix, doc="the transposed Jacobian"),
+    Op("TraceOperator", 2, dim=_dim_trace, expand=_expand_trace, doc="the trace of f, linear in v"),
+    Op("Factorize", 2, dim=_same, expand="x", doc="f with g shared: kred shares every common sub-expression"),
 ]
 
 OPS: dict[str, Op] = {row.name: row for row in ROWS}

@@ -309,13 +309,22 @@ class _Walker:
                 return self.build("Const", (), (-literal.value if negative else literal.value,), node)
             return self.build("Const", (), (float(self.integer(arg)),), node)
         expected = row.arity + len(row.params)
-        if len(node.args) != expected:
+        if not expected - len(row.defaults) <= len(node.args) <= expected:
             params = f" and {len(row.params)} integer parameter(s)" if row.params else ""
             self.fail(f"{name}: expects {row.arity} operand(s){params}, got {len(node.args)} argument(s) "
                       f"in `{self.segment(node)}`", node)
         children = tuple(self.node(a, depth + 1) for a in node.args[:row.arity])
-        params = tuple(self.integer(a) for a in node.args[row.arity:])
+        params = tuple(self.parameter(a) for a in node.args[row.arity:])
+        params += row.defaults[len(row.defaults) - (expected - len(node.args)):] if len(node.args) < expected else ()
         return self.build(name, children, params, node)
+
+    def parameter(self, node: ast.AST):
+        """An integer parameter, or a list of them written `Ind(2, 3)` (as KeOps writes TensorDot's shapes)."""
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Ind":
+            if node.keywords:
+                self.fail("Ind: keyword arguments are not allowed", node)
+            return tuple(self.integer(a) for a in node.args)
+        return self.integer(node)
 
     def inline_variable(self, name: str, node: ast.Call) -> Node:
         ints = [self.integer(a) for a in node.args]
