@@ -299,10 +299,11 @@ ROWS = [
     Row("GradMatrix", "GradMatrix(x * Sum(x * y), x)", {"x": i(3), "y": j(3)},
         lambda x, y: ((x * y).sum(-1)[..., None, None] * np.eye(3) + x[..., :, None] * y[..., None, :])
         .reshape(np.broadcast_shapes(x.shape[:-1], y.shape[:-1]) + (9,))),
-    Row("TraceOperator", "TraceOperator(MatVecMult(A, v), v)", {"A": i(9), "v": j(3)},
-        lambda A, v: A[..., 0:1] + A[..., 4:5] + A[..., 8:9] + 0 * v[..., :1]),
-    Row("TraceOperator", "TraceOperator(Sum(x * v), v)", {"x": i(3), "v": j(3)},
-        lambda x, v: x.sum(-1, keepdims=True) + 0 * v[..., :1]),
+    # (times a factor in v: the trace itself no longer depends on v, and every variable must stay in the formula)
+    Row("TraceOperator", "TraceOperator(MatVecMult(A, v), v) * Sum(v)", {"A": i(9), "v": j(3)},
+        lambda A, v: (A[..., 0:1] + A[..., 4:5] + A[..., 8:9]) * v.sum(-1, keepdims=True)),
+    Row("TraceOperator", "TraceOperator(Sum(x * v), v) * Sum(v)", {"x": i(3), "v": j(3)},
+        lambda x, v: x.sum(-1, keepdims=True) * v.sum(-1, keepdims=True)),
     Row("Factorize", "Factorize(Exp(-SqDist(x, y)) * SqDist(x, y), SqDist(x, y))", {"x": i(3), "y": j(3)},
         lambda x, y: np.exp(-sq(x - y)) * sq(x - y)),
 ]
