@@ -488,6 +488,54 @@ class LazyTensorBase(ABC):
     def tensorprod(self, other):
         return self._op("TensorProd", other)
 
+    def keops_tensordot(self, other, dimfa, dimfb, contfa, contfb, *permute):
+        """numpy.tensordot of self and other read as row-major tensors of shapes dimfa and dimfb, contracting
+        the axes contfa of self with contfb of other; an optional permutation sends output axis k to permute[k]."""
+        lists = [_int_list(v, name) for v, name in ((dimfa, "dimfa"), (dimfb, "dimfb"), (contfa, "contfa"),
+                                                    (contfb, "contfb"))]
+        if len(permute) > 1:
+            raise ArgumentError("keops_tensordot takes at most one permutation after contfb")
+        lists.append(_int_list(permute[0], "permute") if permute else ())
+        return self._op("TensorDot", other, params=tuple(lists))
+
+    def keops_kron(self, other, dimfself, dimfother):
+        """numpy.kron of self and other read as row-major tensors with the same number of axes."""
+        return self._op("Kron", other, params=(_int_list(dimfself, "dimfself"), _int_list(dimfother, "dimfother")))
+
+    def difference_matrix(self, other):
+        """The vector of self_k - other_l, k outer."""
+        return self._op("DifferenceMatrix", other)
+
+    def bspline(self, x, k=0):
+        """The B-spline basis functions of order k on the knots self (sorted), at the scalar x."""
+        return self._op("BSpline", x, params=(_integer(k, "bspline: k"),))
+
+    def softdtw_sqdist(self, other, gamma):
+        """Soft dynamic time warping between the series self and other (squared differences), smoothed by gamma."""
+        return self._op("SoftDTW_SqDist", other, gamma)
+
+    def grad_matrix(self, v):
+        """The gradients of self's components with respect to the variable LazyTensor v, row after row."""
+        return self._op("GradMatrix", self._variable(v, "grad_matrix"))
+
+    def trace_operator(self, v):
+        """The trace of self, a linear function of the variable LazyTensor v (usually a symbolic Vi/Vj/Pm)."""
+        return _drop_unused_symbols(self._op("TraceOperator", self._variable(v, "trace_operator")))
+
+    def factorize(self, other):
+        """self (pykeops's hint to share `other`: kred shares every common sub-formula already)."""
+        return self._op("Factorize", other)
+
+    def auto_factorize(self):
+        """self: common sub-formulas are shared nodes already."""
+        return self
+
+    def __min__(self, **options):
+        return self.min(**options)
+
+    def __max__(self, **options):
+        return self.max(**options)
+
     # Symbolic derivatives (engine.formula.autodiff)
     def grad(self, v, e):
         """e^T d(self)/dv: the gradient with respect to the variable LazyTensor `v`, against `e`."""
@@ -502,11 +550,15 @@ class LazyTensorBase(ABC):
     def laplacian(self, v):
         return self._derivative("Laplacian", v)
 
-    def _derivative(self, name, v, *rest):
+    def _variable(self, v, name):
         v = self._lift(v)
         if v.node.op != "Var":
-            raise ArgumentError(f"LazyTensor.{name.lower()}: differentiate with respect to a variable LazyTensor "
+            raise ArgumentError(f"LazyTensor.{name}: differentiate with respect to a variable LazyTensor "
                                 f"(built from an array or Vi/Vj/Pm), not {v.formula}")
+        return v
+
+    def _derivative(self, name, v, *rest):
+        v = self._variable(v, name.lower())
         joined, nodes = _join((self, v) + tuple(self._lift(r) for r in rest))
         return joined(derivative_op(name, nodes))
 
@@ -912,6 +964,23 @@ def _split_options(options: dict) -> tuple[dict, dict]:
             raise TypeError(f"unexpected keyword argument {key!r} for a LazyTensor reduction "
                             f"(known: {', '.join(PLAN_OPTIONS + CALL_OPTIONS)})")
     return plan, call
+
+
+def _drop_unused_symbols(lazy: LazyTensorBase) -> LazyTensorBase:
+    """`lazy` without the symbolic variables its formula no longer reads (a trace's variable), so that calling
+    its reduction does not ask for their arrays."""
+    used = {n.params[0] for n in lazy.node.variables()}
+    keep = [k for k, v in enumerate(lazy.leaves) if v.symbol is None or k in used]
+    if len(keep) == len(lazy.leaves):
+        return lazy
+    node = _renumber(lazy.node, {old: new for new, old in enumerate(keep)})
+    return lazy._derived(node, [lazy.leaves[k] for k in keep], lazy.batchdims, lazy.ni, lazy.nj, lazy.ranges,
+                         lazy.backend, lazy._dtype)
+
+
+def _int_list(value, what: str) -> tuple:
+    values = (value,) if isinstance(value, numbers.Integral) else tuple(value)
+    return tuple(_integer(v, f"{what} entries") for v in values)
 
 
 def _is_number(x) -> bool:
