@@ -62,3 +62,17 @@ def generic_helpers(genred):
         return genred(formula, list(aliases), reduction_op="ArgKMin", axis=axis_of(output), opt_arg=K, **kwargs)
 
     return generic_sum, generic_logsumexp, generic_argmin, generic_argkmin
+
+
+def install_check(genred, convert, to_numpy):
+    """pykeops's `test_install`: one Gaussian-kernel sum through a binding's Genred, compared with numpy."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, y, b = rng.standard_normal((30, 3)), rng.standard_normal((20, 3)), rng.standard_normal((20, 1))
+    op = genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)
+    got = to_numpy(op(*map(convert, (x, y, b))))
+    want = np.exp(-((x[:, None] - y[None]) ** 2).sum(-1)) @ b
+    ok = bool(np.allclose(got, want, rtol=1e-10, atol=1e-12))
+    print("kred is working" if ok else f"kred gives wrong results: largest error {np.abs(got - want).max():.3g}")
+    return ok

@@ -59,6 +59,28 @@ class Variable:
         return Variable(self.value, cat, self.dim, self.symbol)
 
 
+# Public names of pykeops's LazyTensor that are its own machinery (or complex numbers), refused with the way to do it
+# here: reading one raises an AttributeError that says so.
+_INTERNAL = ("pykeops's internal machinery; kred's LazyTensor holds its formula in .node and its arrays in "
+             ".variables, and builds formulas with operators and methods (x + y, x.exp(), ...)")
+_COMPLEX = ("not supported: complex LazyTensors are not implemented in kred; split a complex array into its real "
+            "and imaginary parts (numpy's .real/.imag, torch.view_as_real) and write the complex arithmetic on them")
+PYKEOPS_REFUSED = {
+    **{name: _INTERNAL for name in ("unary", "binary", "ternary", "tools", "get_tools", "lt_constructor", "init",
+                                    "join", "promote", "fixvariables", "new_variable_index", "separate_kwargs")},
+    "Genred": "pykeops's internal machinery; use kred.numpy.Genred or kred.torch.Genred",
+    "KernelSolve": "pykeops's internal machinery; use kred.numpy.KernelSolve or kred.torch.KernelSolve",
+    **{name: _COMPLEX for name in ("real2complex", "imag2complex", "exp1j", "conj", "real", "imag", "angle")},
+}
+
+
+class ComplexLazyTensor:
+    """pykeops's complex LazyTensor, refused with the way to do without it."""
+
+    def __init__(self, *args, **kwargs):
+        raise ArgumentError(f"ComplexLazyTensor is {_COMPLEX}")
+
+
 class LazyTensorBase(ABC):
     """A symbolic array: a formula over `variables`, plus the shape facts needed to reduce it.
 
@@ -100,6 +122,13 @@ class LazyTensorBase(ABC):
     @abstractmethod
     def _kernel_solve_class():
         """The binding's pykeops-style KernelSolve class."""
+
+    def __getattr__(self, name):
+        if name in PYKEOPS_REFUSED:
+            raise AttributeError(f"LazyTensor.{name} is {PYKEOPS_REFUSED[name]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    is_complex = False          # pykeops's flag: kred's LazyTensors are real (see PYKEOPS_REFUSED)
 
     # ---- construction -----------------------------------------------------------------------------------------
     def __init__(self, x=None, axis=None):
@@ -283,6 +312,19 @@ class LazyTensorBase(ABC):
         if _is_number(other) and other == 1:
             return self._op("Inv")
         return self._lift(other)._op("Divide", self)
+
+    # pykeops's named forms of the operators (its keyword arguments are formula options it ignores too)
+    def addop(self, other, **kwargs):
+        return self + other
+
+    def subop(self, other, **kwargs):
+        return self - other
+
+    def mulop(self, other, **kwargs):
+        return self * other
+
+    def divop(self, other, **kwargs):
+        return self / other
 
     def __neg__(self):
         return self._op("Minus")

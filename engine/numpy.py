@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 from .kernel_solve import KernelSolve  # noqa: F401  (re-exported: engine.numpy.KernelSolve)
+from .lazytensor import ComplexLazyTensor  # noqa: F401  (refuses: see engine.lazytensor.PYKEOPS_REFUSED)
 from .numpy_lazytensor import LazyTensor, Pm, Vi, Vj  # noqa: F401  (re-exported, as in pykeops.numpy)
 from .ranges import (cluster_ranges, cluster_ranges_centroids, from_matrix, grid_cluster,  # noqa: F401
                      sort_clusters, swap_axes)
-from .frontend import GenredBase, generic_helpers
+from .frontend import GenredBase, generic_helpers, install_check
 from .run import run
 
-__all__ = ["Genred", "KernelSolve", "LazyTensor", "Pm", "Vi", "Vj", "cluster_ranges", "cluster_ranges_centroids",
-           "from_matrix", "generic_argkmin", "generic_argmin", "generic_logsumexp", "generic_sum", "grid_cluster",
-           "sort_clusters", "swap_axes"]
+__all__ = ["ComplexLazyTensor", "Genred", "KernelSolve", "LazyTensor", "Pm", "Vi", "Vj", "cluster_ranges",
+           "cluster_ranges_centroids", "from_matrix", "generic_argkmin", "generic_argmin", "generic_logsumexp", "generic_sum", "grid_cluster",
+           "sort_clusters", "swap_axes", "test_install"]
 
 
 class Genred(GenredBase):
@@ -26,3 +27,11 @@ class Genred(GenredBase):
 
 
 generic_sum, generic_logsumexp, generic_argmin, generic_argkmin = generic_helpers(Genred)
+
+
+def test_install() -> bool:
+    """pykeops's installation check: a small reduction compared with numpy; prints the outcome."""
+    return install_check(Genred, lambda a: a, lambda a: a)
+
+
+test_install.__test__ = False       # not a pytest test when imported into a test module
