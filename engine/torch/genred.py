@@ -21,6 +21,7 @@ from ..reductions.gradients import SELECTING, with_indices
 from ..reductions.vjp import ArrayOps
 from ..reductions.vjp import vjp as shared_vjp
 from ..run import run
+from .forward import tangent_plan
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,23 @@ class _Reduce(torch.autograd.Function):
         value = next((o for o, kind in zip(output, kinds) if kind == "value"), None)
         index = next((o for o, kind in zip(output, kinds) if kind == "index"), None)
         ctx.save_for_backward(*tensors, value, index)
+        ctx.save_for_forward(*tensors)
         ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx, _plan, _options, *tangents):
+        """Forward mode: the tangent of the result is a reduction too (engine/torch/forward.py)."""
+        plan: Plan = ctx.plan
+        tensors = ctx.saved_tensors
+        kinds = _output_kinds(plan)
+        moving = tuple(k for k, t in enumerate(tangents) if t is not None)
+        derived = tangent_plan(plan, moving) if moving else None
+        if derived is None:
+            value = torch.zeros(())
+        else:
+            value = reduce(derived, [*tensors, *(tangents[k].to(tensors[k].dtype).contiguous() for k in moving)],
+                           ctx.options)
+        return tuple(value if kind == "value" else None for kind in kinds)
 
     @staticmethod
     def vmap(info, in_dims, plan: Plan, options: Options, *tensors):
