@@ -114,11 +114,18 @@ class _Reduce(torch.autograd.Function):
         for spec, tensor, dim in zip(plan.args, tensors, in_dims[2:]):
             if dim is not None:
                 tensor = tensor.movedim(dim, 0)
-                if spec.cat == P:
-                    tensor = tensor.reshape(info.batch_size, -1)        # (B, D)
-                elif tensor.dim() == 2:
+                if spec.cat == P and tensor.numel() == info.batch_size * spec.dim:
+                    tensor = tensor.reshape(info.batch_size, spec.dim)  # (B, D), also from (B,) or (B, 1, D)
+                elif spec.cat != P and tensor.dim() == 2:
                     tensor = tensor.unsqueeze(-1)                       # a 1-D variable of dimension 1
             moved.append(tensor)
+        # The mapped axis is the outermost batch axis: the arguments' own (pykeops) batch axes stay inside it, so a
+        # mapped argument with fewer of them gets size-1 axes after the mapped one (batch axes align on the right).
+        ranks = [max(0, t.dim() - (1 if spec.cat == P else 2) - (d is not None))
+                 for spec, t, d in zip(plan.args, moved, in_dims[2:])]
+        inner = max(ranks, default=0)
+        moved = [t.reshape(t.shape[:1] + (1,) * (inner - rank) + t.shape[1:]) if d is not None else t
+                 for t, d, rank in zip(moved, in_dims[2:], ranks)]
         outputs = _Reduce.apply(plan, options, *moved)
         return outputs, (0,) * len(outputs)
 

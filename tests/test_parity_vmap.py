@@ -1,0 +1,40 @@
+"""torch.func.vmap over kred.torch.Genred with pykeops's batch shapes (the mapped axis outside the arguments' own
+batch axes), and Genred with aliases its formula does not use; against dense torch written here."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kred.numpy import Genred as NumpyGenred
+from kred.torch import Genred
+
+torch.manual_seed(13)
+OP = Genred("Exp(-SqDist(x, y) * s) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)", "s = Pm(1)"], axis=1)
+B = torch.randn(7, 1, dtype=torch.float64)
+
+
+def dense(x, y, b, s):
+    return torch.exp(-((x[..., :, None, :] - y[..., None, :, :]) ** 2).sum(-1) * s[..., None]) @ b
+
+
+def test_vmap_over_arguments_with_their_own_batch_axes():
+    xs = torch.randn(5, 6, 3, dtype=torch.float64)          # mapped, no batch axis of its own
+    ys = torch.randn(5, 4, 7, 3, dtype=torch.float64)       # mapped, batch axis (4,) of its own
+    s = torch.rand(5, 1, dtype=torch.float64)                # a mapped parameter
+    got = torch.func.vmap(lambda x, y, s: OP(x, y, B, s, backend="reference"))(xs, ys, s)
+    want = torch.func.vmap(lambda x, y, s: dense(x, y, B, s))(xs, ys, s)
+    assert got.shape == (5, 4, 6, 1)
+    torch.testing.assert_close(got, want)
+    # an unmapped argument with its own batch axes, and a gradient under vmap
+    y4 = torch.randn(4, 7, 3, dtype=torch.float64)
+    got = torch.func.vmap(torch.func.grad(lambda x: OP(x, y4, B, s[0], backend="reference").sum()))(xs)
+    want = torch.func.vmap(torch.func.grad(lambda x: dense(x, y4, B, s[0]).sum()))(xs)
+    torch.testing.assert_close(got, want)
+
+
+def test_genred_accepts_aliases_the_formula_does_not_use():
+    rng = np.random.default_rng(0)
+    x, y, b, p = rng.standard_normal((5, 3)), rng.standard_normal((4, 3)), rng.standard_normal((4, 1)), np.ones(2)
+    op = NumpyGenred("SqNorm2(x)", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)", "p = Pm(2)"], axis=1)
+    got = op(x, y, b, p, backend="reference")
+    np.testing.assert_allclose(got, 4 * (x ** 2).sum(1, keepdims=True), rtol=1e-12)   # M = 4 columns, from y
