@@ -178,8 +178,8 @@ class LazyTensorBase(ABC):
 
     def _init_array(self, x, axis):
         self._dtype = self._dtype_name(x)
-        if self._dtype not in ("float32", "float64"):
-            raise ArgumentError(f"LazyTensor: dtype {self._dtype} is not supported; use float32 or float64")
+        if self._dtype not in ("float16", "float32", "float64"):
+            raise ArgumentError(f"LazyTensor: dtype {self._dtype} is not supported; use float16, float32 or float64")
         shape = tuple(x.shape)
         if len(shape) == 0:
             _no_axis(axis, "a 0-d array", allowed=(None, 2))

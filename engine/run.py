@@ -27,6 +27,9 @@ def run(plan: Plan, args, backend: str = "auto", out=None, ranges=None, device_i
     `ranges` (the pykeops block-sparse 6-tuple, see engine.ranges) and leading batch dimensions (engine.batch) work on
     every backend: both are built on `Backend.partial` / `Backend.reduce`.
     """
+    if _widen_half(args, backend, cluster):
+        result = run(plan, [_float32(a) for a in args], backend, None, ranges, device_id, cluster)
+        return _into(out, _float16(result))
     batch = batch_shape(plan, args)
     if batch:
         if ranges is not None:
@@ -46,6 +49,26 @@ def run(plan: Plan, args, backend: str = "auto", out=None, ranges=None, device_i
     else:
         result = engine.reduce(plan, arrays, n, m)
     return _into(out, result)
+
+
+def _widen_half(args, backend: str, cluster) -> bool:
+    """float16 arrays for a backend that computes in float32 / float64 only (all but cuda): they are widened to
+    float32 at this boundary and the results rounded back to float16, as the cuda backend does inside its kernels."""
+    if not args or not all(str(getattr(a, "dtype", "")).removeprefix("torch.") == "float16" for a in args):
+        return False
+    if cluster is not None or backend_name(backend) == "cluster":
+        return True
+    return np.dtype(np.float16) not in get_backend(_resolve(backend, args)).dtypes
+
+
+def _float32(array):
+    return array.astype(np.float32) if hasattr(array, "astype") else array.float()
+
+
+def _float16(result):
+    if isinstance(result, tuple):
+        return tuple(_float16(r) for r in result)
+    return result.astype(np.float16) if result.dtype == np.float32 else result      # indices stay int64
 
 
 def _resolve(backend: str, args) -> str:

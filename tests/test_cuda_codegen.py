@@ -17,7 +17,7 @@ import pytest
 from kred.engine.backends import nvrtc
 from kred.engine.backends import cuda as runtime
 from kred.engine.codegen import cuda as template
-from kred.engine.errors import ArgumentError, BackendError
+from kred.engine.errors import BackendError
 from kred.engine.formula import Node, make
 from kred.engine.numpy import Genred
 from kred.engine.plan import plan_from_nodes
@@ -190,9 +190,3 @@ def test_import_does_not_touch_cuda():
             "bad = [m for m in sys.modules if m.startswith(('cupy', 'cuda.bindings.driver', 'cuda.bindings.runtime'))]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-def test_float16_is_refused_by_cpu_backends():
-    op = Genred("x * y", ["x = Vi(1)", "y = Vj(1)"], axis=1)
-    with pytest.raises(ArgumentError, match="float16 is not supported; use float32 or float64"):
-        op(np.ones((2, 1), np.float16), np.ones((2, 1), np.float16), backend="reference")
