@@ -156,6 +156,19 @@ def tensordot(a, b, shape_a, shape_b, subscripts):
     return np.einsum(subscripts, a, b).reshape(shape + (-1,))
 
 
+def cplx(v):
+    """An interleaved (re, im) real array as a complex one."""
+    return v[..., 0::2] + 1j * v[..., 1::2]
+
+
+def real_pairs(c, like=()):
+    """A complex array as interleaved (re, im) reals, broadcast against the arrays `like`."""
+    c = np.broadcast_to(c, np.broadcast_shapes(c.shape[:-1], *(a.shape[:-1] for a in like)) + c.shape[-1:])
+    out = np.empty(c.shape[:-1] + (2 * c.shape[-1],))
+    out[..., 0::2], out[..., 1::2] = c.real, c.imag
+    return out
+
+
 ROWS = [
     # Leaves
     Row("Var", "x", {"x": i(3)}, lambda x: x),
@@ -306,6 +319,31 @@ ROWS = [
         lambda x, v: x.sum(-1, keepdims=True) * v.sum(-1, keepdims=True)),
     Row("Factorize", "Factorize(Exp(-SqDist(x, y)) * SqDist(x, y), SqDist(x, y))", {"x": i(3), "y": j(3)},
         lambda x, y: np.exp(-sq(x - y)) * sq(x - y)),
+    # Complex numbers, (re, im) interleaved; dense references in numpy's complex arithmetic
+    Row("ComplexReal", "ComplexReal(z) * c", {"z": i(6), "c": j(1)}, lambda z, c: cplx(z).real * c),
+    Row("ComplexImag", "ComplexImag(z - w)", {"z": i(4), "w": j(4)}, lambda z, w: cplx(z - w).imag),
+    Row("ComplexAngle", "ComplexAngle(z - w)", {"z": i(4), "w": j(4)}, lambda z, w: np.angle(cplx(z - w))),
+    Row("ComplexSquareAbs", "ComplexSquareAbs(z - w)", {"z": i(4), "w": j(4)},
+        lambda z, w: np.abs(cplx(z - w)) ** 2),
+    Row("ComplexAbs", "ComplexAbs(z - w)", {"z": i(4), "w": j(4)}, lambda z, w: np.abs(cplx(z - w))),
+    Row("Conj", "Conj(z) * c", {"z": i(4), "c": j(1)}, lambda z, c: real_pairs(np.conj(cplx(z))) * c),
+    Row("ComplexExp", "ComplexExp(z - w)", {"z": i(4), "w": j(4)}, lambda z, w: real_pairs(np.exp(cplx(z - w)))),
+    Row("ComplexSum", "ComplexSum(z - w)", {"z": i(6), "w": j(6)},
+        lambda z, w: real_pairs(cplx(z - w).sum(-1, keepdims=True))),
+    Row("ComplexSumT", "ComplexSumT(s, 3) - z", {"s": j(2), "z": i(6)},
+        lambda s, z: real_pairs(np.repeat(cplx(s), 3, -1), (z,)) - z),
+    Row("Real2Complex", "Real2Complex(x - y)", {"x": i(2), "y": j(2)}, lambda x, y: real_pairs(x - y + 0j)),
+    Row("Imag2Complex", "Imag2Complex(x - y)", {"x": i(2), "y": j(2)}, lambda x, y: real_pairs(1j * (x - y))),
+    Row("ComplexExp1j", "ComplexExp1j(x - y)", {"x": i(2), "y": j(2)}, lambda x, y: real_pairs(np.exp(1j * (x - y)))),
+    Row("ComplexAdd", "ComplexAdd(z, w)", {"z": i(4), "w": j(4)}, lambda z, w: real_pairs(cplx(z) + cplx(w))),
+    Row("ComplexAdd", "ComplexAdd(s, w)", {"s": i(2), "w": j(4)}, lambda s, w: real_pairs(cplx(s) + cplx(w))),
+    Row("ComplexSubtract", "ComplexSubtract(z, w)", {"z": i(4), "w": j(4)},
+        lambda z, w: real_pairs(cplx(z) - cplx(w))),
+    Row("ComplexMult", "ComplexMult(z, w)", {"z": i(4), "w": j(4)}, lambda z, w: real_pairs(cplx(z) * cplx(w))),
+    Row("ComplexMult", "ComplexMult(z, s)", {"z": i(6), "s": p(2)}, lambda z, s: real_pairs(cplx(z) * cplx(s))),
+    Row("ComplexDivide", "ComplexDivide(z, w)", {"z": i(4), "w": j(4, "positive")},
+        lambda z, w: real_pairs(cplx(z) / cplx(w))),
+    Row("ComplexRealScal", "ComplexRealScal(c, z)", {"c": j(1), "z": i(4)}, lambda c, z: c * z),
 ]
 
 

@@ -465,6 +465,102 @@ def _expand_trace(children, params, make):
     return _total([t if f.dim == 1 else _elem(t, k, make) for k, t in enumerate(terms)], make)
 
 
+# Complex numbers: a complex vector of dimension d is a real vector of dimension 2d, (re, im) interleaved (as in
+# KeOps). Every complex op is a composite of real ones, so gradients and C code come from the real rows.
+
+def _even(dims, op):
+    for d in dims:
+        if d % 2:
+            raise DimensionError(f"{op}: a complex operand has an even dimension (re, im interleaved), not {d}")
+
+
+def _dim_complex(out):
+    """Dimension rule of a complex op: `out` maps the operand dims to the output dim after the checks."""
+    def rule(dims, params, op):
+        _even(dims, op)
+        if len(dims) == 2 and dims[0] != dims[1] and 2 not in dims:
+            raise DimensionError(f"{op}: complex dimensions {dims[0] // 2} and {dims[1] // 2} differ")
+        return out(dims, params)
+    return rule
+
+
+def _dim_from_real(dims, params, op):
+    return 2 * dims[0]
+
+
+def _dim_real_scal(dims, params, op):
+    _needs_scalar(dims, op)
+    _even(dims[1:], op)
+    return dims[1]
+
+
+def _dim_complex_sumt(dims, params, op):
+    if dims[0] != 2 or params[0] < 1:
+        raise DimensionError(f"{op}: repeats one complex number (dimension 2) a positive number of times")
+    return 2 * params[0]
+
+
+def _part(z, offset, make):
+    """The real (offset 0) or imaginary (offset 1) parts of the interleaved z, as a vector."""
+    return _vector([_elem(z, k, make) for k in range(offset, z.dim, 2)], make)
+
+
+def _interleave(re, im, make):
+    n = max(re.dim, im.dim)
+    pick = (lambda v, k: v if v.dim == 1 else _elem(v, k, make))
+    return _vector([part for k in range(n) for part in (pick(re, k), pick(im, k))], make)
+
+
+def _complex(build):
+    """An expansion from (re, im) parts: `build(parts of each operand, make) -> (re, im)` or a real node."""
+    def expand(children, params, make):
+        out = build([(_part(z, 0, make), _part(z, 1, make)) for z in children], make)
+        return _interleave(*out, make) if isinstance(out, tuple) else out
+    return expand
+
+
+def _cmul(z, w, make):
+    (a, b), (c, d) = z, w
+    return (make("Subtract", (make("Mult", (a, c)), make("Mult", (b, d)))),
+            make("Add", (make("Mult", (a, d)), make("Mult", (b, c)))))
+
+
+def _cdiv(z, w, make):
+    (a, b), (c, d) = z, w
+    norm = make("Add", (make("Square", (c,)), make("Square", (d,))))
+    re = make("Add", (make("Mult", (a, c)), make("Mult", (b, d))))
+    im = make("Subtract", (make("Mult", (b, c)), make("Mult", (a, d))))
+    return make("Divide", (re, norm)), make("Divide", (im, norm))
+
+
+def _cexp(z, make):
+    (a, b), = z
+    scale = make("Exp", (a,))
+    return make("Mult", (scale, make("Cos", (b,)))), make("Mult", (scale, make("Sin", (b,))))
+
+
+def _square_abs(z, make):
+    (a, b), = z
+    return make("Add", (make("Square", (a,)), make("Square", (b,))))
+
+
+def _expand_from_real(kind):
+    def expand(children, params, make):
+        x, = children
+        zero = make("Zero", (), (x.dim,))
+        if kind == "real":
+            return _interleave(x, zero, make)
+        if kind == "imag":
+            return _interleave(zero, x, make)
+        return _interleave(make("Cos", (x,)), make("Sin", (x,)), make)
+    return expand
+
+
+def _expand_complex_sumt(children, params, make):
+    z, = children
+    return _vector([_elem(z, k % 2, make) for k in range(2 * params[0])], make)
+
+
 def _grad_pow(params):
     p = params[0]
     if p == 0:
@@ -584,6 +680,30 @@ ROWS: list[Op] = [
     Op("GradMatrix", 2, dim=_dim_derivative_matrix, expand=_expand_grad_matrix, doc="the transposed Jacobian"),
     Op("TraceOperator", 2, dim=_dim_trace, expand=_expand_trace, doc="the trace of f, linear in v"),
     Op("Factorize", 2, dim=_same, expand="x", doc="f with g shared: kred shares every common sub-expression"),
+    # Complex numbers, (re, im) interleaved
+    Op("ComplexReal", 1, dim=_dim_complex(lambda d, p: d[0] // 2), expand=_complex(lambda z, make: z[0][0])),
+    Op("ComplexImag", 1, dim=_dim_complex(lambda d, p: d[0] // 2), expand=_complex(lambda z, make: z[0][1])),
+    Op("ComplexAngle", 1, dim=_dim_complex(lambda d, p: d[0] // 2),
+       expand=_complex(lambda z, make: make("Atan2", (z[0][1], z[0][0])))),
+    Op("ComplexSquareAbs", 1, dim=_dim_complex(lambda d, p: d[0] // 2), expand=_complex(_square_abs)),
+    Op("ComplexAbs", 1, dim=_dim_complex(lambda d, p: d[0] // 2),
+       expand=_complex(lambda z, make: make("Sqrt", (_square_abs(z, make),)))),
+    Op("Conj", 1, dim=_dim_complex(lambda d, p: d[0]),
+       expand=_complex(lambda z, make: (z[0][0], make("Minus", (z[0][1],))))),
+    Op("ComplexExp", 1, dim=_dim_complex(lambda d, p: d[0]), expand=_complex(_cexp)),
+    Op("ComplexSum", 1, dim=_dim_complex(lambda d, p: 2),
+       expand=_complex(lambda z, make: (make("Sum", (z[0][0],)), make("Sum", (z[0][1],))))),
+    Op("ComplexSumT", 1, ("dim",), dim=_dim_complex_sumt, expand=_expand_complex_sumt),
+    Op("Real2Complex", 1, dim=_dim_from_real, expand=_expand_from_real("real")),
+    Op("Imag2Complex", 1, dim=_dim_from_real, expand=_expand_from_real("imag")),
+    Op("ComplexExp1j", 1, dim=_dim_from_real, expand=_expand_from_real("exp1j"), doc="exp(i x) of a real x"),
+    Op("ComplexAdd", 2, dim=_dim_complex(lambda d, p: max(d)),
+       expand=_complex(lambda zs, make: tuple(make("Add", (a, b)) for a, b in zip(*zs)))),
+    Op("ComplexSubtract", 2, dim=_dim_complex(lambda d, p: max(d)),
+       expand=_complex(lambda zs, make: tuple(make("Subtract", (a, b)) for a, b in zip(*zs)))),
+    Op("ComplexMult", 2, dim=_dim_complex(lambda d, p: max(d)), expand=_complex(lambda zs, make: _cmul(*zs, make))),
+    Op("ComplexDivide", 2, dim=_dim_complex(lambda d, p: max(d)), expand=_complex(lambda zs, make: _cdiv(*zs, make))),
+    Op("ComplexRealScal", 2, dim=_dim_real_scal, expand="x*y", doc="a real scalar times a complex vector"),
 ]
 
 OPS: dict[str, Op] = {row.name: row for row in ROWS}
