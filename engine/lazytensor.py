@@ -33,6 +33,7 @@ from .ranges import swap_axes
 
 CATEGORY = {0: I, 1: J, 2: P}
 K_REDUCTIONS = ("KMin", "ArgKMin", "KMin_ArgKMin")
+COMPLEX_REDUCTIONS = ("Sum",)           # reductions of a complex formula that give complex values
 # Keyword arguments of a reduction: those that shape the plan, and those of the call.
 PLAN_OPTIONS = ("dtype_acc", "use_double_acc")
 CALL_OPTIONS = ("backend", "device_id", "ranges", "out")
@@ -59,26 +60,16 @@ class Variable:
         return Variable(self.value, cat, self.dim, self.symbol)
 
 
-# Public names of pykeops's LazyTensor that are its own machinery (or complex numbers), refused with the way to do it
-# here: reading one raises an AttributeError that says so.
+# Public names of pykeops's LazyTensor that are its own machinery, refused with the way to do it here: reading one
+# raises an AttributeError that says so.
 _INTERNAL = ("pykeops's internal machinery; kred's LazyTensor holds its formula in .node and its arrays in "
              ".variables, and builds formulas with operators and methods (x + y, x.exp(), ...)")
-_COMPLEX = ("not supported: complex LazyTensors are not implemented in kred; split a complex array into its real "
-            "and imaginary parts (numpy's .real/.imag, torch.view_as_real) and write the complex arithmetic on them")
 PYKEOPS_REFUSED = {
     **{name: _INTERNAL for name in ("unary", "binary", "ternary", "tools", "get_tools", "lt_constructor", "init",
                                     "join", "promote", "fixvariables", "new_variable_index", "separate_kwargs")},
     "Genred": "pykeops's internal machinery; use kred.numpy.Genred or kred.torch.Genred",
     "KernelSolve": "pykeops's internal machinery; use kred.numpy.KernelSolve or kred.torch.KernelSolve",
-    **{name: _COMPLEX for name in ("real2complex", "imag2complex", "exp1j", "conj", "real", "imag", "angle")},
 }
-
-
-class ComplexLazyTensor:
-    """pykeops's complex LazyTensor, refused with the way to do without it."""
-
-    def __init__(self, *args, **kwargs):
-        raise ArgumentError(f"ComplexLazyTensor is {_COMPLEX}")
 
 
 class LazyTensorBase(ABC):
@@ -123,12 +114,32 @@ class LazyTensorBase(ABC):
     def _kernel_solve_class():
         """The binding's pykeops-style KernelSolve class."""
 
+    @staticmethod
+    @abstractmethod
+    def _complex_class():
+        """The binding's ComplexLazyTensor class."""
+
+    @staticmethod
+    @abstractmethod
+    def _is_complex_array(x) -> bool:
+        ...
+
+    @staticmethod
+    @abstractmethod
+    def _real_pairs(x):
+        """A complex array (..., d) as the real array (..., 2d), (re, im) interleaved."""
+
+    @staticmethod
+    @abstractmethod
+    def _complex_values(x):
+        """The inverse of `_real_pairs`: a real array (..., 2d) as the complex array (..., d)."""
+
     def __getattr__(self, name):
         if name in PYKEOPS_REFUSED:
             raise AttributeError(f"LazyTensor.{name} is {PYKEOPS_REFUSED[name]}")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    is_complex = False          # pykeops's flag: kred's LazyTensors are real (see PYKEOPS_REFUSED)
+    is_complex = False          # ComplexLazyTensor (ComplexLazyTensorMixin) sets it
 
     # ---- construction -----------------------------------------------------------------------------------------
     def __init__(self, x=None, axis=None):
@@ -219,8 +230,9 @@ class LazyTensorBase(ABC):
         self.leaves = (variable,)
         self.node = make("Var", (), (0, variable.dim, variable.cat))
 
-    def _derived(self, node: Node, variables, batchdims, ni, nj, ranges, backend, dtype) -> "LazyTensorBase":
-        out = type(self)()
+    def _derived(self, node: Node, variables, batchdims, ni, nj, ranges, backend, dtype,
+                 cls=None) -> "LazyTensorBase":
+        out = (cls or type(self))()
         out.node, out.leaves, out.batchdims = node, tuple(variables), batchdims
         out.ni, out.nj, out.ranges, out.backend, out._dtype = ni, nj, ranges, backend, dtype
         return out
@@ -234,11 +246,12 @@ class LazyTensorBase(ABC):
         return type(self)(other)
 
     # ---- building formulas ------------------------------------------------------------------------------------
-    def _op(self, op: str, *others, params: tuple = ()) -> "LazyTensorBase":
-        """`op` applied to self and `others` (LazyTensors, arrays or numbers), as one new LazyTensor."""
+    def _op(self, op: str, *others, params: tuple = (), cls=None) -> "LazyTensorBase":
+        """`op` applied to self and `others` (LazyTensors, arrays or numbers), as one new LazyTensor (of class
+        `cls`, by default self's: a complex op may give a real result and the other way round)."""
         operands = (self,) + tuple(self._lift(o) for o in others)
         joined, nodes = _join(operands)
-        return joined(make(op, tuple(nodes), params))
+        return joined(make(op, tuple(nodes), params), cls)
 
     @property
     def _shape(self) -> tuple[int, ...]:
@@ -578,6 +591,19 @@ class LazyTensorBase(ABC):
     def __max__(self, **options):
         return self.max(**options)
 
+    # Complex numbers (a ComplexLazyTensor of dimension d is a formula of dimension 2d, (re, im) interleaved)
+    def real2complex(self):
+        """self + 0i, as a ComplexLazyTensor."""
+        return self._op("Real2Complex", cls=self._complex_class())
+
+    def imag2complex(self):
+        """i * self, as a ComplexLazyTensor."""
+        return self._op("Imag2Complex", cls=self._complex_class())
+
+    def exp1j(self):
+        """exp(i * self), as a ComplexLazyTensor."""
+        return self._op("ComplexExp1j", cls=self._complex_class())
+
     # Symbolic derivatives (engine.formula.autodiff)
     def grad(self, v, e):
         """e^T d(self)/dv: the gradient with respect to the variable LazyTensor `v`, against `e`."""
@@ -716,7 +742,7 @@ class LazyTensorBase(ABC):
         """`K @ v`: sum_j K_ij v_j for a LazyTensor K of vector dimension 1 and an array v of M (or (..., M, E)).
 
         `K.__matmul__(v, backend=..., out=..., sum_scheme=...)` takes a reduction's options, as in pykeops."""
-        if self.ndim != 1:
+        if self.ndim != (2 if self.is_complex else 1):
             raise DimensionError(f"K @ v needs a LazyTensor of vector dimension 1; this one has shape {self.shape}")
         shape = tuple(v.shape)
         column = self._lift(self._reshape(v, (1, shape[0], 1) if len(shape) == 1 else
@@ -798,6 +824,128 @@ class LazyTensorBase(ABC):
         return None if self._dtype is None else np.dtype(self._dtype)
 
 
+class ComplexLazyTensorMixin:
+    """A complex symbolic array, as pykeops's ComplexLazyTensor: built from a complex array, a complex number or a
+    list of them, its formula is the real one of dimension 2d with (re, im) interleaved, and reductions (Sum) give
+    complex arrays. The conversion happens here, at the front end: the engine only ever sees real arrays.
+
+    A binding's ComplexLazyTensor is `class ComplexLazyTensor(ComplexLazyTensorMixin, LazyTensor)`.
+    """
+
+    is_complex = True
+
+    def __init__(self, x=None, axis=None):
+        if isinstance(x, numbers.Complex) and not isinstance(x, (bool, np.ndarray)):
+            x = [x]
+        if isinstance(x, list):
+            x = [float(part) for value in x for part in (complex(value).real, complex(value).imag)]
+        elif x is not None and self._is_array(x):
+            if not self._is_complex_array(x):
+                raise ArgumentError(f"ComplexLazyTensor: expected a complex array, got {self._dtype_name(x)}; "
+                                    "use LazyTensor(x).real2complex() for a real one")
+            x = self._real_pairs(x)
+        super().__init__(x, axis)
+
+    @classmethod
+    def _real_class(cls):
+        return next(c for c in cls.__mro__ if issubclass(c, LazyTensorBase) and
+                    not issubclass(c, ComplexLazyTensorMixin))
+
+    def _complex(self, other):
+        """`other` as a ComplexLazyTensor: complex ones as they are, real ones (LazyTensors, arrays, numbers) + 0i."""
+        if isinstance(other, ComplexLazyTensorMixin):
+            return other
+        if isinstance(other, numbers.Complex) and not isinstance(other, (numbers.Real, np.ndarray)):
+            return type(self)(other)
+        if self._is_array(other) and self._is_complex_array(other):
+            return type(self)(other)
+        return self._as_real(other).real2complex()
+
+    def _as_real(self, other):
+        return other if isinstance(other, LazyTensorBase) else self._real_class()(other)
+
+    def _complex_op(self, op, other):
+        return self._op(op, self._complex(other))
+
+    @property
+    def shape(self):
+        shape = self._shape
+        shape = shape[:-1] + (shape[-1] // 2,)
+        return shape[:-1] if shape[-1] == 1 else shape
+
+    @property
+    def dtype(self):
+        return None if self._dtype is None else np.dtype({"float32": "complex64", "float64": "complex128"}
+                                                         .get(self._dtype, "complex64"))
+
+    def __add__(self, other):
+        return self._complex_op("ComplexAdd", other)
+
+    def __radd__(self, other):
+        return self._complex(other)._complex_op("ComplexAdd", self)
+
+    def __sub__(self, other):
+        return self._complex_op("ComplexSubtract", other)
+
+    def __rsub__(self, other):
+        return self._complex(other)._complex_op("ComplexSubtract", self)
+
+    def __mul__(self, other):
+        if _is_number(other) or (isinstance(other, LazyTensorBase) and not other.is_complex and other.ndim == 1):
+            return self._as_real(other)._op("ComplexRealScal", self, cls=type(self))   # a real scalar: no promotion
+        return self._complex_op("ComplexMult", other)
+
+    def __rmul__(self, other):
+        return self * other         # complex multiplication commutes
+
+    def __truediv__(self, other):
+        return self._complex_op("ComplexDivide", other)
+
+    def __rtruediv__(self, other):
+        return self._complex(other)._complex_op("ComplexDivide", self)
+
+    def __neg__(self):
+        return self._op("Minus")
+
+    def __pow__(self, other):
+        if other == 2:
+            return self * self
+        raise ArgumentError("ComplexLazyTensor: only z ** 2 is defined; write products and ComplexExp instead")
+
+    def __abs__(self):
+        return self._op("ComplexAbs", cls=self._real_class())
+
+    abs = __abs__
+
+    @property
+    def real(self):
+        return self._op("ComplexReal", cls=self._real_class())
+
+    @property
+    def imag(self):
+        return self._op("ComplexImag", cls=self._real_class())
+
+    def angle(self):
+        return self._op("ComplexAngle", cls=self._real_class())
+
+    def conj(self):
+        return self._op("Conj")
+
+    def exp(self):
+        return self._op("ComplexExp")
+
+    def sum(self, axis=-1, dim=None, **options):
+        axis = axis if dim is None else dim
+        if self._is_vector_axis(axis):
+            return self._op("ComplexSum")
+        return self.reduction("Sum", axis=axis, **options)
+
+    def real2complex(self):
+        raise ArgumentError("real2complex: this LazyTensor is complex already")
+
+    imag2complex = exp1j = real2complex
+
+
 class _DeferredSolve:
     """`K.solve(b, call=False)`: the solve, run when called (options given then add to those given before)."""
 
@@ -843,9 +991,9 @@ class _Joined:
                                 "broadcast") from None
         return _renumber(lazy.node, mapping)
 
-    def __call__(self, node: Node) -> LazyTensorBase:
+    def __call__(self, node: Node, cls=None) -> LazyTensorBase:
         return self.first._derived(node, self.leaves, self.batchdims, self.ni, self.nj, self.ranges,
-                                   self.backend, self.dtype)
+                                   self.backend, self.dtype, cls)
 
 
 def _join(operands) -> tuple:
@@ -939,6 +1087,7 @@ class LazyReduction:
     def __init__(self, binding, lazy: LazyTensorBase, formula2: Node | None, reduction_op: str, axis: int, opt_arg,
                  options: dict):
         self.binding, self.reduction_op, self.axis, self.opt_arg = binding, reduction_op, axis, opt_arg
+        self.complex = lazy.is_complex and reduction_op in COMPLEX_REDUCTIONS
         self.formula, self.formula2, self.order = _numbered(lazy.node, formula2, lazy.leaves)
         self.symbolic = sum(1 for v in self.order if v is None or v.symbol is not None)
         self.batchdims = lazy.batchdims
@@ -968,7 +1117,8 @@ class LazyReduction:
             dtype = self.binding._dtype_name(symbolic_args[0])
             args = [self.binding._from_list(v.value, dtype, symbolic_args[0])
                     if v is not None and isinstance(v.value, list) else a for v, a in zip(self.order, args)]
-        return self._shaped(self.binding._reduce(self._plan(plan_options["dtype_acc"]), args, call_options))
+        out = self._shaped(self.binding._reduce(self._plan(plan_options["dtype_acc"]), args, call_options))
+        return self.binding._complex_values(out) if self.complex else out
 
     def _plan(self, dtype_acc: str) -> Plan:
         if dtype_acc not in self._plans:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .kernel_solve import KernelSolve
-from .lazytensor import LazyTensorBase, variable_helpers
+from .errors import ArgumentError
+from .lazytensor import ComplexLazyTensorMixin, LazyTensorBase, variable_helpers
 from .run import run
 
 
@@ -40,7 +41,29 @@ class LazyTensor(LazyTensorBase):
     def _kernel_solve_class():
         return KernelSolve
 
+    @staticmethod
+    def _complex_class():
+        return ComplexLazyTensor
+
+    @staticmethod
+    def _is_complex_array(x) -> bool:
+        return np.iscomplexobj(x)
+
+    @staticmethod
+    def _real_pairs(x):
+        if x.dtype not in (np.complex64, np.complex128):
+            raise ArgumentError(f"ComplexLazyTensor: dtype {x.dtype} is not supported; use complex64 or complex128")
+        return np.ascontiguousarray(x).view(x.real.dtype)
+
+    @staticmethod
+    def _complex_values(x):
+        return np.ascontiguousarray(x).view({np.dtype(np.float32): np.complex64}.get(x.dtype, np.complex128))
+
+
+class ComplexLazyTensor(ComplexLazyTensorMixin, LazyTensor):
+    """A complex symbolic numpy array (complex64 / complex128); see engine.lazytensor.ComplexLazyTensorMixin."""
+
 
 Vi, Vj, Pm = variable_helpers(LazyTensor)
 
-__all__ = ["LazyTensor", "Pm", "Vi", "Vj"]
+__all__ = ["ComplexLazyTensor", "LazyTensor", "Pm", "Vi", "Vj"]

@@ -3,10 +3,9 @@ LazyTensor interface (engine/torch/lazytensor.py)."""
 from ..ranges import (cluster_ranges, cluster_ranges_centroids, from_matrix, grid_cluster, sort_clusters,
                       swap_axes)
 from ..frontend import generic_helpers, install_check
-from ..lazytensor import ComplexLazyTensor
 from .genred import Genred
 from .kernel_solve import KernelSolve
-from .lazytensor import LazyTensor, Pm, Vi, Vj
+from .lazytensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
 
 __all__ = ["ComplexLazyTensor", "Genred", "KernelSolve", "LazyTensor", "Pm", "Vi", "Vj", "cluster_ranges",
            "cluster_ranges_centroids", "from_matrix", "generic_argkmin", "generic_argmin", "generic_logsumexp", "generic_sum", "grid_cluster",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lazytensor import LazyTensorBase, variable_helpers
+from ..lazytensor import ComplexLazyTensorMixin, LazyTensorBase, variable_helpers
 from .genred import Options, reduce
 from .kernel_solve import KernelSolve
 
@@ -44,7 +44,28 @@ class LazyTensor(LazyTensorBase):
     def _kernel_solve_class():
         return KernelSolve
 
+    @staticmethod
+    def _complex_class():
+        return ComplexLazyTensor
+
+    @staticmethod
+    def _is_complex_array(x) -> bool:
+        return x.is_complex()
+
+    @staticmethod
+    def _real_pairs(x):
+        return torch.view_as_real(x.resolve_conj()).reshape(x.shape[:-1] + (2 * x.shape[-1],))
+
+    @staticmethod
+    def _complex_values(x):
+        return torch.view_as_complex(x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2)).contiguous())
+
+
+class ComplexLazyTensor(ComplexLazyTensorMixin, LazyTensor):
+    """A complex symbolic torch tensor (complex64 / complex128), differentiable; see
+    engine.lazytensor.ComplexLazyTensorMixin."""
+
 
 Vi, Vj, Pm = variable_helpers(LazyTensor)
 
-__all__ = ["LazyTensor", "Pm", "Vi", "Vj"]
+__all__ = ["ComplexLazyTensor", "LazyTensor", "Pm", "Vi", "Vj"]
