@@ -27,7 +27,8 @@ class GenredBase:
                  use_fast_math: bool = True):
         # Callers pass these positionally, so the order is pykeops's. dtype and cuda_type are ignored (the arrays'
         # dtype decides); sum_scheme (checked), enable_chunks and rec_multVar_highdim are pykeops tuning knobs,
-        # accepted for compatibility: our backends choose their own schemes. use_fast_math travels in the plan (GPU exp).
+        # accepted for compatibility: our backends choose their own schemes. use_fast_math travels in the plan
+        # (GPU exp).
         check_sum_scheme(sum_scheme)
         if use_double_acc:
             dtype_acc = "float64"

@@ -35,11 +35,11 @@ CATEGORY = {0: I, 1: J, 2: P}
 K_REDUCTIONS = ("KMin", "ArgKMin", "KMin_ArgKMin")
 COMPLEX_REDUCTIONS = ("Sum",)           # reductions of a complex formula that give complex values
 # Keyword arguments of a reduction: those that shape the plan, and those of the call.
-PLAN_OPTIONS = ("dtype_acc", "use_double_acc")
+PLAN_OPTIONS = ("dtype_acc", "use_double_acc", "use_fast_math")
 CALL_OPTIONS = ("backend", "device_id", "ranges", "out")
 # pykeops tuning knobs, accepted (sum_scheme is checked: see engine.frontend.SUM_SCHEMES): our backends choose their
 # own tiling and chunking.
-IGNORED_OPTIONS = ("enable_chunks", "use_fast_math", "optional_flags", "rec_multVar_highdim")
+IGNORED_OPTIONS = ("enable_chunks", "optional_flags", "rec_multVar_highdim")
 
 
 @dataclass(frozen=True, eq=False)
@@ -1103,7 +1103,7 @@ class LazyReduction:
 
     def __call__(self, *symbolic_args, **options):
         plan_options, call_options = _split_options(options)
-        plan_options = {**self.plan_options, **plan_options}
+        plan_options = {"dtype_acc": "auto", "fast_math": True, **self.plan_options, **plan_options}
         call_options = {**self.call_options, **call_options}
         if len(symbolic_args) != self.symbolic:
             raise ArgumentError(f"{self.reduction_op}: expected {self.symbolic} array(s) for the symbolic "
@@ -1117,15 +1117,17 @@ class LazyReduction:
             dtype = self.binding._dtype_name(symbolic_args[0])
             args = [self.binding._from_list(v.value, dtype, symbolic_args[0])
                     if v is not None and isinstance(v.value, list) else a for v, a in zip(self.order, args)]
-        out = self._shaped(self.binding._reduce(self._plan(plan_options["dtype_acc"]), args, call_options))
+        plan = self._plan(plan_options["dtype_acc"], plan_options["fast_math"])
+        out = self._shaped(self.binding._reduce(plan, args, call_options))
         return self.binding._complex_values(out) if self.complex else out
 
-    def _plan(self, dtype_acc: str) -> Plan:
-        if dtype_acc not in self._plans:
+    def _plan(self, dtype_acc: str, fast_math: bool) -> Plan:
+        if (dtype_acc, fast_math) not in self._plans:
             names = {f"v{k}": var(k, v.dim, v.cat) for k, v in enumerate(self.order) if v is not None}
-            self._plans[dtype_acc] = plan_from_nodes(self.formula, self.formula2, self.reduction_op, self.axis,
-                                                     self.opt_arg, dtype_acc, names, len(self.order))
-        return self._plans[dtype_acc]
+            self._plans[dtype_acc, fast_math] = plan_from_nodes(self.formula, self.formula2, self.reduction_op,
+                                                                self.axis, self.opt_arg, dtype_acc, names,
+                                                                len(self.order), fast_math)
+        return self._plans[dtype_acc, fast_math]
 
     def _shaped(self, out):
         if isinstance(out, tuple):
@@ -1141,10 +1143,12 @@ class LazyReduction:
 
 
 def _split_options(options: dict) -> tuple[dict, dict]:
-    plan, call = {"dtype_acc": "auto"}, {}
+    plan, call = {}, {}
     for key, value in options.items():
         if key == "dtype_acc":
             plan["dtype_acc"] = value
+        elif key == "use_fast_math":
+            plan["fast_math"] = bool(value)
         elif key == "use_double_acc":
             if value:
                 plan["dtype_acc"] = "float64"

@@ -22,8 +22,9 @@ STEP = 1e-5
 # Every op row: Grad against finite differences ---------------------------------------------------------------
 
 def _fd_domain(domain: str) -> str:
-    """Exact zeros sit on kinks (Sign, Step, Rsqrt, XLogX): differentiate away from them."""
-    return {"with_zeros": "normal", "nonneg_zeros": "positive"}.get(domain, domain)
+    """Exact zeros sit on kinks (Sign, Step, Rsqrt, XLogX), ties on the jumps of comparisons: differentiate away
+    from them."""
+    return {"with_zeros": "normal", "nonneg_zeros": "positive", "ties": "normal"}.get(domain, domain)
 
 
 def _concat(parts: list[str]) -> str:

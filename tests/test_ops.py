@@ -58,6 +58,8 @@ def _sample(rng, domain, shape):
         return values
     if domain == "sorted":                      # increasing, distinct knots (BSpline)
         return np.sort(rng.uniform(-2.0, 2.0, shape), -1) + np.arange(shape[-1]) * 1e-3
+    if domain == "ties":                        # integers 0..2 stored as floats: comparisons meet equal values
+        return rng.integers(0, 3, shape).astype(np.float64)
     if domain == "index5":                      # integers 0..4 stored as floats, for OneHot
         return rng.integers(0, 5, shape).astype(np.float64)
     raise AssertionError(domain)
@@ -289,12 +291,12 @@ ROWS = [
         lambda A, x, y: weighted(A, x - y)),
     Row("IntInv", "IntInv(3) * x + y", {"x": i(2), "y": j(2)}, lambda x, y: x / 3 + y),
     Row("RatCst", "RatCst(-2, 7) * y", {"y": j(2)}, lambda y: -2 / 7 * y),
-    Row("LessThan", "LessThan(x, y)", {"x": i(3, "index5"), "y": j(3, "index5")}, lambda x, y: (x < y) * 1.0),
+    Row("LessThan", "LessThan(x, y)", {"x": i(3, "ties"), "y": j(3, "ties")}, lambda x, y: (x < y) * 1.0),
     Row("LessThan", "LessThan(x, c) * y", {"x": i(3), "c": j(1), "y": j(3)}, lambda x, c, y: (x < c) * y),
-    Row("LessOrEqual", "LessOrEqual(x, y)", {"x": i(3, "index5"), "y": j(3, "index5")},
+    Row("LessOrEqual", "LessOrEqual(x, y)", {"x": i(3, "ties"), "y": j(3, "ties")},
         lambda x, y: (x <= y) * 1.0),
-    Row("Equal", "Equal(x, y)", {"x": i(3, "index5"), "y": j(3, "index5")}, lambda x, y: (x == y) * 1.0),
-    Row("NotEqual", "NotEqual(x, y)", {"x": i(3, "index5"), "y": j(3, "index5")}, lambda x, y: (x != y) * 1.0),
+    Row("Equal", "Equal(x, y)", {"x": i(3, "ties"), "y": j(3, "ties")}, lambda x, y: (x == y) * 1.0),
+    Row("NotEqual", "NotEqual(x, y)", {"x": i(3, "ties"), "y": j(3, "ties")}, lambda x, y: (x != y) * 1.0),
     Row("TensorDot", "TensorDot(a, b, Ind(2,3), Ind(3,2), Ind(1), Ind(0))", {"a": i(6), "b": j(6)},
         lambda a, b: tensordot(a, b, (2, 3), (3, 2), "...ik,...kl->...il")),
     Row("TensorDot", "TensorDot(a, b, Ind(2,3), Ind(4), Ind(), Ind(), Ind(2,0,1))", {"a": i(6), "b": j(4)},

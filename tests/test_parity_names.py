@@ -1,7 +1,7 @@
 """Every public name of pykeops 2.3 (pykeops.numpy, pykeops.torch, LazyTensor) has a row in README's pykeops
 compatibility section, and the row tells the truth: a "yes" exists in kred, a "refused" LazyTensor name raises an
-error naming the alternative, a "submodule" is one of pykeops's own modules. pykeops is read for its names only (it is installed as
-the benchmark peer), never run."""
+error naming the alternative, a "submodule" is one of pykeops's own modules. pykeops is read for its names only (it
+is installed as the benchmark peer), never run."""
 from __future__ import annotations
 
 import re

@@ -103,3 +103,24 @@ def test_grad_matrix_trace_operator_and_factorize():
     assert K.factorize(kt.LazyTensor(x[:, None])).formula == K.formula == K.auto_factorize().formula
     with pytest.raises(ArgumentError, match="variable"):
         kt.LazyTensor(x[:, None]).grad_matrix(kt.LazyTensor(x[:, None]) * 2)
+
+
+def test_gradient_of_a_dynamic_programme_builds_in_linear_size():
+    """Regression: the gradient of SoftDTW_SqDist (a DAG whose shared nodes expand, as text, into exponentially
+    many paths) made the plan key (once the formula's text) exhaust memory; the key is now linear in the DAG."""
+    from kred.engine.formula import fingerprint, to_text
+    from kred.numpy import Genred
+
+    op = Genred("Grad(SoftDTW_SqDist(x, y, g), x, c)", ["x = Vi(6)", "y = Vj(6)", "g = Pm(1)", "c = Vi(1)"], axis=1)
+    nodes = len(op.plan.formula.postorder())
+    assert len(fingerprint(op.plan.formula)) < 100 * nodes
+    small = Genred("Grad(SoftDTW_SqDist(x, y, g), x, c)", ["x = Vi(3)", "y = Vj(2)", "g = Pm(1)", "c = Vi(1)"],
+                   axis=1).plan.formula
+    assert len(to_text(small)) > len(fingerprint(small))       # the tree text repeats shared nodes
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((4, 6)), rng.standard_normal((3, 6))
+    got = op(x, y, np.array([0.5]), np.ones((4, 1)), backend="reference")
+    xt = torch.tensor(x, requires_grad=True)
+    want = torch.autograd.grad(softdtw(xt[:, None].expand(4, 3, 6), torch.tensor(y)[None].expand(4, 3, 6), 0.5)
+                               .sum(), xt)[0]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-9)

@@ -139,6 +139,19 @@ def to_text(node: Node) -> str:
     return texts[id(node)]
 
 
+def fingerprint(node: Node) -> str:
+    """A text that identifies a node, linear in its number of distinct nodes: each node once, children by number.
+    (`to_text` writes shared sub-formulas again at each use, which grows exponentially on deep DAGs such as the
+    gradient of a dynamic programme.)"""
+    number: dict[int, int] = {}
+    lines = []
+    for n in node.postorder():
+        number[id(n)] = len(lines)
+        args = [f"#{number[id(c)]}" for c in n.children] + [_param_text(p) for p in n.params]
+        lines.append(f"{n.op}({','.join(args)})")
+    return ";".join(lines)
+
+
 def _param_text(p) -> str:
     if isinstance(p, tuple):
         return f"Ind({','.join(map(str, p))})"

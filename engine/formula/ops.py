@@ -376,7 +376,11 @@ def _expand_bspline(children, params, make):
         gap = make("Subtract", (t[j + k], t[j]))
         return make("IfElse", (make("Minus", (gap,)), zero, make("Divide", (make("Subtract", (x, t[j])), gap))))
 
-    basis = [make("Mult", (step(make("Subtract", (x, t[j]))), make("Subtract", (one, step(make("Subtract", (x, t[j + 1]))))))) for j in range(knots.dim - 1)]
+    def inside(j):              # t_j <= x < t_j+1
+        below_next = make("Subtract", (one, step(make("Subtract", (x, t[j + 1])))))
+        return make("Mult", (step(make("Subtract", (x, t[j]))), below_next))
+
+    basis = [inside(j) for j in range(knots.dim - 1)]
     for k in range(1, order + 1):
         basis = [make("Add", (make("Mult", (ratio(j, k), basis[j])),
                               make("Mult", (make("Subtract", (one, ratio(j + 1, k))), basis[j + 1]))))

@@ -40,5 +40,6 @@ def tangent_plan(plan: Plan, moving: tuple[int, ...]) -> Plan | None:
     if df.op == "Zero":
         return None
     if name == "Sum":
-        return plan_from_nodes(df, None, "Sum", plan.axis, None, plan.dtype_acc, names, len(names))
-    return plan_from_nodes(f, df, "SumSoftMaxWeight", plan.axis, None, plan.dtype_acc, names, len(names))
+        return plan_from_nodes(df, None, "Sum", plan.axis, None, plan.dtype_acc, names, len(names), plan.fast_math)
+    return plan_from_nodes(f, df, "SumSoftMaxWeight", plan.axis, None, plan.dtype_acc, names, len(names),
+                           plan.fast_math)
