@@ -142,7 +142,16 @@ class LazyTensorBase(ABC):
     is_complex = False          # ComplexLazyTensor (ComplexLazyTensorMixin) sets it
 
     # ---- construction -----------------------------------------------------------------------------------------
-    def __init__(self, x=None, axis=None):
+    def __new__(cls, x=None, axis=None, is_complex=False):
+        # as pykeops: complex data (or is_complex=True) makes the binding's ComplexLazyTensor
+        complex_data = (isinstance(x, numbers.Complex) and not isinstance(x, (numbers.Real, np.ndarray))) or \
+            (isinstance(x, list) and any(isinstance(v, complex) for v in x)) or \
+            (x is not None and cls._is_array(x) and cls._is_complex_array(x))
+        if (is_complex or complex_data) and not cls.is_complex:
+            cls = cls._complex_class()
+        return super().__new__(cls)
+
+    def __init__(self, x=None, axis=None, is_complex=False):
         self.node: Node | None = None
         self.leaves: tuple[Variable, ...] = ()
         self.batchdims: tuple[int, ...] = ()
@@ -299,29 +308,52 @@ class LazyTensorBase(ABC):
     def __repr__(self):
         return f"{type(self).__module__}.LazyTensor(formula={self.formula}, shape={self.shape})"
 
-    # Arithmetic
+    # Arithmetic (with a complex operand, on self + 0i, as pykeops promotes)
+    def _is_complex_value(self, other) -> bool:
+        if isinstance(other, LazyTensorBase):
+            return other.is_complex
+        if isinstance(other, numbers.Complex) and not isinstance(other, (numbers.Real, np.ndarray)):
+            return True
+        return self._is_array(other) and self._is_complex_array(other)
+
     def __add__(self, other):
+        if self._is_complex_value(other):
+            return self.real2complex() + other
         return self._op("Add", other)
 
     def __radd__(self, other):
+        if self._is_complex_value(other):
+            return self.real2complex().__radd__(other)
         return self._lift(other)._op("Add", self)
 
     def __sub__(self, other):
+        if self._is_complex_value(other):
+            return self.real2complex() - other
         return self._op("Subtract", other)
 
     def __rsub__(self, other):
+        if self._is_complex_value(other):
+            return self.real2complex().__rsub__(other)
         return self._lift(other)._op("Subtract", self)
 
     def __mul__(self, other):
+        if self._is_complex_value(other):
+            return self.real2complex() * other
         return self._op("Mult", other)
 
     def __rmul__(self, other):
+        if self._is_complex_value(other):
+            return self.real2complex().__rmul__(other)
         return self._lift(other)._op("Mult", self)
 
     def __truediv__(self, other):
+        if self._is_complex_value(other):
+            return self.real2complex() / other
         return self._op("Divide", other)
 
     def __rtruediv__(self, other):
+        if self._is_complex_value(other):
+            return self.real2complex().__rtruediv__(other)
         if _is_number(other) and other == 1:
             return self._op("Inv")
         return self._lift(other)._op("Divide", self)
@@ -834,7 +866,7 @@ class ComplexLazyTensorMixin:
 
     is_complex = True
 
-    def __init__(self, x=None, axis=None):
+    def __init__(self, x=None, axis=None, is_complex=True):
         if isinstance(x, numbers.Complex) and not isinstance(x, (bool, np.ndarray)):
             x = [x]
         if isinstance(x, list):

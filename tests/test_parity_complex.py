@@ -93,3 +93,14 @@ def test_refusals_name_the_way():
         kn.ComplexLazyTensor(X[:, None])
     with pytest.raises(ArgumentError, match="complex already"):
         lazies()[0].real2complex()
+
+
+def test_complex_data_makes_complex_lazytensors_and_real_ones_are_promoted():
+    assert isinstance(kn.LazyTensor(Z[:, None]), kn.ComplexLazyTensor)
+    assert isinstance(kn.Vi(Z), kn.ComplexLazyTensor) and isinstance(kt.Vj(torch.tensor(W)), kt.ComplexLazyTensor)
+    assert not kn.LazyTensor(X[:, None]).is_complex
+    x_i, w_j = kn.Vi(X), kn.Vj(W)
+    got = (x_i * 1j + w_j - 2).sum(dim=1, backend="reference")
+    np.testing.assert_allclose(got, (X[:, None] * 1j + W[None] - 2).sum(1), rtol=1e-12)
+    got = (2 / (x_i + 3) * w_j - w_j / (x_i + 3)).sum(dim=1, backend="reference")
+    np.testing.assert_allclose(got, (2 / (X[:, None] + 3) * W[None] - W[None] / (X[:, None] + 3)).sum(1), rtol=1e-12)
