@@ -10,8 +10,9 @@ subclasses `LazyTensorBase` and says how to recognise, reshape and create its ar
 
 Semantics follow pykeops.common.lazy_tensor: shapes, reduction names and output shapes, `axis`/`dim` counted after
 the batch dimensions, `K @ v`, `.t()`, `.solve()`, symbolic variables `Vi(index, dim)`, and use as a scipy
-LinearOperator. Differences: Python floats become `Const` nodes (exact, no parameter array), comparisons are built
-from `Step`, and index outputs (argmin, argKmin, ...) are int64 arrays.
+LinearOperator, complex LazyTensors (`ComplexLazyTensorMixin`: complex arrays become real ones of twice the dimension,
+(re, im) interleaved, here at the front end). Differences: Python floats become `Const` nodes (exact, no parameter
+array), comparisons are built from `Step`, and index outputs (argmin, argKmin, ...) are int64 arrays.
 """
 from __future__ import annotations
 
@@ -73,11 +74,13 @@ PYKEOPS_REFUSED = {
 
 
 class LazyTensorBase(ABC):
-    """A symbolic array: a formula over `variables`, plus the shape facts needed to reduce it.
+    """A symbolic array: a formula over `leaves` (Variables: arrays, lists of numbers or symbolic slots), plus the
+    shape facts needed to reduce it.
 
     Attributes (as in pykeops): `ndim` is the vector dimension D, `ni` / `nj` the numbers of i / j points (None
-    until a variable fixes them), `batchdims` the batch shape, `ranges` an optional block-sparsity pattern and
-    `backend` an optional default backend for reductions.
+    until a variable fixes them), `batchdims` the batch shape, `ranges` an optional block-sparsity pattern,
+    `backend` an optional default backend for reductions, `variables` the arrays and `symbolic_variables` the
+    symbolic slots.
     """
 
     __array_ufunc__ = None      # numpy hands `array + lazy` to our reflected operators

@@ -124,3 +124,18 @@ def test_gradient_of_a_dynamic_programme_builds_in_linear_size():
     want = torch.autograd.grad(softdtw(xt[:, None].expand(4, 3, 6), torch.tensor(y)[None].expand(4, 3, 6), 0.5)
                                .sum(), xt)[0]
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("formula, aliases", [
+    ("GradMatrix(SumT(Sum(Exp(x) * Sin(x)), 4096), x)", ["x = Vi(8)"]),
+    ("ComplexMult(z, z)", ["z = Vi(40000)"]),
+    ("ComplexSumT(z, 20000)", ["z = Vi(2)"]),
+    ("Real2Complex(x)", ["x = Vi(9000)"]),
+    ("TensorDot(a, b, Ind(256,256), Ind(256,256), Ind(1), Ind(0))", ["a = Vi(65536)", "b = Vj(65536)"]),
+    ("SoftDTW_SqDist(x, y, g)", ["x = Vi(200)", "y = Vj(200)", "g = Pm(1)"]),
+])
+def test_composites_refuse_to_expand_past_their_bound(formula, aliases):
+    """Every byte of a formula may come from a client: no composite may expand without bound."""
+    from kred.engine.numpy import Genred
+    with pytest.raises(FormulaError, match="limit"):
+        Genred(formula, aliases, axis=1)

@@ -31,7 +31,7 @@ from ..errors import DimensionError
 MAX_DIM = 1 << 16          # any node's dimension (refuses Zero(10**9) or a runaway TensorProd)
 MAX_INT_PARAM = 1 << 20    # integer parameters (exponents, indices, IntCst values)
 MAX_LIST_PARAM = 16        # entries of an integer-list parameter `Ind(...)` (tensor shapes and axes)
-MAX_TERMS = 1 << 14        # scalar terms a composite may expand into (TensorDot, SoftDTW_SqDist, BSpline)
+MAX_TERMS = 1 << 14        # scalar terms (or nodes) a composite may expand into: TensorDot, BSpline, complex ops...
 
 
 @dataclass(frozen=True)
@@ -445,11 +445,19 @@ def _variable_operand(v, op):
         raise DimensionError(f"{op}: the second operand must be a variable, not {v!r}")
 
 
+def _check_copies(f, copies: int, op: str) -> None:
+    """A composite that differentiates f `copies` times must stay within MAX_TERMS nodes' worth of work."""
+    if copies * len(f.postorder()) > MAX_TERMS:
+        raise DimensionError(f"{op}: {copies} derivatives of a formula of {len(f.postorder())} nodes exceed the "
+                             f"limit of {MAX_TERMS}")
+
+
 def _expand_grad_matrix(children, params, make):
     """The gradients of f's components with respect to v, row after row (the transposed Jacobian)."""
     from .autodiff import grad       # autodiff reads this table: import it when a row is expanded
     f, v = children
     _variable_operand(v, "GradMatrix")
+    _check_copies(f, f.dim, "GradMatrix")
     return _vector([grad(f, v, _basis(f.dim, k, make)) for k in range(f.dim)], make)
 
 
@@ -465,6 +473,7 @@ def _expand_trace(children, params, make):
     from .autodiff import diff
     f, v = children
     _variable_operand(v, "TraceOperator")
+    _check_copies(f, v.dim, "TraceOperator")
     terms = [diff(f, v, _basis(v.dim, k, make)) for k in range(v.dim)]
     return _total([t if f.dim == 1 else _elem(t, k, make) for k, t in enumerate(terms)], make)
 
@@ -476,6 +485,8 @@ def _even(dims, op):
     for d in dims:
         if d % 2:
             raise DimensionError(f"{op}: a complex operand has an even dimension (re, im interleaved), not {d}")
+        if d > MAX_TERMS:           # complex ops expand entry by entry
+            raise DimensionError(f"{op}: dimension {d} exceeds the limit of {MAX_TERMS} for complex operands")
 
 
 def _dim_complex(out):
@@ -489,6 +500,7 @@ def _dim_complex(out):
 
 
 def _dim_from_real(dims, params, op):
+    _even((2 * dims[0],), op)
     return 2 * dims[0]
 
 
@@ -501,6 +513,7 @@ def _dim_real_scal(dims, params, op):
 def _dim_complex_sumt(dims, params, op):
     if dims[0] != 2 or params[0] < 1:
         raise DimensionError(f"{op}: repeats one complex number (dimension 2) a positive number of times")
+    _even((2 * params[0],), op)
     return 2 * params[0]
 
 
