@@ -9,8 +9,8 @@ from .frontend import GenredBase, generic_helpers, install_check
 from .run import run
 
 __all__ = ["ComplexLazyTensor", "Genred", "KernelSolve", "LazyTensor", "Pm", "Vi", "Vj", "cluster_ranges",
-           "cluster_ranges_centroids", "from_matrix", "generic_argkmin", "generic_argmin", "generic_logsumexp", "generic_sum", "grid_cluster",
-           "sort_clusters", "swap_axes", "test_install"]
+           "cluster_ranges_centroids", "from_matrix", "generic_argkmin", "generic_argmin", "generic_logsumexp",
+           "generic_sum", "grid_cluster", "sort_clusters", "swap_axes", "test_install"]
 
 
 class Genred(GenredBase):

@@ -172,8 +172,9 @@ def plan_from_nodes(f: Node, f2: Node | None, reduction_op: str, axis: int, opt_
     args = _arg_specs(f, f2, names or {}, axis, nargs)
     if axis == 0:
         f, f2 = swap_ij(f), swap_ij(f2) if f2 is not None else None
-    key = "|".join([fingerprint(f), fingerprint(f2) if f2 is not None else "", reduction_op, str(opt_arg), dtype_acc,
-                    ";".join(f"{a.pos},{a.role},{a.dim}" for a in args)] + ([] if fast_math else ["exact math"]))
+    formulas = [fingerprint(f), fingerprint(f2) if f2 is not None else ""]        # linear in the DAG's size
+    layout = ";".join(f"{a.pos},{a.role},{a.dim}" for a in args)
+    key = "|".join(formulas + [reduction_op, str(opt_arg), dtype_acc, layout] + ([] if fast_math else ["exact math"]))
     return Plan(f, f2, reduction, axis, args, dtype_acc, bool(fast_math),
                 hashlib.sha256(key.encode()).hexdigest()[:24])
 

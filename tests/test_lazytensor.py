@@ -459,7 +459,7 @@ def test_torch_operators_matmul_and_solve():
     torch.testing.assert_close(K.t() @ x, dense.T @ x)
     # a torch tensor on the left hands the operation to the LazyTensor
     torch.testing.assert_close((torch.tensor(P3) * x_i - y_j).sum(dim=1), (torch.tensor(P3) * x[:, None] - y[None]).sum(1))
-    assert K.dtype == "float64"          # as pykeops (a numpy dtype, so scipy can read it)
+    assert K.dtype == "float64"          # as pykeops (a numpy dtype: scipy reads it)
     xr = x.clone().requires_grad_(True)
     rhs = torch.randn(N, 2, dtype=torch.float64, requires_grad=True)
     Kxx = (-((TorchLazyTensor(xr[:, None]) - TorchLazyTensor(xr[None])) ** 2).sum(-1)).exp()

@@ -62,3 +62,10 @@ def test_genred_jvp_and_a_refusal_naming_reverse_mode():
     minimum = Genred("SqDist(x, y)", ["x = Vi(2)", "y = Vj(2)"], reduction_op="Min", axis=1)
     with pytest.raises(FormulaError, match="use reverse mode"):
         torch.func.jvp(lambda x: minimum(x, Y, backend="reference"), (X,), (torch.randn_like(X),))
+
+
+def test_jvp_along_an_argument_the_formula_does_not_read_is_zero():
+    op = Genred("Exp(-SqDist(x, y))", ["x = Vi(2)", "y = Vj(2)", "b = Vj(1)"], axis=1)
+    value, tangent = torch.func.jvp(lambda b: op(X, Y, b, backend="reference"), (B,), (torch.randn_like(B),))
+    torch.testing.assert_close(value, torch.exp(-((X[:, None] - Y[None]) ** 2).sum(-1)).sum(1, keepdims=True))
+    torch.testing.assert_close(tangent, torch.zeros_like(value))

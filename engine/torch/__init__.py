@@ -8,8 +8,8 @@ from .kernel_solve import KernelSolve
 from .lazytensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
 
 __all__ = ["ComplexLazyTensor", "Genred", "KernelSolve", "LazyTensor", "Pm", "Vi", "Vj", "cluster_ranges",
-           "cluster_ranges_centroids", "from_matrix", "generic_argkmin", "generic_argmin", "generic_logsumexp", "generic_sum", "grid_cluster",
-           "sort_clusters", "swap_axes", "test_install"]
+           "cluster_ranges_centroids", "from_matrix", "generic_argkmin", "generic_argmin", "generic_logsumexp",
+           "generic_sum", "grid_cluster", "sort_clusters", "swap_axes", "test_install"]
 
 generic_sum, generic_logsumexp, generic_argmin, generic_argkmin = generic_helpers(Genred)
 

@@ -85,19 +85,19 @@ class _Reduce(torch.autograd.Function):
         value = next((o for o, kind in zip(output, kinds) if kind == "value"), None)
         index = next((o for o, kind in zip(output, kinds) if kind == "index"), None)
         ctx.save_for_backward(*tensors, value, index)
-        ctx.save_for_forward(*tensors)
+        ctx.save_for_forward(*tensors, value)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def jvp(ctx, _plan, _options, *tangents):
         """Forward mode: the tangent of the result is a reduction too (engine/torch/forward.py)."""
         plan: Plan = ctx.plan
-        tensors = ctx.saved_tensors
+        *tensors, value = ctx.saved_tensors
         kinds = _output_kinds(plan)
         moving = tuple(k for k, t in enumerate(tangents) if t is not None)
         derived = tangent_plan(plan, moving) if moving else None
-        if derived is None:
-            value = torch.zeros(())
+        if derived is None:                 # the result does not depend on the moving arguments
+            value = torch.zeros_like(value)
         else:
             value = reduce(derived, [*tensors, *(tangents[k].to(tensors[k].dtype).contiguous() for k in moving)],
                            ctx.options)
