@@ -115,6 +115,10 @@ class RemoteLazyTensor(LazyTensorBase):
                 raise ArgumentError(f"{key}={call[key]!r}: the server chooses where a remote reduction runs")
         return {"ranges": call.get("ranges"), "out": call.get("out")}
 
+    @staticmethod
+    def _complex_class():
+        raise ArgumentError("complex LazyTensors run in-process only (kred.torch / kred.numpy ComplexLazyTensor)")
+
     def solve(self, other, var=None, call=True, **options):
         raise ArgumentError("LazyTensor.solve runs in-process only (kred.torch / kred.numpy LazyTensor); a remote "
                             "LazyTensor sends reductions")

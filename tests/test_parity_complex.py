@@ -104,3 +104,9 @@ def test_complex_data_makes_complex_lazytensors_and_real_ones_are_promoted():
     np.testing.assert_allclose(got, (X[:, None] * 1j + W[None] - 2).sum(1), rtol=1e-12)
     got = (2 / (x_i + 3) * w_j - w_j / (x_i + 3)).sum(dim=1, backend="reference")
     np.testing.assert_allclose(got, (2 / (X[:, None] + 3) * W[None] - W[None] / (X[:, None] + 3)).sum(1), rtol=1e-12)
+
+
+def test_remote_lazytensors_refuse_complex_numbers_instead_of_running_them_here():
+    from kred.client.numpy import LazyTensor as RemoteLazyTensor
+    with pytest.raises(ArgumentError, match="in-process only"):
+        RemoteLazyTensor(X[:, None]).exp1j()
