@@ -32,7 +32,30 @@ def dense_lse(x, y, s):
     return torch.logsumexp(-((x[:, None] - y[None]) ** 2).sum(-1) * s, 0)[:, None]
 
 
-@pytest.mark.parametrize("lazy, dense", [(lazy_sum, dense_sum), (lazy_lse, dense_lse)], ids=["sum", "logsumexp"])
+def lazy_lse_weight(x, y, s):
+    f = -LazyTensor(x[:, None]).sqdist(LazyTensor(y[None])) * LazyTensor(s)
+    w = (LazyTensor(y[None]) ** 2).sum(-1).exp()            # a positive weight that depends on y
+    return f.logsumexp(dim=1, weight=w, backend="reference")
+
+
+def dense_lse_weight(x, y, s):
+    f = -((x[:, None] - y[None]) ** 2).sum(-1) * s
+    return torch.log((f.exp() * (y ** 2).sum(-1).exp()).sum(1))[:, None]
+
+
+def lazy_softmax(x, y, s):
+    f = -LazyTensor(x[:, None]).sqdist(LazyTensor(y[None])) * LazyTensor(s)
+    return f.sumsoftmaxweight(LazyTensor(y[None]).sin() * LazyTensor(s), dim=1, backend="reference")
+
+
+def dense_softmax(x, y, s):
+    weights = torch.softmax(-((x[:, None] - y[None]) ** 2).sum(-1) * s, 1)
+    return weights @ (torch.sin(y) * s)
+
+
+@pytest.mark.parametrize("lazy, dense", [(lazy_sum, dense_sum), (lazy_lse, dense_lse),
+                                         (lazy_lse_weight, dense_lse_weight), (lazy_softmax, dense_softmax)],
+                         ids=["sum", "logsumexp", "logsumexp-weight", "sumsoftmaxweight"])
 def test_jvp_and_jacfwd_match_dense(lazy, dense):
     tangents = (torch.randn_like(X), torch.randn_like(Y), torch.randn_like(S))
     got = torch.func.jvp(lazy, (X, Y, S), tangents)

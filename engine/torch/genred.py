@@ -21,7 +21,7 @@ from ..reductions.gradients import SELECTING, with_indices
 from ..reductions.vjp import ArrayOps
 from ..reductions.vjp import vjp as shared_vjp
 from ..run import run
-from .forward import tangent_plan
+from .forward import tangent
 
 
 @dataclass(frozen=True)
@@ -95,13 +95,18 @@ class _Reduce(torch.autograd.Function):
         *tensors, value = ctx.saved_tensors
         kinds = _output_kinds(plan)
         moving = tuple(k for k, t in enumerate(tangents) if t is not None)
-        derived = tangent_plan(plan, moving) if moving else None
-        if derived is None:                 # the result does not depend on the moving arguments
-            value = torch.zeros_like(value)
+        rule = tangent(plan, moving) if moving else None
+        if rule is None:                    # the result does not depend on the moving arguments
+            result = torch.zeros_like(value)
         else:
-            value = reduce(derived, [*tensors, *(tangents[k].to(tensors[k].dtype).contiguous() for k in moving)],
-                           ctx.options)
-        return tuple(value if kind == "value" else None for kind in kinds)
+            result = reduce(rule.plan, [*tensors, *(tangents[k].to(tensors[k].dtype).contiguous() for k in moving)],
+                            ctx.options)
+            a, b = result[..., :rule.split], result[..., rule.split:]
+            if rule.combine == "ratio":
+                result = a / b
+            elif rule.combine == "centred":
+                result = a - value * b
+        return tuple(result if kind == "value" else None for kind in kinds)
 
     @staticmethod
     def vmap(info, in_dims, plan: Plan, options: Options, *tensors):
