@@ -19,7 +19,8 @@ from service_helpers import settings
 def test_fuzz_in_process(tmp_path):
     with TestClient(create_app(settings(tmp_path, compile_timeout_s=2.0)), raise_server_exceptions=False) as http:
         result = fuzz(http, random.Random(1), 1000, 250, 100)
-        assert result["failures"] == []
+        assert result["failures"] == [] and result["generator_errors"] == []
+        assert result["sent"] == {"formula": 1000, "arrow": 250, "shm": 100}
         assert http.get("/healthz").status_code == 200
 
 
@@ -30,6 +31,6 @@ def test_fuzz_a_real_server(tmp_path):
             fuzz(http, random.Random(2), 50, 10, 10)                    # warm: workers, allocator, caches
             before = server.rss()
             result = fuzz(http, random.Random(3), 1000, 250, 100)
-        assert result["failures"] == []
+        assert result["failures"] == [] and result["generator_errors"] == []
         assert server.alive()
         assert server.rss() - before < 150 << 20
