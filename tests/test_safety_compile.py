@@ -146,3 +146,14 @@ def test_a_restarted_job_whose_plan_times_out_fails_and_the_server_serves(tmp_pa
             assert info["state"] == "failed", info
             r = http.post("/v1/formulas/validate", json={"formula": "x+y", "aliases": ALIASES})
             assert r.status_code == 200
+
+
+def test_a_spent_limit_starts_no_nvrtc_compile():
+    """NVRTC runs in-process and cannot be stopped once started; a spent limit starts none (CI has NVRTC, no GPU)."""
+    from kred.engine.backends import nvrtc
+    source = 'extern "C" __global__ void kred_limit_probe(float *x) { x[0] = 1.0f; }'
+    with time_limit(0.01):
+        time.sleep(0.05)
+        with pytest.raises(CompileTimeout):
+            nvrtc.compile_source(source, "sm_80")
+    assert len(nvrtc.compile_source(source, "sm_80")) > 0               # outside a limit: compiled

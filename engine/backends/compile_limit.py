@@ -26,7 +26,7 @@ class CompileTimeout(BackendError):
     """Building a kernel ran past its time limit; the compiler was killed."""
 
     def __init__(self):
-        super().__init__("compiling the kernel ran past its time limit; the compiler was stopped")
+        super().__init__("the kernel was not compiled within its time limit (a compiler still running was stopped)")
 
 
 @contextlib.contextmanager
