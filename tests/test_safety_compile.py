@@ -157,3 +157,38 @@ def test_a_spent_limit_starts_no_nvrtc_compile():
         with pytest.raises(CompileTimeout):
             nvrtc.compile_source(source, "sm_80")
     assert len(nvrtc.compile_source(source, "sm_80")) > 0               # outside a limit: compiled
+
+
+def test_a_compile_that_finds_no_free_compile_thread_in_time_is_a_429(tmp_path):
+    """COMPILERS compiles at once: a third that waited compile_timeout_s for a thread is told to retry (429), and
+    one that started late still gets its whole limit. The executor here blocks until released (a stand-in for a
+    long compile that is not the code under test)."""
+    import asyncio
+    import threading
+
+    from kred.engine.plan import make_plan
+
+    release = threading.Event()
+
+    class Blocking:
+        def prepare(self, plan, dtype):
+            release.wait(10)
+
+    planner = Planner(settings(tmp_path, compile_timeout_s=0.5))
+    plans = [make_plan(f"SqDist(x,y)*{k + 2}", ALIASES, "Sum", 1) for k in range(Planner.COMPILERS + 1)]
+    arrays = [np.ones((2, 3), np.float32)] * 2
+
+    async def scenario():
+        threading.Timer(1.0, release.set).start()
+        return await asyncio.gather(*(planner.compile(Blocking(), plan, arrays) for plan in plans),
+                                    return_exceptions=True)
+
+    try:
+        began = time.monotonic()
+        *first, last = asyncio.run(scenario())
+        assert first == [None] * Planner.COMPILERS                        # they finished after their wait
+        assert isinstance(last, ApiError) and last.status == 429, last
+        assert time.monotonic() - began < 5
+    finally:
+        release.set()
+        planner.close()
