@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,15 +91,16 @@ class Planner:
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         if dtype.kind != "f" or (plan.key, dtype) in self._compiled:
             return                        # (a wrong dtype is reported by the argument checks)
-        limit = self.settings.compile_timeout_s
-        job = self._pool.submit(_prepare, executor, plan, dtype, limit)
+        limit, started = self.settings.compile_timeout_s, []
+        job = self._pool.submit(_prepare, executor, plan, dtype, limit, started)
         waiting = asyncio.wrap_future(job)
         done, _ = await asyncio.wait({waiting}, timeout=limit)
         if not done and job.cancel():     # still queued behind other compiles
             raise ApiError(429, "too_busy", f"{self.COMPILERS} formulas were being compiled for {limit} s "
                                             "(compile_timeout_s); retry later", {"Retry-After": "5"})
-        if not done:                      # started late: it stops at its own limit (SLACK_S: what cannot be killed)
-            done, _ = await asyncio.wait({waiting}, timeout=limit + self.SLACK_S)
+        if not done:                      # it stops at its own limit (SLACK_S: for what cannot be killed)
+            left = started[0] + limit + self.SLACK_S - time.monotonic()
+            done, _ = await asyncio.wait({waiting}, timeout=max(0.0, left))
         if not done:
             raise ApiError(422, "limit", f"compiling the formula took longer than {limit} s (compile_timeout_s)")
         try:
@@ -166,8 +168,10 @@ class Planner:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _prepare(executor, plan: Plan, dtype, seconds: float) -> None:
-    """`executor.prepare` with compilers killed after `seconds` (a compile thread's task)."""
+def _prepare(executor, plan: Plan, dtype, seconds: float, started: list[float]) -> None:
+    """`executor.prepare` with compilers killed after `seconds` (a compile thread's task); appends its start time
+    to `started`."""
+    started.append(time.monotonic())
     with time_limit(seconds):
         executor.prepare(plan, dtype)
 

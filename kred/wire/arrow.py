@@ -80,6 +80,8 @@ def decode(body) -> tuple[dict[str, Any], list[np.ndarray]]:
         check_messages(source)         # before pyarrow reads a batch: it would decompress what it names
         reader = pa.ipc.open_stream(source)
         schema = reader.schema
+        for field in schema:           # names (nested ones too) must be UTF-8: read them all here, once
+            field.name, str(field.type)
         batches = list(reader)
         for batch in batches:          # offsets and buffer sizes checked before any buffer is read
             batch.validate(full=True)
