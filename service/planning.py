@@ -99,7 +99,7 @@ class Planner:
             raise ApiError(429, "too_busy", f"{self.COMPILERS} formulas were being compiled for {limit} s "
                                             "(compile_timeout_s); retry later", {"Retry-After": "5"})
         if not done:                      # it stops at its own limit (SLACK_S: for what cannot be killed)
-            left = started[0] + limit + self.SLACK_S - time.monotonic()
+            left = (started[0] if started else time.monotonic()) + limit + self.SLACK_S - time.monotonic()
             done, _ = await asyncio.wait({waiting}, timeout=max(0.0, left))
         if not done:
             raise ApiError(422, "limit", f"compiling the formula took longer than {limit} s (compile_timeout_s)")

@@ -7,8 +7,8 @@ carries everything and there is a single encoding for every transport.
 
 Reading maps the buffers of the message without copying them: the arrays returned by `decode` are read-only views
 of the body. Every byte of a body is untrusted: the batch is fully validated (offsets, buffer sizes) before any
-buffer is touched, shapes are checked as exact Python integers, and any malformed body is a `WireError` naming what
-is wrong. This module needs only numpy and pyarrow (the client imports it without the server's dependencies).
+buffer is touched, shapes are checked as exact Python integers, compressed (LZ4/zstd) batches are refused before
+pyarrow would decompress them, and any malformed body is a `WireError` naming what is wrong. This module needs only numpy and pyarrow (the client imports it without the server's dependencies).
 """
 from __future__ import annotations
 
