@@ -1,6 +1,7 @@
 """Fuzz a kred server: grammar-aware formulas, mutated Arrow bodies and mutated shared-memory descriptors.
 
     python -m benchmarks.fuzz --count 100000          # a real `kred serve` in its own process; JSON to results/
+    python -m benchmarks.fuzz --count 100000 --seconds 360     # as many as fit in 6 minutes (the counts are saved)
 
 Every answer must be < 500 and the server must stay up with bounded memory. The same generators drive the bounded
 CI test (tests/test_safety_fuzz.py), against the app in-process and against a real server.
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from kred.wire import arrow
 from kred.wire.shm import HEADER, SegmentPool, pack
@@ -85,7 +87,19 @@ def arrow_body(rng: random.Random) -> bytes:
     n, m = rng.randint(1, 30), rng.randint(1, 30)
     arrays = [np.ones((n, 3)), np.ones((m, 3)), np.ones((m, 1)), np.ones((1,))]
     meta = {"formula": "Exp(-SqDist(x,y))*b*p", "aliases": ALIASES, "axis": 1}
-    return mutate_bytes(rng, bytes(arrow.encode(meta, arrays)))
+    body = arrow.encode(meta, arrays)
+    if rng.random() < 0.1:          # compressed record batches are refused before decompression: mutated ones too
+        body = compressed(body, rng.choice(["lz4", "zstd"]))
+    return mutate_bytes(rng, bytes(body))
+
+
+def compressed(body, codec: str) -> bytes:
+    """The same Arrow stream with its record batches compressed by `codec`."""
+    table = pa.ipc.open_stream(body).read_all()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=codec)) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def shm_request(rng: random.Random, pool: SegmentPool) -> dict:
@@ -111,33 +125,53 @@ def shm_request(rng: random.Random, pool: SegmentPool) -> dict:
     return body
 
 
-def fuzz(http, rng: random.Random, formulas: int, arrows: int, shms: int) -> dict:
-    """Send every case through `http` (an httpx.Client); counts of answers by status class, and the 5xx seen."""
+def fuzz(http, rng: random.Random, formulas: int, arrows: int, shms: int, seconds: float | None = None) -> dict:
+    """Send the cases through `http` (an httpx.Client), the three kinds interleaved; stop early after `seconds`.
+    Returns the counts of answers by status class, the 5xx and unanswered requests seen (`failures`), the cases
+    sent of each kind, and any exception of the generators themselves (`generator_errors`: a bug of this file, which
+    must not end a long run)."""
     counts: dict[str, int] = {}
     failures: list[str] = []
+    generator_errors: list[str] = []
+    sent = {"formula": 0, "arrow": 0, "shm": 0}
     pool = SegmentPool()
+    deadline = None if seconds is None else time.monotonic() + seconds
 
-    def record(kind: str, response, what) -> None:
+    def case(kind: str, make, send) -> None:
+        try:
+            body = make()
+        except Exception as e:
+            generator_errors.append(f"{kind}: {type(e).__name__}: {e}")
+            return
+        sent[kind] += 1
+        try:
+            response = send(body)
+        except Exception as e:       # no answer (timeout, connection reset): as bad as a 5xx
+            failures.append(f"{kind} no answer ({type(e).__name__}: {e}): {str(body)[:300]!r}")
+            return
         key = f"{kind} {response.status_code // 100}xx"
         counts[key] = counts.get(key, 0) + 1
         if response.status_code >= 500:
-            failures.append(f"{kind} {response.status_code}: {str(what)[:300]!r} -> {response.text[:300]}")
+            failures.append(f"{kind} {response.status_code}: {str(body)[:300]!r} -> {response.text[:300]}")
 
+    total = max(formulas, arrows, shms, 1)
     try:
-        for _ in range(formulas):
-            body = formula_request(rng)
-            record("formula", http.post("/v1/formulas/validate", json=body), body)
-        for _ in range(arrows):
-            body = arrow_body(rng)
-            record("arrow", http.post("/v1/reduce", content=body,
-                                      headers={"content-type": arrow.CONTENT_TYPE}), body[:64])
-        for _ in range(shms):
-            body = shm_request(rng, pool)
-            record("shm", http.post("/v1/reduce", content=json.dumps(body),
-                                    headers={"content-type": "application/json"}), body)
+        for k in range(total):       # kind i goes out count_i times, spread evenly over the run
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            if k * formulas // total != (k + 1) * formulas // total:
+                case("formula", lambda: formula_request(rng),
+                     lambda body: http.post("/v1/formulas/validate", json=body))
+            if k * arrows // total != (k + 1) * arrows // total:
+                case("arrow", lambda: arrow_body(rng),
+                     lambda body: http.post("/v1/reduce", content=body, headers={"content-type": arrow.CONTENT_TYPE}))
+            if k * shms // total != (k + 1) * shms // total:
+                case("shm", lambda: shm_request(rng, pool),
+                     lambda body: http.post("/v1/reduce", content=json.dumps(body),
+                                            headers={"content-type": "application/json"}))
     finally:
         pool.close()
-    return {"counts": counts, "failures": failures}
+    return {"counts": counts, "failures": failures, "generator_errors": generator_errors, "sent": sent}
 
 
 def main() -> None:
@@ -148,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000, help="formulas (Arrow bodies: count/4, shm: count/10)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=None, help="stop after this long (the counts sent are saved)")
     args = parser.parse_args()
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -157,18 +192,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp), compile_timeout_s=2.0) as server:
         began, rss0 = time.monotonic(), server.rss()
         with httpx.Client(base_url=server.url, timeout=60) as http:
-            result = fuzz(http, random.Random(args.seed), args.count, args.count // 4, args.count // 10)
+            result = fuzz(http, random.Random(args.seed), args.count, args.count // 4, args.count // 10,
+                          args.seconds)
         seconds, rss1 = time.monotonic() - began, server.rss()
         alive = server.alive()
     info = machine_info()
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": info, "seed": args.seed,
-              "formulas": args.count, "arrow_bodies": args.count // 4, "shm_descriptors": args.count // 10,
+              "count": args.count, "time_budget_s": args.seconds, "formulas": result["sent"]["formula"],
+              "arrow_bodies": result["sent"]["arrow"], "shm_descriptors": result["sent"]["shm"],
               "seconds": round(seconds, 1), "server_rss_mb": [round(rss0 / 2 ** 20), round(rss1 / 2 ** 20)],
               "server_alive": alive, **result}
     print(f"{'kind':<12}{'answers':>10}")
     for key, value in sorted(result["counts"].items()):
         print(f"{key:<12}{value:>10}")
-    print(f"5xx: {len(result['failures'])}, server alive: {alive}, RSS {record['server_rss_mb'][0]} -> "
+    print(f"sent: {result['sent']}; generator errors: {len(result['generator_errors'])}")
+    print(f"5xx or no answer: {len(result['failures'])}, server alive: {alive}, RSS {record['server_rss_mb'][0]} -> "
           f"{record['server_rss_mb'][1]} MB, {seconds:.0f} s")
     path = RESULTS / f"fuzz-{host_kind(info)}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from kred.engine.backends.compile_limit import CompileTimeout, time_limit
 from kred.engine.batch import batch_items, batch_shape, stack_items
 from kred.engine.errors import ArgumentError
 from kred.engine.plan import Plan
@@ -44,12 +46,14 @@ class Work:
 
 class Planner:
     CACHE = 256
+    COMPILERS = 2         # kernels compiled at once (each a C compiler process, or NVRTC in a thread)
+    SLACK_S = 5.0         # past compile_timeout_s, the wait for work that cannot be killed (code generation, NVRTC)
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(2, thread_name_prefix="kred-compile")
+        self._pool = ThreadPoolExecutor(self.COMPILERS, thread_name_prefix="kred-compile")
         self._workers = PlanWorkers.shared(2, warm=(__name__,))
         self._compiled: set[tuple] = set()
         self.hits = self.misses = 0
@@ -81,21 +85,35 @@ class Planner:
         return plan
 
     async def compile(self, executor, plan: Plan, arrays: list[np.ndarray]) -> None:
-        """Have the executor compile `plan` for the arrays' dtype, within `compile_timeout_s` (once per plan)."""
+        """Have the executor compile `plan` for the arrays' dtype (once per plan) in one of the COMPILERS compile
+        threads, within `compile_timeout_s` from when it starts: a compiler still running then is killed
+        (engine.backends.compile_limit). A compile that found no free thread within that time is a 429."""
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         if dtype.kind != "f" or (plan.key, dtype) in self._compiled:
             return                        # (a wrong dtype is reported by the argument checks)
-        future = asyncio.wrap_future(self._pool.submit(executor.prepare, plan, dtype))
+        limit, started = self.settings.compile_timeout_s, []
+        job = self._pool.submit(_prepare, executor, plan, dtype, limit, started)
+        waiting = asyncio.wrap_future(job)
+        done, _ = await asyncio.wait({waiting}, timeout=limit)
+        if not done and job.cancel():     # still queued behind other compiles
+            raise ApiError(429, "too_busy", f"{self.COMPILERS} formulas were being compiled for {limit} s "
+                                            "(compile_timeout_s); retry later", {"Retry-After": "5"})
+        if not done:                      # it stops at its own limit (SLACK_S: for what cannot be killed)
+            left = (started[0] if started else time.monotonic()) + limit + self.SLACK_S - time.monotonic()
+            done, _ = await asyncio.wait({waiting}, timeout=max(0.0, left))
+        if not done:
+            raise ApiError(422, "limit", f"compiling the formula took longer than {limit} s (compile_timeout_s)")
         try:
-            await asyncio.wait_for(future, self.settings.compile_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(422, "limit", f"compiling the formula took longer than {self.settings.compile_timeout_s} "
-                                         "s (compile_timeout_s)") from None
+            waiting.result()
+        except CompileTimeout:
+            raise ApiError(422, "limit", f"compiling the formula took longer than {limit} s (compile_timeout_s); "
+                                         "the compiler was stopped") from None
         self._compiled.add((plan.key, dtype))
 
     def build(self, spec: ReductionSpec) -> Plan:
-        """Parse and check in this thread (blocking; the job workers' restart path)."""
-        return build(spec, self.settings)
+        """`plan(spec)` from a thread with no event loop (the job workers' restart path): the same cache, killable
+        worker process and `compile_timeout_s`."""
+        return asyncio.run(self.plan(spec))
 
     def bind(self, plan: Plan, spec: ReductionSpec, arrays: list[np.ndarray], pair_limit: float,
              limit_name: str) -> Work:
@@ -148,6 +166,14 @@ class Planner:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _prepare(executor, plan: Plan, dtype, seconds: float, started: list[float]) -> None:
+    """`executor.prepare` with compilers killed after `seconds` (a compile thread's task); appends its start time
+    to `started`."""
+    started.append(time.monotonic())
+    with time_limit(seconds):
+        executor.prepare(plan, dtype)
 
 
 def build(spec: ReductionSpec, settings: Settings) -> Plan:

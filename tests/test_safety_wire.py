@@ -52,6 +52,16 @@ def column_body(shape_meta: bytes, values: pa.Array, offsets: list[int] | None =
     return body
 
 
+def compressed_body(codec: str, arrays=(X, Y, B), meta=None) -> bytes:
+    """The request's body as `arrow.encode` writes it, but with its record batch compressed by `codec`."""
+    meta, arrays = arrow.decode(arrow.encode(request(axis=1) if meta is None else meta, list(arrays)))
+    table = pa.ipc.open_stream(arrow.encode(meta, arrays)).read_all()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=codec)) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
 VALUES = pa.array(X.ravel())
 MALFORMED = {        # body -> what the answer must name
     "shape [2**64, 1]": (column_body(b"[18446744073709551616, 1]", VALUES), "shape"),
@@ -62,6 +72,8 @@ MALFORMED = {        # body -> what the answer must name
     "shape not JSON": (column_body(b"[23, 3", VALUES), "shape"),
     "shape nested": (column_body(b"[[23], 3]", VALUES), "non-negative integers"),
     "shape of 9 dimensions": (column_body(b"[1, 1, 1, 1, 1, 1, 1, 23, 3]", VALUES), "at most 8"),
+    "zstd-compressed batch": (compressed_body("zstd"), "compressed"),
+    "lz4-compressed batch": (compressed_body("lz4"), "compressed"),
 }
 SHM_SHAPES = {"[2**63, 1]": [2 ** 63, 1], "[2**62, 4]": [2 ** 62, 4], "[-1, 3]": [-1, 3]}
 
@@ -104,6 +116,18 @@ def test_decode_names_the_column_and_its_shape():
     meta, arrays = arrow.decode(arrow.encode({"k": 1}, [X, Y]))      # and a well-formed body still decodes
     np.testing.assert_array_equal(arrays[0], X)
     np.testing.assert_array_equal(arrays[1], Y)
+
+
+def test_a_compressed_bomb_is_refused_before_it_is_decompressed(real_server):
+    """A 128 MB column compressed into a few kB: refused with a 400 naming compression, with no memory taken."""
+    bomb = compressed_body("zstd", [np.zeros((16_000_000, 1)), Y, B])
+    assert len(bomb) < 1 << 20
+    before = real_server.rss()
+    r = httpx.post(real_server.url + "/v1/reduce", content=bomb, headers={"content-type": arrow.CONTENT_TYPE},
+                   timeout=60)
+    assert r.status_code == 400 and "compressed" in r.json()["detail"], r.text
+    assert real_server.rss() - before < 50 << 20
+    assert real_server.alive()
 
 
 # Row 3: bodies that are announced but never sent ---------------------------------------------------------

@@ -36,6 +36,7 @@ from filelock import FileLock, Timeout
 
 from .. import limits
 from ..errors import BackendError
+from .compile_limit import run_compiler
 
 LOG_BYTES = 1 << 20         # builds.log is rotated (to builds.log.1) past this size
 TRIM_TO = 0.8               # a trim deletes down to this fraction of the cap, so it does not run on every build
@@ -259,11 +260,13 @@ def _build(source, cc, flags, libs, directory: Path, key: str, target: Path) -> 
     os.close(fd)
     command = [cc.path, *flags, "-o", temp, str(source_path), *libs]
     start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as e:
+    try:            # within the caller's time limit, if any (compile_limit): no partial output is left behind
+        done = run_compiler(command)
+    except BaseException as e:
         os.unlink(temp)
-        raise BackendError(f"could not run the C compiler {cc.path}: {e}") from None
+        if isinstance(e, (OSError, subprocess.SubprocessError)):
+            raise BackendError(f"could not run the C compiler {cc.path}: {e}") from None
+        raise
     if done.returncode != 0:
         os.unlink(temp)
         message = (done.stderr or done.stdout).strip()

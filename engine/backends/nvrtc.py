@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .. import limits
 from ..errors import BackendError
+from .compile_limit import remaining
 
 ARCHS = ("sm_75", "sm_80", "sm_90")          # the architectures CI compiles every kernel for
 DEFAULT_OPTIONS = ("--std=c++17", "--fmad=true", "--extra-device-vectorization")
@@ -116,6 +117,7 @@ def normalize_arch(arch) -> str:
 
 
 def _compile(source: str, arch: str, options: tuple[str, ...], output: str, name: str) -> tuple[bytes, str]:
+    remaining()          # a spent time limit (compile_limit) starts no compile: a running NVRTC call cannot be stopped
     nvrtc = _module()
     target = arch if output == "cubin" else arch.replace("sm_", "compute_")
     flags = [f"--gpu-architecture={target}", *options]

@@ -87,8 +87,9 @@ def _constant_outwards(children, params, dim, make):
     if a.op == "Mult" and _is_constant(a.children[0]):           # (c*x)*y -> c*(x*y)
         return make("Mult", (a.children[0], make("Mult", (a.children[1], b))))
     if b.op == "Mult" and _is_constant(b.children[0]):           # x*(c*y) -> c*(x*y), c*(c2*y) -> (c*c2)*y
-        if _is_constant(a):
-            return make("Mult", (make("Mult", (a, b.children[0])), b.children[1]))
+        if _is_constant(a):           # only when c*c2 folds (not inf, not a huge integer): else the rule above undoes it
+            folded = _fold(lambda u, v: u * v)((a, b.children[0]), (), 1, make)
+            return None if folded is None else make("Mult", (folded, b.children[1]))
         return make("Mult", (b.children[0], make("Mult", (a, b.children[1]))))
     return None
 

@@ -7,13 +7,14 @@ carries everything and there is a single encoding for every transport.
 
 Reading maps the buffers of the message without copying them: the arrays returned by `decode` are read-only views
 of the body. Every byte of a body is untrusted: the batch is fully validated (offsets, buffer sizes) before any
-buffer is touched, shapes are checked as exact Python integers, and any malformed body is a `WireError` naming what
-is wrong. This module needs only numpy and pyarrow (the client imports it without the server's dependencies).
+buffer is touched, shapes are checked as exact Python integers, compressed (LZ4/zstd) batches are refused before
+pyarrow would decompress them, and any malformed body is a `WireError` naming what is wrong. This module needs only numpy and pyarrow (the client imports it without the server's dependencies).
 """
 from __future__ import annotations
 
 import json
 import math
+import struct
 from typing import Any, Sequence
 
 import numpy as np
@@ -76,11 +77,16 @@ def decode(body) -> tuple[dict[str, Any], list[np.ndarray]]:
     """(meta, arrays) from an Arrow stream (bytes, memoryview, pyarrow Buffer or memory-mapped file)."""
     try:
         source = body if isinstance(body, (pa.Buffer, pa.NativeFile)) else pa.py_buffer(body)
+        check_messages(source)         # before pyarrow reads a batch: it would decompress what it names
         reader = pa.ipc.open_stream(source)
         schema = reader.schema
+        for field in schema:           # names (nested ones too) must be UTF-8: read them all here, once
+            field.name, str(field.type)
         batches = list(reader)
         for batch in batches:          # offsets and buffer sizes checked before any buffer is read
             batch.validate(full=True)
+    except WireError:
+        raise
     except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError, OverflowError,
             MemoryError) as e:
         raise WireError(f"the body is not a valid Arrow IPC stream ({type(e).__name__}: {e})") from None
@@ -100,6 +106,40 @@ def decode(body) -> tuple[dict[str, Any], list[np.ndarray]]:
             raise WireError("the Arrow stream must hold exactly one record batch of one row")
         return meta, []
     return meta, [_column_array(schema.field(k), batches[0].column(k)) for k in range(len(schema.names))]
+
+
+def check_messages(source) -> None:
+    """Refuse a stream whose messages are not one schema then record batches, or whose record batches are
+    compressed (LZ4/zstd buffers: a few kB of body can name gigabytes once decompressed, and pyarrow allocates them
+    before anything can be checked). Reads only the messages' flatbuffer headers."""
+    for message in pa.ipc.MessageReader.open_stream(source):
+        if message.type not in ("schema", "record batch"):
+            raise WireError(f"the Arrow stream holds a {message.type} message; only a schema and record batches "
+                            "are accepted")
+        if message.type == "record batch" and _compressed(message.metadata):
+            raise WireError("the Arrow stream's record batch is compressed (LZ4/zstd IPC buffers); send it "
+                            "uncompressed (compression would let a small body claim any decompressed size)")
+
+
+def _compressed(header) -> bool:
+    """Whether a record-batch message header (a flatbuffer `Message`, Arrow's format/Message.fbs) names a
+    `BodyCompression`: `Message.header` is field 2, `RecordBatch.compression` field 3."""
+    data = memoryview(header)
+
+    def read(form: str, at: int) -> int:
+        if not 0 <= at <= len(data) - struct.calcsize(form):
+            raise WireError("the Arrow stream has a record batch header that points outside itself")
+        return struct.unpack_from(form, data, at)[0]
+
+    def field(table: int, index: int) -> int:      # a table field's position, or 0 when absent
+        vtable = table - read("<i", table)
+        slot = 4 + 2 * index
+        offset = read("<H", vtable + slot) if slot < read("<H", vtable) else 0
+        return table + offset if offset else 0
+
+    root = read("<I", 0)
+    at = field(root, 2)
+    return bool(at) and bool(field(at + read("<I", at), 3))
 
 
 def _column_array(field: pa.Field, column: pa.Array) -> np.ndarray:
