@@ -8,6 +8,7 @@ import threading
 from ..errors import BackendError
 from ..plan import Plan, make_plan
 from .job import Job
+from .blocks import CACHE_BYTES
 from .sharding import MIN_SHARD_PAIRS, SHARDS_PER_WORKER, choose_split, make_shards
 from .workers import WorkerPool, layout
 
@@ -28,13 +29,22 @@ class Cluster:
     speculate: copy the last stragglers onto idle workers.
     on_shard: a picklable callable run in the worker before each shard (tests and diagnostics).
     ray_options: extra `ray.init` arguments when this Cluster starts Ray (num_cpus, object_store_memory...).
+    min_workers, max_workers: the workers kept when idle, and the most started (None: as many as the layout has).
+    idle_timeout: seconds without a job after which all but `min_workers` workers are given back to Ray, so that
+      other drivers can use the cluster (None: never); the next job starts them again.
+    cache_bytes: each worker's budget for the input blocks it keeps between shards.
+
+    The workers follow the cluster: while jobs run, nodes that join get workers, which take shards of running
+    jobs; a job with more shards than workers asks Ray's autoscaler for room (and proceeds with what it has).
     """
 
     def __init__(self, address: str | None = None, *, device: str = "auto", resource: str = "GPU",
                  workers: int | None = None, threads: int | None = None, backend: str = "auto",
                  shards_per_worker: int = SHARDS_PER_WORKER, min_shard_pairs: int = MIN_SHARD_PAIRS,
                  inflight: int = 2, max_attempts: int = 3, speculate: bool = True, worker_wait: float = 60.0,
-                 start_timeout: float = 120.0, on_shard=None, ray_options: dict | None = None):
+                 start_timeout: float = 120.0, on_shard=None, ray_options: dict | None = None,
+                 min_workers: int = 0, max_workers: int | None = None, idle_timeout: float | None = 60.0,
+                 cache_bytes: int = CACHE_BYTES):
         ray = _ray()
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -47,8 +57,11 @@ class Cluster:
         self.shards_per_worker, self.min_shard_pairs = shards_per_worker, min_shard_pairs
         self._job_options = dict(inflight=inflight, max_attempts=max_attempts, speculate=speculate,
                                  worker_wait=worker_wait)
-        specs = layout(ray.nodes(), device, resource, workers, threads)
-        self.pool = WorkerPool(specs, backend, on_shard)
+        def specs():
+            return layout(ray.nodes(), device, resource, workers, threads)
+
+        self.pool = WorkerPool(specs, backend, on_shard, min_workers=min_workers, max_workers=max_workers,
+                               idle_timeout=idle_timeout, cache_bytes=cache_bytes)
         try:
             self.pool.wait_started(start_timeout)
         except BaseException:
@@ -69,7 +82,7 @@ class Cluster:
             raise BackendError("this Cluster is closed")
         arrays, dtype, n, m = plan.check_args(args)
         if split is None:
-            split = choose_split(n, m, max(1, len(self.pool.poll())), self.shards_per_worker, self.min_shard_pairs)
+            split = choose_split(n, m, max(1, self.pool.size), self.shards_per_worker, self.min_shard_pairs)
         return Job(self.pool, plan, arrays, dtype, make_shards(n, m, split), **self._job_options)
 
     def reduce(self, formula: str, aliases, *args, progress: bool = False, timeout: float | None = None, **kwargs):

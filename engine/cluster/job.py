@@ -4,6 +4,10 @@ The queue keeps at most `inflight` shards per worker (one computing, one waiting
 round trip), hands the next shard to whichever worker frees up first, duplicates the last stragglers onto idle
 workers (the first copy back wins; states are deterministic so the result is the same), re-queues the shards of
 workers that died, and fails the whole job at once on a user error (a KredError raised by the engine).
+
+The inputs go to the object store once, as blocks (`blocks.JobBlocks`); a worker is preferably given a shard whose
+blocks it already holds, and each worker's fetched bytes are counted (`bytes_fetched` against `bytes_read`, the
+bytes of the distinct blocks its shards read).
 """
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ import numpy as np
 
 from ..errors import BackendError, KredError
 from ..plan import Plan
+from .blocks import JobBlocks
 from .sharding import Assembler, Shard
 from .workers import Worker, WorkerPool
 
 POLL_SECONDS = 0.05          # how often the queue looks at cancellation and at newly started workers
+LOCALITY_SCAN = 64           # queued shards looked at for one whose blocks a worker already holds
 _ids = itertools.count(1)
 
 
@@ -50,6 +56,11 @@ class Job:
         self.lost = 0               # shard results lost with their worker
         self.retries = 0            # of those, shards put back in the queue (the others had a copy out already)
         self.duplicates = 0         # straggler copies started on idle workers
+        self.bytes_fetched: Counter = Counter()     # worker name -> bytes it fetched from the object store
+        self.blocks_read: dict[str, dict] = {}      # worker name -> {block key: bytes} its shards read
+        self.first_shard: dict[str, float] = {}     # worker name -> seconds from its start to its first shard
+        pool.job_started()
+        pool.wanted(len(shards))
         self._thread = threading.Thread(target=self._run, name=f"kred-job-{self.id}", daemon=True)
         self._thread.start()
 
@@ -88,6 +99,11 @@ class Job:
     def cancelled(self) -> bool:
         return self._future.cancelled()
 
+    @property
+    def bytes_read(self) -> dict[str, int]:
+        """Per worker, the bytes of the distinct blocks its shards read (what an ideal cache would fetch)."""
+        return {name: sum(blocks.values()) for name, blocks in self.blocks_read.items()}
+
     def _show_progress(self, timeout):
         from tqdm.auto import tqdm
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -109,13 +125,15 @@ class Job:
             self._future.set_result(result)
         finally:
             self._arrays = None          # the object store keeps what workers still need
+            self._pool.job_finished()
 
     def _schedule(self):
         import ray
         lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                        ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError,
                        ray.exceptions.OutOfMemoryError)
-        inputs = ray.put((self.plan, self._arrays))
+        blocks = JobBlocks(self.plan, self._arrays, self.shards)
+        plan = ray.put(self.plan)
         assembler = Assembler(self.plan.reduction, self.shards)
         queue = deque(self.shards)
         running: dict = {}                    # ref -> (shard, worker)
@@ -128,7 +146,7 @@ class Job:
                     raise CancelledError()
                 workers = self._pool.poll()
                 idle_since = self._check_workers(workers, running, idle_since)
-                self._dispatch(workers, queue, running, load, inputs)
+                self._dispatch(workers, queue, running, load, blocks, plan)
                 if not running:
                     time.sleep(POLL_SECONDS)
                     continue
@@ -140,7 +158,9 @@ class Job:
                     load[worker] -= 1
                     try:
                         # copied out of the object store: results must be writeable and must not pin its memory
-                        state = tuple(np.array(part) for part in ray.get(ref))
+                        state, fetched = ray.get(ref)
+                        state = tuple(np.array(part) for part in state)
+                        self.bytes_fetched[worker.spec.name] += fetched
                     except ray.exceptions.RayTaskError as e:
                         if isinstance(e.cause, KredError):
                             raise e.cause from None     # the engine's own message, once, no retry
@@ -160,7 +180,7 @@ class Job:
         finally:
             for ref in running:
                 ray.cancel(ref)
-            self._pool.broadcast_forget(inputs.hex())
+            self._pool.broadcast_forget(blocks.keys())
         return self.plan.reduction.finalize(assembler.state(), self._dtype)
 
     def _check_workers(self, workers, running, idle_since):
@@ -177,15 +197,21 @@ class Job:
                                "and none could be restarted (resources gone?)")
         return idle_since
 
-    def _dispatch(self, workers: list[Worker], queue: deque, running: dict, load: Counter, inputs) -> None:
+    def _dispatch(self, workers: list[Worker], queue: deque, running: dict, load: Counter, blocks: JobBlocks,
+                  plan) -> None:
         def send(worker, shard):
-            ref = worker.handle.partial.remote(shard, [inputs])
+            refs = blocks.for_shard(shard)
+            ref = worker.handle.partial.remote(shard, plan, refs)
             running[ref] = (shard, worker)
             load[worker] += 1
+            read = self.blocks_read.setdefault(worker.spec.name, {})
+            read.update(zip(refs.keys, refs.nbytes))
+            if worker.spec.name not in self.first_shard and worker.live_since is not None:
+                self.first_shard[worker.spec.name] = time.monotonic() - worker.live_since
 
         for worker in sorted(workers, key=lambda w: load[w]):
             while queue and load[worker] < self._inflight:
-                send(worker, queue.popleft())
+                send(worker, self._nearest(worker, queue, blocks))
         if queue or not self._speculate:
             return
         # Nothing left to hand out: idle workers take a copy of the newest shard still out on another worker
@@ -198,6 +224,22 @@ class Job:
                     copies[shard.index] += 1
                     self.duplicates += 1
                     break
+
+    def _nearest(self, worker: Worker, queue: deque, blocks: JobBlocks) -> Shard:
+        """Take from the queue the first shard whose blocks `worker` already read (most of them), else the first."""
+        held = self.blocks_read.get(worker.spec.name)
+        if held:
+            best, score = 0, 0
+            for k, shard in enumerate(itertools.islice(queue, LOCALITY_SCAN)):
+                refs = blocks.for_shard(shard)
+                have = sum(size for key, size in zip(refs.keys, refs.nbytes) if key in held)
+                if have > score:
+                    best, score = k, have
+            if best:
+                shard = queue[best]
+                del queue[best]
+                return shard
+        return queue.popleft()
 
     def _retry(self, shard, error, queue, running, attempts, assembler) -> None:
         """Put back a shard whose worker was lost, unless a copy of it is done or still out."""
