@@ -250,6 +250,7 @@ class WorkerPool:
         if not pending:
             return
         _, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+        self._last_busy = time.monotonic()           # the idle clock starts once the workers are up
         if not self.poll() and late:
             names = ", ".join(pending[r].spec.name for r in late)
             raise BackendError(f"cluster workers {names} did not start within {timeout:.0f} s "
