@@ -149,3 +149,17 @@ def test_idle_cluster_releases_its_workers_and_two_drivers_finish(nodes, tmp_pat
         # the next job brings the workers back
         np.testing.assert_allclose(cl.run_plan(plan, [x, y, b], timeout=120), dense(x, y, b), rtol=1e-12)
         assert len(cl.workers) == held
+
+
+def test_small_reductions_stay_in_the_service_process(nodes, tmp_path):
+    from kred.service.executors import ClusterExecutor
+    hook = NodeLog(tmp_path / "log")
+    plan = Genred(GAUSS, ALIASES, axis=1).plan
+    with Cluster(nodes.address, device="cpu", workers=1, on_shard=hook, idle_timeout=None) as cl:
+        executor = ClusterExecutor(cluster=cl, local_below_pairs=50_000, backend="reference")
+        x, y, b = data(100, 100)                     # 10^4 pairs: computed here
+        np.testing.assert_allclose(executor.run(plan, [x, y, b]), dense(x, y, b), rtol=1e-12)
+        assert not (tmp_path / "log").exists()
+        x, y, b = data(400, 300)                     # 1.2 x 10^5 pairs: on the cluster
+        np.testing.assert_allclose(executor.run(plan, [x, y, b]), dense(x, y, b), rtol=1e-12)
+        assert len(hook.nodes()) >= 1
