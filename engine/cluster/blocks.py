@@ -33,13 +33,17 @@ class BlockRefs:
 class JobBlocks:
     """The object-store blocks of one job, put once each, by row block and column block index."""
 
-    def __init__(self, plan: Plan, arrays: list[np.ndarray], shards: list[Shard]):
+    def __init__(self, plan: Plan, arrays: list[np.ndarray], shards: list[Shard], rows: bool = True):
+        """`rows=False`: the row-side inputs are not arrays here (a dataset job's workers read them)."""
         import ray
         self.plan = plan
-        rows = sorted({(s.block, s.rows) for s in shards})
         cols = sorted({(s.part, s.cols) for s in shards})
-        self.rows = {b: self._put(ray, [a[r0:r1] for a, spec in zip(arrays, plan.args) if spec.role == ROWS])
-                     for b, (r0, r1) in rows}
+        if rows:
+            self.rows = {b: self._put(ray, [a[r0:r1] for a, spec in zip(arrays, plan.args) if spec.role == ROWS])
+                         for b, (r0, r1) in sorted({(s.block, s.rows) for s in shards})}
+        else:
+            empty = self._put(ray, [])
+            self.rows = {s.block: empty for s in shards}
         self.cols = {p: self._put(ray, [a[c0:c1] for a, spec in zip(arrays, plan.args) if spec.role == COLS])
                      for p, (c0, c1) in cols}
         self.params = self._put(ray, [a for a, spec in zip(arrays, plan.args) if spec.role == PARAM])
@@ -53,7 +57,7 @@ class JobBlocks:
         return BlockRefs([ref for ref, _ in picked], tuple(size for _, size in picked))
 
     def keys(self) -> list[str]:
-        return [ref.hex() for ref, _ in [*self.rows.values(), *self.cols.values(), self.params]]
+        return list({ref.hex() for ref, _ in [*self.rows.values(), *self.cols.values(), self.params]})
 
 
 def shard_arrays(plan: Plan, row_parts, col_parts, param_parts) -> list:

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import threading
 
+import numpy as np
+
 from ..errors import BackendError
-from ..plan import Plan, make_plan
-from .job import Job
+from ..plan import ROWS, Plan, make_plan
 from .blocks import CACHE_BYTES
+from .dataset import Dataset, DatasetError, Output, check_rows, dataset_shards, row_blocks, row_reader
+from .job import DatasetJob, Job
 from .sharding import MIN_SHARD_PAIRS, SHARDS_PER_WORKER, choose_split, make_shards
 from .workers import WorkerPool, layout
 
@@ -84,6 +88,47 @@ class Cluster:
         if split is None:
             split = choose_split(n, m, max(1, self.pool.size), self.shards_per_worker, self.min_shard_pairs)
         return Job(self.pool, plan, arrays, dtype, make_shards(n, m, split), **self._job_options)
+
+    def submit_dataset(self, plan: Plan, inputs: list, output: str, dtype=None) -> DatasetJob:
+        """Start an out-of-core job: `inputs` are, per argument of the plan, an array or a `Dataset`; the row-side
+        ones (the output's rows) must be Datasets, which the workers read row group by row group; the others are
+        read whole. The workers write the result to the Parquet dataset `output` (a folder or URI), one file per
+        row block (the row groups of the first row-side input); blocks already written there by the same job are
+        not computed again. The job's result is `output`."""
+        if self.pool is None:
+            raise BackendError("this Cluster is closed")
+        if len(inputs) != plan.nargs:
+            raise DatasetError(f"expected {plan.nargs} inputs ({', '.join(a.name for a in plan.args)}), "
+                               f"got {len(inputs)}")
+        readers, arrays = {}, []
+        for k, (spec, source) in enumerate(zip(plan.args, inputs)):
+            if spec.role == ROWS:
+                if not isinstance(source, Dataset):
+                    raise DatasetError(f"{spec.name} is a row-side input of a dataset job: give it as a Dataset")
+                readers[k] = reader = row_reader(source, spec.name, spec.dim, dtype)
+                dtype = dtype or reader.dtype
+                arrays.append(np.zeros((1, spec.dim), dtype))            # a stand-in, for the checks below
+            elif isinstance(source, Dataset):
+                reader = row_reader(source, spec.name, spec.dim, dtype)
+                arrays.append(reader.read(0, reader.pieces[-1].stop if reader.pieces else 0))
+            else:
+                arrays.append(source)
+        if not readers:
+            raise DatasetError("a dataset job needs a row-side input (an i variable, or j for axis=0)")
+        arrays, dtype, _, m = plan.check_args(arrays)
+        n = check_rows(plan, readers, {})
+        blocks = row_blocks(readers[min(readers)])
+        digest = hashlib.sha256()
+        for k, array in enumerate(arrays):
+            if k not in readers:
+                digest.update(np.ascontiguousarray(array).tobytes())
+        job = {"plan": plan.key, "rows": n, "columns": m, "dtype": dtype.str, "blocks": blocks,
+               "inputs": [inputs[k].uri for k in sorted(readers)], "others": digest.hexdigest()}
+        out = Output(output, job)
+        shards = dataset_shards(blocks, m, out.written)
+        arrays = [None if k in readers else a for k, a in enumerate(arrays)]
+        return DatasetJob(self.pool, plan, arrays, dtype, shards, [readers[k] for k in sorted(readers)], out,
+                          **self._job_options)
 
     def reduce(self, formula: str, aliases, *args, progress: bool = False, timeout: float | None = None, **kwargs):
         """`submit(...)` and wait for the result (with a progress bar if `progress`)."""

@@ -132,8 +132,8 @@ class Job:
         lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                        ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError,
                        ray.exceptions.OutOfMemoryError)
-        blocks = JobBlocks(self.plan, self._arrays, self.shards)
-        plan = ray.put(self.plan)
+        blocks = JobBlocks(self.plan, self._arrays, self.shards, rows=self._row_blocks)
+        self._plan_ref = ray.put(self.plan)
         assembler = Assembler(self.plan.reduction, self.shards)
         queue = deque(self.shards)
         running: dict = {}                    # ref -> (shard, worker)
@@ -146,7 +146,7 @@ class Job:
                     raise CancelledError()
                 workers = self._pool.poll()
                 idle_since = self._check_workers(workers, running, idle_since)
-                self._dispatch(workers, queue, running, load, blocks, plan)
+                self._dispatch(workers, queue, running, load, blocks)
                 if not running:
                     time.sleep(POLL_SECONDS)
                     continue
@@ -181,6 +181,15 @@ class Job:
             for ref in running:
                 ray.cancel(ref)
             self._pool.broadcast_forget(blocks.keys())
+        return self._finish(assembler)
+
+    # What a shard is, for this kind of job (a DatasetJob reads and writes files instead) -------------------
+    _row_blocks = True             # the row-side inputs are arrays cut into blocks
+
+    def _call(self, worker: Worker, shard: Shard, refs):
+        return worker.handle.partial.remote(shard, self._plan_ref, refs)
+
+    def _finish(self, assembler: Assembler):
         return self.plan.reduction.finalize(assembler.state(), self._dtype)
 
     def _check_workers(self, workers, running, idle_since):
@@ -197,11 +206,10 @@ class Job:
                                "and none could be restarted (resources gone?)")
         return idle_since
 
-    def _dispatch(self, workers: list[Worker], queue: deque, running: dict, load: Counter, blocks: JobBlocks,
-                  plan) -> None:
+    def _dispatch(self, workers: list[Worker], queue: deque, running: dict, load: Counter, blocks: JobBlocks) -> None:
         def send(worker, shard):
             refs = blocks.for_shard(shard)
-            ref = worker.handle.partial.remote(shard, plan, refs)
+            ref = self._call(worker, shard, refs)
             running[ref] = (shard, worker)
             load[worker] += 1
             read = self.blocks_read.setdefault(worker.spec.name, {})
@@ -253,3 +261,22 @@ class Job:
         if not any(s.index == shard.index for s, _ in running.values()):
             queue.appendleft(shard)
             self.retries += 1
+
+
+class DatasetJob(Job):
+    """A job whose row-side inputs are datasets the workers read (`readers`) and whose output is a Parquet dataset
+    they write (`output`, a dataset.Output); its result is the output's URI."""
+
+    _row_blocks = False
+
+    def __init__(self, pool, plan, arrays, dtype, shards, readers, output, **options):
+        self._readers, self._output = readers, output
+        self.skipped = sorted(output.written)        # blocks found already written (a resumed job)
+        super().__init__(pool, plan, arrays, dtype, shards, **options)
+
+    def _call(self, worker, shard, refs):
+        return worker.handle.write_block.remote(shard, self._plan_ref, refs, self._readers, self._output.uri)
+
+    def _finish(self, assembler):
+        self._output.finish()
+        return self._output.uri

@@ -55,6 +55,25 @@ class ShardWorker:
         state = backend.bind(arrays).partial(plan, arrays, (0, r1 - r0), (0, c1 - c0))   # numpy state, any backend
         return shift_indices(plan, state, c0), self.cache.fetched - before
 
+    def write_block(self, shard, plan, blocks, readers, out: str) -> tuple:
+        """A dataset job's shard: read its rows from the datasets (`readers`, one per row-side input), reduce
+        over every column, write the finished rows as the output dataset's file for this block. Returns ((), bytes
+        read or fetched)."""
+        from .dataset import write_part
+        backend = get_backend(self.backend_name)
+        load = _loader(backend.name == "cuda")
+        before = self.cache.fetched
+        _, cols, params = [self.cache.get(ref, size, load) for ref, size in zip(blocks.refs, blocks.nbytes)]
+        (r0, r1), (c0, c1) = shard.rows, shard.cols
+        rows = [reader.read(r0, r1) for reader in readers]
+        if self.on_shard is not None:
+            self.on_shard(shard)
+        arrays = shard_arrays(plan, rows, cols, params)
+        dtype = rows[0].dtype
+        state = backend.bind(arrays).partial(plan, arrays, (0, r1 - r0), (c0, c1))
+        write_part(out, shard.block, plan.reduction.finalize(state, dtype), plan)
+        return (), self.cache.fetched - before + sum(int(a.nbytes) for a in rows)
+
     def forget(self, keys: list[str]) -> None:
         self.cache.forget(keys)
 
