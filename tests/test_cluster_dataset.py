@@ -161,3 +161,25 @@ def test_input_much_larger_than_a_workers_cache_with_bounded_driver_memory(clust
         part = read_output(tmp_path / "out")[f * n // 3:(f + 1) * n // 3]
         x = np.column_stack([pq.read_table(tmp_path / "x" / f"x-{f}.parquet").column(c).to_numpy() for c in "uvw"])
         np.testing.assert_allclose(part, dense(x, y, b), rtol=1e-5)
+
+
+def test_job_file_with_dataset_input_and_output(ray_up, tmp_path):
+    import yaml
+
+    from kred.engine.cluster import run_job_file
+    write_points(tmp_path / "x", 5_000, row_group=1_000)
+    y, b = points(20, 7), points(20, 8)[:, :1]
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "b.npy", b)
+    job = {"formula": "Exp(-SqDist(x, y) * s) * b", "aliases": ALIASES + ["s = Pm(1)"],       # s: inline, float32
+           "inputs": {"x": {"path": "x/", "columns": ["u", "v", "w"]}, "y": "y.npy", "b": "b.npy", "s": [1.0]},
+           "axis": 1, "output": "out/", "cluster": {"device": "cpu", "workers": 1, "threads": 1}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    out = run_job_file(tmp_path / "job.yaml", progress=False)
+    assert out == f"{tmp_path}/out/"
+    np.testing.assert_allclose(read_output(tmp_path / "out"), dense(read_x(tmp_path / "x"), y, b), rtol=1e-5)
+    # the same dataset read whole, into one output file
+    job["output"] = "a.npy"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    got = np.load(run_job_file(tmp_path / "job.yaml", progress=False))[:, 0]
+    np.testing.assert_allclose(got, read_output(tmp_path / "out"), rtol=1e-6)
