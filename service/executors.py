@@ -108,7 +108,14 @@ class ClusterExecutor(Executor):
             _, _, n, m = plan.check_args(arrays)
             if n * m < self.local_below_pairs:
                 return self.local.run(plan, arrays, progress, cancelled)
-        job = self.cluster.submit_plan(plan, arrays)
+        return self._wait(self.cluster.submit_plan(plan, arrays), progress, cancelled)
+
+    def run_dataset(self, plan, sources, output: str, progress=None, cancelled=None) -> str:
+        """An out-of-core job (`Cluster.submit_dataset`): the workers read and write the datasets; returns `output`."""
+        return self._wait(self.cluster.submit_dataset(plan, sources, output), progress, cancelled)
+
+    @staticmethod
+    def _wait(job, progress, cancelled):
         while True:
             if cancelled is not None and cancelled():
                 job.cancel()

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     local_below_pairs: float = Field(1e8, ge=0)
     threads: int = Field(4, ge=1)                # concurrent synchronous reductions
 
+    # Where dataset jobs (POST /v1/jobs with dataset URIs) may read and write: path or URI prefixes, e.g.
+    # ["/data/", "s3://bucket/kred/"]. Empty: dataset jobs are refused.
+    dataset_roots: list[str] = Field(default_factory=list)
     # The job store. By default one per server address (host_port under the user's data folder), so that two
     # servers on one machine never share jobs; servers meant to share a store are given the same store_dir.
     store_dir: Path | None = None

@@ -114,13 +114,16 @@ def row_reader(source: Dataset, name: str, dim: int, dtype=None) -> RowReader:
     fs, paths = files(source)
     pieces, start, schema = [], 0, None
     for path in paths:
-        with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f)
-            schema = schema or meta.schema_arrow
-            for k in range(meta.metadata.num_row_groups):
-                rows = meta.metadata.row_group(k).num_rows
-                pieces.append(Piece(path, k, start, start + rows))
-                start += rows
+        try:
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f)
+                schema = schema or meta.schema_arrow
+                for k in range(meta.metadata.num_row_groups):
+                    rows = meta.metadata.row_group(k).num_rows
+                    pieces.append(Piece(path, k, start, start + rows))
+                    start += rows
+        except Exception as e:      # noqa: BLE001 - pyarrow reports unreadable files with many types
+            raise DatasetError(f"{name}: {path} is not a readable Parquet file ({e})") from None
     fields = [schema.field(c) for c in source.columns] if source.columns else list(schema)
     if source.columns and any(c not in schema.names for c in source.columns):
         absent = [c for c in source.columns if c not in schema.names]
