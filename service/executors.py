@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 
 from kred.engine.backends import get_backend
-from kred.engine.errors import ArgumentError
 from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
 from kred.engine.run import backend_name, run
@@ -102,13 +101,11 @@ class ClusterExecutor(Executor):
             self.local.prepare(plan, dtype)
 
     def run(self, plan, arrays, progress=None, cancelled=None, ranges=None):
-        if ranges is not None:
-            raise ArgumentError("ranges (block-sparse reductions) are not supported by the cluster executor")
         if self.local is not None:
             _, _, n, m = plan.check_args(arrays)
             if n * m < self.local_below_pairs:
-                return self.local.run(plan, arrays, progress, cancelled)
-        return self._wait(self.cluster.submit_plan(plan, arrays), progress, cancelled)
+                return self.local.run(plan, arrays, progress, cancelled, ranges)
+        return self._wait(self.cluster.submit_plan(plan, arrays, ranges=ranges), progress, cancelled)
 
     def run_dataset(self, plan, sources, output: str, progress=None, cancelled=None) -> str:
         """An out-of-core job (`Cluster.submit_dataset`): the workers read and write the datasets; returns `output`."""

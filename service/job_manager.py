@@ -87,7 +87,7 @@ class JobManager:
         if not hasattr(self.executor, "run_dataset"):
             raise ApiError(422, "dataset_jobs", "dataset jobs run on the cluster's workers: start the server with "
                                                 "the cluster executor (KRED_EXECUTOR=cluster)")
-        if spec.grad is not None or spec.ranges is not None:
+        if spec.grad is not None or spec.ranges:
             raise ApiError(422, "invalid_request", "dataset jobs compute dense reductions: no grad, no ranges")
         plan = await self.planner.plan(spec)
         _, rows, cols = await asyncio.to_thread(datasets.sources, plan, spec, self.settings)

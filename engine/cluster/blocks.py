@@ -1,9 +1,9 @@
 """A job's inputs as blocks in the object store, and the byte-bounded cache each worker keeps of them.
 
 The arrays are cut along the shard grid: one object per row block (every i variable's rows of that block), one per
-column block (every j variable's rows), one for the parameters; each is put in the object store once. A shard
-fetches only its row block, its column block and the parameters, so a worker's memory and the bytes moved to its
-node follow its shards, not N + M.
+column range (every j variable's rows in it), one for the parameters; each is put in the object store once. A shard
+fetches only its row block, its column ranges and the parameters, so a worker's memory and the bytes moved to its
+node follow its shards, not N + M. (Column ranges of `ranges` that overlap are stored once per distinct range.)
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ CACHE_BYTES = 512 << 20      # default per-worker block cache: a few blocks of a
 @dataclass(frozen=True)
 class BlockRefs:
     """What one shard reads: object refs (kept in lists so Ray passes them unresolved) and their sizes in bytes."""
-    refs: list                   # [row block, column block, parameters]
-    nbytes: tuple[int, int, int]
+    refs: list                   # [row block, column range..., parameters]
+    nbytes: tuple[int, ...]
 
     @property
     def keys(self) -> list[str]:
@@ -37,15 +37,14 @@ class JobBlocks:
         """`rows=False`: the row-side inputs are not arrays here (a dataset job's workers read them)."""
         import ray
         self.plan = plan
-        cols = sorted({(s.part, s.cols) for s in shards})
         if rows:
             self.rows = {b: self._put(ray, [a[r0:r1] for a, spec in zip(arrays, plan.args) if spec.role == ROWS])
-                         for b, (r0, r1) in sorted({(s.block, s.rows) for s in shards})}
+                         for b, (r0, r1) in sorted({(s.block, s.rows) for s in shards if s.cols})}
         else:
             empty = self._put(ray, [])
             self.rows = {s.block: empty for s in shards}
-        self.cols = {p: self._put(ray, [a[c0:c1] for a, spec in zip(arrays, plan.args) if spec.role == COLS])
-                     for p, (c0, c1) in cols}
+        self.cols = {(c0, c1): self._put(ray, [a[c0:c1] for a, spec in zip(arrays, plan.args) if spec.role == COLS])
+                     for c0, c1 in sorted({cols for s in shards for cols in s.cols})}
         self.params = self._put(ray, [a for a, spec in zip(arrays, plan.args) if spec.role == PARAM])
 
     @staticmethod
@@ -53,7 +52,7 @@ class JobBlocks:
         return ray.put(parts), sum(int(p.nbytes) for p in parts)
 
     def for_shard(self, shard: Shard) -> BlockRefs:
-        picked = [self.rows[shard.block], self.cols[shard.part], self.params]
+        picked = [self.rows[shard.block], *(self.cols[cols] for cols in shard.cols), self.params]
         return BlockRefs([ref for ref, _ in picked], tuple(size for _, size in picked))
 
     def keys(self) -> list[str]:

@@ -8,12 +8,13 @@ import threading
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import ArgumentError, BackendError
 from ..plan import ROWS, Plan, make_plan
 from .blocks import CACHE_BYTES
 from .dataset import Dataset, DatasetError, Output, check_rows, dataset_shards, row_blocks, row_reader
 from .job import DatasetJob, Job
-from .sharding import MIN_SHARD_PAIRS, SHARDS_PER_WORKER, choose_split, make_shards
+from ..ranges import ranges_grid
+from .sharding import MIN_SHARD_PAIRS, SHARDS_PER_WORKER, choose_split, make_shards, shards_of
 from .workers import WorkerPool, layout
 
 
@@ -79,15 +80,22 @@ class Cluster:
         plan = make_plan(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
         return self.submit_plan(plan, args, split=split)
 
-    def submit_plan(self, plan: Plan, args, split: tuple[int, int] | None = None) -> Job:
+    def submit_plan(self, plan: Plan, args, split: tuple[int, int] | None = None, ranges=None) -> Job:
         """Start the reduction of an already built plan. `split` = (row blocks, column blocks) overrides the
-        automatic split."""
+        automatic split. `ranges` (pykeops' block-sparse 6-tuple, see engine.ranges): one shard per cluster of rows,
+        reading only its rows and its column ranges."""
         if self.pool is None:
             raise BackendError("this Cluster is closed")
         arrays, dtype, n, m = plan.check_args(args)
-        if split is None:
-            split = choose_split(n, m, max(1, self.pool.size), self.shards_per_worker, self.min_shard_pairs)
-        return Job(self.pool, plan, arrays, dtype, make_shards(n, m, split), **self._job_options)
+        if ranges is not None:
+            if split is not None:
+                raise ArgumentError("split and ranges cannot be combined: ranges decide the shards")
+            shards = shards_of(ranges_grid(ranges, plan.axis, n, m))
+        else:
+            if split is None:
+                split = choose_split(n, m, max(1, self.pool.size), self.shards_per_worker, self.min_shard_pairs)
+            shards = make_shards(n, m, split)
+        return Job(self.pool, plan, arrays, dtype, shards, **self._job_options)
 
     def submit_dataset(self, plan: Plan, inputs: list, output: str, dtype=None) -> DatasetJob:
         """Start an out-of-core job: `inputs` are, per argument of the plan, an array or a `Dataset`; the row-side
@@ -134,8 +142,9 @@ class Cluster:
         """`submit(...)` and wait for the result (with a progress bar if `progress`)."""
         return self.submit(formula, aliases, *args, **kwargs).result(timeout, progress=progress)
 
-    def run_plan(self, plan: Plan, args, progress: bool = False, timeout: float | None = None, split=None):
-        job = self.submit_plan(plan, args, split=split)
+    def run_plan(self, plan: Plan, args, progress: bool = False, timeout: float | None = None, split=None,
+                 ranges=None):
+        job = self.submit_plan(plan, args, split=split, ranges=ranges)
         try:
             return job.result(timeout, progress=progress)
         except KeyboardInterrupt:

@@ -210,4 +210,4 @@ class Output:
 
 def dataset_shards(blocks: list[tuple[int, int]], m: int, skip: set[int]) -> list[Shard]:
     """One shard per row block not yet written, over every column (its index is the block's, for the file name)."""
-    return [Shard(b, b, 0, rows, (0, m)) for b, rows in enumerate(blocks) if b not in skip]
+    return [Shard(b, b, 0, rows, ((0, m),)) for b, rows in enumerate(blocks) if b not in skip]

@@ -135,7 +135,12 @@ class Job:
         blocks = JobBlocks(self.plan, self._arrays, self.shards, rows=self._row_blocks)
         self._plan_ref = ray.put(self.plan)
         assembler = Assembler(self.plan.reduction, self.shards)
-        queue = deque(self.shards)
+        acc = self.plan.acc_dtype(self._dtype)
+        for shard in self.shards:
+            if not shard.cols:          # rows no column range reaches (empty M, or outside every cluster)
+                assembler.add(shard, self.plan.reduction.identity(shard.rows[1] - shard.rows[0], self._dtype, acc))
+                self._done += 1
+        queue = deque(shard for shard in self.shards if shard.cols)
         running: dict = {}                    # ref -> (shard, worker)
         load: Counter = Counter()             # worker -> shards in flight
         attempts: Counter = Counter()         # shard index -> lost workers

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..backends import get_backend
 from ..errors import BackendError
+from ..reductions import merge_all
 from .blocks import CACHE_BYTES, BlockCache, shard_arrays, shift_indices
 
 MAX_FAILED_STARTS = 3    # an actor that keeps dying while starting is given up on
@@ -47,13 +48,16 @@ class ShardWorker:
         backend = get_backend(self.backend_name)
         load = _loader(backend.name == "cuda")
         before = self.cache.fetched
-        parts = [self.cache.get(ref, size, load) for ref, size in zip(blocks.refs, blocks.nbytes)]
-        arrays = shard_arrays(plan, *parts)
+        rows, *cols, params = [self.cache.get(ref, size, load) for ref, size in zip(blocks.refs, blocks.nbytes)]
         if self.on_shard is not None:
             self.on_shard(shard)
-        (r0, r1), (c0, c1) = shard.rows, shard.cols
-        state = backend.bind(arrays).partial(plan, arrays, (0, r1 - r0), (0, c1 - c0))   # numpy state, any backend
-        return shift_indices(plan, state, c0), self.cache.fetched - before
+        (r0, r1) = shard.rows
+        states = []
+        for (c0, c1), columns in zip(shard.cols, cols):       # the shard's column ranges, merged in order
+            arrays = shard_arrays(plan, rows, columns, params)
+            state = backend.bind(arrays).partial(plan, arrays, (0, r1 - r0), (0, c1 - c0))   # numpy, any backend
+            states.append(shift_indices(plan, state, c0))
+        return merge_all(plan.reduction, states), self.cache.fetched - before
 
     def write_block(self, shard, plan, blocks, readers, out: str) -> tuple:
         """A dataset job's shard: read its rows from the datasets (`readers`, one per row-side input), reduce
@@ -64,7 +68,7 @@ class ShardWorker:
         load = _loader(backend.name == "cuda")
         before = self.cache.fetched
         _, cols, params = [self.cache.get(ref, size, load) for ref, size in zip(blocks.refs, blocks.nbytes)]
-        (r0, r1), (c0, c1) = shard.rows, shard.cols
+        (r0, r1), ((c0, c1),) = shard.rows, shard.cols
         rows = [reader.read(r0, r1) for reader in readers]
         if self.on_shard is not None:
             self.on_shard(shard)
@@ -136,7 +140,8 @@ def layout(nodes: list[dict], device: str = "auto", resource: str = "GPU", worke
                     specs.append(WorkerSpec(f"cpu-{node['NodeID'][:12]}-{k}", {"num_cpus": use, **_on_node(node)},
                                             use))
         return specs
-    use = threads or max(1, total // workers)
+    largest = max(int(node["Resources"].get("CPU", 0)) for node in alive)      # an actor must fit on one node
+    use = threads or max(1, min(total // workers, largest))
     return [WorkerSpec(f"cpu-{k}", {"num_cpus": use, "scheduling_strategy": "SPREAD"}, use) for k in range(workers)]
 
 
@@ -181,7 +186,7 @@ class WorkerPool:
         self.released = 0                    # workers given back after idle_timeout
         self.closed = False
         self.jobs = 0                        # jobs running now
-        self._last_busy = time.monotonic()
+        self._last_busy: float | None = None    # the idle clock starts when wait_started returns
         self._idle = False                   # True once the workers were given back
         self.refresh(first=True)
         self._keeper = threading.Thread(target=self._keep, name="kred-pool", daemon=True)
@@ -223,12 +228,12 @@ class WorkerPool:
             if self.closed:
                 return
             with self._lock:
-                idle_for = None if self.jobs else time.monotonic() - self._last_busy
+                idle_for = None if self.jobs or self._last_busy is None else time.monotonic() - self._last_busy
                 idle = self._idle
             if idle:
                 continue
             if self.idle_timeout is not None and idle_for is not None and idle_for > self.idle_timeout:
-                self.release()
+                self.release(self.idle_timeout)
             else:
                 self.refresh()
 
@@ -246,10 +251,11 @@ class WorkerPool:
             self.jobs -= 1
             self._last_busy = time.monotonic()
 
-    def release(self) -> None:
-        """Give every actor beyond `min_workers` back to Ray (and withdraw any request to the autoscaler)."""
+    def release(self, idle_for: float = 0.0) -> None:
+        """Give every actor beyond `min_workers` back to Ray (and withdraw any request to the autoscaler), unless a
+        job runs or one ended (or the workers started) less than `idle_for` seconds ago."""
         with self._lock:
-            if self.jobs or self.closed:
+            if self.jobs or self.closed or self._last_busy is None or time.monotonic() - self._last_busy < idle_for:
                 return
             self._idle = True
             keep = self.live[:self.min_workers]
@@ -266,10 +272,9 @@ class WorkerPool:
         import ray
         with self._lock:
             pending = {w.ready: w for w in self.starting}
-        if not pending:
-            return
-        _, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
-        self._last_busy = time.monotonic()           # the idle clock starts once the workers are up
+        late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)[1] if pending else []
+        with self._lock:
+            self._last_busy = time.monotonic()       # the idle clock starts once the workers are up
         if not self.poll() and late:
             names = ", ".join(pending[r].spec.name for r in late)
             raise BackendError(f"cluster workers {names} did not start within {timeout:.0f} s "
