@@ -190,6 +190,41 @@ def test_embedded_cluster_starts_and_stops_its_own_ray():
                    timeout=240)
 
 
+KILLED = """
+import os, time, numpy as np
+from kred.engine.cluster import Cluster
+from kred.engine.cluster.reaper import descendants
+cl = Cluster("local", device="cpu", workers=1, threads=1,
+             ray_options={"num_cpus": 1, "object_store_memory": 80 * 2**20})
+x = np.arange(12.0).reshape(4, 3)
+cl.reduce("SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)"], x, x, axis=1)
+print(" ".join(map(str, descendants(os.getpid()))), flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"        # a zombie is gone, only not yet reaped
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="the watcher reads /proc (Linux)")
+def test_no_ray_process_outlives_its_killed_owner():
+    """SIGKILL of a process whose Cluster started Ray: Ray's agents (which outlive it on their own) are stopped."""
+    owner = subprocess.Popen([sys.executable, "-c", KILLED], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parents[1], env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) >= 3                       # gcs, raylet, agents, the worker (and the watcher's kin)
+    finally:
+        owner.kill()
+        owner.wait()
+    wait_for(lambda: not any(alive(p) for p in pids), timeout=30)
+
+
 def test_import_engine_does_not_import_ray():
     code = "import sys, kred.engine, kred.numpy; sys.exit('ray' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

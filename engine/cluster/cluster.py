@@ -10,10 +10,11 @@ import numpy as np
 
 from ..errors import ArgumentError, BackendError
 from ..plan import ROWS, Plan, make_plan
+from ..ranges import ranges_grid
+from . import reaper
 from .blocks import CACHE_BYTES
 from .dataset import Dataset, DatasetError, Output, check_rows, dataset_shards, row_blocks, row_reader
 from .job import DatasetJob, Job
-from ..ranges import ranges_grid
 from .sharding import MIN_SHARD_PAIRS, SHARDS_PER_WORKER, choose_split, make_shards, shards_of
 from .workers import WorkerPool, layout
 
@@ -51,14 +52,17 @@ class Cluster:
                  min_workers: int = 0, max_workers: int | None = None, idle_timeout: float | None = 60.0,
                  cache_bytes: int = CACHE_BYTES):
         ray = _ray()
-        self._owns_ray = not ray.is_initialized()
+        self._owns_ray, self._reaper = not ray.is_initialized(), None
         if self._owns_ray:
             options = {"include_dashboard": False, **(ray_options or {})}
             if address is None and not os.environ.get("RAY_ADDRESS"):
                 # A Ray of our own: its workers compute at the caller's priority, not at Ray's default nice 15
                 # (which halves a reduction's speed on a machine that is busy with anything else).
                 options.setdefault("_system_config", {"worker_niceness": 0})
+            before = set(reaper.descendants(os.getpid())) if os.path.isdir("/proc") else set()
             ray.init(address=address, **options)
+            # Ray's agents can outlive this process if it is killed: a watcher stops what ray.init started then
+            self._reaper = reaper.watch(os.getpid(), before)
         self.shards_per_worker, self.min_shard_pairs = shards_per_worker, min_shard_pairs
         self._job_options = dict(inflight=inflight, max_attempts=max_attempts, speculate=speculate,
                                  worker_wait=worker_wait)
@@ -165,6 +169,9 @@ class Cluster:
         if self._owns_ray:
             self._owns_ray = False
             _ray().shutdown()
+            if self._reaper is not None:        # Ray stopped cleanly: the watcher has nothing left to do
+                self._reaper.kill()
+                self._reaper.wait()
 
     def __enter__(self):
         return self
