@@ -17,7 +17,7 @@ import ray
 
 from conftest import start_ray
 from kred.engine.cluster import Cluster
-from kred.service import arrow
+from kred.wire import arrow
 from kred.service.app import create_app
 from kred.service.executors import ClusterExecutor
 from service_helpers import Server, settings
