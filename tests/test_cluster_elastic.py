@@ -85,19 +85,35 @@ def test_workers_fetch_only_their_blocks(nodes):
         assert sum(tight.bytes_fetched.values()) > whole
 
 
+class HoldOldNodes(NodeLog):
+    """After its first shards, a worker of a node in `old` waits (at most a minute) for the `go` file: the job cannot
+    end before a node that joins has run shards, however slowly that node starts on a busy machine."""
+
+    def __init__(self, path, old, go):
+        super().__init__(path)
+        self.old, self.go = set(old), str(go)
+
+    def __call__(self, shard):
+        super().__call__(shard)
+        if shard.index >= 2 and ray.get_runtime_context().get_node_id() in self.old:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(self.go) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
 def test_node_joining_mid_job_takes_shards(nodes, tmp_path):
     x, y, b = data()
-    hook = NodeLog(tmp_path / "log", seconds=0.25)
+    old = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    hook = HoldOldNodes(tmp_path / "log", old, tmp_path / "go")
     with Cluster(nodes.address, device="cpu", on_shard=hook, speculate=False, idle_timeout=None) as cl:
-        first = {w["node_id"] for w in cl.workers}
-        job = cl.submit_plan(Genred(GAUSS, ALIASES, axis=1).plan, [x, y, b], split=(60, 1))
+        job = cl.submit_plan(Genred(GAUSS, ALIASES, axis=1).plan, [x, y, b], split=(20, 1))
         wait_for(lambda: job.progress().done >= 2)
         joined = nodes.add_node(num_cpus=1, object_store_memory=80 * MB)
+        wait_for(lambda: joined.node_id in hook.nodes(), timeout=90)      # it ran a shard of the running job
+        (tmp_path / "go").touch()
         got = job.result(120)
-        assert joined.node_id not in first
         on_new = [w["name"] for w in cl.workers if w["node_id"] == joined.node_id]
         assert on_new, "the joined node got no worker"
-        assert hook.nodes().count(joined.node_id) >= 1              # it ran shards of the running job
         assert job.first_shard[on_new[0]] < 5.0                     # within 5 s of its worker starting
     np.testing.assert_allclose(got, dense(x, y, b), rtol=1e-12)
 
