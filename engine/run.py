@@ -38,10 +38,7 @@ def run(plan: Plan, args, backend: str = "auto", out=None, ranges=None, device_i
                    for item in batch_items(plan, args, batch)]
         return _into(out, stack_items(batch, results))
     if cluster is not None or backend_name(backend) == "cluster":
-        arrays, dtype, n, m = plan.check_args(args)
-        if ranges is not None:
-            raise ArgumentError("ranges (block-sparse reductions) are not supported with backend='cluster'")
-        return _into(out, _cluster(cluster).run_plan(plan, arrays))
+        return _into(out, _cluster(cluster).run_plan(plan, args, ranges=ranges))
     engine = get_backend(_resolve(backend, args)).bind(args, device_id)
     arrays, dtype, n, m = plan.check_args(args, xp=engine.xp, dtypes=engine.dtypes)
     if ranges is not None:

@@ -53,7 +53,7 @@ def _start_executor(settings: Settings) -> Executor:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if in_main else None
     try:
-        return make_executor(settings.executor, settings.backend, settings.ray_address)
+        return make_executor(settings.executor, settings.backend, settings.ray_address, settings.local_below_pairs)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

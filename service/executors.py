@@ -1,7 +1,9 @@
 """Where the service's reductions run: one small blocking interface, two implementations.
 
 - `LocalExecutor`: the engine in the server's process (`engine.run`), on the configured backend.
-- `ClusterExecutor`: `engine.cluster.Cluster` (Ray): an embedded local Ray or an existing cluster.
+- `ClusterExecutor`: `engine.cluster.Cluster` (Ray): an embedded local Ray or an existing cluster. Reductions of
+  fewer than `local_below_pairs` pairs (N x M) run in this process instead, kernels warm: for them the cluster's
+  round trips cost more than the computation.
 
 `run` is called from a worker thread. `progress(fraction)` and `cancelled()` are optional callbacks used by jobs;
 a cancelled run raises `Cancelled`.
@@ -15,7 +17,6 @@ from typing import Callable
 import numpy as np
 
 from kred.engine.backends import get_backend
-from kred.engine.errors import ArgumentError
 from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
 from kred.engine.run import backend_name, run
@@ -79,10 +80,14 @@ class LocalExecutor(Executor):
 
 class ClusterExecutor(Executor):
     """Reductions through `engine.cluster` (Ray): an embedded local Ray (`address=None`), an existing cluster, or a
-    Cluster the caller already started (`cluster=`, left open on `close`)."""
+    Cluster the caller already started (`cluster=`, left open on `close`). Below `local_below_pairs` pairs a
+    reduction runs in this process on `backend` (0: everything goes to the cluster)."""
     name = "cluster"
 
-    def __init__(self, address: str | None = None, cluster=None, **options):
+    def __init__(self, address: str | None = None, cluster=None, local_below_pairs: float = 0, backend: str = "auto",
+                 **options):
+        self.local = LocalExecutor(backend) if local_below_pairs > 0 else None
+        self.local_below_pairs = local_below_pairs
         if cluster is None:
             from kred.engine.cluster import Cluster   # Ray is imported only when this executor is chosen
 
@@ -91,10 +96,23 @@ class ClusterExecutor(Executor):
             self._owned = False
         self.cluster = cluster
 
+    def prepare(self, plan, dtype):
+        if self.local is not None:
+            self.local.prepare(plan, dtype)
+
     def run(self, plan, arrays, progress=None, cancelled=None, ranges=None):
-        if ranges is not None:
-            raise ArgumentError("ranges (block-sparse reductions) are not supported by the cluster executor")
-        job = self.cluster.submit_plan(plan, arrays)
+        if self.local is not None:
+            _, _, n, m = plan.check_args(arrays)
+            if n * m < self.local_below_pairs:
+                return self.local.run(plan, arrays, progress, cancelled, ranges)
+        return self._wait(self.cluster.submit_plan(plan, arrays, ranges=ranges), progress, cancelled)
+
+    def run_dataset(self, plan, sources, output: str, progress=None, cancelled=None) -> str:
+        """An out-of-core job (`Cluster.submit_dataset`): the workers read and write the datasets; returns `output`."""
+        return self._wait(self.cluster.submit_dataset(plan, sources, output), progress, cancelled)
+
+    @staticmethod
+    def _wait(job, progress, cancelled):
         while True:
             if cancelled is not None and cancelled():
                 job.cancel()
@@ -112,7 +130,8 @@ class ClusterExecutor(Executor):
             self.cluster.close()
 
 
-def make_executor(kind: str, backend: str = "auto", ray_address: str | None = None) -> Executor:
+def make_executor(kind: str, backend: str = "auto", ray_address: str | None = None,
+                  local_below_pairs: float = 0) -> Executor:
     if kind == "cluster":
-        return ClusterExecutor(ray_address)
+        return ClusterExecutor(ray_address, local_below_pairs=local_below_pairs, backend=backend)
     return LocalExecutor(backend)

@@ -17,11 +17,12 @@ import numpy as np
 
 from kred.engine.errors import BackendError, KredError
 
+from . import datasets, limits
 from .errors import ApiError
 from .executors import Cancelled, Executor
 from .metrics import Metrics
 from .planning import Planner
-from .schemas import JobInfo, ReductionSpec
+from .schemas import DatasetJobRequest, JobInfo, ReductionSpec
 from .settings import Settings
 from .store import JobStore
 
@@ -67,6 +68,10 @@ class JobManager:
                                             "max_queued_jobs); retry later", {"Retry-After": "5"})
         self._admitting += 1
         try:
+            if isinstance(spec, DatasetJobRequest):
+                record = await self._admit_dataset(spec)
+                self._enqueue(record["id"])
+                return self.info(record["id"])
             plan = await self.planner.plan(spec)
             await self.planner.compile(self.executor, plan, arrays)
             work = await asyncio.to_thread(self.planner.bind, plan, spec, arrays, self.settings.max_pairs_per_job,
@@ -77,6 +82,18 @@ class JobManager:
             self._admitting -= 1
         self._enqueue(record["id"])
         return self.info(record["id"])
+
+    async def _admit_dataset(self, spec: DatasetJobRequest) -> dict:
+        if not hasattr(self.executor, "run_dataset"):
+            raise ApiError(422, "dataset_jobs", "dataset jobs run on the cluster's workers: start the server with "
+                                                "the cluster executor (KRED_EXECUTOR=cluster)")
+        if spec.grad is not None or spec.ranges:
+            raise ApiError(422, "invalid_request", "dataset jobs compute dense reductions: no grad, no ranges")
+        plan = await self.planner.plan(spec)
+        _, rows, cols = await asyncio.to_thread(datasets.sources, plan, spec, self.settings)
+        limits.check_pairs(rows, cols, self.settings.max_pairs_per_job, "max_pairs_per_job")
+        request = spec.model_dump(mode="json")
+        return await asyncio.to_thread(self.store.create, {"request": request, "dataset": True}, [], rows, cols)
 
     def info(self, job_id: str) -> JobInfo:
         record = self.store.get(job_id)
@@ -125,10 +142,10 @@ class JobManager:
             self.store.update(job_id, state="running", started=started, progress=0.0)
             timings = {"queued_s": started - record["created"]}
             try:
-                names, outputs, compute_s = await asyncio.to_thread(self._compute, job_id, running)
+                names, outputs, compute_s, extra = await asyncio.to_thread(self._compute, job_id, running)
                 timings["compute_s"] = compute_s
-                await asyncio.to_thread(self.store.write_result, job_id, {"names": names, "timings": timings},
-                                        outputs)
+                await asyncio.to_thread(self.store.write_result, job_id,
+                                        {"names": names, "timings": timings, **extra}, outputs)
             except Cancelled:
                 self._finish(job_id, started, timings, "cancelled", running.progress)
             except asyncio.CancelledError:           # the server is stopping: the job stays `running` in the store
@@ -155,21 +172,30 @@ class JobManager:
         self.store.update(job_id, state=state, finished=finished, progress=progress, error=error, timings=timings)
 
     def _compute(self, job_id: str, running: _Running):
-        """Blocking: read the stored inputs, rebuild the work and run it on the executor."""
+        """Blocking: read the stored inputs, rebuild the work and run it on the executor. A dataset job's workers
+        write its output (blocks written before an interruption are kept); its result names the output."""
         meta, arrays = self.store.load_inputs(job_id)
-        spec = ReductionSpec.model_validate(meta["request"])
-        plan = self.planner.build(spec)
-        work = self.planner.bind(plan, spec, arrays, self.settings.max_pairs_per_job, "max_pairs_per_job")
 
         def progress(fraction: float) -> None:
             running.progress = float(fraction)
+
+        if meta.get("dataset"):
+            spec = DatasetJobRequest.model_validate(meta["request"])
+            plan = self.planner.build(spec)
+            sources, _, _ = datasets.sources(plan, spec, self.settings)
+            start = time.perf_counter()
+            output = self.executor.run_dataset(plan, sources, spec.output, progress, running.cancel.is_set)
+            return [], [], time.perf_counter() - start, {"output": output}
+        spec = ReductionSpec.model_validate(meta["request"])
+        plan = self.planner.build(spec)
+        work = self.planner.bind(plan, spec, arrays, self.settings.max_pairs_per_job, "max_pairs_per_job")
 
         def run(plan, arrays, **options):          # options: ranges
             return self.executor.run(plan, arrays, progress=progress, cancelled=running.cancel.is_set, **options)
 
         start = time.perf_counter()
         outputs = work.compute(run)
-        return work.names, outputs, time.perf_counter() - start
+        return work.names, outputs, time.perf_counter() - start, {}
 
 
 def _message(e: Exception) -> str:

@@ -56,6 +56,19 @@ class ReductionSpec(Strict):
         return Spec.from_fields(self)
 
 
+class DatasetSource(Strict):
+    """A Parquet dataset on storage the server can read: a path or URI under one of its `dataset_roots`."""
+    uri: str = Field(max_length=4096)
+    columns: list[str] | None = Field(None, max_length=4096)
+
+
+class DatasetJobRequest(ReductionSpec):
+    """POST /v1/jobs as JSON with datasets: the cluster's workers read the inputs and write `output` (a Parquet
+    dataset, one file per row block); the job's result names it. Parameters may be inline numbers."""
+    inputs: dict[str, DatasetSource | list[float]] = Field(max_length=256)
+    output: str = Field(max_length=4096)
+
+
 class ReduceRequest(ReductionSpec):
     """The request: in an Arrow stream's metadata (arrays are its columns) or as a JSON body with shared memory."""
     arrays: list[ArrayRef] | None = Field(None, max_length=256)

@@ -22,8 +22,14 @@ class Settings(BaseSettings):
     executor: Literal["local", "cluster"] = "local"
     ray_address: str | None = None               # None: an embedded local Ray
     backend: str = "auto"                        # engine backend for the local executor
+    # With the cluster executor, reductions of fewer pairs (N x M) than this run in the server's process: below it
+    # the cluster's round trips (~10-50 ms) cost more than computing (the cpu backend does ~1e9 pairs/s).
+    local_below_pairs: float = Field(1e8, ge=0)
     threads: int = Field(4, ge=1)                # concurrent synchronous reductions
 
+    # Where dataset jobs (POST /v1/jobs with dataset URIs) may read and write: path or URI prefixes, e.g.
+    # ["/data/", "s3://bucket/kred/"]. Empty: dataset jobs are refused.
+    dataset_roots: list[str] = Field(default_factory=list)
     # The job store. By default one per server address (host_port under the user's data folder), so that two
     # servers on one machine never share jobs; servers meant to share a store are given the same store_dir.
     store_dir: Path | None = None

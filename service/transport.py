@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 
 import anyio
@@ -18,17 +19,20 @@ from kred.wire import arrow
 from kred.wire.arrow import check_shape
 from .errors import ApiError
 from .limits import HELD
-from .schemas import ReduceRequest, SharedResult
+from .schemas import DatasetJobRequest, ReduceRequest, SharedResult
 from .settings import Settings
 from kred.wire.shm import ClientSegments
 
 JSON = "application/json"
 
 
-async def read_request(request: Request, settings: Settings
+async def read_request(request: Request, settings: Settings, datasets: bool = False
                        ) -> tuple[ReduceRequest, list[np.ndarray], ClientSegments | None]:
+    """`datasets`: a JSON body with an `output` field is a DatasetJobRequest (it has no arrays)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request)
+    if datasets and kind == JSON and _has_output(body):
+        return DatasetJobRequest.model_validate_json(body), [], None
     if kind == arrow.CONTENT_TYPE:
         meta, arrays = arrow.decode(body)
         spec = ReduceRequest.model_validate(meta)
@@ -56,6 +60,14 @@ async def read_request(request: Request, settings: Settings
             raise
     raise ApiError(415, "unsupported_media_type", f"send {arrow.CONTENT_TYPE} (arrays in an Arrow stream) or "
                                                   f"{JSON} (arrays in shared memory), not {kind or 'no content type'}")
+
+
+def _has_output(body) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:           # reported by the request's own validation
+        return False
+    return isinstance(data, dict) and "output" in data
 
 
 async def read_body(request: Request) -> bytearray:

@@ -66,8 +66,9 @@ def dense_gaussian(x, y, b):
 def test_shards_cover_the_grid_once(n, m, split):
     cover = np.zeros((n, m), int)
     for shard in make_shards(n, m, split):
-        (r0, r1), (c0, c1) = shard.rows, shard.cols
-        cover[r0:r1, c0:c1] += 1
+        r0, r1 = shard.rows
+        for c0, c1 in shard.cols:
+            cover[r0:r1, c0:c1] += 1
     assert (cover == 1).all()
 
 
@@ -95,6 +96,8 @@ def test_worker_layout_over_nodes():
     assert [s.threads for s in layout(nodes, device="cpu", threads=2)] == [2] * 6
     counted = layout(nodes, device="cpu", workers=3)
     assert [(s.threads, s.options["scheduling_strategy"]) for s in counted] == [(4, "SPREAD")] * 3
+    small = [{"NodeID": k * 56, "Alive": True, "Resources": {"CPU": 1.0}} for k in "de"]
+    assert [s.threads for s in layout(small, device="cpu", workers=1)] == [1]     # fits on one node, not 2 CPUs
     with pytest.raises(BackendError, match="no node of the Ray cluster has a 'accel' resource"):
         layout(nodes, device="gpu", resource="accel")
     with pytest.raises(BackendError, match="device must be"):
@@ -185,6 +188,41 @@ def test_embedded_cluster_starts_and_stops_its_own_ray():
     env = {**os.environ, "RAY_ADDRESS": ""}
     subprocess.run([sys.executable, "-c", EMBEDDED], check=True, cwd=Path(__file__).parents[1], env=env,
                    timeout=240)
+
+
+KILLED = """
+import os, time, numpy as np
+from kred.engine.cluster import Cluster
+from kred.engine.cluster.reaper import descendants
+cl = Cluster("local", device="cpu", workers=1, threads=1,
+             ray_options={"num_cpus": 1, "object_store_memory": 80 * 2**20})
+x = np.arange(12.0).reshape(4, 3)
+cl.reduce("SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)"], x, x, axis=1)
+print(" ".join(map(str, descendants(os.getpid()))), flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"        # a zombie is gone, only not yet reaped
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="the watcher reads /proc (Linux)")
+def test_no_ray_process_outlives_its_killed_owner():
+    """SIGKILL of a process whose Cluster started Ray: Ray's agents (which outlive it on their own) are stopped."""
+    owner = subprocess.Popen([sys.executable, "-c", KILLED], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parents[1], env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) >= 3                       # gcs, raylet, agents, the worker (and the watcher's kin)
+    finally:
+        owner.kill()
+        owner.wait()
+    wait_for(lambda: not any(alive(p) for p in pids), timeout=30)
 
 
 def test_import_engine_does_not_import_ray():
@@ -490,3 +528,32 @@ def test_job_file_bad_inputs(tmp_path, ray_instance):
     path, _ = write_job(tmp_path, inputs={"x": "x.npy", "y": "y.parquet", "b": "b.arrow", "s": [1.0]})
     with pytest.raises(ArgumentError, match=r"y = Vj\(1, 3\): expected shape \(M, 3\), got \(40, 4\)"):
         run_job_file(path, progress=False)         # all four columns of y.parquet
+
+
+# Block-sparse ranges: one shard per row cluster with its column ranges ---------------------------------------
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("name", ["Sum", "ArgKMin", "LogSumExp"])
+def test_ranges_on_the_cluster_equal_dense_restricted_to_kept_blocks(cluster, name, axis):
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((23, 2)), rng.standard_normal((31, 2))
+    n, m = (23, 31) if axis == 1 else (31, 23)          # rows and columns as the plan reduces them
+    # row clusters [0,5) [5,12) [15,n) (the gap reduces over nothing), column ranges overlapping and out of order
+    clusters = np.array([[0, 5], [5, 12], [15, n]])
+    reduced = np.array([[m - 6, m], [0, 4], [2, 9], [4, 4], [0, m]])
+    slices = np.array([3, 3, 5])                        # cluster [5,12) visits no column
+    zero = (np.zeros((0, 2), np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
+    ranges = (clusters, slices, reduced) + zero if axis == 1 else zero + (clusters, slices, reduced)
+    mask = np.zeros((n, m))                              # how often each pair is visited (overlaps count twice)
+    for (r0, r1), begin, end in zip(clusters, [0, *slices[:-1]], slices):
+        for c0, c1 in reduced[begin:end]:
+            mask[r0:r1, c0:c1] += 1
+    op = genred(name, axis)
+    got = engine.run(op.plan, [x, y], cluster=cluster, ranges=ranges)
+    want = op(x, y, backend="reference", ranges=ranges)           # the engine's own block-sparse path
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+    if name == "Sum":                                  # and the dense sum restricted to the kept pairs
+        f = x[:, None, :] * y[None, :, :] - np.sin(y[None, :, :])          # the formula of genred("Sum", ...)
+        f = f if axis == 1 else f.transpose(1, 0, 2)
+        np.testing.assert_allclose(got, (f * mask[..., None]).sum(1), rtol=1e-12, atol=1e-12)

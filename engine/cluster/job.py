@@ -4,6 +4,10 @@ The queue keeps at most `inflight` shards per worker (one computing, one waiting
 round trip), hands the next shard to whichever worker frees up first, duplicates the last stragglers onto idle
 workers (the first copy back wins; states are deterministic so the result is the same), re-queues the shards of
 workers that died, and fails the whole job at once on a user error (a KredError raised by the engine).
+
+The inputs go to the object store once, as blocks (`blocks.JobBlocks`); a worker is preferably given a shard whose
+blocks it already holds, and each worker's fetched bytes are counted (`bytes_fetched` against `bytes_read`, the
+bytes of the distinct blocks its shards read).
 """
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ import numpy as np
 
 from ..errors import BackendError, KredError
 from ..plan import Plan
+from .blocks import JobBlocks
 from .sharding import Assembler, Shard
 from .workers import Worker, WorkerPool
 
 POLL_SECONDS = 0.05          # how often the queue looks at cancellation and at newly started workers
+LOCALITY_SCAN = 64           # queued shards looked at for one whose blocks a worker already holds
 _ids = itertools.count(1)
 
 
@@ -50,6 +56,11 @@ class Job:
         self.lost = 0               # shard results lost with their worker
         self.retries = 0            # of those, shards put back in the queue (the others had a copy out already)
         self.duplicates = 0         # straggler copies started on idle workers
+        self.bytes_fetched: Counter = Counter()     # worker name -> bytes it fetched from the object store
+        self.blocks_read: dict[str, dict] = {}      # worker name -> {block key: bytes} its shards read
+        self.first_shard: dict[str, float] = {}     # worker name -> seconds from its start to its first shard
+        pool.job_started()
+        pool.wanted(len(shards))
         self._thread = threading.Thread(target=self._run, name=f"kred-job-{self.id}", daemon=True)
         self._thread.start()
 
@@ -88,6 +99,11 @@ class Job:
     def cancelled(self) -> bool:
         return self._future.cancelled()
 
+    @property
+    def bytes_read(self) -> dict[str, int]:
+        """Per worker, the bytes of the distinct blocks its shards read (what an ideal cache would fetch)."""
+        return {name: sum(blocks.values()) for name, blocks in self.blocks_read.items()}
+
     def _show_progress(self, timeout):
         from tqdm.auto import tqdm
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -109,15 +125,22 @@ class Job:
             self._future.set_result(result)
         finally:
             self._arrays = None          # the object store keeps what workers still need
+            self._pool.job_finished()
 
     def _schedule(self):
         import ray
         lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                        ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError,
                        ray.exceptions.OutOfMemoryError)
-        inputs = ray.put((self.plan, self._arrays))
+        blocks = JobBlocks(self.plan, self._arrays, self.shards, rows=self._row_blocks)
+        self._plan_ref = ray.put(self.plan)
         assembler = Assembler(self.plan.reduction, self.shards)
-        queue = deque(self.shards)
+        acc = self.plan.acc_dtype(self._dtype)
+        for shard in self.shards:
+            if not shard.cols:          # rows no column range reaches (empty M, or outside every cluster)
+                assembler.add(shard, self.plan.reduction.identity(shard.rows[1] - shard.rows[0], self._dtype, acc))
+                self._done += 1
+        queue = deque(shard for shard in self.shards if shard.cols)
         running: dict = {}                    # ref -> (shard, worker)
         load: Counter = Counter()             # worker -> shards in flight
         attempts: Counter = Counter()         # shard index -> lost workers
@@ -128,7 +151,7 @@ class Job:
                     raise CancelledError()
                 workers = self._pool.poll()
                 idle_since = self._check_workers(workers, running, idle_since)
-                self._dispatch(workers, queue, running, load, inputs)
+                self._dispatch(workers, queue, running, load, blocks)
                 if not running:
                     time.sleep(POLL_SECONDS)
                     continue
@@ -140,7 +163,9 @@ class Job:
                     load[worker] -= 1
                     try:
                         # copied out of the object store: results must be writeable and must not pin its memory
-                        state = tuple(np.array(part) for part in ray.get(ref))
+                        state, fetched = ray.get(ref)
+                        state = tuple(np.array(part) for part in state)
+                        self.bytes_fetched[worker.spec.name] += fetched
                     except ray.exceptions.RayTaskError as e:
                         if isinstance(e.cause, KredError):
                             raise e.cause from None     # the engine's own message, once, no retry
@@ -160,7 +185,16 @@ class Job:
         finally:
             for ref in running:
                 ray.cancel(ref)
-            self._pool.broadcast_forget(inputs.hex())
+            self._pool.broadcast_forget(blocks.keys())
+        return self._finish(assembler)
+
+    # What a shard is, for this kind of job (a DatasetJob reads and writes files instead) -------------------
+    _row_blocks = True             # the row-side inputs are arrays cut into blocks
+
+    def _call(self, worker: Worker, shard: Shard, refs):
+        return worker.handle.partial.remote(shard, self._plan_ref, refs)
+
+    def _finish(self, assembler: Assembler):
         return self.plan.reduction.finalize(assembler.state(), self._dtype)
 
     def _check_workers(self, workers, running, idle_since):
@@ -177,15 +211,20 @@ class Job:
                                "and none could be restarted (resources gone?)")
         return idle_since
 
-    def _dispatch(self, workers: list[Worker], queue: deque, running: dict, load: Counter, inputs) -> None:
+    def _dispatch(self, workers: list[Worker], queue: deque, running: dict, load: Counter, blocks: JobBlocks) -> None:
         def send(worker, shard):
-            ref = worker.handle.partial.remote(shard, [inputs])
+            refs = blocks.for_shard(shard)
+            ref = self._call(worker, shard, refs)
             running[ref] = (shard, worker)
             load[worker] += 1
+            read = self.blocks_read.setdefault(worker.spec.name, {})
+            read.update(zip(refs.keys, refs.nbytes))
+            if worker.spec.name not in self.first_shard and worker.live_since is not None:
+                self.first_shard[worker.spec.name] = time.monotonic() - worker.live_since
 
         for worker in sorted(workers, key=lambda w: load[w]):
             while queue and load[worker] < self._inflight:
-                send(worker, queue.popleft())
+                send(worker, self._nearest(worker, queue, blocks))
         if queue or not self._speculate:
             return
         # Nothing left to hand out: idle workers take a copy of the newest shard still out on another worker
@@ -199,6 +238,22 @@ class Job:
                     self.duplicates += 1
                     break
 
+    def _nearest(self, worker: Worker, queue: deque, blocks: JobBlocks) -> Shard:
+        """Take from the queue the first shard whose blocks `worker` already read (most of them), else the first."""
+        held = self.blocks_read.get(worker.spec.name)
+        if held:
+            best, score = 0, 0
+            for k, shard in enumerate(itertools.islice(queue, LOCALITY_SCAN)):
+                refs = blocks.for_shard(shard)
+                have = sum(size for key, size in zip(refs.keys, refs.nbytes) if key in held)
+                if have > score:
+                    best, score = k, have
+            if best:
+                shard = queue[best]
+                del queue[best]
+                return shard
+        return queue.popleft()
+
     def _retry(self, shard, error, queue, running, attempts, assembler) -> None:
         """Put back a shard whose worker was lost, unless a copy of it is done or still out."""
         self.lost += 1
@@ -211,3 +266,22 @@ class Job:
         if not any(s.index == shard.index for s, _ in running.values()):
             queue.appendleft(shard)
             self.retries += 1
+
+
+class DatasetJob(Job):
+    """A job whose row-side inputs are datasets the workers read (`readers`) and whose output is a Parquet dataset
+    they write (`output`, a dataset.Output); its result is the output's URI."""
+
+    _row_blocks = False
+
+    def __init__(self, pool, plan, arrays, dtype, shards, readers, output, **options):
+        self._readers, self._output = readers, output
+        self.skipped = sorted(output.written)        # blocks found already written (a resumed job)
+        super().__init__(pool, plan, arrays, dtype, shards, **options)
+
+    def _call(self, worker, shard, refs):
+        return worker.handle.write_block.remote(shard, self._plan_ref, refs, self._readers, self._output.uri)
+
+    def _finish(self, assembler):
+        self._output.finish()
+        return self._output.uri

@@ -12,6 +12,12 @@
     cluster: {address: ray://head:10001, device: auto, workers: null, threads: null, backend: auto}
 
 Parameters (Pm) may also be given inline as a list of numbers.
+
+Out of core: an input may be a Parquet dataset (a folder, a glob such as `x/*.parquet`, or any pyarrow filesystem
+URI: `s3://bucket/x/`, `file:///data/x/`), and an `output` ending in `/` is a Parquet dataset written by the
+workers, one file per row group of the row-side input, in row order (see `dataset.py`); then the row-side inputs
+must be Parquet, the workers read them, and the driver never holds them or the output. Running the same job again
+into the same output folder computes only the blocks that are missing.
 """
 from __future__ import annotations
 
@@ -24,8 +30,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ArgumentError
-from ..plan import Plan
+from ..plan import ROWS, Plan
 from ..spec import Spec
+from .dataset import Dataset, row_reader
 
 INPUT_SUFFIXES = (".npy", ".parquet", ".arrow", ".feather", ".ipc")
 OUTPUT_SUFFIXES = (".npy", ".npz", ".parquet", ".arrow")
@@ -89,28 +96,38 @@ def load_job(path) -> tuple[JobSpec, Plan, Path]:
                 ([f"inputs {', '.join(sorted(unknown))} are not in the aliases"] if unknown else [])
         raise JobFileError(f"{path}: {'; '.join(parts)} (the formula takes {', '.join(names)})")
     suffix = Path(spec.output).suffix
+    if is_dataset_output(spec.output):
+        return spec, plan, path.parent
     if suffix not in OUTPUT_SUFFIXES:
-        raise JobFileError(f"{path}: output {spec.output!r} must end in {', '.join(OUTPUT_SUFFIXES)}")
+        raise JobFileError(f"{path}: output {spec.output!r} must end in {', '.join(OUTPUT_SUFFIXES)} "
+                           "(or in / for a Parquet dataset)")
     if suffix == ".npy" and len(plan.reduction.outputs) > 1:
         raise JobFileError(f"{path}: {spec.reduction} returns values and indices, which one .npy cannot hold; "
                            "write .npz, .parquet or .arrow")
     return spec, plan, path.parent
 
 
-def load_inputs(spec: JobSpec, plan: Plan, folder: Path) -> list[np.ndarray]:
-    """The arrays in the plan's argument order."""
+def load_inputs(spec: JobSpec, plan: Plan, folder: Path, skip=frozenset(), inline_dtype=None) -> list[np.ndarray]:
+    """The arrays in the plan's argument order (None for the names in `skip`, whose dtype is `inline_dtype`)."""
     arrays = {}
     for arg in plan.args:
         source = spec.inputs[arg.name]
-        if not isinstance(source, list):
+        if arg.name in skip:
+            arrays[arg.name] = None
+        elif not isinstance(source, list):
             source = source if isinstance(source, InputFile) else InputFile(path=source)
-            arrays[arg.name] = read_array(folder / source.path, source.columns, arg.name)
+            if is_dataset(source.path, folder):
+                reader = row_reader(Dataset(locate(source.path, folder), _columns(source)), arg.name, arg.dim)
+                arrays[arg.name] = reader.read(0, reader.pieces[-1].stop if reader.pieces else 0)
+            else:
+                arrays[arg.name] = read_array(folder / source.path, source.columns, arg.name)
     # inline numbers take the dtype of the files (or of `dtype:`), so that they never cause a mismatch
-    dtype = spec.dtype or next((a.dtype for a in arrays.values()), np.dtype(np.float64))
+    dtype = spec.dtype or next((a.dtype for a in arrays.values() if a is not None), inline_dtype or np.float64)
     for arg in plan.args:
-        if isinstance(spec.inputs[arg.name], list):
+        if isinstance(spec.inputs[arg.name], list) and arg.name not in skip:
             arrays[arg.name] = np.asarray(spec.inputs[arg.name], dtype=dtype)
-    return [arrays[arg.name].astype(spec.dtype) if spec.dtype else arrays[arg.name] for arg in plan.args]
+    return [arrays[arg.name].astype(spec.dtype) if spec.dtype and arrays[arg.name] is not None
+            else arrays[arg.name] for arg in plan.args]
 
 
 def read_array(path: Path, columns: list[str] | None = None, name: str = "input") -> np.ndarray:
@@ -203,16 +220,59 @@ def _write_table(tmp: str, suffix: str, kinds, results) -> None:
             writer.write_table(table)
 
 
-def run_job_file(path, address: str | None = None, progress: bool = True) -> Path:
+# Datasets ------------------------------------------------------------------------------------------------
+
+def is_dataset(path: str, folder: Path) -> bool:
+    """A Parquet dataset rather than one file: a URI, a glob, a folder."""
+    return "://" in path or any(c in path for c in "*?[") or path.endswith("/") or (folder / path).is_dir()
+
+
+def is_dataset_output(path: str) -> bool:
+    return path.endswith("/")
+
+
+def locate(path: str, folder: Path) -> str:
+    """A URI as it is; a local path relative to the job file's folder."""
+    return path if "://" in path else str(folder / path) + ("/" if path.endswith("/") else "")
+
+
+def _columns(source: InputFile):
+    return tuple(source.columns) if source.columns else None
+
+
+def dataset_inputs(spec: JobSpec, plan: Plan, folder: Path) -> list:
+    """The inputs of a dataset job: Datasets for the row-side inputs (read by the workers), arrays for the others."""
+    rows = {}
+    for arg in plan.args:
+        source = spec.inputs[arg.name]
+        if arg.role != ROWS:
+            continue
+        source = InputFile(path=source) if isinstance(source, str) else source
+        if not isinstance(source, InputFile) or not (is_dataset(source.path, folder)
+                                                     or source.path.endswith(".parquet")):
+            raise JobFileError(f"{arg.name}: an output dataset (ending in /) needs the row-side inputs as "
+                               "Parquet files or datasets")
+        rows[arg.name] = Dataset(locate(source.path, folder), _columns(source))
+    first = next((arg for arg in plan.args if arg.name in rows), None)       # its dtype, for inline numbers
+    dtype = row_reader(rows[first.name], first.name, first.dim, spec.dtype).dtype if first else None
+    arrays = load_inputs(spec, plan, folder, skip=set(rows), inline_dtype=dtype)
+    return [rows.get(arg.name, array) for arg, array in zip(plan.args, arrays)]
+
+
+def run_job_file(path, address: str | None = None, progress: bool = True) -> Path | str:
     """Run the job described by the YAML file `path` (on `address`, else the file's cluster address, else an
-    embedded local Ray); returns the path of the output it wrote."""
+    embedded local Ray); returns the path (or URI) of the output it wrote."""
     from .cluster import Cluster
     spec, plan, folder = load_job(path)
-    arrays = load_inputs(spec, plan, folder)
+    dataset_job = is_dataset_output(spec.output)
+    sources = dataset_inputs(spec, plan, folder) if dataset_job else load_inputs(spec, plan, folder)
     settings = spec.cluster
     with Cluster(address or settings.address, device=settings.device, workers=settings.workers,
                  threads=settings.threads, backend=settings.backend) as cluster:
-        result = cluster.run_plan(plan, arrays, progress=progress)
+        if dataset_job:
+            job = cluster.submit_dataset(plan, sources, locate(spec.output, folder), dtype=spec.dtype)
+            return job.result(progress=progress)
+        result = cluster.run_plan(plan, sources, progress=progress)
     output = folder / spec.output
     write_output(result, plan, output)
     return output

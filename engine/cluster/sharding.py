@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..errors import ArgumentError
 from ..grid import Assembler, Grid
 
-__all__ = ["Assembler", "Shard", "choose_split", "make_shards"]
+__all__ = ["Assembler", "Shard", "choose_split", "make_shards", "shards_of"]
 
 SHARDS_PER_WORKER = 4        # queue depth: enough to even out speed differences, few enough to keep overhead low
 MIN_SHARD_PAIRS = 1 << 22    # below ~4M pairs a shard costs more in scheduling than it computes
@@ -27,7 +27,7 @@ class Shard:
     block: int                 # which row block (results of different blocks are concatenated)
     part: int                  # which column block within the row block (partial states merged)
     rows: tuple[int, int]
-    cols: tuple[int, int]
+    cols: tuple[tuple[int, int], ...]     # column ranges reduced in this order (one for a dense split; none: identity)
 
 
 def choose_split(n: int, m: int, workers: int, shards_per_worker: int = SHARDS_PER_WORKER,
@@ -47,9 +47,12 @@ def choose_split(n: int, m: int, workers: int, shards_per_worker: int = SHARDS_P
 def make_shards(n: int, m: int, split: tuple[int, int]) -> list[Shard]:
     """The shards for `split` = (row blocks, column blocks): the items of the dense grid, in row-major order."""
     row_blocks, col_blocks = _check_split(split)
-    grid = Grid.dense((0, n), (0, m), row_blocks, col_blocks)
-    return [Shard(item.index, item.block, item.part, item.rows, item.cols[0] if item.cols else (0, 0))
-            for item in grid.items]
+    return shards_of(Grid.dense((0, n), (0, m), row_blocks, col_blocks))
+
+
+def shards_of(grid: Grid) -> list[Shard]:
+    """One shard per item of a grid of the block runtime (a dense split, or the row clusters of `ranges`)."""
+    return [Shard(item.index, item.block, item.part, item.rows, item.cols) for item in grid.items]
 
 
 def _check_split(split) -> tuple[int, int]:

@@ -18,8 +18,9 @@ ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 
 
 @router.post("", status_code=202, response_model=JobInfo, openapi_extra={"requestBody": BODY}, responses=ERRORS)
 async def submit(request: Request, service: ServiceDep):
-    """Queue a reduction; its inputs are stored before the id is returned, so a restart does not lose it."""
-    spec, arrays, segments = await transport.read_request(request, service.settings)
+    """Queue a reduction; its inputs are stored before the id is returned, so a restart does not lose it. A JSON
+    body with dataset URIs and an `output` (DatasetJobRequest) is an out-of-core job run by the cluster's workers."""
+    spec, arrays, segments = await transport.read_request(request, service.settings, datasets=True)
     try:
         info = await service.jobs.submit(spec, arrays)
     finally:
