@@ -31,9 +31,9 @@ from .formula.ops import MAX_INT_PARAM
 from .frontend import check_sum_scheme
 from .plan import Plan, plan_from_nodes, swap_ij
 from .ranges import swap_axes
+from .reductions import REDUCTIONS
 
 CATEGORY = {0: I, 1: J, 2: P}
-K_REDUCTIONS = ("KMin", "ArgKMin", "KMin_ArgKMin")
 COMPLEX_REDUCTIONS = ("Sum",)           # reductions of a complex formula that give complex values
 # Keyword arguments of a reduction: those that shape the plan, and those of the call.
 PLAN_OPTIONS = ("dtype_acc", "use_double_acc", "use_fast_math")
@@ -772,6 +772,18 @@ class LazyTensorBase(ABC):
 
     Kmin_reduction, argKmin_reduction, Kmin_argKmin_reduction = Kmin, argKmin, Kmin_argKmin
 
+    # the K largest (pykeops has none): the same shapes as Kmin
+    def Kmax(self, K, axis=None, dim=None, **options):
+        return self.reduction("KMax", opt_arg=K, axis=axis, dim=dim, **options)
+
+    def argKmax(self, K, axis=None, dim=None, **options):
+        return self.reduction("ArgKMax", opt_arg=K, axis=axis, dim=dim, **options)
+
+    def Kmax_argKmax(self, K, axis=None, dim=None, **options):
+        return self.reduction("KMax_ArgKMax", opt_arg=K, axis=axis, dim=dim, **options)
+
+    Kmax_reduction, argKmax_reduction, Kmax_argKmax_reduction = Kmax, argKmax, Kmax_argKmax
+
     # ---- linear algebra ----------------------------------------------------------------------------------------
     def __matmul__(self, v, **options):
         """`K @ v`: sum_j K_ij v_j for a LazyTensor K of vector dimension 1 and an array v of M (or (..., M, E)).
@@ -1170,7 +1182,7 @@ class LazyReduction:
         shape = tuple(out.shape)
         if self.batchdims and shape[:-2] != self.batchdims:
             shape = self.batchdims + shape[-2:]
-        if self.reduction_op in K_REDUCTIONS:
+        if REDUCTIONS[self.reduction_op].needs_k:          # (..., K * dim) -> (..., K, dim)
             shape = shape[:-1] + (self.opt_arg, shape[-1] // self.opt_arg)
             if shape[-1] == 1:
                 shape = shape[:-1]

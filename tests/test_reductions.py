@@ -59,6 +59,10 @@ def argsort(F):
     return np.argsort(F, axis=1, kind="stable")
 
 
+def argsort_down(F):
+    return np.argsort(-F, axis=1, kind="stable")      # largest first, ties by index
+
+
 DENSE = {
     # name: (formula uses weights?, dense(F, G) -> expected result or tuple)
     "Sum": (False, lambda F, G: F.sum(1)),
@@ -76,6 +80,9 @@ DENSE = {
     "KMin": (False, lambda F, G: kth(F, lambda F: np.sort(F, axis=1))),
     "ArgKMin": (False, lambda F, G: kth(F, argsort)),
     "KMin_ArgKMin": (False, lambda F, G: (kth(F, lambda F: np.sort(F, axis=1)), kth(F, argsort))),
+    "KMax": (False, lambda F, G: kth(F, lambda F: -np.sort(-F, axis=1))),
+    "ArgKMax": (False, lambda F, G: kth(F, argsort_down)),
+    "KMax_ArgKMax": (False, lambda F, G: (kth(F, lambda F: -np.sort(-F, axis=1)), kth(F, argsort_down))),
 }
 
 

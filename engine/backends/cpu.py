@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 
 from .. import limits
-from ..codegen.cpu import TILE_BYTES, LANES, SMALL_WORK, column_bytes, cpu_source, strategy
+from ..codegen.cpu import TILE_BYTES, LANES, SMALL_WORK, column_bytes, cpu_source
 from ..errors import BackendError
 from ..reductions import INDEX_DTYPE
 from . import cache
@@ -65,6 +65,8 @@ class _Kernel:
         self.state_specs = [(width, kinds[kind]) for _, width, kind in reduction.layout()]
         self.output_specs = [(width, dtype if kind == "value" else np.dtype(INDEX_DTYPE))
                              for kind, width in reduction.outputs]
+        # the numpy monoid's shape of each state slot (e.g. (K, dim) for KMin): the kernel writes them flat
+        self.state_shapes = [like.shape[1:] for like in reduction.identity(0, dtype, acc)]
         self.tile = max(LANES, TILE_BYTES // column_bytes(plan, dtype.itemsize) // LANES * LANES)
         self.nargs = plan.nargs
         self.pointers = ctypes.c_void_p * max(1, plan.nargs)
@@ -89,6 +91,12 @@ class _Kernel:
         if failed:
             raise MemoryError("the CPU kernel could not allocate its work buffers")
         return outs
+
+
+    def states(self, arrays, rows, cols, threads: int) -> tuple:
+        """The partial state of rows x cols, shaped like the numpy monoid's."""
+        outs = self(arrays, rows, cols, False, threads)
+        return tuple(out.reshape((len(out),) + shape) for out, shape in zip(outs, self.state_shapes))
 
 
 class _Pool:
@@ -172,11 +180,7 @@ class CpuBackend(Backend):
 
     def partial(self, plan, arrays, rows, cols):
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
-        states = self.kernel(plan, dtype)(arrays, rows, cols, False, self.threads)
-        if strategy(plan) == "rows":        # KMin states are (n, K, dim), like the numpy monoid's
-            k, d = plan.reduction.k, plan.reduction.fdim
-            states = [s.reshape(s.shape[0], k, d) for s in states]
-        return tuple(states)
+        return self.kernel(plan, dtype).states(arrays, rows, cols, self.threads)
 
     def reduce(self, plan, arrays, n, m):
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)

@@ -22,7 +22,7 @@ Two accumulation strategies:
 - "lanes" (Sum, Min/Max and their indices, LogSumExp family): each row keeps LANES copies of its state, lane l
   accumulating columns l, l + LANES, ...; the accumulate step itself vectorizes; lanes are merged at the end.
 - "rows" (KMin family): the formula values of a chunk are computed vectorized, compared at once with the row's current
-  K-th best (`skip_bound`), and only chunks holding a candidate go through the scalar insertion step.
+  K-th best (`candidate_test`), and only chunks holding a candidate go through the scalar insertion step.
 
 Large dimensions: a squared distance `Sum(Square(x - y))` or scalar product `Sum(x * y)` between an i and a j variable
 of dimension >= DOT_MIN_DIM is computed as |x|^2 + |y|^2 - 2 x.y, the products x.y by a register-blocked loop over
@@ -35,7 +35,7 @@ import re
 from ..formula import I, J, P, Node
 from ..plan import Plan
 from .emit import Emitter, accumulate_steps, finalize_steps, init_steps, merge_steps, prelude, state_slots
-from .steps import skip_bound, working_slots
+from .steps import candidate_test, working_slots
 
 LANES = 16          # columns per SIMD chunk: one AVX-512 register of float32, two of float64
 ROWS = 4            # rows per register-blocked group
@@ -45,7 +45,7 @@ SMALL_WORK = 32768  # pairs below which one thread does everything (starting thr
 
 
 def strategy(plan: Plan) -> str:
-    return "rows" if skip_bound(plan.reduction, lambda s, c: "", 0) is not None else "lanes"
+    return "rows" if candidate_test(plan.reduction, lambda s, c: "", 0, "") is not None else "lanes"
 
 
 def column_bytes(plan: Plan, itemsize: int) -> int:
@@ -234,13 +234,13 @@ class _Driver:
             else:
                 for c in range(fd):
                     body.append(f"fb[{r * fd + c} * KRED_LANES + l] = {f[c]};")
-                    bound = skip_bound(self.reduction, self._row_state(r), c)
-                    bounds.append(f"hit |= {f[c]} <= {bound};")
+                    candidate = candidate_test(self.reduction, self._row_state(r), c, f[c])
+                    bounds.append(f"hit |= (jj + l < jend) & {candidate};")
         if self.lanes:
             chunk += ["#pragma omp simd", "for (int l = 0; l < KRED_LANES; l++) {"] + \
                 _indent(body + accumulate) + ["}"]
         else:
-            # the bound only decreases while the chunk is folded in, so testing against its start value is safe
+            # the K-th best only improves while the chunk is folded in, so testing against its start value is safe
             chunk += ["int hit = 0;", "#pragma omp simd reduction(|:hit)", "for (int l = 0; l < KRED_LANES; l++) {"]
             chunk += _indent(body + bounds) + ["}"]
             chunk += ["if (hit) {", "    const int width = jend - jj < KRED_LANES ? (int)(jend - jj) : KRED_LANES;"]

@@ -1,8 +1,19 @@
-"""Layer 2: the reduction table. Each reduction is one monoid used by every backend and by the cluster merge."""
+"""Layer 2: the reduction table. One definition per reduction (engine.reductions.base says what it holds), used by
+every backend, the block runtime, the cluster merge, gradients and the front ends. Adding a reduction is adding a
+class to one of the family modules and a name to REDUCTIONS."""
 from ..errors import ArgumentError, FormulaError
-from .monoids import INDEX_DTYPE, NO_INDEX, REDUCTIONS, Reduction, merge_all
+from .base import INDEX_DTYPE, NO_INDEX, Reduction, merge_all
+from .extremum import ArgMax, ArgMin, Max, Max_ArgMax, Min, Min_ArgMin
+from .kbest import ArgKMax, ArgKMin, KMax, KMax_ArgKMax, KMin, KMin_ArgKMin
+from .logsumexp import LogSumExp, LogSumExpWeight, Max_SumShiftExp, Max_SumShiftExpWeight, SumSoftMaxWeight
+from .sum import Sum
 
 MAX_K = 1024
+
+REDUCTIONS: dict[str, type[Reduction]] = {cls.__name__: cls for cls in (
+    Sum, LogSumExp, LogSumExpWeight, SumSoftMaxWeight, Max_SumShiftExp, Max_SumShiftExpWeight,
+    Min, Max, ArgMin, ArgMax, Min_ArgMin, Max_ArgMax,
+    KMin, ArgKMin, KMin_ArgKMin, KMax, ArgKMax, KMax_ArgKMax)}
 
 
 def bind(name: str, fdim: int, f2dim: int | None = None, k: int | None = None) -> Reduction:
@@ -18,10 +29,9 @@ def bind(name: str, fdim: int, f2dim: int | None = None, k: int | None = None) -
             raise ArgumentError(f"{name}: opt_arg must be the number K of neighbours, an integer in 1..{MAX_K}; got {k!r}")
     else:
         k = None
-    weighted = getattr(cls, "weighted", False)
-    if weighted and f2dim is None:
+    if cls.weighted and f2dim is None:
         raise FormulaError(f"{name}: needs formula2 (the weights)")
-    if not weighted:
+    if not cls.weighted:
         f2dim = None
     return cls(name, fdim, f2dim, k)
 

@@ -2,18 +2,19 @@
 
 `gradient(plan, pos)` answers "how do I get  sum_r <cotangent_r, d result_r / d arg_pos>" as data, so that every
 front end runs it with its own arrays (torch tensors that carry autograd, so the backward is differentiable again)
-and every backend, the cluster included, runs backward passes like any other plan. Two shapes of answer:
+and every backend, the cluster included, runs backward passes like any other plan. Each reduction names its rule
+in the reduction table (`Reduction.gradient_rule`); the rules give two shapes of answer:
 
-- `ReducedGradient` (Sum, LogSumExp, LogSumExpWeight, SumSoftMaxWeight): a Sum reduction of `Grad(f, v, weight)`
+- `ReducedGradient` ("sum", "logsumexp", "logsumexp_weight", "softmax_weight"): a Sum reduction of `Grad(f, v, weight)`
   over the arguments plus a few extra arrays (the cotangent, the forward output, ...). A variable indexed like the
   output is reduced over the same axis; one indexed like the reduced axis is reduced over the *other* axis (giving
   one row per point of that variable); a parameter's per-row gradients are summed.
-- `SelectedGradient` (Min, Max, Min_ArgMin, Max_ArgMax, KMin, KMin_ArgKMin): only the selected pairs contribute, so
-  the front end gathers the reduced variables at the selected indices (from the forward pass, see `with_indices`),
+- `SelectedGradient` ("selected": Min, Max, KMin, KMax and their value + index variants): only the selected pairs
+  contribute, so the front end gathers the reduced variables at the selected indices (from the forward pass, see `with_indices`),
   evaluates `Grad(f, v, e)` once per selected pair (a reduction over a single column) and scatters the results back.
   pykeops refuses these gradients; the indices make them exact.
 
-ArgMin, ArgMax and ArgKMin are piecewise constant: their gradient is zero (`ZERO`). Max_SumShiftExp and
+"zero": the index reductions are piecewise constant, their gradient is zero (`ZERO`). Max_SumShiftExp and
 Max_SumShiftExpWeight are building blocks with no gradient rule: asking for one raises a FormulaError.
 
 Everything is written in the user's orientation (the plan's `axis` and the categories as written), so that derived
@@ -30,13 +31,11 @@ from ..errors import FormulaError
 from ..formula import I, J, P, Node, make, var
 from ..formula.autodiff import grad, substitute
 from ..plan import Plan, plan_bytes, plan_from_nodes, swap_ij
+from . import REDUCTIONS
 
 # Extra arrays a gradient plan takes after the user's arguments, in this order when present.
 COTANGENT, OUTPUT, LOGSUMEXP = "cotangent", "output", "logsumexp"
 
-SELECTING = {"Min": "Min_ArgMin", "Max": "Max_ArgMax", "Min_ArgMin": "Min_ArgMin", "Max_ArgMax": "Max_ArgMax",
-             "KMin": "KMin_ArgKMin", "KMin_ArgKMin": "KMin_ArgKMin"}
-ZERO_GRADIENT = ("ArgMin", "ArgMax", "ArgKMin")
 
 
 @dataclass(frozen=True)
@@ -76,28 +75,25 @@ _WITH_INDICES = limits.BoundedLRU(limits.PLANS, limits.PLAN_BYTES, getsizeof=pla
 
 @cachetools.cached(_RULES, lock=_RULES.lock)
 def _gradient(plan: Plan, pos: int):
-    name = plan.reduction.name
-    if name in ZERO_GRADIENT:
+    rule = plan.reduction.gradient_rule           # each reduction names its rule in the reduction table
+    if rule == "zero":
         return ZERO
-    if name in SELECTING:
-        return _selected(plan, pos)
-    builders = {"Sum": _sum, "LogSumExp": _logsumexp, "LogSumExpWeight": _logsumexp_weight,
-                "SumSoftMaxWeight": _softmax_weight}
-    if name not in builders:
-        raise FormulaError(f"{name} has no gradient rule (differentiate Sum, LogSumExp, LogSumExpWeight, "
-                           f"SumSoftMaxWeight, Min, Max, KMin and their Arg variants)")
-    return builders[name](plan, pos)
+    if rule is None:
+        differentiable = sorted(name for name, cls in REDUCTIONS.items() if cls.gradient_rule is not None)
+        raise FormulaError(f"{plan.reduction.name} has no gradient rule (differentiable: {', '.join(differentiable)})")
+    return _BUILDERS[rule](plan, pos)
 
 
 def with_indices(plan: Plan) -> Plan:
-    """For a selecting reduction, the same plan returning (values, indices): what its gradient needs."""
+    """For a selecting reduction, the same plan returning (values, indices): what its gradient needs. Other plans
+    are returned as they are."""
     return _with_indices(plan)
 
 
 @cachetools.cached(_WITH_INDICES, lock=_WITH_INDICES.lock)
 def _with_indices(plan: Plan) -> Plan:
-    target = SELECTING[plan.reduction.name]
-    if target == plan.reduction.name:
+    target = plan.reduction.indexed
+    if target is None or target == plan.reduction.name:
         return plan
     f, _, names = _user_view(plan)
     return plan_from_nodes(f, None, target, plan.axis, plan.reduction.k, plan.dtype_acc, names, plan.nargs)
@@ -200,3 +196,7 @@ def _selected(plan: Plan, pos: int) -> SelectedGradient:
     k = plan.reduction.k or 1
     gathered = tuple(spec.cat == reduced_cat for spec in plan.args)
     return SelectedGradient(derived, k * plan.reduction.fdim, plan.reduction.fdim, role, gathered)
+
+
+_BUILDERS = {"sum": _sum, "logsumexp": _logsumexp, "logsumexp_weight": _logsumexp_weight,
+             "softmax_weight": _softmax_weight, "selected": _selected}

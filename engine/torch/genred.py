@@ -17,7 +17,7 @@ from ..errors import ArgumentError
 from ..formula import P
 from ..frontend import GenredBase
 from ..plan import Plan
-from ..reductions.gradients import SELECTING, with_indices
+from ..reductions.gradients import with_indices
 from ..reductions.vjp import ArrayOps
 from ..reductions.vjp import vjp as shared_vjp
 from ..run import run
@@ -66,7 +66,7 @@ class _Reduce(torch.autograd.Function):
 
     @staticmethod
     def forward(plan: Plan, options: Options, *tensors):
-        runs = with_indices(plan) if plan.reduction.name in SELECTING else plan
+        runs = with_indices(plan)
         device = tensors[0].device if tensors else torch.device("cpu")
         # CUDA tensors go to the engine as they are: the cuda backend reads them in place and answers with CuPy
         # arrays on the same device (wrapped back through DLPack); other backends copy them to the host.
@@ -150,7 +150,7 @@ class _Reduce(torch.autograd.Function):
 
 def _output_kinds(plan: Plan) -> list[str]:
     """What `_Reduce.forward` returns for `plan`: the user's outputs, plus indices for a selecting reduction."""
-    runs = with_indices(plan) if plan.reduction.name in SELECTING else plan
+    runs = with_indices(plan)
     return [kind for kind, _ in runs.reduction.outputs]
 
 
