@@ -100,15 +100,15 @@ def _dense_reduction(name, f, w, dim):
         return f.min(dim).values
     if name in ("Max", "Max_ArgMax"):
         return f.max(dim).values
-    if name in ("KMin", "KMin_ArgKMin"):
-        values = f.topk(K, dim=dim, largest=False).values             # (N, K, d) or (K, M, d)
+    if name in ("KMin", "KMin_ArgKMin", "KMax", "KMax_ArgKMax"):
+        values = f.topk(K, dim=dim, largest="KMax" in name).values    # (N, K, d) or (K, M, d)
         values = values if dim == 1 else values.transpose(0, 1)
         return values.reshape(values.shape[0], -1)                      # KeOps layout [k * d + c]
     raise AssertionError(name)
 
 
 REDUCTIONS = ["Sum", "LogSumExp", "LogSumExpWeight", "SumSoftMaxWeight", "Min", "Max", "Min_ArgMin", "Max_ArgMax",
-              "KMin", "KMin_ArgKMin"]
+              "KMin", "KMin_ArgKMin", "KMax", "KMax_ArgKMax"]
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -126,10 +126,10 @@ def test_reduction_gradients_match_dense(name, axis, backend):
     else:
         formula, formula2 = "Sin(x - y) * s + x * y", None
         f, w = torch.sin(xi - yj) * inputs[2] + xi * yj, None
-    op = Genred(formula, aliases, reduction_op=name, axis=axis, opt_arg=K if "KMin" in name else None,
+    op = Genred(formula, aliases, reduction_op=name, axis=axis, opt_arg=K if name[0] == "K" else None,
                 formula2=formula2)
     got = op(*inputs, backend=backend)
-    if name.endswith("ArgMin") or name.endswith("ArgMax") or name == "KMin_ArgKMin":
+    if name.endswith("ArgMin") or name.endswith("ArgMax") or name.endswith("ArgKMin") or name.endswith("ArgKMax"):
         got, index = got
         assert index.dtype == torch.int64 and not index.requires_grad
     want = _dense_reduction(name, f, w, axis)      # axis=1 reduces over j, the dense axis 1
@@ -138,17 +138,17 @@ def test_reduction_gradients_match_dense(name, axis, backend):
     _assert_close(_grads(got, inputs, weight), _grads(want, inputs, weight), what=f"{name} axis={axis}")
 
 
-@pytest.mark.parametrize("name", ["ArgMin", "ArgMax", "ArgKMin"])
+@pytest.mark.parametrize("name", ["ArgMin", "ArgMax", "ArgKMin", "ArgKMax"])
 def test_index_reductions_have_zero_gradient(name, backend):
     x = _randn(5, 2, seed=8).requires_grad_()
     y = _randn(4, 2, seed=9)
     op = Genred("SqDist(x, y)", ["x = Vi(2)", "y = Vj(2)"], reduction_op=name, axis=1,
-                opt_arg=K if name == "ArgKMin" else None)
+                opt_arg=K if name.startswith("ArgK") else None)
     index = op(x, y, backend=backend)
     assert index.dtype == torch.int64 and not index.requires_grad and index.grad_fn is None
     dense = ((x[:, None] - y[None]) ** 2).sum(-1)
     want = dense.argmin(1) if name == "ArgMin" else dense.argmax(1) if name == "ArgMax" else \
-        dense.topk(K, 1, largest=False).indices
+        dense.topk(K, 1, largest=name == "ArgKMax").indices
     assert torch.equal(index.reshape(want.shape), want)
 
 
