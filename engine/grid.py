@@ -20,6 +20,7 @@ Every path that cuts a reduction into pieces is a grid:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterable
 
 import numpy as np
@@ -42,80 +43,236 @@ class Item:
         return (self.rows[1] - self.rows[0]) * sum(c1 - c0 for c0, c1 in self.cols)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Grid:
+    """Held as arrays, so that a block-sparse pattern of millions of column ranges is built and handed to a kernel
+    without a Python loop per block; `items` gives the same grid as Item objects, for loops that want them."""
     rows: Range                  # the output rows the grid covers
-    items: tuple[Item, ...]
+    block_rows: np.ndarray       # (B, 2) int64: the row blocks, in increasing order, partitioning `rows`
+    item_block: np.ndarray       # (I,) int64: each item's block, non-decreasing
+    item_part: np.ndarray        # (I,) int64: each item's part within its block, increasing within a block
+    item_offsets: np.ndarray     # (I + 1,) int64: item k reduces over col_ranges[item_offsets[k]:item_offsets[k + 1]]
+    col_ranges: np.ndarray       # (R, 2) int64
 
-    @property
-    def blocks(self) -> list[Range]:
-        """The row blocks, in order."""
-        seen: dict[int, Range] = {}
-        for item in self.items:
-            seen.setdefault(item.block, item.rows)
-        return [seen[b] for b in sorted(seen)]
-
-    @property
-    def pairs(self) -> int:
-        return sum(item.pairs for item in self.items)
+    @classmethod
+    def from_items(cls, rows: Range, items: Iterable[tuple[Range, int, Iterable[Range]]]) -> Grid:
+        """A grid from (rows, part, column ranges) triples in block order; consecutive items with the same rows are
+        parts of one block."""
+        block_rows, item_block, item_part, offsets, ranges = [], [], [], [0], []
+        for item_rows, part, cols in items:
+            if not block_rows or tuple(block_rows[-1]) != tuple(item_rows):
+                block_rows.append(tuple(item_rows))
+            item_block.append(len(block_rows) - 1)
+            item_part.append(part)
+            ranges.extend(cols)
+            offsets.append(len(ranges))
+        return cls(rows, _pairs(block_rows), np.asarray(item_block, np.int64), np.asarray(item_part, np.int64),
+                   np.asarray(offsets, np.int64), _pairs(ranges))
 
     @classmethod
     def dense(cls, rows: Range, cols: Range, row_blocks: int = 1, col_blocks: int = 1) -> Grid:
         """Rows x columns cut into `row_blocks` x `col_blocks` nearly equal pieces, one item each, row-major."""
-        items: list[Item] = []
-        for b, block_rows in enumerate(cuts(rows, row_blocks)):
-            for p, block_cols in enumerate(cuts(cols, col_blocks)):
-                items.append(Item(len(items), b, p, block_rows, (block_cols,) if block_cols[1] > block_cols[0] else ()))
-        return cls(rows, tuple(items))
+        col_cuts = cuts(cols, col_blocks)
+        return cls.from_items(rows, ((block_rows, p, [c] if c[1] > c[0] else [])
+                                     for block_rows in cuts(rows, row_blocks) for p, c in enumerate(col_cuts)))
 
     @classmethod
     def tiles(cls, rows: Range, cols: Range, tile_rows: int, tile_cols: int) -> Grid:
         """One item per block of `tile_rows` rows, holding the columns cut into ranges of `tile_cols`."""
         (r0, r1), (c0, c1) = rows, cols
-        col_tiles = tuple((j, min(j + tile_cols, c1)) for j in range(c0, c1, max(1, tile_cols)))
-        items = tuple(Item(b, b, 0, (i, min(i + tile_rows, r1)), col_tiles)
-                      for b, i in enumerate(range(r0, r1, max(1, tile_rows))))
-        return cls(rows, items)
+        col_tiles = [(j, min(j + tile_cols, c1)) for j in range(c0, c1, max(1, tile_cols))]
+        return cls.from_items(rows, (((i, min(i + tile_rows, r1)), 0, col_tiles)
+                                     for i in range(r0, r1, max(1, tile_rows))))
 
     @classmethod
     def from_ranges(cls, clusters: np.ndarray, slices: np.ndarray, reduced: np.ndarray, n: int) -> Grid:
-        """The grid of a block-sparse reduction over n rows (arrays as `engine.ranges.check_ranges` returns them).
+        """The grid of a block-sparse reduction over n rows (arrays as `engine.ranges.check_ranges` returns them):
+        one block per cluster of rows with its column ranges, one block without columns per gap between clusters.
 
-        Cluster k reduces over `reduced[slices[k-1]:slices[k]]`. Clusters may come in any order and may overlap:
-        rows covered by several clusters reduce over the column ranges of each, in cluster order. Touching column
-        ranges are joined, empty ones dropped."""
-        begins = np.concatenate([[0], slices[:-1]]).astype(np.int64) if len(slices) else np.zeros(0, np.int64)
-        pieces = [(int(r0), int(r1), reduced[b:e]) for (r0, r1), b, e in zip(clusters.tolist(), begins, slices)
-                  if r1 > r0]
-        pieces.sort(key=lambda p: p[0])         # stable: overlapping clusters keep their given order
-        if any(a[1] > b[0] for a, b in zip(pieces, pieces[1:])):
-            pieces = _disjoint(pieces)
-        items: list[Item] = []
-        at = 0
-        for r0, r1, columns in pieces:
-            if r0 > at:
-                items.append(Item(len(items), len(items), 0, (at, r0), ()))
-            items.append(Item(len(items), len(items), 0, (r0, r1), _coalesce(columns)))
-            at = r1
-        if at < n or not items:
-            items.append(Item(len(items), len(items), 0, (at, n), ()))
-        return cls((0, n), tuple(items))
+        Cluster k reduces over `reduced[slices[k-1]:slices[k]]`. Clusters may come in any order and may overlap
+        (rows covered by several clusters reduce over the column ranges of each, in cluster order). Empty column
+        ranges are dropped and touching ones joined. Built with numpy only: no Python loop per cluster or range."""
+        clusters, slices, reduced = (np.asarray(a, np.int64) for a in (clusters, slices, reduced))
+        begins = np.concatenate([[0], slices[:-1]]).astype(np.int64)
+        kept = np.flatnonzero(clusters[:, 1] > clusters[:, 0]) if len(clusters) else np.zeros(0, np.int64)
+        order = kept[np.argsort(clusters[kept, 0], kind="stable")]
+        clusters, begins, ends = clusters[order], begins[order], slices[order]
+        if len(clusters) > 1 and np.any(clusters[1:, 0] < clusters[:-1, 1]):
+            return cls.from_ranges(*_disjoint(clusters, begins, ends, reduced), n)
+        # the column ranges of the clusters, in cluster order, empty ones dropped, touching ones joined
+        counts = ends - begins
+        owner = np.repeat(np.arange(len(clusters)), counts)
+        picks = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(begins, counts)
+        ranges = reduced[picks].reshape(-1, 2)
+        nonempty = ranges[:, 1] > ranges[:, 0]
+        ranges, owner = ranges[nonempty], owner[nonempty]
+        start = np.ones(len(ranges), bool)
+        start[1:] = (owner[1:] != owner[:-1]) | (ranges[1:, 0] != ranges[:-1, 1])
+        first = np.flatnonzero(start)
+        last = np.append(first[1:], len(ranges)) - 1
+        ranges = np.stack([ranges[first, 0], ranges[last, 1]], 1) if len(first) else np.zeros((0, 2), np.int64)
+        per_cluster = np.bincount(owner[first], minlength=len(clusters))
+        # blocks: each cluster, preceded by a block without columns where rows are left before it, and a last gap
+        previous_end = np.concatenate([[0], clusters[:-1, 1]])
+        gap = clusters[:, 0] > previous_end
+        at = np.arange(len(clusters)) + np.cumsum(gap)            # block index of each cluster
+        end = int(clusters[-1, 1]) if len(clusters) else 0
+        tail = end < n or not len(clusters)
+        count = len(clusters) + int(gap.sum()) + int(tail)
+        block_rows = np.zeros((count, 2), np.int64)
+        ranges_per_block = np.zeros(count, np.int64)
+        block_rows[at] = clusters
+        ranges_per_block[at] = per_cluster
+        block_rows[at[gap] - 1] = np.stack([previous_end[gap], clusters[gap, 0]], 1)
+        if tail:
+            block_rows[-1] = (end, n)
+        offsets = np.concatenate([[0], np.cumsum(ranges_per_block)]).astype(np.int64)
+        return cls((0, n), block_rows, np.arange(count, dtype=np.int64), np.zeros(count, np.int64), offsets, ranges)
+
+    @cached_property
+    def items(self) -> tuple[Item, ...]:
+        rows = [tuple(r) for r in self.block_rows.tolist()]
+        ranges = [tuple(c) for c in self.col_ranges.tolist()]
+        offsets = self.item_offsets.tolist()
+        return tuple(Item(k, b, p, rows[b], tuple(ranges[offsets[k]:offsets[k + 1]]))
+                     for k, (b, p) in enumerate(zip(self.item_block.tolist(), self.item_part.tolist())))
+
+    @property
+    def blocks(self) -> list[Range]:
+        """The row blocks, in order."""
+        return [tuple(r) for r in self.block_rows.tolist()]
+
+    def block_pairs(self) -> np.ndarray:
+        """(B,) the number of (row, column) pairs each block reduces over."""
+        _, offsets, ranges = self.csr()
+        widths = np.concatenate([[0], np.cumsum(ranges[:, 1] - ranges[:, 0])])
+        return (widths[offsets[1:]] - widths[offsets[:-1]]) * (self.block_rows[:, 1] - self.block_rows[:, 0])
+
+    @property
+    def pairs(self) -> int:
+        return (self.rows[1] - self.rows[0]) * sum(c1 - c0 for c0, c1 in self.cols)
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """Held as arrays, so that a block-sparse pattern of millions of column ranges is built and handed to a kernel
+    without a Python loop per block; `items` gives the same grid as Item objects, for loops that want them."""
+    rows: Range                  # the output rows the grid covers
+    block_rows: np.ndarray       # (B, 2) int64: the row blocks, in increasing order, partitioning `rows`
+    item_block: np.ndarray       # (I,) int64: each item's block, non-decreasing
+    item_part: np.ndarray        # (I,) int64: each item's part within its block, increasing within a block
+    item_offsets: np.ndarray     # (I + 1,) int64: item k reduces over col_ranges[item_offsets[k]:item_offsets[k + 1]]
+    col_ranges: np.ndarray       # (R, 2) int64
+
+    @classmethod
+    def from_items(cls, rows: Range, items: Iterable[tuple[Range, int, Iterable[Range]]]) -> Grid:
+        """A grid from (rows, part, column ranges) triples in block order; consecutive items with the same rows are
+        parts of one block."""
+        block_rows, item_block, item_part, offsets, ranges = [], [], [], [0], []
+        for item_rows, part, cols in items:
+            if not block_rows or tuple(block_rows[-1]) != tuple(item_rows):
+                block_rows.append(tuple(item_rows))
+            item_block.append(len(block_rows) - 1)
+            item_part.append(part)
+            ranges.extend(cols)
+            offsets.append(len(ranges))
+        return cls(rows, _pairs(block_rows), np.asarray(item_block, np.int64), np.asarray(item_part, np.int64),
+                   np.asarray(offsets, np.int64), _pairs(ranges))
+
+    @classmethod
+    def dense(cls, rows: Range, cols: Range, row_blocks: int = 1, col_blocks: int = 1) -> Grid:
+        """Rows x columns cut into `row_blocks` x `col_blocks` nearly equal pieces, one item each, row-major."""
+        col_cuts = cuts(cols, col_blocks)
+        return cls.from_items(rows, ((block_rows, p, [c] if c[1] > c[0] else [])
+                                     for block_rows in cuts(rows, row_blocks) for p, c in enumerate(col_cuts)))
+
+    @classmethod
+    def tiles(cls, rows: Range, cols: Range, tile_rows: int, tile_cols: int) -> Grid:
+        """One item per block of `tile_rows` rows, holding the columns cut into ranges of `tile_cols`."""
+        (r0, r1), (c0, c1) = rows, cols
+        col_tiles = [(j, min(j + tile_cols, c1)) for j in range(c0, c1, max(1, tile_cols))]
+        return cls.from_items(rows, (((i, min(i + tile_rows, r1)), 0, col_tiles)
+                                     for i in range(r0, r1, max(1, tile_rows))))
+
+    @classmethod
+    def from_ranges(cls, clusters: np.ndarray, slices: np.ndarray, reduced: np.ndarray, n: int) -> Grid:
+        """The grid of a block-sparse reduction over n rows (arrays as `engine.ranges.check_ranges` returns them):
+        one block per cluster of rows with its column ranges, one block without columns per gap between clusters.
+
+        Cluster k reduces over `reduced[slices[k-1]:slices[k]]`. Clusters may come in any order and may overlap
+        (rows covered by several clusters reduce over the column ranges of each, in cluster order). Empty column
+        ranges are dropped and touching ones joined. Built with numpy only: no Python loop per cluster or range."""
+        clusters, slices, reduced = (np.asarray(a, np.int64) for a in (clusters, slices, reduced))
+        begins = np.concatenate([[0], slices[:-1]]).astype(np.int64)
+        kept = np.flatnonzero(clusters[:, 1] > clusters[:, 0]) if len(clusters) else np.zeros(0, np.int64)
+        order = kept[np.argsort(clusters[kept, 0], kind="stable")]
+        clusters, begins, ends = clusters[order], begins[order], slices[order]
+        if len(clusters) > 1 and np.any(clusters[1:, 0] < clusters[:-1, 1]):
+            return cls.from_ranges(*_disjoint(clusters, begins, ends, reduced), n)
+        # the column ranges of the clusters, in cluster order, empty ones dropped, touching ones joined
+        counts = ends - begins
+        owner = np.repeat(np.arange(len(clusters)), counts)
+        picks = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(begins, counts)
+        ranges = reduced[picks].reshape(-1, 2)
+        nonempty = ranges[:, 1] > ranges[:, 0]
+        ranges, owner = ranges[nonempty], owner[nonempty]
+        start = np.ones(len(ranges), bool)
+        start[1:] = (owner[1:] != owner[:-1]) | (ranges[1:, 0] != ranges[:-1, 1])
+        first = np.flatnonzero(start)
+        last = np.append(first[1:], len(ranges)) - 1
+        ranges = np.stack([ranges[first, 0], ranges[last, 1]], 1) if len(first) else np.zeros((0, 2), np.int64)
+        per_cluster = np.bincount(owner[first], minlength=len(clusters))
+        # blocks: each cluster, preceded by a block without columns where rows are left before it, and a last gap
+        previous_end = np.concatenate([[0], clusters[:-1, 1]])
+        gap = clusters[:, 0] > previous_end
+        at = np.arange(len(clusters)) + np.cumsum(gap)            # block index of each cluster
+        end = int(clusters[-1, 1]) if len(clusters) else 0
+        tail = end < n or not len(clusters)
+        count = len(clusters) + int(gap.sum()) + int(tail)
+        block_rows = np.zeros((count, 2), np.int64)
+        ranges_per_block = np.zeros(count, np.int64)
+        block_rows[at] = clusters
+        ranges_per_block[at] = per_cluster
+        block_rows[at[gap] - 1] = np.stack([previous_end[gap], clusters[gap, 0]], 1)
+        if tail:
+            block_rows[-1] = (end, n)
+        offsets = np.concatenate([[0], np.cumsum(ranges_per_block)]).astype(np.int64)
+        return cls((0, n), block_rows, np.arange(count, dtype=np.int64), np.zeros(count, np.int64), offsets, ranges)
+
+    @cached_property
+    def items(self) -> tuple[Item, ...]:
+        rows = [tuple(r) for r in self.block_rows.tolist()]
+        ranges = [tuple(c) for c in self.col_ranges.tolist()]
+        offsets = self.item_offsets.tolist()
+        return tuple(Item(k, b, p, rows[b], tuple(ranges[offsets[k]:offsets[k + 1]]))
+                     for k, (b, p) in enumerate(zip(self.item_block.tolist(), self.item_part.tolist())))
+
+    @property
+    def blocks(self) -> list[Range]:
+        """The row blocks, in order."""
+        return [tuple(r) for r in self.block_rows.tolist()]
+
+    def block_pairs(self) -> np.ndarray:
+        """(B,) the number of (row, column) pairs each block reduces over."""
+        widths = np.add.reduceat(self.col_ranges[:, 1] - self.col_ranges[:, 0], self.csr()[1][:-1]) \
+            if len(self.col_ranges) else np.zeros(len(self.block_rows), np.int64)
+        empty = np.diff(self.csr()[1]) == 0               # reduceat gives the next value for an empty segment
+        widths = np.where(empty, 0, widths)
+        return widths * (self.block_rows[:, 1] - self.block_rows[:, 0])
+
+    @property
+    def pairs(self) -> int:
+        return int(self.block_pairs().sum())
 
     def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(block rows (B, 2), offsets (B + 1,), column ranges (R, 2)), int64: block b reduces over column ranges
         offsets[b]:offsets[b + 1], its parts' ranges one after another in part order."""
-        by_block: dict[int, list[Item]] = {}
-        for item in self.items:
-            by_block.setdefault(item.block, []).append(item)
-        rows, offsets, cols = [], [0], []
-        for b in sorted(by_block):
-            parts = sorted(by_block[b], key=lambda item: item.part)
-            rows.append(parts[0].rows)
-            for item in parts:
-                cols.extend(item.cols)
-            offsets.append(len(cols))
-        return (np.asarray(rows, np.int64).reshape(-1, 2), np.asarray(offsets, np.int64),
-                np.asarray(cols, np.int64).reshape(-1, 2))
+        firsts = np.searchsorted(self.item_block, np.arange(len(self.block_rows) + 1))
+        return self.block_rows, self.item_offsets[firsts], self.col_ranges
+
+
+def _pairs(values) -> np.ndarray:
+    return np.asarray(values, np.int64).reshape(-1, 2)
 
 
 def cuts(span: Range, pieces: int) -> list[Range]:
@@ -128,29 +285,18 @@ def cuts(span: Range, pieces: int) -> list[Range]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _coalesce(pairs: np.ndarray) -> tuple[Range, ...]:
-    """Column ranges in the given order, empty ones dropped and touching neighbours joined (fewer, longer ranges)."""
-    out: list[Range] = []
-    for c0, c1 in pairs.tolist():
-        if c1 <= c0:
-            continue
-        if out and out[-1][1] == c0:
-            out[-1] = (out[-1][0], c1)
-        else:
-            out.append((c0, c1))
-    return tuple(out)
-
-
-def _disjoint(pieces: list) -> list:
-    """Overlapping row clusters cut at every cluster boundary: each segment reduces over the column ranges of every
-    cluster covering it, in cluster order."""
-    edges = sorted({e for r0, r1, _ in pieces for e in (r0, r1)})
-    out = []
-    for a, b in zip(edges[:-1], edges[1:]):
-        covering = [cols for r0, r1, cols in pieces if r0 <= a and b <= r1]
+def _disjoint(clusters, begins, ends, reduced):
+    """Overlapping row clusters (sorted by start) cut at every cluster boundary: each segment reduces over the
+    column ranges of every cluster covering it, in cluster order. Returns a (clusters, slices, reduced) triple."""
+    edges = np.unique(clusters)
+    segments, slices, ranges = [], [], []
+    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        covering = [reduced[s:e] for (r0, r1), s, e in zip(clusters.tolist(), begins, ends) if r0 <= a and b <= r1]
         if covering:
-            out.append((a, b, np.concatenate(covering)))
-    return out
+            segments.append((a, b))
+            ranges.extend(np.concatenate(covering).tolist())
+            slices.append(len(ranges))
+    return _pairs(segments), np.asarray(slices, np.int64), _pairs(ranges)
 
 
 # Running a grid ---------------------------------------------------------------------------------------------------

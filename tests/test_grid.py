@@ -67,3 +67,26 @@ def test_grid_state_merges_in_part_order_whatever_the_arrival_order():
     for item in reversed(grid.items):
         backwards.add(item, partial(item.rows, item.cols[0]))
     assert all((a == b).all() for a, b in zip(backwards.state(), state))
+
+
+def test_ranges_grid_of_many_clusters_is_built_without_a_python_loop_per_range():
+    """A large random pattern (what the kernel gets) equals the pattern read range by range."""
+    rng = np.random.default_rng(3)
+    n, m, c = 5000, 4000, 400
+    edges = np.sort(rng.choice(np.arange(1, n), c - 1, replace=False))
+    clusters = np.stack([np.r_[0, edges], np.r_[edges, n]], 1)[rng.permutation(c)]
+    counts = rng.integers(0, 6, c)
+    starts = rng.integers(0, m, counts.sum())
+    reduced = np.stack([starts, np.minimum(m, starts + rng.integers(0, 30, counts.sum()))], 1)
+    grid = Grid.from_ranges(clusters, np.cumsum(counts), reduced, n)
+    assert_partition(grid, n)
+    want = np.zeros(n, int)
+    begin = 0
+    for (r0, r1), end in zip(clusters, np.cumsum(counts)):
+        want[r0:r1] = sum(c1 - c0 for c0, c1 in reduced[begin:end])
+        begin = end
+    got = np.zeros(n, int)
+    for item in grid.items:
+        got[item.rows[0]:item.rows[1]] = sum(c1 - c0 for c0, c1 in item.cols)
+    assert (got == want).all()
+    assert grid.pairs == want.sum()
