@@ -1,16 +1,18 @@
-"""Block-sparse `ranges` against the dense reduction: a truncated Gaussian kernel sum on clustered points.
+"""Block-sparse `ranges` against the dense reduction (issue 14's table), with pykeops 2.3's CPU ranges as the peer.
 
-    python -m benchmarks.bench_ranges [--sizes 30000,100000] [--backend cpu] [--scale 0.05] [--name ranges] [--no-save]
+    python -m benchmarks.bench_ranges [--n 200000] [--cells 1000,8000] [--densities 0.1,0.01] [--threads 2]
+                                      [--reps 3] [--no-peer] [--name ranges] [--no-save]
 
-Points are uniform in the unit cube, clustered with `grid_cluster` (cells of side 2 * scale), and a block of
-clusters is kept when its centroids are closer than 6 * scale: the Gaussian exp(-|x - y|^2 / (2 scale^2)) of the
-pairs left out is below exp(-(6 - 2 sqrt(3))^2 / 2) ~ 0.04 at the very worst and usually far smaller. Reported:
-seconds (wall clock, and CPU time of the process) of the dense and block-sparse reductions (median of --reps, after
-one warm-up that also compiles), the fraction of pairs the ranges keep, and the max relative difference of the two
-results (the truncation error).
-Results go to benchmarks/results/<name>-<host kind>.json with the machine description and the load average
-during each size (a block-sparse run makes one backend call per block, so it suffers more than one long dense call
-when other processes compete for the cores; KRED_NUM_THREADS=1 shows the work without that effect).
+Gaussian Sum `Exp(-g * SqDist(x, y)) * b`, N = M points uniform in the unit cube, D = 3, float32, cpu backend. The
+points are sorted into the cubic cells of a grid (`grid_cluster`, ~N / cells points each); a block of cells (i cell,
+j cell) is kept when its centroids are among the closest pairs, so that the kept blocks hold the target fraction of
+all pairs (the density; the kept fraction is reported). The dense call is timed once (the same for every row: it
+does not depend on the pattern); each block-sparse call after one warm-up, median of --reps. The peer runs the same
+formula, data and 6-tuple through pykeops.numpy.Genred(backend="CPU") with OMP_NUM_THREADS = --threads; its result is
+compared with ours (the same blocks: they must agree to float32 rounding).
+Results go to benchmarks/results/<name>-<host kind>.json with the machine description and the load average around
+each row (the machine may be shared: a loaded machine slows the many short calls of a sparse run more than one long
+dense call).
 """
 from __future__ import annotations
 
@@ -22,66 +24,114 @@ import time
 
 import numpy as np
 
-from kred.engine.numpy import Genred, cluster_ranges_centroids, from_matrix, grid_cluster, sort_clusters
+GOALS = {(1000, 0.1): 8.0, (1000, 0.01): 70.0, (8000, 0.1): 5.0, (8000, 0.01): 30.0}
+FORMULA = "Exp(-g * SqDist(x, y)) * b"
+ALIASES = ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)", "g = Pm(1)"]
 
-from .run import RESULTS, machine_info, host_kind
 
+def clustered(n: int, cells: int, densities: list[float], seed: int = 0):
+    """(arrays, {density: (ranges, kept fraction, blocks)}) for n points per side sorted into ~`cells` cells."""
+    from kred.engine.numpy import cluster_ranges_centroids, from_matrix, grid_cluster, sort_clusters
 
-def clustered_problem(n: int, scale: float, seed: int = 0):
     rng = np.random.default_rng(seed)
-    x, y, b = rng.random((n, 3)), rng.random((n, 3)), rng.standard_normal((n, 1))
-    x, x_labels = sort_clusters(x, grid_cluster(x, 2 * scale))
-    (y, b), y_labels = sort_clusters((y, b), grid_cluster(y, 2 * scale))
+    x, y = rng.random((n, 3), np.float32), rng.random((n, 3), np.float32)
+    b = rng.standard_normal((n, 1)).astype(np.float32)
+    side = 1.0 / round(cells ** (1 / 3))
+    x, x_labels = sort_clusters(x, grid_cluster(x, side))
+    (y, b), y_labels = sort_clusters((y, b), grid_cluster(y, side))
     x_ranges, x_centroids, _ = cluster_ranges_centroids(x, x_labels)
     y_ranges, y_centroids, _ = cluster_ranges_centroids(y, y_labels)
-    keep = ((x_centroids[:, None] - y_centroids[None]) ** 2).sum(-1) < (6 * scale) ** 2
-    kept = float((np.diff(x_ranges)[:, 0][:, None] * np.diff(y_ranges)[:, 0][None] * keep).sum()) / n ** 2
-    return (x, y, b, np.array([1 / (2 * scale ** 2)])), from_matrix(x_ranges, y_ranges, keep), kept
+    distance = ((x_centroids[:, None, :] - y_centroids[None, :, :]) ** 2).sum(-1)
+    pairs = np.diff(x_ranges)[:, 0][:, None].astype(np.float64) * np.diff(y_ranges)[:, 0][None, :]
+    order = np.argsort(distance, axis=None, kind="stable")
+    covered = np.cumsum(pairs.reshape(-1)[order]) / float(n) ** 2
+    patterns = {}
+    for density in densities:
+        keep = np.zeros(distance.size, bool)
+        keep[order[:int(np.searchsorted(covered, density)) + 1]] = True
+        keep = keep.reshape(distance.shape)
+        ranges = from_matrix(x_ranges, y_ranges, keep)
+        patterns[density] = (ranges, float((pairs * keep).sum()) / n ** 2, int(keep.sum()))
+    g = np.array([1 / (2 * side ** 2)], np.float32)
+    return (x, y, b, g), patterns
 
 
-def timed(fn, reps: int) -> tuple[float, float, np.ndarray]:
-    """(median wall seconds, median CPU seconds of this process, result), after one warm-up call that compiles."""
-    result = fn()
-    walls, cpus = [], []
+def timed(fn, reps: int) -> tuple[float, np.ndarray]:
+    """(median wall seconds, result) of `reps` calls (after the caller's warm-up)."""
+    walls, result = [], None
     for _ in range(reps):
-        wall, cpu = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
         result = fn()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus), result
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls), result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="30000,100000")
-    parser.add_argument("--backend", default="cpu")
-    parser.add_argument("--scale", type=float, default=0.05)
+    parser.add_argument("--n", type=int, default=200_000)
+    parser.add_argument("--cells", default="1000,8000")
+    parser.add_argument("--densities", default="0.1,0.01")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dense-reps", type=int, default=2)
+    parser.add_argument("--peer-reps", type=int, default=1)
+    parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--name", default="ranges")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
+    # threads are read when OpenMP starts: set them before kred or pykeops run anything
+    os.environ["KRED_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
-    op = Genred("Exp(-g * SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)", "g = Pm(1)"], axis=1)
-    records = []
-    print(f"{'N = M':>8} {'kept':>7} {'dense s':>9} {'ranges s':>9} {'speed-up':>9} {'dense cpu s':>12} "
-          f"{'ranges cpu s':>13} {'max rel. diff':>14}")
-    for n in (int(float(s)) for s in args.sizes.split(",")):
-        data, ranges, kept = clustered_problem(n, args.scale)
-        dense_s, dense_cpu, dense = timed(lambda: op(*data, backend=args.backend), args.reps)
-        sparse_s, sparse_cpu, sparse = timed(lambda: op(*data, backend=args.backend, ranges=ranges), args.reps)
-        diff = float(np.abs(sparse - dense).max() / np.abs(dense).max())
-        records.append({"n": n, "m": n, "d": 3, "backend": args.backend, "scale": args.scale, "kept_fraction": kept,
-                        "clusters": len(ranges[0]), "blocks": len(ranges[2]), "dense_seconds": dense_s,
-                        "ranges_seconds": sparse_s, "dense_cpu_seconds": dense_cpu, "ranges_cpu_seconds": sparse_cpu,
-                        "max_rel_diff": diff,
-                        "load_average_1min": os.getloadavg()[0]})
-        print(f"{n:>8} {kept:>7.3%} {dense_s:>9.3f} {sparse_s:>9.3f} {dense_s / sparse_s:>9.1f} {dense_cpu:>12.3f} "
-              f"{sparse_cpu:>13.3f} {diff:>14.2e}", flush=True)
+    from kred.engine.numpy import Genred
+    from .run import RESULTS, host_kind, machine_info
+
+    op = Genred(FORMULA, ALIASES, axis=1)
+    peer = None
+    if not args.no_peer:
+        from pykeops.numpy import Genred as PykeopsGenred
+        peer = PykeopsGenred(FORMULA, ALIASES, reduction_op="Sum", axis=1)
+
+    densities = [float(d) for d in args.densities.split(",")]
+    records, dense_s = [], None
+    print(f"{'cells':>6} {'pts/cell':>8} {'density':>8} {'blocks':>9} {'dense s':>8} {'ranges s':>9} {'speed-up':>8} "
+          f"{'goal':>5} {'pykeops s':>10} {'vs pykeops':>10} {'rel. diff':>9} {'load':>5}", flush=True)
+    for cells in (int(c) for c in args.cells.split(",")):
+        data, patterns = clustered(args.n, cells, densities)
+        if dense_s is None:
+            op(*(a[:1000] if a.shape[0] == args.n else a for a in data), backend="cpu")        # compile
+            dense_s, _ = timed(lambda: op(*data, backend="cpu"), args.dense_reps)
+        for density in densities:
+            ranges, kept, blocks = patterns[density]
+            load_before = os.getloadavg()[0]
+            op(*data, backend="cpu", ranges=ranges)                                          # warm-up
+            sparse_s, ours = timed(lambda: op(*data, backend="cpu", ranges=ranges), args.reps)
+            record = {"n": args.n, "m": args.n, "d": 3, "dtype": "float32", "cells": cells,
+                      "points_per_cell": args.n / cells, "target_density": density, "kept_fraction": kept,
+                      "blocks": blocks, "column_ranges": len(ranges[2]), "dense_seconds": dense_s,
+                      "ranges_seconds": sparse_s, "speedup": dense_s / sparse_s,
+                      "goal_speedup": GOALS.get((cells, density)), "load_average_1min_before": load_before}
+            if peer is not None:
+                pk_ranges = tuple(np.ascontiguousarray(r, np.int32) for r in ranges)
+                peer(*data, backend="CPU", ranges=pk_ranges)                                 # compile, warm-up
+                peer_s, theirs = timed(lambda: peer(*data, backend="CPU", ranges=pk_ranges), args.peer_reps)
+                record.update(pykeops_ranges_seconds=peer_s, speedup_over_pykeops=peer_s / sparse_s,
+                              max_rel_diff_vs_pykeops=float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
+            record["load_average_1min_after"] = os.getloadavg()[0]
+            records.append(record)
+            goal = record["goal_speedup"]
+            print(f"{cells:>6} {args.n / cells:>8.0f} {kept:>8.2%} {blocks:>9} {dense_s:>8.2f} {sparse_s:>9.3f} "
+                  f"{dense_s / sparse_s:>7.1f}x {'' if goal is None else f'{goal:.0f}x':>5} "
+                  f"{record.get('pykeops_ranges_seconds', float('nan')):>10.3f} "
+                  f"{record.get('speedup_over_pykeops', float('nan')):>9.1f}x "
+                  f"{record.get('max_rel_diff_vs_pykeops', float('nan')):>9.1e} {record['load_average_1min_after']:>5.2f}",
+                  flush=True)
     if not args.no_save:
         info = machine_info()
         path = RESULTS / f"{args.name}-{host_kind(info)}.json"
         RESULTS.mkdir(parents=True, exist_ok=True)
-        settings = {"reps": args.reps, "dtype": "float64", "formula": "Exp(-g * SqDist(x, y)) * b"}
+        settings = {"formula": FORMULA, "backend": "cpu", "threads": args.threads, "reps": args.reps,
+                    "dense_reps": args.dense_reps, "peer": None if args.no_peer else "pykeops.numpy CPU ranges",
+                    "peer_reps": args.peer_reps}
         path.write_text(json.dumps({"settings": settings, "machine": info, "results": records}, indent=1) + "\n")
         print(f"saved {path}")
     return 0

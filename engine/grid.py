@@ -102,15 +102,19 @@ class Grid:
         # the column ranges of the clusters, in cluster order, empty ones dropped, touching ones joined
         counts = ends - begins
         owner = np.repeat(np.arange(len(clusters)), counts)
-        picks = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(begins, counts)
-        ranges = reduced[picks].reshape(-1, 2)
-        nonempty = ranges[:, 1] > ranges[:, 0]
-        ranges, owner = ranges[nonempty], owner[nonempty]
-        start = np.ones(len(ranges), bool)
-        start[1:] = (owner[1:] != owner[:-1]) | (ranges[1:, 0] != ranges[:-1, 1])
+        if len(clusters) and np.array_equal(begins[1:], ends[:-1]):      # the usual case: no gather needed
+            starts, stops = reduced[begins[0]:ends[-1], 0], reduced[begins[0]:ends[-1], 1]
+        else:
+            picks = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(begins, counts)
+            starts, stops = reduced[picks, 0], reduced[picks, 1]
+        nonempty = stops > starts
+        if not nonempty.all():
+            starts, stops, owner = starts[nonempty], stops[nonempty], owner[nonempty]
+        start = np.ones(len(starts), bool)
+        start[1:] = (owner[1:] != owner[:-1]) | (starts[1:] != stops[:-1])
         first = np.flatnonzero(start)
-        last = np.append(first[1:], len(ranges)) - 1
-        ranges = np.stack([ranges[first, 0], ranges[last, 1]], 1) if len(first) else np.zeros((0, 2), np.int64)
+        last = np.append(first[1:], len(starts)) - 1
+        ranges = np.stack([starts[first], stops[last]], 1).astype(np.int64, copy=False)
         per_cluster = np.bincount(owner[first], minlength=len(clusters))
         # blocks: each cluster, preceded by a block without columns where rows are left before it, and a last gap
         previous_end = np.concatenate([[0], clusters[:-1, 1]])
@@ -212,15 +216,19 @@ class Grid:
         # the column ranges of the clusters, in cluster order, empty ones dropped, touching ones joined
         counts = ends - begins
         owner = np.repeat(np.arange(len(clusters)), counts)
-        picks = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(begins, counts)
-        ranges = reduced[picks].reshape(-1, 2)
-        nonempty = ranges[:, 1] > ranges[:, 0]
-        ranges, owner = ranges[nonempty], owner[nonempty]
-        start = np.ones(len(ranges), bool)
-        start[1:] = (owner[1:] != owner[:-1]) | (ranges[1:, 0] != ranges[:-1, 1])
+        if len(clusters) and np.array_equal(begins[1:], ends[:-1]):      # the usual case: no gather needed
+            starts, stops = reduced[begins[0]:ends[-1], 0], reduced[begins[0]:ends[-1], 1]
+        else:
+            picks = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(begins, counts)
+            starts, stops = reduced[picks, 0], reduced[picks, 1]
+        nonempty = stops > starts
+        if not nonempty.all():
+            starts, stops, owner = starts[nonempty], stops[nonempty], owner[nonempty]
+        start = np.ones(len(starts), bool)
+        start[1:] = (owner[1:] != owner[:-1]) | (starts[1:] != stops[:-1])
         first = np.flatnonzero(start)
-        last = np.append(first[1:], len(ranges)) - 1
-        ranges = np.stack([ranges[first, 0], ranges[last, 1]], 1) if len(first) else np.zeros((0, 2), np.int64)
+        last = np.append(first[1:], len(starts)) - 1
+        ranges = np.stack([starts[first], stops[last]], 1).astype(np.int64, copy=False)
         per_cluster = np.bincount(owner[first], minlength=len(clusters))
         # blocks: each cluster, preceded by a block without columns where rows are left before it, and a last gap
         previous_end = np.concatenate([[0], clusters[:-1, 1]])

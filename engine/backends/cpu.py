@@ -17,6 +17,7 @@ import numpy as np
 from .. import limits
 from ..codegen.cpu import TILE_BYTES, LANES, SMALL_WORK, column_bytes, cpu_source
 from ..errors import BackendError
+from ..formula import J
 from ..reductions import INDEX_DTYPE
 from . import cache
 from .base import Backend
@@ -31,6 +32,11 @@ _CHAR = ctypes.c_char
 _NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong,
              ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_GRID_ARGTYPES = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
+                  ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong]
+TASK_PAIRS = 1 << 16   # a block-sparse task batches small blocks up to about this many pairs (~20-60 us of work)
+UNIT_PAIRS = 512       # what a unit costs beyond its pairs (states set up, finalized, stored), in pairs
 
 
 def num_threads() -> int:
@@ -59,6 +65,9 @@ class _Kernel:
         self.run = self.library["kred_run"]
         self.run.argtypes = _ARGTYPES
         self.run.restype = ctypes.c_int
+        self.run_grid = library.kred_grid
+        self.run_grid.argtypes = _GRID_ARGTYPES
+        self.run_grid.restype = ctypes.c_int
         self.dtype, self.acc = dtype, acc
         reduction = plan.reduction
         kinds = {"acc": acc, "value": dtype, "index": np.dtype(INDEX_DTYPE)}
@@ -93,6 +102,27 @@ class _Kernel:
         return outs
 
 
+    def grid(self, arrays, grid, m: int, finalize: bool, threads: int) -> list[np.ndarray]:
+        """The grid's rows (engine.grid) reduced in one kernel call: its CSR pattern goes to the kernel whole."""
+        r0, r1 = grid.rows
+        specs = self.output_specs if finalize else self.state_specs
+        outs = [np.empty((r1 - r0, width), dtype) for width, dtype in specs]
+        units, tasks, work = grid_tasks(grid)
+        if not len(units):
+            return outs
+        if _pool.forked:
+            threads = 1
+        elif threads > 1 and work > SMALL_WORK:
+            _pool.started = True
+        ranges = np.ascontiguousarray(grid.col_ranges, np.int64)
+        failed = self.run_grid(self.pointers(*map(_address, arrays)), r0, r1, m, units.ctypes.data, tasks.ctypes.data,
+                               len(tasks) - 1, ranges.ctypes.data if ranges.size else None,
+                               self.out_pointers[finalize](*map(_address, outs)), int(finalize), threads, ROW_BLOCK,
+                               self.tile, work)
+        if failed:
+            raise MemoryError("the CPU kernel could not allocate its work buffers")
+        return outs
+
     def states(self, arrays, rows, cols, threads: int) -> tuple:
         """The partial state of rows x cols, shaped like the numpy monoid's."""
         outs = self(arrays, rows, cols, False, threads)
@@ -124,6 +154,27 @@ def _address(array: np.ndarray) -> int:
         return ctypes.addressof(_CHAR.from_buffer(array))
     except (TypeError, ValueError):        # read-only or empty
         return array.ctypes.data
+
+
+def grid_tasks(grid) -> tuple[np.ndarray, np.ndarray, int]:
+    """(units (U, 5), task offsets (T + 1,), pairs) for kred_grid: each row block cut into units of at most ROW_BLOCK
+    rows (i0, i1, first range, end range, part 0), and consecutive units batched into tasks of about TASK_PAIRS pairs,
+    so that many small blocks make few tasks and a large block many. numpy only: no Python loop per block."""
+    rows, offsets, ranges = grid.csr()
+    sizes = rows[:, 1] - rows[:, 0]
+    counts = -(-sizes // ROW_BLOCK)
+    block = np.repeat(np.arange(len(rows)), counts)
+    piece = np.arange(len(block)) - np.repeat(np.cumsum(counts) - counts, counts)
+    i0 = rows[block, 0] + piece * ROW_BLOCK
+    i1 = np.minimum(i0 + ROW_BLOCK, rows[block, 1])
+    units = np.ascontiguousarray(np.stack([i0, i1, offsets[block], offsets[block + 1], np.zeros_like(i0)], 1),
+                                 np.int64)
+    widths = np.concatenate([[0], np.cumsum(ranges[:, 1] - ranges[:, 0])])
+    pairs = (i1 - i0) * (widths[offsets[block + 1]] - widths[offsets[block]])
+    group = np.cumsum(pairs + UNIT_PAIRS) // TASK_PAIRS
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else np.zeros(0, np.int64)
+    tasks = np.ascontiguousarray(np.r_[starts, len(units)], np.int64)
+    return units, tasks, int(pairs.sum())
 
 
 def split_columns(n: int, m: int, threads: int) -> int:
@@ -182,7 +233,23 @@ class CpuBackend(Backend):
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         return self.kernel(plan, dtype).states(arrays, rows, cols, self.threads)
 
+    def grid_state(self, plan, arrays, grid):
+        dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        kernel = self.kernel(plan, dtype)
+        outs = kernel.grid(arrays, grid, _columns(plan, arrays), False, self.threads)
+        return tuple(out.reshape((len(out),) + shape) for out, shape in zip(outs, kernel.state_shapes))
+
+    def reduce_grid(self, plan, arrays, grid):
+        dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        outs = self.kernel(plan, dtype).grid(arrays, grid, _columns(plan, arrays), True, self.threads)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
     def reduce(self, plan, arrays, n, m):
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         outs = self.kernel(plan, dtype)(arrays, (0, n), (0, m), True, self.threads)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _columns(plan, arrays) -> int:
+    """M, the number of columns (j points) of the arrays that Plan.check_args gave."""
+    return next((len(array) for spec, array in zip(plan.args, arrays) if spec.role == J), 0)

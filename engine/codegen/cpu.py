@@ -1,22 +1,30 @@
 """The CPU driver: wraps the emitted formula body and reduction steps in OpenMP + SIMD loops.
 
-One C function per plan and dtype:
+Two C functions per plan and dtype, both running the same loop body (`kred_blocks`):
 
     int kred_run(void *const *args, long long r0, long long r1, long long c0, long long c1, void *const *outs,
                  int finalize, int nparts, int nthreads, long long rb, long long tj)
+    int kred_grid(void *const *args, long long r0, long long r1, long long m, const long long *units,
+                  const long long *tasks, long long ntasks, const long long *ranges, void *const *outs,
+                  int finalize, int nthreads, long long rb, long long tj, long long work)
 
-reduces rows [r0, r1) over columns [c0, c1). `outs` holds one array per state slot (`finalize` = 0: partial states,
-the layout of `engine.reductions`) or one per reduction output (`finalize` = 1). It returns 0, or 1 when memory ran
-out. The loops, outermost first:
+`kred_run` reduces rows [r0, r1) over columns [c0, c1); `kred_grid` reduces rows [r0, r1) as a block-sparse grid
+(engine.grid) says, in one call: `ranges` holds the grid's column ranges (CSR), a unit is (rows i0..i1 of at most rb,
+ranges o0..o1, part) and a task a run of consecutive units (engine.backends.cpu.grid_tasks batches small blocks so
+that each task has enough work). `outs` holds one array per state slot (`finalize` = 0: partial states, the layout of
+`engine.reductions`) or one per reduction output (`finalize` = 1). Both return 0, or 1 when memory ran out. The loops,
+outermost first:
 
-- tasks = (block of `rb` rows) x (one of `nparts` column parts), shared by OpenMP threads. `nparts` > 1 is the 2D
-  split for small N: each part reduces its columns into its own state, merged at the end with the reduction's merge.
-- column tiles of `tj` columns, sized so the tile's column data stays in L2 while every row of the block sweeps it.
+- tasks, shared by OpenMP threads (dynamic schedule). For `kred_run`: (block of `rb` rows) x (one of `nparts` column
+  parts); `nparts` > 1 is the 2D split for small N: each part reduces its columns into its own state, merged at the
+  end with the reduction's merge.
+- column ranges of the unit, then column tiles of `tj` columns, sized so the tile's column data stays in L2 while
+  every row of the block sweeps it.
 - groups of ROWS rows (register blocking: each loaded column value serves ROWS rows). The last group of a block
   re-reads its last row for the missing ones and does not accumulate them, so the body is generated once.
 - chunks of LANES consecutive columns, one per SIMD lane (`#pragma omp simd`). Column variables are first copied
-  transposed (structure of arrays) and zero-padded to a multiple of LANES, so every chunk is a full one: lanes past
-  the last column compute harmless values that are not accumulated.
+  transposed (one contiguous, zero-padded row per component), so a chunk may start at any column: lanes past the end
+  of the range compute harmless values that are not accumulated.
 
 Two accumulation strategies:
 - "lanes" (Sum, Min/Max and their indices, LogSumExp family): each row keeps LANES copies of its state, lane l
@@ -137,7 +145,7 @@ class _Driver:
     @staticmethod
     def _load_col(var: Node, k: int) -> str:
         pos, dim, _ = var.params
-        return f"t{pos}[(jj - c0) * {dim} + {k} * KRED_LANES + l]"
+        return f"t{pos}[{k} * mp + (jj - c0) + l]"
 
     # State accessors ------------------------------------------------------------------------------------------
     def _row_state(self, r):
@@ -179,7 +187,7 @@ class _Driver:
                 lines.append(f"kred_vec dot{p}r{r} = {{0}};")
             lines.append(f"for (int d = 0; d < {dim}; d++) {{")
             lines.append("    kred_vec yv;")
-            lines.append(f"    memcpy(&yv, &t{y.params[0]}[(jj - c0) * {dim} + d * KRED_LANES], sizeof yv);")
+            lines.append(f"    memcpy(&yv, &t{y.params[0]}[d * mp + (jj - c0)], sizeof yv);")
             for r in range(self.rows):
                 lines.append(f"    dot{p}r{r} += a{x.params[0]}[ir{r} * {dim} + d] * yv;")
             lines.append("}")
@@ -255,7 +263,9 @@ class _Driver:
 
     # The functions ------------------------------------------------------------------------------------------
     def function(self) -> str:
-        """`kred_blocks` (what each thread runs: its share of the tasks) and `kred_run` (copies, threads, merge).
+        """`kred_blocks` (what each thread runs: its share of the tasks), `kred_run` (a dense call: copies, threads,
+        the 2D split and its merge) and `kred_grid` (a block-sparse call: the grid's units and tasks, see
+        engine.backends.cpu.grid_tasks).
 
         Small problems call kred_blocks directly: entering even an `if(0)` OpenMP region costs about a microsecond,
         which matters for the warm-call latency."""
@@ -263,46 +273,47 @@ class _Driver:
         self._outer = Emitter(self._load_outer, prefix="o", copy_vars=True)
         for node in self.outer_nodes:
             self._outer.emit(node)
-        columns = [a for a in plan.args if a.role == J]
+        self.columns = [a for a in plan.args if a.role == J]
         per_row = LANES if self.lanes else 1
-        # what kred_blocks receives from kred_run
+        # what kred_blocks receives
         shared = [f"const kred_real *restrict a{a.pos}" for a in plan.args]
-        shared += [f"const kred_real *restrict t{a.pos}" for a in columns]
+        shared += [f"const kred_real *restrict t{a.pos}" for a in self.columns]
         shared += [f"const kred_real *restrict nn{y.params[0]}" for y in self.col_norms]
         shared += [f"const kred_real *restrict xn{x.params[0]}" for x in self.row_norms]
         shared += [f"{slot.ctype} *restrict q{s}" for s, slot in enumerate(slots)]
-        shared += ["void *const *outs", "const int finalize", "const int nparts", "const long long r0",
-                   "const long long r1", "const long long c0", "const long long c1", "const long long rb",
-                   "const long long tj", "int *failed"]
+        shared += ["void *const *outs", "const int finalize", "const int nparts", "const long long n",
+                   "const long long r0", "const long long c0", "const long long mp",
+                   "const long long *restrict units", "const long long *restrict tasks", "const long long ntasks",
+                   "const long long *restrict ranges", "const long long rb", "const long long tj", "int *failed"]
         names = [re.findall(r"\w+", decl)[-1] for decl in shared]
+        self._call = "kred_blocks(" + ", ".join("&failed" if name == "failed" else name for name in names) + ");"
 
-        par = ["const long long n = r1 - r0, mc = c1 - c0;",
-               "const long long mp = (mc + KRED_LANES - 1) / KRED_LANES * KRED_LANES;",
-               "const long long nblocks = (n + rb - 1) / rb;"]
-        par += [f"{slot.ctype} *restrict s{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * "
-                f"(size_t)(rb * {slot.width} * {per_row}));" for s, slot in enumerate(working_slots(self.reduction))]
+        # A unit is rows [i0, i1) (at most rb) reduced over column ranges o0 .. o1 - 1 of `ranges`, into column part
+        # `part`; a task is a run of consecutive units (small blocks batched), handed to one thread at a time.
+        par = [f"{slot.ctype} *restrict s{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * "
+               f"(size_t)(rb * {slot.width} * {per_row}));" for s, slot in enumerate(working_slots(self.reduction))]
         par += ["const int ok = " + " && ".join(f"s{s} != NULL" for s in range(len(slots))) + ";",
                 "if (!ok) {", "    #pragma omp atomic write", "    *failed = 1;", "}"]
         par += self._outer.lines
         par += ["#pragma omp for schedule(dynamic, 1)",
-                "for (long long task = 0; task < nblocks * nparts; task++) {"]
-        task = ["if (!ok) continue;",
-                "const long long blk = task / nparts, part = task % nparts;",
-                "const long long i0 = r0 + blk * rb, i1 = i0 + rb < r1 ? i0 + rb : r1;",
-                "/* part boundaries on multiples of KRED_LANES, the last part ends at c1 */",
-                "const long long pc0 = c0 + (mc * part / nparts) / KRED_LANES * KRED_LANES;",
-                "const long long pc1 = part + 1 == nparts ? c1 : c0 + (mc * (part + 1) / nparts) / KRED_LANES * KRED_LANES;",
+                "for (long long task = 0; task < ntasks; task++) {",
+                "    if (!ok) continue;",
+                "    for (long long u = tasks[task]; u < tasks[task + 1]; u++) {"]
+        unit = ["const long long i0 = units[5 * u], i1 = units[5 * u + 1], o1 = units[5 * u + 3];",
+                "const long long part = units[5 * u + 4];",
                 "for (long long ib = 0; ib < i1 - i0; ib++) {"]
         init = init_steps(self.reduction, self._row_state(0))
         if self.lanes:
             init = ["for (int l = 0; l < KRED_LANES; l++) {"] + _indent(init) + ["}"]
-        task += _indent(init) + ["}"]
-        task += ["for (long long jt = pc0; jt < pc1; jt += tj) {",
-                 "    const long long jend = jt + tj < pc1 ? jt + tj : pc1;",
-                 f"    for (long long i = i0; i < i1; i += {self.rows}) {{",
-                 "        const long long ib = i - i0;"]
-        task += _indent(self._group(), 2)
-        task += ["    }", "}", "for (long long ib = 0; ib < i1 - i0; ib++) {"]
+        unit += _indent(init) + ["}"]
+        unit += ["for (long long o = units[5 * u + 2]; o < o1; o++) {",
+                 "    const long long pc0 = ranges[2 * o], pc1 = ranges[2 * o + 1];",
+                 "    for (long long jt = pc0; jt < pc1; jt += tj) {",
+                 "        const long long jend = jt + tj < pc1 ? jt + tj : pc1;",
+                 f"        for (long long i = i0; i < i1; i += {self.rows}) {{",
+                 "            const long long ib = i - i0;"]
+        unit += _indent(self._group(), 3)
+        unit += ["        }", "    }", "}", "for (long long ib = 0; ib < i1 - i0; ib++) {"]
         row = []
         if self.lanes:
             row += ["for (int lane = 1; lane < KRED_LANES; lane++) {"]
@@ -313,20 +324,18 @@ class _Driver:
         row += _indent([f"for (int q = 0; q < {slot.width}; q++) {self._part_state('part')(s, 'q')} = {first(s, 'q')};"
                         for s, slot in enumerate(slots)])
         row += ["} else {"] + _indent(self._store(first)) + ["}"]
-        task += _indent(row) + ["}"]
-        par += _indent(task) + ["}"]
+        unit += _indent(row) + ["}"]
+        par += _indent(unit, 2) + ["    }", "}"]
         par += [f"free(s{s});" for s in range(len(slots))]
         blocks = ["static void kred_blocks(" + ", ".join(shared) + ")", "{"] + _indent(par) + ["}"]
+        return "\n".join(blocks + [""] + self._dense() + [""] + self._sparse()) + "\n"
 
-        body = [f"const kred_real *restrict a{a.pos} = (const kred_real *)args[{a.pos}];" for a in plan.args]
-        body += ["const long long n = r1 - r0, mc = c1 - c0;",
-                 "const long long mp = (mc + KRED_LANES - 1) / KRED_LANES * KRED_LANES;   /* padded columns */",
-                 f"const int parallel = nthreads > 1 && n * (mc > 0 ? mc : 1) > {SMALL_WORK};",
-                 "int failed = 0;"]
-        # column variables, packed by chunks of KRED_LANES columns (each chunk holds component 0 of its columns,
-        # then component 1, ...: contiguous for the SIMD lanes and for the dimension loop of blocked products) and
-        # zero-padded; squared norms nn[j - c0]
-        for a in columns:
+    def _pack(self) -> list[str]:
+        """Copy the columns [c0, c1) of every j variable into t<pos>, one contiguous row of `mp` (padded) values per
+        component (any column starts a SIMD chunk, so a column range may begin anywhere); squared norms nn[j - c0]
+        and xn[i - r0]. Needs n, r0, r1, c0, mc, mp, parallel and failed."""
+        body = []
+        for a in self.columns:
             body += [f"kred_real *restrict t{a.pos} = (kred_real *)calloc((size_t)({a.dim} * mp + KRED_LANES), "
                      "sizeof(kred_real));", f"if (!t{a.pos}) failed = 1;"]
         for y in self.col_norms:
@@ -336,21 +345,19 @@ class _Driver:
             pos, dim = x.params[0], x.dim
             body += [f"kred_real *restrict xn{pos} = (kred_real *)malloc(sizeof(kred_real) * (size_t)(n + 1));",
                      f"if (!xn{pos}) failed = 1;"]
-            norm = [f"for (long long i = r0; i < r1; i++) {{", "    kred_real sq = 0;",
+            norm = ["for (long long i = r0; i < r1; i++) {", "    kred_real sq = 0;",
                     f"    for (int k = 0; k < {dim}; k++) sq += a{pos}[i * {dim} + k] * a{pos}[i * {dim} + k];",
                     f"    xn{pos}[i - r0] = sq;", "}"]
             body += ["if (failed) {", "} else if (parallel) {",
                      "    #pragma omp parallel for num_threads(nthreads) schedule(static)"] + _indent(norm) + \
                     ["} else {"] + _indent(norm) + ["}"]
-        if columns:
+        if self.columns:
             copy = ["for (long long j = 0; j < mc; j++) {"]
-            for a in columns:
+            for a in self.columns:
                 if a.dim == 1:
                     copy.append(f"    t{a.pos}[j] = a{a.pos}[c0 + j];")
                 else:
-                    copy.append(f"    for (int k = 0; k < {a.dim}; k++) "
-                                f"t{a.pos}[(j - j % KRED_LANES) * {a.dim} + k * KRED_LANES + j % KRED_LANES] = "
-                                f"a{a.pos}[(c0 + j) * {a.dim} + k];")
+                    copy.append(f"    for (int k = 0; k < {a.dim}; k++) t{a.pos}[k * mp + j] = a{a.pos}[(c0 + j) * {a.dim} + k];")
             for y in self.col_norms:
                 pos = y.params[0]
                 copy += ["    kred_real sq = 0;",
@@ -362,15 +369,52 @@ class _Driver:
                      "} else if (parallel) {",
                      "    #pragma omp parallel for num_threads(nthreads) schedule(static)"] + _indent(copy) + \
                     ["} else {"] + _indent(copy) + ["}"]
+        return body
+
+    def _free(self) -> list[str]:
+        return [f"free(t{a.pos});" for a in self.columns] + [f"free(nn{y.params[0]});" for y in self.col_norms] + \
+            [f"free(xn{x.params[0]});" for x in self.row_norms] + [f"free(q{s});" for s in range(len(self.slots))]
+
+    def _run_blocks(self) -> list[str]:
+        return ["if (failed) {", "} else if (parallel) {", "    #pragma omp parallel num_threads(nthreads)",
+                "    " + self._call, "} else {", "    " + self._call, "}"]
+
+    def _dense(self) -> list[str]:
+        """kred_run: rows [r0, r1) over columns [c0, c1) as row blocks of rb x `nparts` column parts."""
+        plan, slots = self.plan, self.slots
+        body = [f"const kred_real *restrict a{a.pos} = (const kred_real *)args[{a.pos}];" for a in plan.args]
+        body += ["const long long n = r1 - r0, mc = c1 - c0;",
+                 "const long long mp = (mc + KRED_LANES - 1) / KRED_LANES * KRED_LANES;   /* padded columns */",
+                 f"const int parallel = nthreads > 1 && n * (mc > 0 ? mc : 1) > {SMALL_WORK};",
+                 "int failed = 0;"]
+        body += self._pack()
         # states of the column parts (2D split)
         body += [f"{slot.ctype} *restrict q{s} = NULL;" for s, slot in enumerate(slots)]
         body.append("if (nparts > 1) {")
         for s, slot in enumerate(slots):
             body += [f"    q{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * (size_t)(nparts * n * {slot.width} + 1));",
                      f"    if (!q{s}) failed = 1;"]
-        call = "kred_blocks(" + ", ".join("&failed" if name == "failed" else name for name in names) + ");"
-        body += ["}", "if (failed) {", "} else if (parallel) {", "    #pragma omp parallel num_threads(nthreads)",
-                 "    " + call, "} else {", "    " + call, "}"]
+        body += ["}",
+                 "/* the dense grid: one unit per (block of rb rows, column part), one unit per task */",
+                 "const long long ntasks = (n + rb - 1) / rb * nparts;",
+                 "long long *units = (long long *)malloc(sizeof(long long) * (size_t)(5 * ntasks + 1));",
+                 "long long *tasks = (long long *)malloc(sizeof(long long) * (size_t)(ntasks + 1));",
+                 "long long *ranges = (long long *)malloc(sizeof(long long) * (size_t)(2 * nparts));",
+                 "if (!units || !tasks || !ranges) failed = 1;",
+                 "if (!failed) {",
+                 "    for (long long part = 0; part < nparts; part++) {",
+                 "        ranges[2 * part] = c0 + (mc * part / nparts) / KRED_LANES * KRED_LANES;",
+                 "        ranges[2 * part + 1] = part + 1 == nparts ? c1 : c0 + (mc * (part + 1) / nparts) / KRED_LANES * KRED_LANES;",
+                 "    }",
+                 "    for (long long t = 0; t < ntasks; t++) {",
+                 "        const long long i0 = r0 + t / nparts * rb, part = t % nparts;",
+                 "        units[5 * t] = i0; units[5 * t + 1] = i0 + rb < r1 ? i0 + rb : r1;",
+                 "        units[5 * t + 2] = part; units[5 * t + 3] = part + 1; units[5 * t + 4] = part;",
+                 "        tasks[t] = t;",
+                 "    }",
+                 "    tasks[ntasks] = ntasks;",
+                 "}"]
+        body += self._run_blocks()
         # merge the column parts
         merge = ["for (long long part = 1; part < nparts; part++) {"]
         merge += _indent(merge_steps(self.reduction, self._part_state("0"), self._part_state("part"))) + ["}"]
@@ -378,10 +422,27 @@ class _Driver:
         body += ["if (nparts > 1 && !failed) {",
                  "    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n > 256)",
                  "    for (long long row = 0; row < n; row++) {"] + _indent(merge, 2) + ["    }", "}"]
-        body += [f"free(t{a.pos});" for a in columns] + [f"free(nn{y.params[0]});" for y in self.col_norms]
-        body += [f"free(xn{x.params[0]});" for x in self.row_norms]
-        body += [f"free(q{s});" for s in range(len(slots))] + ["return failed;"]
+        body += self._free() + ["free(units);", "free(tasks);", "free(ranges);", "return failed;"]
         head = ["int kred_run(void *const *args, const long long r0, const long long r1, const long long c0,",
                 "             const long long c1, void *const *outs, const int finalize, const int nparts,",
                 "             const int nthreads, const long long rb, const long long tj)", "{"]
-        return "\n".join(blocks + [""] + head + _indent(body) + ["}"]) + "\n"
+        return head + _indent(body) + ["}"]
+
+    def _sparse(self) -> list[str]:
+        """kred_grid: rows [r0, r1) as the units and tasks of a grid (engine.grid), over columns [0, m)."""
+        plan, slots = self.plan, self.slots
+        body = [f"const kred_real *restrict a{a.pos} = (const kred_real *)args[{a.pos}];" for a in plan.args]
+        body += ["const long long n = r1 - r0, c0 = 0, c1 = m, mc = m;",
+                 "const long long mp = (mc + KRED_LANES - 1) / KRED_LANES * KRED_LANES;   /* padded columns */",
+                 f"const int parallel = nthreads > 1 && work > {SMALL_WORK};",
+                 "const int nparts = 1;",
+                 "int failed = 0;",
+                 "(void)c1;"]
+        body += self._pack()
+        body += [f"{slot.ctype} *restrict q{s} = NULL;" for s, slot in enumerate(slots)]
+        body += self._run_blocks() + self._free() + ["return failed;"]
+        head = ["int kred_grid(void *const *args, const long long r0, const long long r1, const long long m,",
+                "              const long long *units, const long long *tasks, const long long ntasks,",
+                "              const long long *ranges, void *const *outs, const int finalize, const int nthreads,",
+                "              const long long rb, const long long tj, const long long work)", "{"]
+        return head + _indent(body) + ["}"]
