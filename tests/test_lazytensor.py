@@ -166,6 +166,12 @@ def _kmin(values, k, axis):
     return np.take_along_axis(values, order, axis), order
 
 
+def _kmax(values, k, axis):
+    order = np.argsort(-values, axis=axis, kind="stable")         # largest first, ties by index
+    order = np.take(order, np.arange(k), axis=axis)
+    return np.take_along_axis(values, order, axis), order
+
+
 def _move(a, axis):
     """Dense (N, M, ...) reduced over `axis` lands with its K axis where pykeops puts it: (rows, K, D)."""
     return np.moveaxis(a, axis, 1) if axis == 0 else a
@@ -201,6 +207,10 @@ def _reductions():
             ("ArgKMin", axis, lambda F, V, W, a: F.argKmin(k, dim=a), _move(_kmin(f, k, axis)[1], axis)[..., 0]),
             ("KMin_ArgKMin", axis, lambda F, V, W, a: V.Kmin_argKmin(k, dim=a),
              tuple(_move(r, axis) for r in _kmin(v, k, axis))),
+            ("KMax scalar", axis, lambda F, V, W, a: F.Kmax(k, dim=a), _move(_kmax(f, k, axis)[0], axis)[..., 0]),
+            ("ArgKMax", axis, lambda F, V, W, a: V.argKmax(K=k, dim=a), _move(_kmax(v, k, axis)[1], axis)),
+            ("KMax_ArgKMax", axis, lambda F, V, W, a: V.Kmax_argKmax(k, dim=a),
+             tuple(_move(r, axis) for r in _kmax(v, k, axis))),
         ]
     return cases
 
