@@ -90,8 +90,9 @@ class Grid:
         one block per cluster of rows with its column ranges, one block without columns per gap between clusters.
 
         Cluster k reduces over `reduced[slices[k-1]:slices[k]]`. Clusters may come in any order and may overlap
-        (rows covered by several clusters reduce over the column ranges of each, in cluster order). Empty column
-        ranges are dropped and touching ones joined. Built with numpy only: no Python loop per cluster or range."""
+        (rows covered by several clusters reduce over the column ranges of each). A block's column ranges are put
+        in increasing order (kernels then meet a row's columns in increasing order, see Reduction.c_accumulate),
+        empty ones dropped and touching ones joined. Built with numpy only: no Python loop per cluster or range."""
         clusters, slices, reduced = (np.asarray(a, np.int64) for a in (clusters, slices, reduced))
         begins = np.concatenate([[0], slices[:-1]]).astype(np.int64)
         kept = np.flatnonzero(clusters[:, 1] > clusters[:, 0]) if len(clusters) else np.zeros(0, np.int64)
@@ -110,6 +111,10 @@ class Grid:
         nonempty = stops > starts
         if not nonempty.all():
             starts, stops, owner = starts[nonempty], stops[nonempty], owner[nonempty]
+        # each cluster's ranges in column order: kernels then meet a row's columns in increasing order
+        if len(starts) > 1 and not np.all((owner[1:] > owner[:-1]) | (starts[1:] >= starts[:-1])):
+            order = np.lexsort((starts, owner))
+            starts, stops, owner = starts[order], stops[order], owner[order]
         start = np.ones(len(starts), bool)
         start[1:] = (owner[1:] != owner[:-1]) | (starts[1:] != stops[:-1])
         first = np.flatnonzero(start)
@@ -204,8 +209,9 @@ class Grid:
         one block per cluster of rows with its column ranges, one block without columns per gap between clusters.
 
         Cluster k reduces over `reduced[slices[k-1]:slices[k]]`. Clusters may come in any order and may overlap
-        (rows covered by several clusters reduce over the column ranges of each, in cluster order). Empty column
-        ranges are dropped and touching ones joined. Built with numpy only: no Python loop per cluster or range."""
+        (rows covered by several clusters reduce over the column ranges of each). A block's column ranges are put
+        in increasing order (kernels then meet a row's columns in increasing order, see Reduction.c_accumulate),
+        empty ones dropped and touching ones joined. Built with numpy only: no Python loop per cluster or range."""
         clusters, slices, reduced = (np.asarray(a, np.int64) for a in (clusters, slices, reduced))
         begins = np.concatenate([[0], slices[:-1]]).astype(np.int64)
         kept = np.flatnonzero(clusters[:, 1] > clusters[:, 0]) if len(clusters) else np.zeros(0, np.int64)
@@ -224,6 +230,10 @@ class Grid:
         nonempty = stops > starts
         if not nonempty.all():
             starts, stops, owner = starts[nonempty], stops[nonempty], owner[nonempty]
+        # each cluster's ranges in column order: kernels then meet a row's columns in increasing order
+        if len(starts) > 1 and not np.all((owner[1:] > owner[:-1]) | (starts[1:] >= starts[:-1])):
+            order = np.lexsort((starts, owner))
+            starts, stops, owner = starts[order], stops[order], owner[order]
         start = np.ones(len(starts), bool)
         start[1:] = (owner[1:] != owner[:-1]) | (starts[1:] != stops[:-1])
         first = np.flatnonzero(start)

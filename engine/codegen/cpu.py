@@ -23,8 +23,9 @@ outermost first:
 - groups of ROWS rows (register blocking: each loaded column value serves ROWS rows). The last group of a block
   re-reads its last row for the missing ones and does not accumulate them, so the body is generated once.
 - chunks of LANES consecutive columns, one per SIMD lane (`#pragma omp simd`). Column variables are first copied
-  transposed (one contiguous, zero-padded row per component), so a chunk may start at any column: lanes past the end
-  of the range compute harmless values that are not accumulated.
+  transposed (structure of arrays, by chunks of LANES columns) and zero-padded to a multiple of LANES, so every chunk
+  is a full one; a column range that starts inside a chunk starts with that chunk. Lanes outside the range compute
+  harmless values that are not accumulated.
 
 Two accumulation strategies:
 - "lanes" (Sum, Min/Max and their indices, LogSumExp family): each row keeps LANES copies of its state, lane l
@@ -145,7 +146,7 @@ class _Driver:
     @staticmethod
     def _load_col(var: Node, k: int) -> str:
         pos, dim, _ = var.params
-        return f"t{pos}[{k} * mp + (jj - c0) + l]"
+        return f"t{pos}[(jj - c0) * {dim} + {k} * KRED_LANES + l]"
 
     # State accessors ------------------------------------------------------------------------------------------
     def _row_state(self, r):
@@ -187,7 +188,7 @@ class _Driver:
                 lines.append(f"kred_vec dot{p}r{r} = {{0}};")
             lines.append(f"for (int d = 0; d < {dim}; d++) {{")
             lines.append("    kred_vec yv;")
-            lines.append(f"    memcpy(&yv, &t{y.params[0]}[d * mp + (jj - c0)], sizeof yv);")
+            lines.append(f"    memcpy(&yv, &t{y.params[0]}[(jj - c0) * {dim} + d * KRED_LANES], sizeof yv);")
             for r in range(self.rows):
                 lines.append(f"    dot{p}r{r} += a{x.params[0]}[ir{r} * {dim} + d] * yv;")
             lines.append("}")
@@ -235,7 +236,8 @@ class _Driver:
             f = e.emit(self.plan.formula)
             f2 = e.emit(self.plan.formula2) if self.plan.formula2 is not None else None
             body += e.lines
-            guard = "jj + l < jend" + (f" && ok{r}" if r else "")
+            # pc0 <= jj + l < jend in one unsigned comparison (lanes before a range's first column are masked too)
+            guard = "(unsigned long long)(jj + l - pc0) < (unsigned long long)(jend - pc0)" + (f" && ok{r}" if r else "")
             if self.lanes:
                 accumulate += [f"if ({guard}) {{"] + \
                     _indent(accumulate_steps(self.reduction, self._row_state(r), f, f2, "jj + l")) + ["}"]
@@ -243,7 +245,7 @@ class _Driver:
                 for c in range(fd):
                     body.append(f"fb[{r * fd + c} * KRED_LANES + l] = {f[c]};")
                     candidate = candidate_test(self.reduction, self._row_state(r), c, f[c])
-                    bounds.append(f"hit |= (jj + l < jend) & {candidate};")
+                    bounds.append(f"hit |= {candidate};")     # lanes outside the range only cost a scalar pass
         if self.lanes:
             chunk += ["#pragma omp simd", "for (int l = 0; l < KRED_LANES; l++) {"] + \
                 _indent(body + accumulate) + ["}"]
@@ -255,8 +257,9 @@ class _Driver:
             for r in range(self.rows):
                 values = [f"fb[{r * fd + c} * KRED_LANES + l]" for c in range(fd)]
                 steps = accumulate_steps(self.reduction, self._row_state(r), values, None, "jj + l")
-                chunk += _indent([f"if ({'1' if r == 0 else f'ok{r}'}) for (int l = 0; l < width; l++) {{"] +
-                                 _indent(steps) + ["}"])
+                # lanes before the range's first column (its first chunk starts on a multiple of KRED_LANES)
+                chunk += _indent([f"if ({'1' if r == 0 else f'ok{r}'}) for (int l = 0; l < width; l++) {{",
+                                  "    if (jj + l < pc0) continue;"] + _indent(steps) + ["}"])
             chunk += ["}"]
         lines += ["for (long long jj = jt; jj < jend; jj += KRED_LANES) {"] + _indent(chunk) + ["}"]
         return ["{"] + _indent(lines) + ["}"]
@@ -282,7 +285,7 @@ class _Driver:
         shared += [f"const kred_real *restrict xn{x.params[0]}" for x in self.row_norms]
         shared += [f"{slot.ctype} *restrict q{s}" for s, slot in enumerate(slots)]
         shared += ["void *const *outs", "const int finalize", "const int nparts", "const long long n",
-                   "const long long r0", "const long long c0", "const long long mp",
+                   "const long long r0", "const long long c0",
                    "const long long *restrict units", "const long long *restrict tasks", "const long long ntasks",
                    "const long long *restrict ranges", "const long long rb", "const long long tj", "int *failed"]
         names = [re.findall(r"\w+", decl)[-1] for decl in shared]
@@ -308,7 +311,8 @@ class _Driver:
         unit += _indent(init) + ["}"]
         unit += ["for (long long o = units[5 * u + 2]; o < o1; o++) {",
                  "    const long long pc0 = ranges[2 * o], pc1 = ranges[2 * o + 1];",
-                 "    for (long long jt = pc0; jt < pc1; jt += tj) {",
+                 "    /* chunks start on multiples of KRED_LANES (the packed layout): lanes before pc0 are masked */",
+                 "    for (long long jt = pc0 - (pc0 - c0) % KRED_LANES; jt < pc1; jt += tj) {",
                  "        const long long jend = jt + tj < pc1 ? jt + tj : pc1;",
                  f"        for (long long i = i0; i < i1; i += {self.rows}) {{",
                  "            const long long ib = i - i0;"]
@@ -331,9 +335,10 @@ class _Driver:
         return "\n".join(blocks + [""] + self._dense() + [""] + self._sparse()) + "\n"
 
     def _pack(self) -> list[str]:
-        """Copy the columns [c0, c1) of every j variable into t<pos>, one contiguous row of `mp` (padded) values per
-        component (any column starts a SIMD chunk, so a column range may begin anywhere); squared norms nn[j - c0]
-        and xn[i - r0]. Needs n, r0, r1, c0, mc, mp, parallel and failed."""
+        """Copy the columns [c0, c1) of every j variable into t<pos>, packed by chunks of KRED_LANES columns (each
+        chunk holds component 0 of its columns, then component 1, ...: contiguous for the SIMD lanes and for the
+        dimension loop of blocked products) and zero-padded; squared norms nn[j - c0] and xn[i - r0]. Needs n, r0,
+        r1, c0, mc, mp, parallel and failed."""
         body = []
         for a in self.columns:
             body += [f"kred_real *restrict t{a.pos} = (kred_real *)calloc((size_t)({a.dim} * mp + KRED_LANES), "
@@ -357,7 +362,9 @@ class _Driver:
                 if a.dim == 1:
                     copy.append(f"    t{a.pos}[j] = a{a.pos}[c0 + j];")
                 else:
-                    copy.append(f"    for (int k = 0; k < {a.dim}; k++) t{a.pos}[k * mp + j] = a{a.pos}[(c0 + j) * {a.dim} + k];")
+                    copy.append(f"    for (int k = 0; k < {a.dim}; k++) "
+                                f"t{a.pos}[(j - j % KRED_LANES) * {a.dim} + k * KRED_LANES + j % KRED_LANES] = "
+                                f"a{a.pos}[(c0 + j) * {a.dim} + k];")
             for y in self.col_norms:
                 pos = y.params[0]
                 copy += ["    kred_real sq = 0;",

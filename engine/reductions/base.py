@@ -101,7 +101,9 @@ class Reduction(ABC):
 
     @abstractmethod
     def c_accumulate(self, state: State, f: list[str], f2: list[str] | None, j: str) -> list[str]:
-        """Fold the value f (one C expression per component) of column j (a C expression) into the state."""
+        """Fold the value f (one C expression per component) of column j (a C expression) into the state. Drivers
+        accumulate a state's columns in increasing order (the grid sorts a block's column ranges), so j is larger
+        than every index the state already holds; states that met columns in another order meet through merge."""
 
     @abstractmethod
     def c_merge(self, into: State, other: State) -> list[str]:

@@ -50,12 +50,16 @@ class Extremum(Reduction):
         return [line for k in range(self.fdim) for line in (f"{s(0, str(k))} = {inf};", f"{s(1, str(k))} = KRED_NO_INDEX;")]
 
     def c_accumulate(self, s, f, f2, j):
+        # j is larger than the state's index (see Reduction.c_accumulate), so of the ties only the identity's
+        # (value +-inf, no index yet) is taken, and a NaN state stays
+        cmp = ">" if self.largest else "<"
         lines = []
         for k in range(self.fdim):
             v, i = s(0, str(k)), s(1, str(k))
-            lines += block([f"const kred_real sel_v = {f[k]};", f"const kred_index sel_j = (kred_index)({j});",
-                            f"const int take = {c_before('sel_v', 'sel_j', v, i, self.largest)};",
-                            f"{v} = take ? sel_v : {v};", f"{i} = take ? sel_j : {i};"])
+            lines += block([f"const kred_real sel_v = {f[k]};",
+                            f"const int take = sel_v {cmp} {v} || (sel_v != sel_v && {v} == {v}) || "
+                            f"(sel_v == {v} && {i} == KRED_NO_INDEX);",
+                            f"{v} = take ? sel_v : {v};", f"{i} = take ? (kred_index)({j}) : {i};"])
         return lines
 
     def c_merge(self, a, b):

@@ -66,10 +66,10 @@ class KBest(Reduction):
         return [f"for (int q = 0; q < {self.k * self.fdim}; q++) {{ {s(0, 'q')} = {inf}; {s(1, 'q')} = KRED_NO_INDEX; }}"]
 
     def c_candidate(self, s, comp, value):
-        # a later column has a larger index, so it enters only if strictly better than the K-th (or NaN)
+        # a later column has a larger index, so it enters only if better than the K-th or equal to it (the K-th may
+        # be the identity), or NaN: the negated comparison is true for all of these in one (unordered) test
         last = s(0, str((self.k - 1) * self.fdim + comp))
-        cmp = ">=" if self.largest else "<="
-        return f"({value} {cmp} {last} || {value} != {value})"
+        return f"!({value} {'<' if self.largest else '>'} {last})"
 
     def c_accumulate(self, s, f, f2, j):
         k, d = self.k, self.fdim
@@ -77,12 +77,13 @@ class KBest(Reduction):
         for c in range(d):
             def at(q):
                 return f"({q}) * {d} + {c}" if d > 1 else str(q)
+            # the cheap candidate test first: it rejects almost every column after a few
             head = [f"const kred_real v = {f[c]};", f"const kred_index ix = (kred_index)({j});",
-                    f"if ({self._before('v', 'ix', s(0, at(k - 1)), s(1, at(k - 1)))}) {{"]
+                    f"if ({self.c_candidate(s, c, 'v')} && {self._before('v', 'ix', s(0, at(k - 1)), s(1, at(k - 1)))}) {{"]
             if k <= UNROLLED_K:
                 lines += block(head + ["    " + line for line in self._unrolled_insertion(s, at)] + ["}"])
                 continue
-            # insertion into the sorted list; the first test rejects almost every candidate after a few columns
+            # insertion into the sorted list
             lines += block(head + [
                 f"    int p = {k - 1};",
                 f"    while (p > 0 && {self._before('v', 'ix', s(0, at('p - 1')), s(1, at('p - 1')))}) {{",
