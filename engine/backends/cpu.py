@@ -65,7 +65,7 @@ class _Kernel:
         self.run = self.library["kred_run"]
         self.run.argtypes = _ARGTYPES
         self.run.restype = ctypes.c_int
-        self.run_grid = library.kred_grid
+        self.run_grid = self.library["kred_grid"]
         self.run_grid.argtypes = _GRID_ARGTYPES
         self.run_grid.restype = ctypes.c_int
         self.dtype, self.acc = dtype, acc
@@ -100,7 +100,6 @@ class _Kernel:
         if failed:
             raise MemoryError("the CPU kernel could not allocate its work buffers")
         return outs
-
 
     def grid(self, arrays, grid, m: int, finalize: bool, threads: int) -> list[np.ndarray]:
         """The grid's rows (engine.grid) reduced in one kernel call: its CSR pattern goes to the kernel whole."""
