@@ -6,10 +6,11 @@
 Gaussian Sum `Exp(-g * SqDist(x, y)) * b`, N = M points uniform in the unit cube, D = 3, float32, cpu backend. The
 points are sorted into the cubic cells of a grid (`grid_cluster`, ~N / cells points each); a block of cells (i cell,
 j cell) is kept when its centroids are among the closest pairs, so that the kept blocks hold the target fraction of
-all pairs (the density; the kept fraction is reported). The dense call is timed once (the same for every row: it
-does not depend on the pattern); each block-sparse call after one warm-up, median of --reps. The peer runs the same
+all pairs (the density; the kept fraction is reported). The dense call is timed once per cell count (median of
+--dense-reps); each block-sparse call after one warm-up, median of --reps. The peer runs the same
 formula, data and 6-tuple through pykeops.numpy.Genred(backend="CPU") with OMP_NUM_THREADS = --threads; its result is
-compared with ours (the same blocks: they must agree to float32 rounding).
+compared with ours (the same blocks: they must agree to float32 rounding). Also reported: the speed-up in CPU time of
+this process (dense CPU seconds / sparse CPU seconds), which other processes on the machine disturb less.
 Results go to benchmarks/results/<name>-<host kind>.json with the machine description and the load average around
 each row (the machine may be shared: a loaded machine slows the many short calls of a sparse run more than one long
 dense call).
@@ -56,14 +57,15 @@ def clustered(n: int, cells: int, densities: list[float], seed: int = 0):
     return (x, y, b, g), patterns
 
 
-def timed(fn, reps: int) -> tuple[float, np.ndarray]:
-    """(median wall seconds, result) of `reps` calls (after the caller's warm-up)."""
-    walls, result = [], None
+def timed(fn, reps: int) -> tuple[float, float, np.ndarray]:
+    """(median wall seconds, median CPU seconds of this process, result) of `reps` calls (after a warm-up)."""
+    walls, cpus, result = [], [], None
     for _ in range(reps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = fn()
         walls.append(time.perf_counter() - start)
-    return statistics.median(walls), result
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus), result
 
 
 def main(argv=None) -> int:
@@ -92,35 +94,38 @@ def main(argv=None) -> int:
         peer = PykeopsGenred(FORMULA, ALIASES, reduction_op="Sum", axis=1)
 
     densities = [float(d) for d in args.densities.split(",")]
-    records, dense_s = [], None
+    records, compiled = [], False
     print(f"{'cells':>6} {'pts/cell':>8} {'density':>8} {'blocks':>9} {'dense s':>8} {'ranges s':>9} {'speed-up':>8} "
-          f"{'goal':>5} {'pykeops s':>10} {'vs pykeops':>10} {'rel. diff':>9} {'load':>5}", flush=True)
+          f"{'cpu-time':>8} {'goal':>5} {'pykeops s':>10} {'vs pykeops':>10} {'rel. diff':>9} {'load':>5}", flush=True)
     for cells in (int(c) for c in args.cells.split(",")):
         data, patterns = clustered(args.n, cells, densities)
-        if dense_s is None:
+        if not compiled:
             op(*(a[:1000] if a.shape[0] == args.n else a for a in data), backend="cpu")        # compile
-            dense_s, _ = timed(lambda: op(*data, backend="cpu"), args.dense_reps)
+            compiled = True
+        # the dense call, timed again for each cell count: the machine's load changes during a run
+        dense_s, dense_cpu, _ = timed(lambda: op(*data, backend="cpu"), args.dense_reps)
         for density in densities:
             ranges, kept, blocks = patterns[density]
             load_before = os.getloadavg()[0]
             op(*data, backend="cpu", ranges=ranges)                                          # warm-up
-            sparse_s, ours = timed(lambda: op(*data, backend="cpu", ranges=ranges), args.reps)
+            sparse_s, sparse_cpu, ours = timed(lambda: op(*data, backend="cpu", ranges=ranges), args.reps)
             record = {"n": args.n, "m": args.n, "d": 3, "dtype": "float32", "cells": cells,
                       "points_per_cell": args.n / cells, "target_density": density, "kept_fraction": kept,
                       "blocks": blocks, "column_ranges": len(ranges[2]), "dense_seconds": dense_s,
-                      "ranges_seconds": sparse_s, "speedup": dense_s / sparse_s,
+                      "ranges_seconds": sparse_s, "speedup": dense_s / sparse_s, "dense_cpu_seconds": dense_cpu,
+                      "ranges_cpu_seconds": sparse_cpu, "cpu_time_speedup": dense_cpu / sparse_cpu,
                       "goal_speedup": GOALS.get((cells, density)), "load_average_1min_before": load_before}
             if peer is not None:
                 pk_ranges = tuple(np.ascontiguousarray(r, np.int32) for r in ranges)
                 peer(*data, backend="CPU", ranges=pk_ranges)                                 # compile, warm-up
-                peer_s, theirs = timed(lambda: peer(*data, backend="CPU", ranges=pk_ranges), args.peer_reps)
+                peer_s, _, theirs = timed(lambda: peer(*data, backend="CPU", ranges=pk_ranges), args.peer_reps)
                 record.update(pykeops_ranges_seconds=peer_s, speedup_over_pykeops=peer_s / sparse_s,
                               max_rel_diff_vs_pykeops=float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
             record["load_average_1min_after"] = os.getloadavg()[0]
             records.append(record)
             goal = record["goal_speedup"]
             print(f"{cells:>6} {args.n / cells:>8.0f} {kept:>8.2%} {blocks:>9} {dense_s:>8.2f} {sparse_s:>9.3f} "
-                  f"{dense_s / sparse_s:>7.1f}x {'' if goal is None else f'{goal:.0f}x':>5} "
+                  f"{dense_s / sparse_s:>7.1f}x {dense_cpu / sparse_cpu:>7.1f}x {'' if goal is None else f'{goal:.0f}x':>5} "
                   f"{record.get('pykeops_ranges_seconds', float('nan')):>10.3f} "
                   f"{record.get('speedup_over_pykeops', float('nan')):>9.1f}x "
                   f"{record.get('max_rel_diff_vs_pykeops', float('nan')):>9.1e} {record['load_average_1min_after']:>5.2f}",
