@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..plan import COLS, PARAM, ROWS, Plan
-from ..reductions.monoids import NO_INDEX
+from ..reductions import NO_INDEX
 from .sharding import Shard
 
 CACHE_BYTES = 512 << 20      # default per-worker block cache: a few blocks of a 10^8-point job
