@@ -1,12 +1,13 @@
 """Where the service's reductions run: one small blocking interface, two implementations.
 
 - `LocalExecutor`: the engine in the server's process (`engine.run`), on the configured backend.
-- `ClusterExecutor`: `engine.cluster.Cluster` (Ray): an embedded local Ray or an existing cluster. Reductions of
+- `ClusterExecutor`: `engine.cluster.Cluster` (Ray) in a driver process of its own (`cluster_driver.py`, so that a
+  dying raylet ends that process, never the server): an embedded local Ray or an existing cluster. Reductions of
   fewer than `local_below_pairs` pairs (N x M) run in this process instead, kernels warm: for them the cluster's
   round trips cost more than the computation.
 
 `run` is called from a worker thread. `progress(fraction)` and `cancelled()` are optional callbacks used by jobs;
-a cancelled run raises `Cancelled`.
+a cancelled run raises `Cancelled`, one the executor lost raises `Interrupted`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from kred.engine.backends import get_backend
+from kred.engine.errors import BackendError
 from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
 from kred.engine.run import backend_name, run
@@ -27,6 +29,11 @@ Flag = Callable[[], bool]
 
 class Cancelled(Exception):
     """The run was cancelled before it finished."""
+
+
+class Interrupted(BackendError):
+    """The executor lost the run through no fault of its input (e.g. the cluster's driver process died): run it
+    again once `health()` is None."""
 
 
 class Executor(ABC):
@@ -40,6 +47,10 @@ class Executor(ABC):
 
     def prepare(self, plan: Plan, dtype) -> None:
         """Compile what `run` will need (called within the compile-time limit); a no-op where nothing compiles."""
+
+    def health(self) -> str | None:
+        """None when the executor can take work, else why not (`/healthz` answers 503 with it)."""
+        return None
 
     def close(self) -> None:
         pass
@@ -79,8 +90,9 @@ class LocalExecutor(Executor):
 
 
 class ClusterExecutor(Executor):
-    """Reductions through `engine.cluster` (Ray): an embedded local Ray (`address=None`), an existing cluster, or a
-    Cluster the caller already started (`cluster=`, left open on `close`). Below `local_below_pairs` pairs a
+    """Reductions through `engine.cluster` (Ray): an embedded local Ray (`address=None`) or an existing cluster,
+    driven from a child process (`RemoteCluster`, restarted if it dies), or a Cluster the caller already started
+    in this process (`cluster=`, left open on `close`). Below `local_below_pairs` pairs a
     reduction runs in this process on `backend` (0: everything goes to the cluster)."""
     name = "cluster"
 
@@ -89,9 +101,9 @@ class ClusterExecutor(Executor):
         self.local = LocalExecutor(backend) if local_below_pairs > 0 else None
         self.local_below_pairs = local_below_pairs
         if cluster is None:
-            from kred.engine.cluster import Cluster   # Ray is imported only when this executor is chosen
+            from .cluster_driver import RemoteCluster
 
-            cluster, self._owned = Cluster(address, **options), True
+            cluster, self._owned = RemoteCluster(address, **options), True
         else:
             self._owned = False
         self.cluster = cluster
@@ -99,6 +111,10 @@ class ClusterExecutor(Executor):
     def prepare(self, plan, dtype):
         if self.local is not None:
             self.local.prepare(plan, dtype)
+
+    def health(self):
+        check = getattr(self.cluster, "health", None)
+        return check() if check is not None else None
 
     def run(self, plan, arrays, progress=None, cancelled=None, ranges=None):
         if self.local is not None:

@@ -2,7 +2,9 @@
 
 Submission checks everything a synchronous request would (plan, shapes, limits) before the job is stored, so a job
 that is accepted only fails for reasons found while computing. Stopping the server leaves running jobs marked
-`running`; the next server on the same store re-queues them (and the queued ones) when it starts.
+`running`; the next server on the same store re-queues them (and the queued ones) when it starts. A job that the
+executor lost (`Interrupted`: the cluster's driver process died) is queued again and run once the executor is
+healthy, at most `MAX_RERUNS` times.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from kred.engine.errors import BackendError, KredError
 
 from . import datasets, limits
 from .errors import ApiError
-from .executors import Cancelled, Executor
+from .executors import Cancelled, Executor, Interrupted
 from .metrics import Metrics
 from .planning import Planner
 from .schemas import DatasetJobRequest, JobInfo, ReductionSpec
@@ -27,6 +29,8 @@ from .settings import Settings
 from .store import JobStore
 
 log = logging.getLogger("kred.service.jobs")
+MAX_RERUNS = 3                 # a job that keeps killing the executor fails instead of running forever
+HEALTH_POLL_S = 0.5
 
 
 @dataclass
@@ -43,6 +47,8 @@ class JobManager:
         self.running: dict[str, _Running] = {}
         self._admitting = 0
         self._workers: list[asyncio.Task] = []
+        self._reruns: dict[str, int] = {}
+        self._waiting: set[asyncio.Task] = set()         # interrupted jobs waiting for a healthy executor
 
     # Life cycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -55,9 +61,10 @@ class JobManager:
     async def stop(self) -> None:
         for running in self.running.values():
             running.cancel.set()             # lets the computing threads stop early; the jobs stay `running`
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        tasks = [*self._workers, *self._waiting]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._workers = []
 
     # Requests --------------------------------------------------------------------------------------------
@@ -128,6 +135,28 @@ class JobManager:
         self.queued.add(job_id)
         self.queue.put_nowait(job_id)
 
+    def _rerun(self, job_id: str, error: Interrupted) -> bool:
+        """Queue an interrupted job again, to run once the executor is healthy; False past MAX_RERUNS."""
+        reruns = self._reruns.get(job_id, 0) + 1
+        if reruns > MAX_RERUNS:
+            return False
+        self._reruns[job_id] = reruns
+        log.warning("job %s interrupted (%s); queued again (rerun %d of at most %d)", job_id, error, reruns,
+                    MAX_RERUNS)
+        self.store.update(job_id, state="queued", progress=0.0, started=None)
+        self.queued.add(job_id)
+
+        async def when_healthy():
+            while self.executor.health() is not None:
+                await asyncio.sleep(HEALTH_POLL_S)
+            if job_id in self.queued:                # not cancelled meanwhile
+                self.queue.put_nowait(job_id)
+
+        task = asyncio.create_task(when_healthy(), name=f"kred-job-rerun-{job_id}")
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
+        return True
+
     async def _work(self) -> None:
         while True:
             job_id = await self.queue.get()
@@ -150,6 +179,11 @@ class JobManager:
                 self._finish(job_id, started, timings, "cancelled", running.progress)
             except asyncio.CancelledError:           # the server is stopping: the job stays `running` in the store
                 raise
+            except Interrupted as e:
+                if not self._rerun(job_id, e):
+                    self._finish(job_id, started, timings, "failed", running.progress,
+                                 f"{e} (the job was interrupted {MAX_RERUNS + 1} times; not run again)")
+                    self.metrics.reductions.labels("job", "error_503").inc()
             except (KredError, ApiError) as e:
                 status = 503 if isinstance(e, BackendError) else 422
                 self._finish(job_id, started, timings, "failed", running.progress, _message(e))
@@ -167,6 +201,7 @@ class JobManager:
                 self.running.pop(job_id, None)
 
     def _finish(self, job_id, started, timings, state, progress, error=None) -> None:
+        self._reruns.pop(job_id, None)
         finished = time.time()
         timings = timings | {"total_s": finished - started}
         self.store.update(job_id, state=state, finished=finished, progress=progress, error=error, timings=timings)

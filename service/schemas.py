@@ -130,7 +130,8 @@ class ShmProbe(Strict):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "unavailable"]
     version: str
     executor: str
     shared_memory: bool
+    reason: str | None = None          # why the executor cannot take work now (status "unavailable")

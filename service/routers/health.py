@@ -5,7 +5,7 @@ import hashlib
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from .. import metrics
 from ..auth import require_token
@@ -21,10 +21,14 @@ except PackageNotFoundError:       # running from a source tree without installi
     VERSION = "0+unknown"
 
 
-@router.get("/healthz", response_model=Health)
-async def healthz(service: ServiceDep) -> Health:
-    return Health(status="ok", version=VERSION, executor=service.executor.name,
-                  shared_memory=service.settings.allow_shm)
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+async def healthz(service: ServiceDep):
+    """200 when the server can compute; 503 with the reason while its executor cannot (e.g. the cluster's driver
+    process is being restarted after its raylet died)."""
+    problem = service.executor.health()
+    health = Health(status="ok" if problem is None else "unavailable", version=VERSION,
+                    executor=service.executor.name, shared_memory=service.settings.allow_shm, reason=problem)
+    return health if problem is None else JSONResponse(health.model_dump(), 503)
 
 
 @router.get("/metrics", dependencies=[Depends(require_token)], response_class=Response)
