@@ -139,6 +139,10 @@ class RemoteCluster:
                 time.sleep(pause)
                 pause = min(2 * pause, MAX_PAUSE_S)
                 continue
+            if self._closed:                    # closed while this one was starting
+                process.kill()
+                process.join()
+                return
             started = time.monotonic()
             with self._lock:
                 self._process, self._conn = process, conn
