@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | cksum | cut -d' ' -f1)
 
 export RAY_AUTH_MODE ?= disabled
+# keep Ray on loopback in tests (else it binds the machine's network address)
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
 .PHONY: install test test-gpu gpu-carry gpu-check serve bench docs lint clean
 

@@ -11,6 +11,8 @@ import os
 
 # Ray refuses to start a local cluster without a token unless auth is disabled; set before anything imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# ... and keep it on loopback: without this Ray binds the machine's network address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest  # noqa: E402
 
