@@ -57,3 +57,19 @@ def test_pages_and_pictures(site):
                  "api/client"):
         assert (site / page / "index.html").exists(), page
     assert "LazyTensor" in (site / "api" / "frontends" / "index.html").read_text(encoding="utf-8")
+
+
+def test_api_pages_name_the_public_modules(site):
+    """Headings and anchors read kred.numpy.Genred, kred.Client..., not the repository's folders (engine.numpy...)."""
+    public = {"frontends": ["kred.numpy.Genred", "kred.numpy.LazyTensor", "kred.numpy.KernelSolve",
+                            "kred.torch.Genred", "kred.torch.LazyTensor", "kred.torch.KernelSolve"],
+              "cluster": ["kred.cluster.Cluster", "kred.cluster.run_job_file", "kred.cluster.Dataset"],
+              "client": ["kred.Client", "kred.AsyncClient", "kred.client.torch.Genred", "kred.client.torch.LazyTensor"]}
+    for page, names in public.items():
+        html = (site / "api" / page / "index.html").read_text(encoding="utf-8")
+        anchors = re.findall(r'<h\d id="([\w.]+)" class="doc doc-heading"', html)
+        headings = {re.sub(r"<[^>]+>", "", h).split("(")[0].strip()
+                    for h in re.findall(r'class="doc doc-heading">\s*(<code.*?</code>)', html, re.S)}
+        for name in names:
+            assert name in anchors and name in headings, (page, name)
+        assert anchors and all(a.startswith("kred.") for a in anchors), (page, anchors)

@@ -7,15 +7,22 @@
 - install, quick start, guide pages and benchmarks: sections of README.md (between `<!-- section: name -->` marks);
   deployment.md: deploy/README.md; benchmarks: every JSON and PNG of benchmarks/results; architecture.md:
   docs/ARCHITECTURE.md, served as it is.
+The API pages document the public names (`::: kred.numpy.Genred`): griffe reads the package as it is installed, a
+`kred/` folder holding the repository's kred/ files and its layers (engine/, service/, client/), which `on_config`
+lays out as links in a temporary folder.
 Links from the repository's markdown to files that are not on the site become plain code text.
 """
 from __future__ import annotations
 
 import ast
+import atexit
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +35,29 @@ README_PAGES = {
     "guide/cluster.md": ("Cluster and batch jobs", ["cluster"]),
     "guide/service.md": ("Service and client", ["service"]),
 }
+LAYERS = ["engine", "service", "client"]          # installed as kred.engine, kred.service, kred.client (setup.py)
 EXAMPLES = ["kmeans", "knn", "gp_regression", "sinkhorn", "gmm_em", "block_sparse", "batch_job"]
+
+
+@event_priority(100)                    # before mkdocstrings' own on_config, which creates the handler
+def on_config(config):
+    """Point mkdocstrings' python handler at the installed layout of the package, so that pages, headings and cross
+    references name `kred.numpy.Genred`, `kred.cluster.Cluster`..., never the repository's folders."""
+    handler = config.plugins["mkdocstrings"].config.handlers.setdefault("python", {})
+    handler["paths"] = [str(installed_layout())]
+    return config
+
+
+def installed_layout() -> Path:
+    """A temporary folder holding `kred/`: links to kred/'s entries and to the layers, as the wheel installs them."""
+    top = Path(tempfile.mkdtemp(prefix="kred-griffe-"))
+    atexit.register(shutil.rmtree, top, ignore_errors=True)
+    package = top / "kred"
+    package.mkdir()
+    for entry in [*(ROOT / "kred").iterdir(), *(ROOT / layer for layer in LAYERS)]:
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    return top
 
 
 def on_files(files, config):
