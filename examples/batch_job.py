@@ -1,18 +1,21 @@
-"""An out-of-core style batch job: a Parquet dataset in, a job file, a Parquet dataset out.
+"""An out-of-core batch job: a Parquet dataset in, a job file, a Parquet dataset out.
 
-The script first makes its data: N points and M weighted centres, written as Parquet datasets (folders of files,
-as a data pipeline would leave them). The job is the Gaussian density a_i = sum_j exp(-|x_i - y_j|^2 / 2) b_j,
-described by a job file (`kred run job.yaml`). Job files read `.npy`, Parquet and Arrow files; dataset inputs (a
-folder of Parquet files, read block by block by the workers) are not on this branch yet, so the datasets are
-converted to `.npy` inputs next to the job file. The job then runs in-process, on the cluster (`kred run`'s own
-code, kred.cluster.run_job_file) or as a server job (`POST /v1/jobs`), and the result is written as a Parquet
-dataset, one file per block of rows. The check reads that dataset back and compares a subsample of rows with dense
-numpy.
+The script first makes its data: N points as a Parquet dataset (a folder of files, as a data pipeline would leave
+them, with row groups of up to 125,000 rows) and M = 2,000 weighted centres as one Parquet file. The job is the
+Gaussian density a_i = sum_j exp(-|x_i - y_j|^2 / 2) b_j, described by a job file whose input `x` is the points
+folder and whose output `result/` (ending in `/`) is a Parquet dataset: the cluster's workers read their own row
+groups and write one file per row group, so the driver never holds the points or the densities. `--mode local` and
+`--mode cluster` run the job file as `kred run job.yaml` does (kred.cluster.run_job_file: an embedded Ray, or the
+cluster at --address); `--mode server` sends the same job as `POST /v1/jobs` with the datasets' paths (the server
+must run the cluster executor, with the folder under its KRED_DATASET_ROOTS). The check reads the output dataset
+back and compares a subsample of rows with dense numpy in float64.
 
-    python examples/batch_job.py --size 1000000 --mode cluster
+    python examples/batch_job.py --size 1000000 --mode local
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,66 +29,65 @@ import yaml
 from modes import Mode, figure, parser, save_figure
 
 CENTRES = 2000
-FILES = 4                       # files per dataset
-JOB = """\
-formula: Exp(-SqDist(x, y) * 0.5) * b
-aliases: [x = Vi(3), y = Vj(3), b = Vj(1)]
-inputs:
-  x: x.npy
-  y: y.npy
-  b: b.npy
-reduction: Sum
-axis: 1
-output: result.npy
-cluster: {device: cpu}
-"""
+FILES = 4                       # files of the points dataset
+ROW_GROUP = 125_000             # rows per row group: the job's blocks
+JOB = {
+    "formula": "Exp(-SqDist(x, y) * 0.5) * b",
+    "aliases": ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"],
+    "inputs": {"x": {"path": "points/", "columns": ["x", "y", "z"]},
+               "y": {"path": "centres.parquet", "columns": ["x", "y", "z"]},
+               "b": {"path": "centres.parquet", "columns": ["weight"]}},
+    "reduction": "Sum",
+    "axis": 1,
+    "output": "result/",
+    "cluster": {"device": "cpu"},
+}
 
 
-def write_dataset(folder: Path, table: pa.Table, files: int = FILES) -> None:
-    """`table` as a folder of Parquet files (rows in order, part-000.parquet first)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, rows in enumerate(np.array_split(np.arange(table.num_rows), files)):
-        pq.write_table(table.slice(rows[0], len(rows)) if len(rows) else table.slice(0, 0), folder / f"part-{k:03d}.parquet")
+def make_data(folder: Path, n: int, rng) -> Path:
+    """The job's data (points: a dataset of FILES files; centres: one file) and its job file; the job file's path."""
+    points = rng.normal(size=(n, 3)).astype(np.float32)
+    centres = rng.normal(scale=1.5, size=(CENTRES, 3)).astype(np.float32)
+    weights = rng.uniform(0, 1, CENTRES).astype(np.float32)
+    (folder / "points").mkdir(parents=True, exist_ok=True)
+    for k, rows in enumerate(np.array_split(np.arange(n), FILES)):
+        part = points[rows[0]:rows[-1] + 1] if len(rows) else points[:0]
+        pq.write_table(pa.table({"x": part[:, 0], "y": part[:, 1], "z": part[:, 2]}),
+                       folder / "points" / f"part-{k:03d}.parquet", row_group_size=ROW_GROUP)
+    pq.write_table(pa.table({"x": centres[:, 0], "y": centres[:, 1], "z": centres[:, 2], "weight": weights}),
+                   folder / "centres.parquet")
+    (folder / "job.yaml").write_text(yaml.safe_dump(JOB, sort_keys=False))
+    return folder / "job.yaml"
 
 
-def read_dataset(folder: Path, columns) -> np.ndarray:
-    """A Parquet dataset's columns as one (rows, columns) float array, files in name order."""
-    files = sorted(str(p) for p in folder.glob("*.parquet"))
+def read_dataset(path: Path, columns) -> np.ndarray:
+    """A Parquet file's or dataset's columns as one (rows, columns) array, files in name order."""
+    files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [str(path)]
     table = ds.dataset(files, format="parquet").to_table(columns=list(columns))
     return np.stack([table[c].to_numpy() for c in columns], 1)
 
 
-def make_data(folder: Path, n: int, rng) -> None:
-    """The job's data, as two Parquet datasets: points (x, y, z) and centres (x, y, z, weight)."""
-    points = rng.normal(size=(n, 3)).astype(np.float32)
-    centres = rng.normal(scale=1.5, size=(CENTRES, 3)).astype(np.float32)
-    weights = rng.uniform(0, 1, CENTRES).astype(np.float32)
-    write_dataset(folder / "points", pa.table({"x": points[:, 0], "y": points[:, 1], "z": points[:, 2]}))
-    write_dataset(folder / "centres", pa.table({"x": centres[:, 0], "y": centres[:, 1], "z": centres[:, 2],
-                                                "weight": weights}))
-
-
-def prepare_job(folder: Path) -> Path:
-    """The job file and its `.npy` inputs, converted from the datasets."""
-    np.save(folder / "x.npy", read_dataset(folder / "points", "xyz"))
-    np.save(folder / "y.npy", read_dataset(folder / "centres", "xyz"))
-    np.save(folder / "b.npy", read_dataset(folder / "centres", ["weight"]))
-    (folder / "job.yaml").write_text(JOB)
-    return folder / "job.yaml"
-
-
-def run_job(mode: Mode, path: Path) -> np.ndarray:
-    """Run the job file where the mode says; the result array."""
-    if mode.name == "cluster":
-        from kred.cluster import run_job_file
-        return np.load(run_job_file(path, progress=False))
-    spec = yaml.safe_load(path.read_text())
-    args = [np.load(path.parent / spec["inputs"][alias.split("=")[0].strip()]) for alias in spec["aliases"]]
-    if mode.name == "server":
-        job = mode.client.submit(spec["formula"], spec["aliases"], *args, reduction_op=spec["reduction"],
-                                 axis=spec["axis"])
-        return job.result(timeout=600)
-    return mode.reduce(spec["formula"], spec["aliases"], *args, reduction_op=spec["reduction"], axis=spec["axis"])
+def run_job(mode: Mode, job: Path, address: str | None) -> Path:
+    """Run the job file where the mode says; the output dataset's folder."""
+    if mode.name != "server":
+        from kred.cluster import run_job_file             # what `kred run job.yaml [--address]` runs
+        return Path(run_job_file(job, address=address, progress=False))
+    # the same job as POST /v1/jobs: dataset inputs are paths (or URIs) the server's workers can read
+    spec, folder = yaml.safe_load(job.read_text()), job.parent.resolve()
+    body = {"formula": spec["formula"], "aliases": spec["aliases"], "reduction_op": spec["reduction"],
+            "axis": spec["axis"], "output": f"{folder / spec['output']}/",
+            "inputs": {name: {"uri": str(folder / source["path"]), "columns": source["columns"]}
+                       for name, source in spec["inputs"].items()}}
+    token = os.environ.get("KRED_TOKEN")
+    reply = mode.client.http.post("/v1/jobs", json=body,
+                                  headers={"Authorization": f"Bearer {token}"} if token else {})
+    if reply.status_code != 202:
+        raise SystemExit(f"the server refused the dataset job ({reply.status_code}): {reply.text}")
+    from kred.client import Job
+    info = Job(mode.client, reply.json()).wait(timeout=3600)
+    if info["state"] != "done":
+        raise SystemExit(f"dataset job {info['id']} {info['state']}: {info.get('error')}")
+    return Path(body["output"])
 
 
 def main(argv=None, client=None) -> int:
@@ -93,23 +95,24 @@ def main(argv=None, client=None) -> int:
     mode = Mode(args, client)
     rng = np.random.default_rng(args.seed)
     folder = args.out / "batch_job"
-    make_data(folder, args.size, rng)
-    job = prepare_job(folder)
+    job = make_data(folder, args.size, rng)
+    shutil.rmtree(folder / "result", ignore_errors=True)      # a new job: an old output folder would be refused
     start = time.perf_counter()
-    result = run_job(mode, job)
-    write_dataset(folder / "result", pa.table({"density": result[:, 0]}))
+    output = run_job(mode, job, args.address)
+    parts = sorted(output.glob("part-*.parquet"))
     print(f"batch job: N={args.size:,} points x {CENTRES:,} centres in {time.perf_counter() - start:.2f} s "
-          f"({args.mode}); result dataset {folder / 'result'} ({FILES} files)")
+          f"({args.mode}); output dataset {output} ({len(parts)} files)")
 
     # Check: read the output dataset back; a subsample of rows against dense numpy from the input datasets
-    density = read_dataset(folder / "result", ["density"])
+    density = read_dataset(output, ["value_0"])
     points = read_dataset(folder / "points", "xyz").astype(np.float64)
-    centres = read_dataset(folder / "centres", ["x", "y", "z", "weight"]).astype(np.float64)
+    centres = read_dataset(folder / "centres.parquet", ["x", "y", "z", "weight"]).astype(np.float64)
     rows = rng.choice(len(points), min(len(points), 500), replace=False)
     exact = np.exp(-((points[rows, None] - centres[None, :, :3]) ** 2).sum(-1) / 2) @ centres[:, 3:]
     error = np.abs(density[rows] - exact).max() / np.abs(exact).max()
     mode.check("output dataset", len(density) == args.size and error < 1e-5,
-               f"{len(density):,} rows; relative error {error:.1e} on {len(rows)} rows against dense numpy")
+               f"{len(density):,} rows in {len(parts)} files; relative error {error:.1e} on {len(rows)} rows "
+               "against dense numpy")
 
     fig, ax = figure(figsize=(6, 5))
     shown = rng.choice(len(points), min(len(points), 5000), replace=False)
