@@ -2,10 +2,15 @@
 
 a_i = sum_j exp(-|x_i - y_j|^2 / (2 sigma^2)) b_j for points in the unit cube. Points are sorted into cubic cells;
 a block (row cell, column cell) is kept when its cells can hold pairs closer than the cut-off 5 sigma, so every
-dropped term is below exp(-12.5) and the result is exact to that bound. In-process the kept blocks go to one
-reduction as pykeops' `ranges`; the cluster and the server take no `ranges` yet, so there each group of row cells
-is one reduction over the columns of its kept blocks. The dense reduction is timed on a block of rows and scaled to
-N. The check: a subsample of rows against the dense sum by numpy in float64, within the truncation bound.
+dropped term is below exp(-12.5) and the result is exact to that bound. The kept blocks go to one reduction as
+pykeops' `ranges`, in every mode: in-process the compiled CPU kernel walks them (CSR column ranges, one call), the
+cluster runs one shard per row cell, and the client sends them to the server with the arrays. The dense reduction
+is timed on a block of rows and scaled to N. The check: a subsample of rows against the dense sum by numpy in
+float64, within the truncation bound.
+
+Measured at N = M = 10^6, in-process on a shared 2-core VM (load average about 4): 2.20% of the pairs kept in
+21,952 blocks; block-sparse 34.7 s (+10.1 s sorting into cells), dense estimated at 1,320 s from a timed block of
+20,000 rows (a full dense pass would take over 20 minutes): 38x faster. The picture is from that run.
 
     python examples/block_sparse.py --size 1000000 --mode local
 """
@@ -40,18 +45,6 @@ def blocks(x, y, b):
     return x, y, b, x_ranges, y_ranges, keep, from_matrix(x_ranges, y_ranges, keep)
 
 
-def sparse_by_row_groups(mode: Mode, x, y, b, h, x_ranges, y_ranges, keep, groups: int = 16):
-    """The same truncation as `ranges`, as one reduction per group of row cells over its kept columns."""
-    out = np.zeros((len(x), 1), x.dtype)
-    for cells in np.array_split(np.arange(len(x_ranges)), groups):
-        if len(cells) == 0:
-            continue
-        rows = slice(x_ranges[cells[0], 0], x_ranges[cells[-1], 1])
-        columns = np.concatenate([np.arange(*y_ranges[l]) for l in np.flatnonzero(keep[cells].any(0))])
-        out[rows] = mode.reduce(GAUSSIAN, ALIASES, x[rows], y[columns], b[columns], h)
-    return out
-
-
 def main(argv=None, client=None) -> int:
     args = parser(__doc__, size=1_000_000).parse_args(argv)
     mode = Mode(args, client)
@@ -64,11 +57,7 @@ def main(argv=None, client=None) -> int:
     x, y, b, x_ranges, y_ranges, keep, ranges = blocks(x, y, b)
     setup = time.perf_counter() - start
     start = time.perf_counter()
-    if mode.name == "local":
-        from kred.numpy import Genred
-        sparse = Genred(GAUSSIAN, ALIASES, "Sum", 1)(x, y, b, h, ranges=ranges)
-    else:
-        sparse = sparse_by_row_groups(mode, x, y, b, h, x_ranges, y_ranges, keep)
+    sparse = mode.reduce(GAUSSIAN, ALIASES, x, y, b, h, ranges=ranges)
     sparse_s = time.perf_counter() - start
     rows = min(len(x), DENSE_ROWS)
     start = time.perf_counter()

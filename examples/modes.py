@@ -56,14 +56,16 @@ class Mode:
         return "cluster" if self.name == "cluster" else "auto"
 
     # Reductions --------------------------------------------------------------------------------------------
-    def reduce(self, formula: str, aliases, *args, reduction_op="Sum", axis=1, opt_arg=None, formula2=None):
-        """One reduction, numpy arrays in and out (a tuple for value/index pairs)."""
+    def reduce(self, formula: str, aliases, *args, reduction_op="Sum", axis=1, opt_arg=None, formula2=None,
+               ranges=None):
+        """One reduction, numpy arrays in and out (a tuple for value/index pairs); `ranges`: pykeops' block-sparse
+        6-tuple, which every mode takes (the cluster runs a shard per row cluster, the client sends it over HTTP)."""
         if self.name == "server":
             return self.client.reduce(formula, aliases, *args, reduction_op=reduction_op, axis=axis,
-                                      opt_arg=opt_arg, formula2=formula2)
+                                      opt_arg=opt_arg, formula2=formula2, ranges=ranges)
         from kred.numpy import Genred
         op = Genred(formula, aliases, reduction_op, axis, opt_arg=opt_arg, formula2=formula2)
-        return op(*args, backend=self.backend)
+        return op(*args, backend=self.backend, ranges=ranges)
 
     def torch_genred(self, formula: str, aliases, reduction_op="Sum", axis=1, opt_arg=None, formula2=None):
         """A differentiable reduction on torch tensors (the backward pass runs where the forward pass did)."""

@@ -239,8 +239,8 @@ def gallery_page() -> str:
     lines = ["# Gallery", "", "Applications in `examples/`. Each is a short script with `--size` and "
              "`--mode local|cluster|server` (in-process, the embedded Ray cluster, a server through `kred.Client`), "
              "saves its picture and prints a check against an independent computation on a subsample (it exits "
-             "with status 1 when a check fails). The pictures here were made at small sizes (2,000 to 20,000 points); "
-             "`tests/test_examples.py` runs every example at a small size in CI.", ""]
+             "with status 1 when a check fails). The pictures here were made at sizes that run in a minute or two on a 2-core machine "
+             "(block-sparse: 10^6 points); `tests/test_examples.py` runs every example at a small size in CI.", ""]
     for name in EXAMPLES:
         source = ROOT / "examples" / f"{name}.py"
         doc = ast.get_docstring(ast.parse(source.read_text(encoding="utf-8"))) or ""
