@@ -74,7 +74,8 @@ def start_ray(**options) -> None:
     connection deadline, and one flaky start would otherwise error every test of the module."""
     import ray
 
-    options = {"include_dashboard": False, "log_to_driver": False, **options}
+    # address="local": always a fresh Ray of the test's own, never one another process left on this machine
+    options = {"address": "local", "include_dashboard": False, "log_to_driver": False, **options}
     try:
         ray.init(**options)
     except Exception:  # Ray raises RaySystemError / ConnectionError / TimeoutError for a GCS that came up late

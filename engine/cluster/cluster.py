@@ -56,8 +56,10 @@ class Cluster:
         if self._owns_ray:
             options = {"include_dashboard": False, **(ray_options or {})}
             if address is None and not os.environ.get("RAY_ADDRESS"):
-                # A Ray of our own: its workers compute at the caller's priority, not at Ray's default nice 15
-                # (which halves a reduction's speed on a machine that is busy with anything else).
+                # A Ray of our own ("local": ray.init(None) would join whatever Ray was last started on this
+                # machine); its workers compute at the caller's priority, not at Ray's default nice 15 (which
+                # halves a reduction's speed on a machine that is busy with anything else).
+                address = "local"
                 options.setdefault("_system_config", {"worker_niceness": 0})
             before = set(reaper.descendants(os.getpid())) if os.path.isdir("/proc") else set()
             ray.init(address=address, **options)
