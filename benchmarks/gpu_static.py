@@ -7,9 +7,12 @@
 Both kernels of a case are compiled for sm_90 with NVRTC (the `nvrtc` extra) — kred's generated module as the CUDA
 backend compiles it, KeOps's `GpuConv1DOnDevice` as keopscore 2.3 generates it (its own source generator runs without
 a GPU) and compiles it (`-use_fast_math`) — and disassembled with `cuobjdump -sass` (the `nvidia-cuda-cuobjdump`
-wheel of the `gpu-static` extra). The pair loop is the innermost backward branch whose body loads from shared memory
-and holds no barrier; the compiler unrolls it, so its length is divided by the unroll factor: the bytes its
-shared-memory loads read over the bytes of one column. An issue-bound kernel (every one here: one MUFU per
+wheel of the `gpu-static` extra). The pair loop is the innermost loop (a back edge to a head that dominates it) whose
+cycle loads from shared memory and holds no barrier. What is counted is its shortest cycle through the control-flow
+graph: the path a column takes when no data-dependent branch leaves it — all of a straight-line loop, and for the
+K-best reductions the no-insert path (the candidate is not better than the K-th best), which almost every column
+takes once the list has filled. The compiler unrolls the loop, so the cycle's length is divided by the unroll
+factor: the bytes its shared-memory loads read over the bytes of one column. An issue-bound kernel (every one here: one MUFU per
 pair against four schedulers issuing one instruction per clock) runs at about
     SMs x 4 x clock / (SASS per pair)   pairs per second,
 so these counts compare kernels before any GPU is lent. `registers` and `spills` are ptxas's for kred's kernel.
@@ -111,27 +114,87 @@ class PairLoop:
     def mix(self) -> dict[str, float]:
         counts: dict[str, int] = {}
         for text in self.instructions:
-            opcode = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+            opcode = _opcode(text)
             counts[opcode] = counts.get(opcode, 0) + 1
         return {op: round(n / self.unroll, 2) for op, n in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
-def pair_loop(code: list[tuple[int, str]], column_bytes: int) -> PairLoop:
-    """The innermost loop that loads from shared memory without a barrier (see the module docstring)."""
+def _opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+
+
+def _successors(code: list[tuple[int, str]]) -> list[list[int]]:
+    """The control-flow successors of each instruction (by position): a predicated branch or exit also falls
+    through; BREAK/BSSY/BSYNC only manage convergence and fall through."""
     index = {address: k for k, (address, _) in enumerate(code)}
-    loops = []
-    for k, (address, text) in enumerate(code):
-        match = re.search(r"\bBRA\s+(?:`?\(?\.?L?_?x?_?\d*\)?)?\s*0x([0-9a-f]+)", text)
-        if match and "BRA" in text:
-            target = int(match.group(1), 16)
-            if target < address and target in index:
-                loops.append((index[target], k))
+    successors = []
+    for k, (_, text) in enumerate(code):
+        predicated = text.startswith("@")
+        opcode = _opcode(text)
+        following = [k + 1] if k + 1 < len(code) else []
+        if opcode == "BRA":
+            target = index.get(int(re.search(r"0x([0-9a-f]+)\s*$", text).group(1), 16))
+            successors.append(([target] if target is not None else []) + (following if predicated else []))
+        elif opcode in ("EXIT", "RET"):
+            successors.append(following if predicated else [])
+        elif opcode in ("BRX", "JMX", "JMP"):
+            raise RuntimeError(f"indirect branch in the pair loop's kernel: {text}")
+        else:
+            successors.append(following)
+    return successors
+
+
+def _shortest_path(successors, start: int, end: int) -> list[int] | None:
+    """The fewest instructions from `start` to `end` (breadth first: every instruction costs one issue)."""
+    before = {start: None}
+    frontier = [start]
+    while frontier and end not in before:
+        following = []
+        for k in frontier:
+            for n in successors[k]:
+                if n not in before:
+                    before[n] = k
+                    following.append(n)
+        frontier = following
+    if end not in before:
+        return None
+    path = [end]
+    while path[-1] != start:
+        path.append(before[path[-1]])
+    return path[::-1]
+
+
+def _dominates(successors, head: int, k: int) -> bool:
+    """Every path from the kernel's entry to instruction k passes through `head` (so k -> head is a loop's back
+    edge, not a branch from an out-of-line block back into the middle of a loop)."""
+    seen, stack = {0}, [0]
+    while stack:
+        for n in successors[stack.pop()]:
+            if n != head and n not in seen:
+                seen.add(n)
+                stack.append(n)
+    return k not in seen
+
+
+def pair_loop(code: list[tuple[int, str]], column_bytes: int) -> PairLoop:
+    """The pair loop and its fast path (see the module docstring): of the loops (back edges to a dominating head)
+    whose shortest cycle loads from shared memory and holds no barrier nor an inner loop, the longest; its
+    instructions are those of that shortest cycle, i.e. the path every column takes when no data-dependent branch
+    leaves it (for K-best reductions: the candidate is not better than the K-th best, nothing is inserted)."""
+    successors = _successors(code)
+    edges = [(k, head) for k, nexts in enumerate(successors) for head in nexts if head <= k]
+    loops = [(head, k) for k, head in edges if _dominates(successors, head, k)]
+    cycles = {}
+    for head, k in loops:
+        path = _shortest_path(successors, head, k)
+        if path is not None:
+            cycles[head, k] = path
     candidates = []
-    for start, end in loops:
-        body = [text for _, text in code[start:end + 1]]
-        inner = any(s2 > start and e2 < end or (s2 >= start and e2 <= end and (s2, e2) != (start, end))
-                    for s2, e2 in loops)
-        if inner or any("BAR" in t for t in body) or not any(re.search(r"\bLDS\b|\bLDS\.", t) for t in body):
+    for (head, k), path in cycles.items():
+        body = [code[n][1] for n in path]
+        on_path = set(path)
+        inner = any(h2 != head and h2 in on_path and k2 in on_path for h2, k2 in cycles)
+        if inner or any("BAR" in t for t in body) or not any(_opcode(t).startswith("LDS") for t in body):
             continue
         candidates.append(body)
     if not candidates:
