@@ -133,11 +133,13 @@ def block(lines: list[str]) -> list[str]:
     return ["{"] + ["    " + line for line in lines] + ["}"]
 
 
-def c_before(v: str, i: str, w: str, wi: str, largest: bool) -> str:
-    """C: (v, i) is selected before (w, wi) (see the semantics above): more extreme, NaN first, ties by index."""
+def c_before(v: str, i: str, w: str, wi: str, largest: bool, eager: bool = False) -> str:
+    """C: (v, i) is selected before (w, wi) (see the semantics above): more extreme, NaN first, ties by index.
+    `eager` evaluates every comparison (bitwise operators on their 0/1 results): predicates, no branches."""
     cmp = ">" if largest else "<"
-    return (f"({v} {cmp} {w} || ({v} != {v} && {w} == {w}) || "
-            f"(({v} == {w} || ({v} != {v} && {w} != {w})) && {i} < {wi}))")
+    lor, land = (" | ", " & ") if eager else (" || ", " && ")
+    return (f"(({v} {cmp} {w}){lor}(({v} != {v}){land}({w} == {w})){lor}"
+            f"((({v} == {w}){lor}(({v} != {v}){land}({w} != {w}))){land}({i} < {wi})))")
 
 
 def sort_key(values: np.ndarray, largest: bool) -> tuple[np.ndarray, np.ndarray]:

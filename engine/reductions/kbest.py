@@ -58,8 +58,8 @@ class KBest(Reduction):
         return results[0] if len(results) == 1 else results
 
     # C ----------------------------------------------------------------------------------------------------------
-    def _before(self, v, i, w, wi):
-        return c_before(v, i, w, wi, self.largest)
+    def _before(self, v, i, w, wi, eager=False):
+        return c_before(v, i, w, wi, self.largest, eager)
 
     def c_init(self, s):
         inf = "-KRED_INF" if self.largest else "KRED_INF"
@@ -77,34 +77,38 @@ class KBest(Reduction):
         for c in range(d):
             def at(q):
                 return f"({q}) * {d} + {c}" if d > 1 else str(q)
-            # the cheap candidate test first: it rejects almost every column after a few
-            head = [f"const kred_real v = {f[c]};", f"const kred_index ix = (kred_index)({j});",
-                    f"if ({self.c_candidate(s, c, 'v')} && {self._before('v', 'ix', s(0, at(k - 1)), s(1, at(k - 1)))}) {{"]
-            if k <= UNROLLED_K:
-                lines += block(head + ["    " + line for line in self._unrolled_insertion(s, at)] + ["}"])
-                continue
-            # insertion into the sorted list
-            lines += block(head + [
-                f"    int p = {k - 1};",
-                f"    while (p > 0 && {self._before('v', 'ix', s(0, at('p - 1')), s(1, at('p - 1')))}) {{",
-                f"        {s(0, at('p'))} = {s(0, at('p - 1'))}; {s(1, at('p'))} = {s(1, at('p - 1'))}; p--;",
-                "    }",
-                f"    {s(0, at('p'))} = v; {s(1, at('p'))} = ix;",
-                "}"])
+            # One comparison against the K-th best rejects almost every column once the list has filled; on that
+            # path nothing else runs (the index is formed, and the list touched, only inside the branch).
+            insertion = ([f"const kred_index ix = (kred_index)({j});",
+                          f"if ({self._before('v', 'ix', s(0, at(k - 1)), s(1, at(k - 1)))}) {{"]
+                         + ["    " + line for line in (self._shift(s, at) if k <= UNROLLED_K
+                                                       else self._shift_loop(s, at))]
+                         + ["}"])
+            lines += block([f"const kred_real v = {f[c]};", f"if ({self.c_candidate(s, c, 'v')}) {{"]
+                           + ["    " + line for line in insertion] + ["}"])
         return lines
 
-    def _unrolled_insertion(self, s, at) -> list[str]:
-        """Insert (v, ix) into the sorted list, top slot first: each slot takes its upper neighbour while (v, ix) sorts
-        before it, then (v, ix) itself. The same result as the shifting loop, written without a variable index."""
-        lines = ["int placed = 0;"]
+    def _shift(self, s, at) -> list[str]:
+        """Insert (v, ix), known to sort before the K-th entry, by a bounded shift over constant slots (the list
+        stays in registers on a GPU): from the top, slot q takes slot q-1 if (v, ix) sorts before it, else (v, ix)
+        if (v, ix) sorts before slot q itself, else keeps its entry. Selects only: no branch, no divergence."""
+        lines = ["int below = 1;   /* (v, ix) sorts before the old entry of the slot being written */"]
         for q in range(self.k - 1, 0, -1):
-            lines += ["if (!placed) {",
-                      f"    if ({self._before('v', 'ix', s(0, at(q - 1)), s(1, at(q - 1)))}) "
-                      f"{{ {s(0, at(q))} = {s(0, at(q - 1))}; {s(1, at(q))} = {s(1, at(q - 1))}; }}",
-                      f"    else {{ {s(0, at(q))} = v; {s(1, at(q))} = ix; placed = 1; }}",
-                      "}"]
-        lines.append(f"if (!placed) {{ {s(0, at(0))} = v; {s(1, at(0))} = ix; }}")
+            up, here = at(q - 1), at(q)
+            lines += [f"{{ const int up = {self._before('v', 'ix', s(0, up), s(1, up), eager=True)};",
+                      f"  {s(0, here)} = up ? {s(0, up)} : below ? v : {s(0, here)};",
+                      f"  {s(1, here)} = up ? {s(1, up)} : below ? ix : {s(1, here)};",
+                      "  below = up; }"]
+        lines += [f"if (below) {{ {s(0, at(0))} = v; {s(1, at(0))} = ix; }}"]
         return lines
+
+    def _shift_loop(self, s, at) -> list[str]:
+        """The same insertion for large K, with a variable slot (the list lives in memory then)."""
+        return [f"int p = {self.k - 1};",
+                f"while (p > 0 && {self._before('v', 'ix', s(0, at('p - 1')), s(1, at('p - 1')))}) {{",
+                f"    {s(0, at('p'))} = {s(0, at('p - 1'))}; {s(1, at('p'))} = {s(1, at('p - 1'))}; p--;",
+                "}",
+                f"{s(0, at('p'))} = v; {s(1, at('p'))} = ix;"]
 
     def c_merge(self, a, b):
         k, d = self.k, self.fdim
