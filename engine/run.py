@@ -40,12 +40,21 @@ def run(plan: Plan, args, backend: str = "auto", out=None, ranges=None, device_i
     if cluster is not None or backend_name(backend) == "cluster":
         return _into(out, _cluster(cluster).run_plan(plan, args, ranges=ranges))
     engine = get_backend(_resolve(backend, args)).bind(args, device_id)
-    arrays, dtype, n, m = plan.check_args(args, xp=engine.xp, dtypes=engine.dtypes)
+    arrays, _, n, m = plan.check_args(args, xp=engine.xp, dtypes=engine.dtypes)
+    return _into(out, _reduce(engine, plan, arrays, n, m, ranges))
+
+
+def run_checked(plan: Plan, arrays, n: int, m: int, backend: str = "auto", ranges=None):
+    """`run` for arrays that `plan.check_args` already returned (rows `n`, columns `m`): the service validates a
+    request's arrays once, when it binds them to the plan, and they reach the backend as they are."""
+    engine = get_backend(_resolve(backend, arrays)).bind(arrays)
+    return _reduce(engine, plan, arrays, n, m, ranges)
+
+
+def _reduce(engine, plan: Plan, arrays, n: int, m: int, ranges):
     if ranges is not None:
-        result = reduce_blocks(engine, plan, arrays, n, m, ranges)
-    else:
-        result = engine.reduce(plan, arrays, n, m)
-    return _into(out, result)
+        return reduce_blocks(engine, plan, arrays, n, m, ranges)
+    return engine.reduce(plan, arrays, n, m)
 
 
 def _widen_half(args, backend: str, cluster) -> bool:

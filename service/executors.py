@@ -21,7 +21,7 @@ from kred.engine.backends import get_backend
 from kred.engine.errors import BackendError
 from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
-from kred.engine.run import backend_name, run
+from kred.engine.run import backend_name, run, run_checked
 
 Progress = Callable[[float], None]
 Flag = Callable[[], bool]
@@ -41,9 +41,10 @@ class Executor(ABC):
 
     @abstractmethod
     def run(self, plan: Plan, arrays: list[np.ndarray], progress: Progress | None = None,
-            cancelled: Flag | None = None, ranges=None):
+            cancelled: Flag | None = None, ranges=None, shape: tuple[int, int] | None = None):
         """The reduction's result (an array, or a tuple for values + indices); `ranges`: pykeops' block-sparse
-        6-tuple (engine.ranges)."""
+        6-tuple (engine.ranges). `shape` = (rows, columns) says that `arrays` are what `plan.check_args` returned
+        (the planner's bind, the one validation of a request): they are not checked again."""
 
     def prepare(self, plan: Plan, dtype) -> None:
         """Compile what `run` will need (called within the compile-time limit); a no-op where nothing compiles."""
@@ -68,10 +69,13 @@ class LocalExecutor(Executor):
     def prepare(self, plan, dtype):
         get_backend(backend_name(self.backend)).prepare(plan, np.dtype(dtype))
 
-    def run(self, plan, arrays, progress=None, cancelled=None, ranges=None):
+    def run(self, plan, arrays, progress=None, cancelled=None, ranges=None, shape=None):
+        if shape is None:
+            arrays, _, *shape = plan.check_args(arrays)
+        n, m = shape
         if ranges is not None or (progress is None and cancelled is None):
-            return run(plan, arrays, backend=self.backend, ranges=ranges)
-        arrays, dtype, n, m = plan.check_args(arrays)
+            return run_checked(plan, arrays, n, m, self.backend, ranges)
+        dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         backend = get_backend(backend_name(self.backend))
         acc = plan.acc_dtype(dtype)
 
@@ -116,11 +120,12 @@ class ClusterExecutor(Executor):
         check = getattr(self.cluster, "health", None)
         return check() if check is not None else None
 
-    def run(self, plan, arrays, progress=None, cancelled=None, ranges=None):
+    def run(self, plan, arrays, progress=None, cancelled=None, ranges=None, shape=None):
         if self.local is not None:
-            _, _, n, m = plan.check_args(arrays)
-            if n * m < self.local_below_pairs:
-                return self.local.run(plan, arrays, progress, cancelled, ranges)
+            if shape is None:
+                arrays, _, *shape = plan.check_args(arrays)
+            if shape[0] * shape[1] < self.local_below_pairs:
+                return self.local.run(plan, arrays, progress, cancelled, ranges, shape)
         return self._wait(self.cluster.submit_plan(plan, arrays, ranges=ranges), progress, cancelled)
 
     def run_dataset(self, plan, sources, output: str, progress=None, cancelled=None) -> str:

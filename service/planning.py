@@ -133,21 +133,22 @@ class Planner:
         if batch:                       # leading batch dimensions: one reduction per item, as engine.run does
             if ranges is not None:
                 raise ArgumentError("ranges (block-sparse reductions) cannot be combined with batch dimensions")
-            items = [plan.check_args(item)[0] for item in batch_items(plan, arrays, batch)]
-            _, _, rows, cols = plan.check_args(items[0])
+            items = [plan.check_args(item) for item in batch_items(plan, arrays, batch)]   # views, no copies
+            _, _, rows, cols = items[0]
             limits.check_pairs(rows * math.prod(batch), cols, pair_limit, limit_name)
             if self.settings.reject_nonfinite:
-                for item in items:
+                for item, *_ in items:
                     limits.check_finite([a.name for a in plan.args], item)
-            return Work(plan, arrays, rows * math.prod(batch), cols, names,
-                        lambda run: as_list(stack_items(batch, [run(plan, item) for item in items])))
+            return Work(plan, arrays, rows * math.prod(batch), cols, names, lambda run: as_list(stack_items(
+                batch, [run(plan, item, shape=(n, m)) for item, _, n, m in items])))
         checked, _, rows, cols = plan.check_args(arrays)
         limits.check_pairs(rows, cols, pair_limit, limit_name)
         if self.settings.reject_nonfinite:
             limits.check_finite([a.name for a in plan.args], checked)
-        if ranges is not None:          # the executor's engine checks every index of the ranges
-            return Work(plan, checked, rows, cols, names, lambda run: as_list(run(plan, checked, ranges=ranges)))
-        return Work(plan, checked, rows, cols, names, lambda run: as_list(run(plan, checked)))
+        # the arrays are checked here, once: `shape` tells the executor not to check them again. (The engine checks
+        # every index of the ranges.)
+        return Work(plan, checked, rows, cols, names,
+                    lambda run: as_list(run(plan, checked, ranges=ranges, shape=(rows, cols))))
 
     def _gradient(self, plan, spec, arrays, pair_limit, limit_name) -> Work:
         if len(arrays) != plan.nargs + 1:

@@ -246,7 +246,7 @@ async def test_unknown_routes_and_jobs_are_404_json(server):
 # Internal errors: a 500 that does not leak -----------------------------------------------------------------
 
 class Exploding(LocalExecutor):
-    def run(self, plan, arrays, progress=None, cancelled=None):
+    def run(self, plan, arrays, progress=None, cancelled=None, **options):
         raise RuntimeError("secret detail at /srv/internal/path.py")
 
 

@@ -39,14 +39,14 @@ class Flaky(LocalExecutor):
             self.problem = None
         return self.problem
 
-    def run(self, plan, arrays, progress=None, cancelled=None, ranges=None):
+    def run(self, plan, arrays, progress=None, cancelled=None, **options):
         self.runs += 1
         if self.runs <= self.losses:
             self.problem = "the cluster driver process exited (test)"
             if not self.recovers:
                 self.back.clear()
             raise Interrupted(self.problem)
-        return super().run(plan, arrays, progress, cancelled, ranges)
+        return super().run(plan, arrays, progress, cancelled, **options)
 
 
 def expected(x, y, b):

@@ -28,14 +28,14 @@ class Gated(LocalExecutor):
         super().__init__("reference")
         self.gate, self.started = threading.Event(), threading.Event()
 
-    def run(self, plan, arrays, progress=None, cancelled=None):
+    def run(self, plan, arrays, progress=None, cancelled=None, **options):
         if progress is not None:
             progress(0.5)
         self.started.set()
         while not self.gate.wait(0.01):
             if cancelled is not None and cancelled():
                 raise Cancelled()
-        return super().run(plan, arrays, progress, cancelled)
+        return super().run(plan, arrays, progress, cancelled, **options)
 
 
 class Failing(LocalExecutor):
@@ -43,7 +43,7 @@ class Failing(LocalExecutor):
         super().__init__("reference")
         self.error = error
 
-    def run(self, plan, arrays, progress=None, cancelled=None):
+    def run(self, plan, arrays, progress=None, cancelled=None, **options):
         raise self.error
 
 
