@@ -183,3 +183,63 @@ def test_job_file_with_dataset_input_and_output(ray_up, tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     got = np.load(run_job_file(tmp_path / "job.yaml", progress=False))[:, 0]
     np.testing.assert_allclose(got, read_output(tmp_path / "out"), rtol=1e-6)
+
+
+def write_columns(folder, m, row_group, seed):
+    """y (columns u, v, w) and b (column b) in one Parquet dataset of 3 files, written chunk by chunk."""
+    os.makedirs(folder, exist_ok=True)
+    for f in range(3):
+        chunk = points(m // 3, seed + f)
+        table = pa.table({"u": chunk[:, 0], "v": chunk[:, 1], "w": chunk[:, 2], "b": chunk[:, 0] * chunk[:, 1]})
+        pq.write_table(table, os.path.join(folder, f"y-{f}.parquet"), row_group_size=row_group)
+
+
+def read_columns(folder):
+    tables = [pq.read_table(os.path.join(folder, f"y-{f}.parquet")) for f in range(3)]
+    y = np.concatenate([np.column_stack([t.column(c).to_numpy() for c in "uvw"]) for t in tables])
+    return y, np.concatenate([t.column("b").to_numpy() for t in tables])[:, None]
+
+
+def test_column_side_datasets_are_read_by_the_workers_block_by_block(cluster, tmp_path):
+    m = 3_000_000                   # y and b: 48 MB of float32, read by the workers 200,000 rows at a time
+    write_points(tmp_path / "x", 200, files=1, row_group=100)
+    write_columns(tmp_path / "y", m, row_group=200_000, seed=20)
+    plan = Genred(GAUSS, ALIASES, axis=1).plan
+    inputs = [Dataset(str(tmp_path / "x")), Dataset(str(tmp_path / "y"), ("u", "v", "w")),
+              Dataset(str(tmp_path / "y"), ("b",))]
+    me, peak, stop = psutil.Process(), [0], threading.Event()
+    base = me.memory_info().rss
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss - base)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        job = cluster.submit_dataset(plan, inputs, str(tmp_path / "out"))
+        job.result(300)
+    finally:
+        stop.set()
+        watcher.join()
+    assert peak[0] < 12 * MB, peak[0]                # y and b are 48 MB: the driver held neither
+    assert len(job.shards) == 2 and len(job.shards[0].cols) == 15          # 15 row groups of y: column blocks
+    x, (y, b) = read_x(tmp_path / "x", files=1), read_columns(tmp_path / "y")
+    want = sum(dense(x, y[c:c + 250_000], b[c:c + 250_000]) for c in range(0, m, 250_000))
+    np.testing.assert_allclose(read_output(tmp_path / "out"), want, rtol=1e-4)
+
+
+def test_column_blocks_give_global_indices(cluster, tmp_path):
+    write_points(tmp_path / "x", 300, files=1, row_group=100)
+    write_columns(tmp_path / "y", 3_000, row_group=250, seed=30)       # 12 column blocks
+    plan = Genred("SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)"], reduction_op="ArgKMin", axis=1, opt_arg=3).plan
+    job = cluster.submit_dataset(plan, [Dataset(str(tmp_path / "x")), Dataset(str(tmp_path / "y"), ("u", "v", "w"))],
+                                 str(tmp_path / "out"))
+    job.result(120)
+    parts = sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("part-"))
+    tables = [pq.read_table(tmp_path / "out" / p) for p in parts]
+    got = np.concatenate([np.column_stack([t.column(k).to_numpy() for k in t.column_names]) for t in tables])
+    x, (y, _) = read_x(tmp_path / "x", files=1), read_columns(tmp_path / "y")
+    d2 = ((x[:, None, :].astype(np.float64) - y[None, :, :]) ** 2).sum(-1)
+    np.testing.assert_array_equal(got, np.argsort(d2, axis=1, kind="stable")[:, :3])

@@ -43,7 +43,9 @@ class JobBlocks:
         else:
             empty = self._put(ray, [])
             self.rows = {s.block: empty for s in shards}
-        self.cols = {(c0, c1): self._put(ray, [a[c0:c1] for a, spec in zip(arrays, plan.args) if spec.role == COLS])
+        # a column-side input given as None is a dataset the workers read themselves (dataset.RowReader)
+        self.cols = {(c0, c1): self._put(ray, [a[c0:c1] for a, spec in zip(arrays, plan.args)
+                                               if spec.role == COLS and a is not None])
                      for c0, c1 in sorted({cols for s in shards for cols in s.cols})}
         self.params = self._put(ray, [a for a, spec in zip(arrays, plan.args) if spec.role == PARAM])
 
@@ -86,13 +88,14 @@ class BlockCache:
         self.held = 0
         self.fetched = 0
 
-    def get(self, ref, nbytes: int, load):
-        """The parts of block `ref`, from the cache or through `load(ref)` (which then count as fetched)."""
-        key = ref.hex()
+    def get(self, key: str, load, nbytes: int | None = None):
+        """The parts of block `key`, from the cache or through `load()` (which then count as fetched; `nbytes`
+        defaults to the loaded parts' size)."""
         if key in self.blocks:
             self.blocks.move_to_end(key)
             return self.blocks[key][0]
-        parts = load(ref)
+        parts = load()
+        nbytes = sum(int(p.nbytes) for p in parts) if nbytes is None else nbytes
         self.fetched += nbytes
         self.blocks[key] = parts, nbytes
         self.held += nbytes

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 
 from ..errors import ArgumentError, BackendError
-from ..plan import ROWS, Plan, make_plan
+from ..plan import COLS, ROWS, Plan, make_plan
 from ..ranges import ranges_grid
 from . import reaper
 from .blocks import CACHE_BYTES
@@ -105,44 +105,53 @@ class Cluster:
 
     def submit_dataset(self, plan: Plan, inputs: list, output: str, dtype=None) -> DatasetJob:
         """Start an out-of-core job: `inputs` are, per argument of the plan, an array or a `Dataset`; the row-side
-        ones (the output's rows) must be Datasets, which the workers read row group by row group; the others are
-        read whole. The workers write the result to the Parquet dataset `output` (a folder or URI), one file per
-        row block (the row groups of the first row-side input); blocks already written there by the same job are
-        not computed again. The job's result is `output`."""
+        ones (the output's rows) must be Datasets, which the workers read row group by row group. Column-side
+        Datasets are read by the workers too, as column blocks (the row groups of the first of them); column-side
+        arrays and parameters are put in the object store. The driver reads only the datasets' metadata. The
+        workers write the result to the Parquet dataset `output` (a folder or URI), one file per row block (the row
+        groups of the first row-side input); blocks already written there by the same job are not computed again.
+        The job's result is `output`."""
         if self.pool is None:
             raise BackendError("this Cluster is closed")
         if len(inputs) != plan.nargs:
             raise DatasetError(f"expected {plan.nargs} inputs ({', '.join(a.name for a in plan.args)}), "
                                f"got {len(inputs)}")
-        readers, arrays = {}, []
+        readers, col_readers, arrays = {}, {}, []
         for k, (spec, source) in enumerate(zip(plan.args, inputs)):
             if spec.role == ROWS:
                 if not isinstance(source, Dataset):
                     raise DatasetError(f"{spec.name} is a row-side input of a dataset job: give it as a Dataset")
                 readers[k] = reader = row_reader(source, spec.name, spec.dim, dtype)
-                dtype = dtype or reader.dtype
-                arrays.append(np.zeros((1, spec.dim), dtype))            # a stand-in, for the checks below
+                arrays.append(np.zeros((1, spec.dim), reader.dtype))     # a stand-in, for the checks below
+            elif isinstance(source, Dataset) and spec.role == COLS:
+                col_readers[k] = reader = row_reader(source, spec.name, spec.dim, dtype)
+                # a stand-in of the right length for the checks below: calloc'd pages that are never touched,
+                # so it holds no memory
+                arrays.append(np.zeros((reader.rows, spec.dim), reader.dtype))
             elif isinstance(source, Dataset):
-                reader = row_reader(source, spec.name, spec.dim, dtype)
-                arrays.append(reader.read(0, reader.pieces[-1].stop if reader.pieces else 0))
+                raise DatasetError(f"{spec.name} is a parameter: give it as numbers, not a Dataset")
             else:
                 arrays.append(source)
+            dtype = dtype or (reader.dtype if k in readers or k in col_readers else None)
         if not readers:
             raise DatasetError("a dataset job needs a row-side input (an i variable, or j for axis=0)")
         arrays, dtype, _, m = plan.check_args(arrays)
         n = check_rows(plan, readers, {})
         blocks = row_blocks(readers[min(readers)])
+        columns = tuple(row_blocks(col_readers[min(col_readers)])) if col_readers else ((0, m),)
         digest = hashlib.sha256()
         for k, array in enumerate(arrays):
-            if k not in readers:
+            if k in col_readers:
+                digest.update(col_readers[k].key.encode())
+            elif k not in readers:
                 digest.update(np.ascontiguousarray(array).tobytes())
         job = {"plan": plan.key, "rows": n, "columns": m, "dtype": dtype.str, "blocks": blocks,
                "inputs": [inputs[k].uri for k in sorted(readers)], "others": digest.hexdigest()}
         out = Output(output, job)
-        shards = dataset_shards(blocks, m, out.written)
-        arrays = [None if k in readers else a for k, a in enumerate(arrays)]
+        shards = dataset_shards(blocks, columns, out.written)
+        arrays = [None if k in readers or k in col_readers else a for k, a in enumerate(arrays)]
         return DatasetJob(self.pool, plan, arrays, dtype, shards, [readers[k] for k in sorted(readers)], out,
-                          **self._job_options)
+                          col_readers, **self._job_options)
 
     def reduce(self, formula: str, aliases, *args, progress: bool = False, timeout: float | None = None, **kwargs):
         """`submit(...)` and wait for the result (with a progress bar if `progress`)."""

@@ -2,8 +2,11 @@
 output is a Parquet dataset the workers write, one file per row block in input row order.
 
 The driver reads only metadata (row-group sizes), so it never holds an input or output array whole. Row blocks are
-the row groups of the first row-side dataset. Column-side inputs (the variables reduced over) and parameters are
-read whole, put in the object store once and cached by the workers: they must fit in a worker's memory.
+the row groups of the first row-side dataset. Column-side inputs (the variables reduced over) may be datasets too:
+then column blocks are the row groups of the first of them, each worker reads the column blocks itself and keeps
+them in its block cache, and a row block is reduced over the column blocks in order (a worker holds one row block
+and the column blocks its cache budget allows, never a whole input). Column-side arrays and parameters are put in
+the object store once, cut along the same column blocks.
 Each block's file is written under a temporary name and renamed, so a file that exists is complete; a manifest
 records the job, so running the same job into the same folder again computes only the blocks that are missing.
 Paths are local paths, globs, or any pyarrow filesystem URI (`s3://`, `gs://`, `file://`).
@@ -11,6 +14,7 @@ Paths are local paths, globs, or any pyarrow filesystem URI (`s3://`, `gs://`, `
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -90,6 +94,19 @@ class RowReader:
     columns: tuple[str, ...] | None
     dtype: str
 
+    @property
+    def rows(self) -> int:
+        return self.pieces[-1].stop if self.pieces else 0
+
+    @property
+    def key(self) -> str:
+        """Names this dataset's content as listed (files, row groups, columns, dtype), for the workers' caches."""
+        return "dataset-" + hashlib.sha256(repr((self.pieces, self.columns, self.dtype)).encode()).hexdigest()[:24]
+
+    def block_key(self, r0: int, r1: int) -> str:
+        """The cache key of rows [r0, r1) of this dataset."""
+        return f"{self.key}:{r0}:{r1}"
+
     def read(self, r0: int, r1: int) -> np.ndarray:
         import pyarrow.parquet as pq
 
@@ -142,7 +159,7 @@ def row_blocks(reader: RowReader) -> list[tuple[int, int]]:
 
 
 def check_rows(plan: Plan, readers: dict[int, RowReader], arrays: dict[int, np.ndarray]) -> int:
-    sizes = {readers[k].name: readers[k].pieces[-1].stop if readers[k].pieces else 0 for k in readers}
+    sizes = {readers[k].name: readers[k].rows for k in readers}
     sizes |= {plan.args[k].name: len(a) for k, a in arrays.items() if plan.args[k].role == ROWS}
     if len(set(sizes.values())) > 1:
         raise DatasetError("row-side inputs differ in length: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
@@ -208,6 +225,7 @@ class Output:
         self._write_manifest(complete=True)
 
 
-def dataset_shards(blocks: list[tuple[int, int]], m: int, skip: set[int]) -> list[Shard]:
-    """One shard per row block not yet written, over every column (its index is the block's, for the file name)."""
-    return [Shard(b, b, 0, rows, ((0, m),)) for b, rows in enumerate(blocks) if b not in skip]
+def dataset_shards(blocks: list[tuple[int, int]], columns: tuple[tuple[int, int], ...], skip: set[int]) -> list[Shard]:
+    """One shard per row block not yet written, over every column block in order (its index is the block's, for
+    the file name)."""
+    return [Shard(b, b, 0, rows, columns) for b, rows in enumerate(blocks) if b not in skip]

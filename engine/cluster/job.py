@@ -185,7 +185,7 @@ class Job:
         finally:
             for ref in running:
                 ray.cancel(ref)
-            self._pool.broadcast_forget(blocks.keys())
+            self._pool.broadcast_forget(self._block_keys(blocks))
         return self._finish(assembler)
 
     # What a shard is, for this kind of job (a DatasetJob reads and writes files instead) -------------------
@@ -196,6 +196,10 @@ class Job:
 
     def _finish(self, assembler: Assembler):
         return self.plan.reduction.finalize(assembler.state(), self._dtype)
+
+    def _block_keys(self, blocks: JobBlocks) -> list[str]:
+        """The workers' cache keys of this job's blocks, forgotten when it ends."""
+        return blocks.keys()
 
     def _check_workers(self, workers, running, idle_since):
         """Fail when no worker has been available for `worker_wait` seconds (all lost, none restartable)."""
@@ -274,13 +278,19 @@ class DatasetJob(Job):
 
     _row_blocks = False
 
-    def __init__(self, pool, plan, arrays, dtype, shards, readers, output, **options):
-        self._readers, self._output = readers, output
+    def __init__(self, pool, plan, arrays, dtype, shards, readers, output, col_readers=None, **options):
+        """`col_readers`: {argument index: RowReader} of the column-side inputs that are datasets."""
+        self._readers, self._output, self._col_readers = readers, output, col_readers or {}
         self.skipped = sorted(output.written)        # blocks found already written (a resumed job)
         super().__init__(pool, plan, arrays, dtype, shards, **options)
 
     def _call(self, worker, shard, refs):
-        return worker.handle.write_block.remote(shard, self._plan_ref, refs, self._readers, self._output.uri)
+        return worker.handle.write_block.remote(shard, self._plan_ref, refs, self._readers, self._output.uri,
+                                                self._col_readers)
+
+    def _block_keys(self, blocks):
+        return blocks.keys() + [reader.block_key(c0, c1) for reader in self._col_readers.values()
+                                for c0, c1 in {cols for shard in self.shards for cols in shard.cols}]
 
     def _finish(self, assembler):
         self._output.finish()

@@ -16,7 +16,8 @@ Parameters (Pm) may also be given inline as a list of numbers.
 Out of core: an input may be a Parquet dataset (a folder, a glob such as `x/*.parquet`, or any pyarrow filesystem
 URI: `s3://bucket/x/`, `file:///data/x/`), and an `output` ending in `/` is a Parquet dataset written by the
 workers, one file per row group of the row-side input, in row order (see `dataset.py`); then the row-side inputs
-must be Parquet, the workers read them, and the driver never holds them or the output. Running the same job again
+must be Parquet, the workers read them (and the column-side inputs given as Parquet, block by block), and the driver
+never holds them or the output. Running the same job again
 into the same output folder computes only the blocks that are missing.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ArgumentError
-from ..plan import ROWS, Plan
+from ..plan import COLS, ROWS, Plan
 from ..spec import Spec
 from .dataset import Dataset, row_reader
 
@@ -241,22 +242,23 @@ def _columns(source: InputFile):
 
 
 def dataset_inputs(spec: JobSpec, plan: Plan, folder: Path) -> list:
-    """The inputs of a dataset job: Datasets for the row-side inputs (read by the workers), arrays for the others."""
-    rows = {}
+    """The inputs of a dataset job: Datasets for the row-side inputs and for the column-side ones given as Parquet
+    datasets (the workers read both), arrays for the others."""
+    datasets = {}
     for arg in plan.args:
         source = spec.inputs[arg.name]
-        if arg.role != ROWS:
-            continue
         source = InputFile(path=source) if isinstance(source, str) else source
-        if not isinstance(source, InputFile) or not (is_dataset(source.path, folder)
-                                                     or source.path.endswith(".parquet")):
+        parquet = isinstance(source, InputFile) and (is_dataset(source.path, folder)
+                                                     or source.path.endswith(".parquet"))
+        if arg.role == ROWS and not parquet:
             raise JobFileError(f"{arg.name}: an output dataset (ending in /) needs the row-side inputs as "
                                "Parquet files or datasets")
-        rows[arg.name] = Dataset(locate(source.path, folder), _columns(source))
-    first = next((arg for arg in plan.args if arg.name in rows), None)       # its dtype, for inline numbers
-    dtype = row_reader(rows[first.name], first.name, first.dim, spec.dtype).dtype if first else None
-    arrays = load_inputs(spec, plan, folder, skip=set(rows), inline_dtype=dtype)
-    return [rows.get(arg.name, array) for arg, array in zip(plan.args, arrays)]
+        if arg.role == ROWS or arg.role == COLS and parquet:
+            datasets[arg.name] = Dataset(locate(source.path, folder), _columns(source))
+    first = next((arg for arg in plan.args if arg.name in datasets), None)       # its dtype, for inline numbers
+    dtype = row_reader(datasets[first.name], first.name, first.dim, spec.dtype).dtype if first else None
+    arrays = load_inputs(spec, plan, folder, skip=set(datasets), inline_dtype=dtype)
+    return [datasets.get(arg.name, array) for arg, array in zip(plan.args, arrays)]
 
 
 def run_job_file(path, address: str | None = None, progress: bool = True) -> Path | str:

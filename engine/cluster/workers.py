@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..backends import get_backend
 from ..errors import BackendError
+from ..plan import COLS
 from ..reductions import merge_all
 from .blocks import CACHE_BYTES, BlockCache, shard_arrays, shift_indices
 
@@ -46,9 +47,8 @@ class ShardWorker:
     def partial(self, shard, plan, blocks) -> tuple:
         """(the reduction state of `shard`, bytes this shard had to fetch). `blocks` is a `blocks.BlockRefs`."""
         backend = get_backend(self.backend_name)
-        load = _loader(backend.name == "cuda")
         before = self.cache.fetched
-        rows, *cols, params = [self.cache.get(ref, size, load) for ref, size in zip(blocks.refs, blocks.nbytes)]
+        rows, *cols, params = self._fetch(blocks, backend.name == "cuda")
         if self.on_shard is not None:
             self.on_shard(shard)
         (r0, r1) = shard.rows
@@ -59,39 +59,49 @@ class ShardWorker:
             states.append(shift_indices(plan, state, c0))
         return merge_all(plan.reduction, states), self.cache.fetched - before
 
-    def write_block(self, shard, plan, blocks, readers, out: str) -> tuple:
+    def write_block(self, shard, plan, blocks, readers, out: str, col_readers: dict | None = None) -> tuple:
         """A dataset job's shard: read its rows from the datasets (`readers`, one per row-side input), reduce
-        over every column, write the finished rows as the output dataset's file for this block. Returns ((), bytes
-        read or fetched)."""
+        over every column block in order, write the finished rows as the output dataset's file for this block.
+        `col_readers` ({argument index: RowReader}) are the column-side inputs that are datasets: their column
+        blocks are read here and cached like the object-store blocks. Returns ((), bytes read or fetched)."""
         from .dataset import write_part
         backend = get_backend(self.backend_name)
-        load = _loader(backend.name == "cuda")
+        on_device = backend.name == "cuda"
         before = self.cache.fetched
-        _, cols, params = [self.cache.get(ref, size, load) for ref, size in zip(blocks.refs, blocks.nbytes)]
-        (r0, r1), ((c0, c1),) = shard.rows, shard.cols
+        _, *cols, params = self._fetch(blocks, on_device)
+        r0, r1 = shard.rows
         rows = [reader.read(r0, r1) for reader in readers]
         if self.on_shard is not None:
             self.on_shard(shard)
-        arrays = shard_arrays(plan, rows, cols, params)
-        dtype = rows[0].dtype
-        state = backend.bind(arrays).partial(plan, arrays, (0, r1 - r0), (c0, c1))
-        write_part(out, shard.block, plan.reduction.finalize(state, dtype), plan)
+        states = []
+        for (c0, c1), stored in zip(shard.cols, cols):
+            read = {k: self.cache.get(reader.block_key(c0, c1),
+                                      lambda reader=reader: _to_device([reader.read(c0, c1)], on_device))[0]
+                    for k, reader in (col_readers or {}).items()}
+            store = iter(stored)
+            columns = [read[k] if k in read else next(store) for k, spec in enumerate(plan.args)
+                       if spec.role == COLS]
+            arrays = shard_arrays(plan, rows, columns, params)
+            state = backend.bind(arrays).partial(plan, arrays, (0, r1 - r0), (0, c1 - c0))
+            states.append(shift_indices(plan, state, c0))
+        write_part(out, shard.block, plan.reduction.finalize(merge_all(plan.reduction, states), rows[0].dtype), plan)
         return (), self.cache.fetched - before + sum(int(a.nbytes) for a in rows)
+
+    def _fetch(self, blocks, on_device: bool) -> list:
+        """The parts of each of a shard's object-store blocks (`blocks.BlockRefs`), through the cache."""
+        import ray
+        return [self.cache.get(ref.hex(), lambda ref=ref: _to_device(ray.get(ref), on_device), size)
+                for ref, size in zip(blocks.refs, blocks.nbytes)]
 
     def forget(self, keys: list[str]) -> None:
         self.cache.forget(keys)
 
 
-def _loader(on_device: bool):
-    import ray
-
-    def load(ref):
-        parts = ray.get(ref)
-        if on_device:     # copied to this worker's GPU once per block, not once per shard
-            import cupy
-            parts = [cupy.asarray(a) for a in parts]
-        return parts
-    return load
+def _to_device(parts: list, on_device: bool) -> list:
+    if on_device:     # copied to this worker's GPU once per block, not once per shard
+        import cupy
+        parts = [cupy.asarray(a) for a in parts]
+    return parts
 
 
 # Where the actors go ---------------------------------------------------------------------------------
