@@ -338,6 +338,16 @@ class Client:
         info, like = self._drive(self._flows.submit(spec, _with_ranges(args, ranges)))
         return Job(self, info, like)
 
+    def submit_dataset(self, formula: str, aliases, inputs: dict, output: str, *, reduction_op: str = "Sum",
+                       axis: int = 0, opt_arg=None, formula2: str | None = None, dtype_acc: str = "auto") -> "Job":
+        """Queue an out-of-core job on the server's cluster: `inputs` maps each alias name to a Parquet dataset
+        the server can read (a path or URI, or {"uri": ..., "columns": [...]}) or, for a parameter, a list of
+        numbers; the workers write the result to the Parquet dataset `output`, which the finished job names."""
+        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        sources = {name: {"uri": source} if isinstance(source, str) else source for name, source in inputs.items()}
+        body = {k: v for k, v in spec.items() if k != "grad"} | {"inputs": sources, "output": output}
+        return Job(self, self._send(Call("POST", "/v1/jobs", json=body, idempotent=False)).json(), None)
+
     def job(self, job_id: str) -> "Job":
         return Job(self, self._get(f"/v1/jobs/{job_id}"), None)
 

@@ -14,7 +14,6 @@ back and compares a subsample of rows with dense numpy in float64.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -74,20 +73,14 @@ def run_job(mode: Mode, job: Path, address: str | None) -> Path:
         return Path(run_job_file(job, address=address, progress=False))
     # the same job as POST /v1/jobs: dataset inputs are paths (or URIs) the server's workers can read
     spec, folder = yaml.safe_load(job.read_text()), job.parent.resolve()
-    body = {"formula": spec["formula"], "aliases": spec["aliases"], "reduction_op": spec["reduction"],
-            "axis": spec["axis"], "output": f"{folder / spec['output']}/",
-            "inputs": {name: {"uri": str(folder / source["path"]), "columns": source["columns"]}
-                       for name, source in spec["inputs"].items()}}
-    token = os.environ.get("KRED_TOKEN")
-    reply = mode.client.http.post("/v1/jobs", json=body,
-                                  headers={"Authorization": f"Bearer {token}"} if token else {})
-    if reply.status_code != 202:
-        raise SystemExit(f"the server refused the dataset job ({reply.status_code}): {reply.text}")
-    from kred.client import Job
-    info = Job(mode.client, reply.json()).wait(timeout=3600)
+    output = f"{folder / spec['output']}/"
+    inputs = {name: {"uri": str(folder / source["path"]), "columns": source["columns"]}
+              for name, source in spec["inputs"].items()}
+    info = mode.client.submit_dataset(spec["formula"], spec["aliases"], inputs, output,
+                                      reduction_op=spec["reduction"], axis=spec["axis"]).wait(timeout=3600)
     if info["state"] != "done":
         raise SystemExit(f"dataset job {info['id']} {info['state']}: {info.get('error')}")
-    return Path(body["output"])
+    return Path(output)
 
 
 def main(argv=None, client=None) -> int:

@@ -124,3 +124,16 @@ def test_interrupted_dataset_job_is_rerun_by_the_next_server(cluster, data, tmp_
             assert wait(client, job_id)["state"] == "done"
     assert all(os.stat(tmp_path / "out" / p).st_mtime_ns == stamps[p] for p in written)   # not rewritten
     np.testing.assert_allclose(output(tmp_path / "out"), want[:, 0], rtol=1e-12)
+
+
+def test_client_submit_dataset(cluster, data, tmp_path):
+    from kred import Client
+    body, want = data
+    app = create_app(settings(tmp_path, dataset_roots=[str(tmp_path)]), executor=ClusterExecutor(cluster=cluster))
+    with Server(app) as server, Client(server.url) as client:
+        inputs = {"x": str(tmp_path / "x"), "y": {"uri": str(tmp_path / "y.parquet"), "columns": ["p", "q", "r"]},
+                  "b": body["inputs"]["b"]["uri"]}
+        job = client.submit_dataset(REQUEST["formula"], REQUEST["aliases"], inputs, body["output"], axis=1)
+        info = job.wait(timeout=120)
+        assert info["state"] == "done" and (info["rows"], info["cols"]) == (6000, 50), info
+    np.testing.assert_allclose(output(tmp_path / "out"), want[:, 0], rtol=1e-12)

@@ -128,11 +128,12 @@ class Cluster:
                 # a stand-in of the right length for the checks below: calloc'd pages that are never touched,
                 # so it holds no memory
                 arrays.append(np.zeros((reader.rows, spec.dim), reader.dtype))
-            elif isinstance(source, Dataset):
-                raise DatasetError(f"{spec.name} is a parameter: give it as numbers, not a Dataset")
+            elif isinstance(source, Dataset):          # a parameter: a few numbers, read here
+                reader = row_reader(source, spec.name, spec.dim, dtype)
+                arrays.append(reader.read(0, reader.rows))
             else:
                 arrays.append(source)
-            dtype = dtype or (reader.dtype if k in readers or k in col_readers else None)
+            dtype = dtype or (reader.dtype if isinstance(source, Dataset) else None)
         if not readers:
             raise DatasetError("a dataset job needs a row-side input (an i variable, or j for axis=0)")
         arrays, dtype, _, m = plan.check_args(arrays)
