@@ -12,6 +12,9 @@ Parts (goals from issue 11):
   memory: throughput ratio (goal >= 0.8) and the driver's peak RSS (goal < 400 MB for a 720 MB input).
 - `service`: `--requests` concurrent N = M = 1000 reductions through a real `kred serve` with the default
   (cluster) executor and with the local one: throughput ratio (goal >= 0.9), errors (goal 0), p50 / p99.
+- `crossover`: the same Gaussian Sum (N = M) through the service's two paths, its local executor (this process,
+  kernels warm) and its cluster executor (the Ray driver in a child process, workers), over a range of sizes; the
+  smallest N x M at which the cluster is faster is the measured default of the setting `local_below_pairs`.
 The JSON goes to benchmarks/results/cluster-scale-<host kind>.json with the machine and its load average.
 """
 from __future__ import annotations
@@ -218,6 +221,47 @@ def bench_service(args, rows):
     cluster["throughput_ratio_vs_local"] = round(cluster["requests_per_s"] / local["requests_per_s"], 3)
 
 
+def bench_crossover(args, rows):
+    from kred.engine.plan import make_plan
+    from kred.service.executors import ClusterExecutor, LocalExecutor
+    plan = make_plan(FORMULA, ALIASES, "Sum", 1, None, None, "auto")
+    local, cluster = LocalExecutor(), ClusterExecutor(local_below_pairs=0)
+    try:
+        for n in (int(v) for v in args.crossover_n):
+            arrays = list(data(n, n, seed=3))
+            times = {}
+            for name, executor in (("local", local), ("cluster", cluster)):
+                executor.run(plan, arrays)                              # warm: kernels compiled, workers up
+                runs = []
+                for _ in range(args.reps):
+                    start = time.perf_counter()
+                    executor.run(plan, arrays)
+                    runs.append(time.perf_counter() - start)
+                times[name] = statistics.median(runs)
+            row = {"part": "crossover", "n": n, "m": n, "pairs": n * n, "local_s": round(times["local"], 5),
+                   "cluster_s": round(times["cluster"], 5), "load_average": os.getloadavg()[0]}
+            rows.append(row)
+            print(f"crossover N = M = {n}: local {row['local_s']} s, cluster {row['cluster_s']} s", flush=True)
+    finally:
+        cluster.close()
+        local.close()
+    rows.append(crossover([r for r in rows if r["part"] == "crossover"]))
+    print(f"crossover: local_below_pairs = {rows[-1]['local_below_pairs']}", flush=True)
+
+
+def crossover(measured: list[dict], slack: float = 1.05) -> dict:
+    """The smallest measured N x M from which on the cluster is at most `slack` x the local time at every larger
+    size (single sizes where it wins by noise do not count)."""
+    pairs = None
+    for row in sorted(measured, key=lambda r: -r["pairs"]):
+        if row["cluster_s"] > slack * row["local_s"]:
+            break
+        pairs = row["pairs"]
+    return {"part": "crossover_result", "local_below_pairs": pairs, "slack": slack,
+            "note": "smallest measured N x M from which on the cluster executor took at most slack x the local "
+                    "executor's time (None: slower at every measured size)"}
+
+
 def start_server(executor: str, store: str):
     """`kred serve --executor EXECUTOR` in a subprocess on a free loopback port: (process, url)."""
     import socket
@@ -233,22 +277,24 @@ def start_server(executor: str, store: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["nodes", "ooc", "service"], action="append")
+    parser.add_argument("--only", choices=["nodes", "ooc", "service", "crossover"], action="append")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--nodes-n", type=float, default=3e4, help="N = M of the emulated-nodes runs")
     parser.add_argument("--ooc-n", type=float, default=2e7, help="points of the out-of-core input")
     parser.add_argument("--row-group", type=float, default=1e6)
     parser.add_argument("--object-store-mb", type=int, default=1024)
     parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--crossover-n", type=float, nargs="+", default=[1e3, 3e3, 1e4, 2e4, 4e4],
+                        help="N = M of the crossover part's sizes")
     parser.add_argument("--tmp", default=None, help="folder for the dataset and stores (default: the system's)")
     parser.add_argument("--name", default="cluster-scale")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    parts = args.only or ["nodes", "ooc", "service"]
+    parts = args.only or ["nodes", "ooc", "service", "crossover"]
     info, rows = machine_info(), []
     load_before = os.getloadavg()
     for part in parts:
-        {"nodes": bench_nodes, "ooc": bench_ooc, "service": bench_service}[part](args, rows)
+        {"nodes": bench_nodes, "ooc": bench_ooc, "service": bench_service, "crossover": bench_crossover}[part](args, rows)
     out = RESULTS / f"{args.name}-{host_kind(info)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "tmp"} | {

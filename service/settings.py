@@ -23,8 +23,10 @@ class Settings(BaseSettings):
     ray_address: str | None = None               # None: an embedded local Ray
     backend: str = "auto"                        # engine backend for the local executor
     # With the cluster executor, reductions of fewer pairs (N x M) than this run in the server's process: below it
-    # the cluster's round trips (~10-50 ms) cost more than computing (the cpu backend does ~1e9 pairs/s).
-    local_below_pairs: float = Field(1e8, ge=0)
+    # the cluster's round trips (~10-50 ms) cost more than computing. Measured default: the crossover part of
+    # benchmarks/bench_cluster_scale.py (results/cluster-crossover-cpu-2c.json: on 2 shared cores the cluster
+    # matched the local path from N = M = 20,000 on, and was up to 1.9x slower below); re-measure on your hardware.
+    local_below_pairs: float = Field(4e8, ge=0)
     threads: int = Field(4, ge=1)                # concurrent synchronous reductions
 
     # Where dataset jobs (POST /v1/jobs with dataset URIs) may read and write: path or URI prefixes, e.g.
