@@ -304,8 +304,11 @@ class _Driver:
                 "    for (long long u = tasks[task]; u < tasks[task + 1]; u++) {"]
         unit = ["const long long i0 = units[5 * u], i1 = units[5 * u + 1], o1 = units[5 * u + 3];",
                 "const long long part = units[5 * u + 4];",
+                "long long first = KRED_NO_INDEX;     /* the lowest column the unit reduces (Reduction.c_start) */",
+                "for (long long o = units[5 * u + 2]; o < o1; o++)",
+                "    if (ranges[2 * o] < ranges[2 * o + 1] && ranges[2 * o] < first) first = ranges[2 * o];",
                 "for (long long ib = 0; ib < i1 - i0; ib++) {"]
-        init = init_steps(self.reduction, self._row_state(0))
+        init = init_steps(self.reduction, self._row_state(0), "first")
         if self.lanes:
             init = ["for (int l = 0; l < KRED_LANES; l++) {"] + _indent(init) + ["}"]
         unit += _indent(init) + ["}"]

@@ -326,7 +326,7 @@ class _Generator:
         hoisted, loop_emitter = self._hoist()
         body += hoisted
         body += self._declare_state("s")
-        body += init_steps(self.reduction, running)
+        body += init_steps(self.reduction, running, "(jbegin < jend ? jbegin : KRED_NO_INDEX)")
         body += [f"for (long long jt = jbegin; jt < jend; jt += {self.block}) {{",
                  f"    const int count = (int)(jend - jt < {self.block} ? jend - jt : {self.block});",
                  "    __syncthreads();"]
@@ -344,7 +344,7 @@ class _Generator:
         if self.block_sums:
             inner.append(_ALIAS_ACC)
             inner += self._declare_state("t", lambda slot: "kred_real" if slot.ctype == "kred_acc" else slot.ctype)
-            inner += init_steps(self.reduction, tile)
+            inner += init_steps(self.reduction, tile, "jt")
         inner.append("for (int jj = 0; jj < count; jj++) {")
         values = [loop_emitter.emit(root) for root in self.roots]
         inner += ["    " + line for line in loop_emitter.lines]

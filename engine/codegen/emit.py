@@ -24,7 +24,8 @@ structure, where variables live and where states are stored, and asks this modul
         state_slots(reduction)                       -> [Slot(name, width, ctype)], ctype in kred_acc/kred_real/kred_index
         working_slots(reduction)                     -> the same with the type a kernel may hold them in while it
                                                         accumulates (LogSumExp's max is exact in kred_real)
-        init_steps(reduction, state)                 -> the identity
+        init_steps(reduction, state, first=None)     -> the identity (then the start at column `first`, the
+                                                        lowest the state reduces, or KRED_NO_INDEX for none)
         accumulate_steps(reduction, state, f, f2, j) -> fold formula values f (and f2) of column j (C expr) in;
                                                         columns must arrive in increasing j order within one state
         merge_steps(reduction, into, other)          -> into = merge(into, other); associative and order-free

@@ -33,8 +33,10 @@ def working_slots(reduction: Reduction) -> list[Slot]:
             for s, slot in enumerate(state_slots(reduction))]
 
 
-def init_steps(reduction: Reduction, state: State) -> list[str]:
-    return reduction.c_init(state)
+def init_steps(reduction: Reduction, state: State, first: str | None = None) -> list[str]:
+    """The identity, then (when the driver knows it: `first`, a C expression) the start at the lowest column the
+    state will reduce, or KRED_NO_INDEX when it reduces none (Reduction.c_start)."""
+    return reduction.c_init(state) + (reduction.c_start(state, first) if first is not None else [])
 
 
 def accumulate_steps(reduction: Reduction, state: State, f: list[str], f2: list[str] | None, j: str) -> list[str]:

@@ -7,8 +7,9 @@ A reduction is one class (a row of the reduction table, `engine.reductions.REDUC
   `merge(a, b)` (associative: used between tiles, kernel parts, GPU blocks, grid items, shards and nodes alike),
   `finalize(state)`;
 - its **C steps** over the same state layout (`layout()`), target-neutral C used by the CPU and CUDA drivers:
-  `c_init`, `c_accumulate`, `c_merge`, `c_finalize`, and `c_candidate` (the test that lets a driver skip a chunk of
-  columns that cannot change the state). A state built in C merges with states from any backend;
+  `c_init`, `c_start` (run after `c_init` once the lowest column the state will reduce is known), `c_accumulate`,
+  `c_merge`, `c_finalize`, and `c_candidate` (the test that lets a driver skip a chunk of columns that cannot change
+  the state). A state built in C merges with states from any backend;
 - its **output facts**: `outputs` (kind and width of each result), `needs_k`, `weighted` (takes formula2),
   `empty_ok` (may reduce over an empty axis);
 - its **gradient rule**: `gradient_rule` names the rule of `engine.reductions.gradients` ("sum", "logsumexp",
@@ -98,6 +99,12 @@ class Reduction(ABC):
     @abstractmethod
     def c_init(self, state: State) -> list[str]:
         ...
+
+    def c_start(self, state: State, first: str) -> list[str]:
+        """Steps run after `c_init` by a driver that knows `first` (a C expression): the lowest column index the
+        state will reduce, or KRED_NO_INDEX when it reduces none. Lets a state start as if that column had been
+        accumulated with the identity's value, so that accumulate needs no test for ties with the identity."""
+        return []
 
     @abstractmethod
     def c_accumulate(self, state: State, f: list[str], f2: list[str] | None, j: str) -> list[str]:

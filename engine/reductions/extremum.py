@@ -49,16 +49,19 @@ class Extremum(Reduction):
         inf = "-KRED_INF" if self.largest else "KRED_INF"
         return [line for k in range(self.fdim) for line in (f"{s(0, str(k))} = {inf};", f"{s(1, str(k))} = KRED_NO_INDEX;")]
 
+    def c_start(self, s, first):
+        # (identity, first column): right whenever the result stays the identity (every column equal to it gives
+        # the lowest index), so the strict comparison below needs no tie test with the identity
+        return [f"{s(1, str(k))} = {first};" for k in range(self.fdim)]
+
     def c_accumulate(self, s, f, f2, j):
-        # j is larger than the state's index (see Reduction.c_accumulate), so of the ties only the identity's
-        # (value +-inf, no index yet) is taken, and a NaN state stays
+        # j is larger than the state's index (see Reduction.c_accumulate): a tie keeps the state, a NaN state stays
         cmp = ">" if self.largest else "<"
         lines = []
         for k in range(self.fdim):
             v, i = s(0, str(k)), s(1, str(k))
             lines += block([f"const kred_real sel_v = {f[k]};",
-                            f"const int take = sel_v {cmp} {v} || (sel_v != sel_v && {v} == {v}) || "
-                            f"(sel_v == {v} && {i} == KRED_NO_INDEX);",
+                            f"const int take = sel_v {cmp} {v} || (sel_v != sel_v && {v} == {v});",
                             f"{v} = take ? sel_v : {v};", f"{i} = take ? (kred_index)({j}) : {i};"])
         return lines
 
