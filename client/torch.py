@@ -24,11 +24,17 @@ import torch
 from kred.engine.torch.lazytensor import LazyTensor as _LocalLazyTensor
 
 from .client import DEFAULT_URL, Client
+from kred.engine.reductions import REDUCTIONS
 from kred.engine.spec import Spec
 
 from .lazytensor import RemoteLazyTensor, helpers, request_of, using
 
-FORMULA_GRADIENTS = ("Sum", "LogSumExp")
+FORMULA_GRADIENTS = ("sum", "logsumexp")     # gradient rules written here as a Grad formula reduced remotely
+
+
+def _rule(reduction_op: str) -> str | None:
+    known = REDUCTIONS.get(reduction_op)
+    return known.gradient_rule if known is not None else None
 
 
 class Genred:
@@ -70,7 +76,7 @@ class Genred:
             dim = self.signature()["outputs"][0]["dim"]
             aliases = [*self.aliases, f"{cotangent} = {rows}({len(args)}, {dim})"]
             weighted = self.formula
-            if self.reduction_op == "LogSumExp":                   # d LSE = softmax-weighted df: Exp(f - out) df
+            if _rule(self.reduction_op) == "logsumexp":                   # d LSE = softmax-weighted df: Exp(f - out) df
                 aliases.append(f"{output} = {rows}({len(args) + 1}, {dim})")
                 weighted = f"Exp(({self.formula}) - {output})"
             # indexed like the output (or a parameter): reduce as the forward pass; like the reduced axis: the other way
@@ -110,8 +116,8 @@ class _Remote(torch.autograd.Function):
         for pos, tensor in enumerate(tensors):
             if not ctx.needs_input_grad[2 + pos]:
                 continue
-            if op.reduction_op in FORMULA_GRADIENTS:
-                extras = [cotangent.to(tensor.dtype)] + ([output] if op.reduction_op == "LogSumExp" else [])
+            if _rule(op.reduction_op) in FORMULA_GRADIENTS:
+                extras = [cotangent.to(tensor.dtype)] + ([output] if _rule(op.reduction_op) == "logsumexp" else [])
                 grad = op.gradient(pos)(*tensors, *extras, ranges=ctx.ranges)
                 if next(a for a in op.signature()["args"] if a["position"] == pos)["category"] == "Pm":
                     grad = grad.sum(-2)             # one row per output row: a parameter's gradient is their sum

@@ -34,7 +34,6 @@ from .ranges import swap_axes
 from .reductions import REDUCTIONS
 
 CATEGORY = {0: I, 1: J, 2: P}
-COMPLEX_REDUCTIONS = ("Sum",)           # reductions of a complex formula that give complex values
 # Keyword arguments of a reduction: those that shape the plan, and those of the call.
 PLAN_OPTIONS = ("dtype_acc", "use_double_acc", "use_fast_math")
 CALL_OPTIONS = ("backend", "device_id", "ranges", "out")
@@ -1134,7 +1133,7 @@ class LazyReduction:
     def __init__(self, binding, lazy: LazyTensorBase, formula2: Node | None, reduction_op: str, axis: int, opt_arg,
                  options: dict):
         self.binding, self.reduction_op, self.axis, self.opt_arg = binding, reduction_op, axis, opt_arg
-        self.complex = lazy.is_complex and reduction_op in COMPLEX_REDUCTIONS
+        self.complex = lazy.is_complex and getattr(REDUCTIONS.get(reduction_op), "linear", False)
         self.formula, self.formula2, self.order = _numbered(lazy.node, formula2, lazy.leaves)
         self.symbolic = sum(1 for v in self.order if v is None or v.symbol is not None)
         self.batchdims = lazy.batchdims

@@ -11,7 +11,8 @@ A reduction is one class (a row of the reduction table, `engine.reductions.REDUC
   `c_merge`, `c_finalize`, and `c_candidate` (the test that lets a driver skip a chunk of columns that cannot change
   the state). A state built in C merges with states from any backend;
 - its **output facts**: `outputs` (kind and width of each result), `needs_k`, `weighted` (takes formula2),
-  `empty_ok` (may reduce over an empty axis);
+  `empty_ok` (may reduce over an empty axis), `linear` (complex formulas give complex results), `weighted_form`
+  (what a call with formula2 reduces);
 - its **gradient rule**: `gradient_rule` names the rule of `engine.reductions.gradients` ("sum", "logsumexp",
   "logsumexp_weight", "softmax_weight", "selected", "zero"; None: no gradient), and `indexed` the reduction that also
   returns the selected indices, which a "selected" gradient gathers through.
@@ -53,6 +54,8 @@ class Reduction(ABC):
 
     needs_k = False
     weighted = False
+    linear: ClassVar[bool] = False              # linear in the formula's values: a complex formula gives complex values
+    weighted_form: ClassVar[str | None] = None  # the reduction a pykeops call with formula2 means (LogSumExp's weight)
     empty_ok = True          # may it reduce over an empty axis (giving `identity` finalized)?
     gradient_rule: ClassVar[str | None] = None
     indexed: ClassVar[str | None] = None        # for gradient_rule "selected": the reduction returning indices too

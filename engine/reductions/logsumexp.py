@@ -12,6 +12,7 @@ from .base import Reduction, block
 
 class LogSumExp(Reduction):
     gradient_rule = "logsumexp"
+    weighted_form = "LogSumExpWeight"      # pykeops reads formula2 of a LogSumExp as its weight
     real_slots = (0,)      # the max is always one of the formula's values (or -inf): exact in kred_real
 
     def __post_init__(self):
@@ -139,6 +140,7 @@ class SumSoftMaxWeight(LogSumExp):
 
 class Max_SumShiftExp(LogSumExp):
     gradient_rule = None      # a building block: no gradient rule
+    weighted_form = None
 
     @property
     def outputs(self):

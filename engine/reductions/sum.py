@@ -8,6 +8,7 @@ from .base import Reduction
 
 class Sum(Reduction):
     gradient_rule = "sum"
+    linear = True
 
     def layout(self):
         return [("sum", self.fdim, "acc")]
