@@ -93,9 +93,10 @@ def load(program: template.Program) -> ctypes.CDLL:
     return cache.load(source.replace("__restrict__", "__restrict"), FLAGS)
 
 
-def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int | None = None):
+def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int | None = None, grid=None):
     """What the CUDA backend computes for `plan` on `arrays` (as given by Plan.check_args): the finalized outputs
-    (`final`) or the state slots, as numpy arrays. `splits` forces the 2D scheme's number of column spans."""
+    (`final`) or the state slots, as numpy arrays. `splits` forces the 2D scheme's number of column spans; with `grid`
+    (engine.grid, rows = grid.rows), the block-sparse kernel reduces the grid's rows in one launch."""
     dtype = arrays[0].dtype
     inputs = {f"arg{spec.pos}": np.ascontiguousarray(a) for spec, a in zip(plan.args, arrays)}
 
@@ -115,7 +116,7 @@ def execute(plan, arrays: list[np.ndarray], rows, cols, final: bool, splits: int
             ctypes.c_size_t(step.shared_bytes), argv)
 
     return runtime.execute(plan, dtype, inputs, rows, cols, sm_count=1, final=final,
-                            allocate=lambda shape, dt: np.zeros(shape, dt), launch=launch, splits=splits)
+                            allocate=lambda shape, dt: np.zeros(shape, dt), launch=launch, splits=splits, grid=grid)
 
 
 # A stand-in for CuPy, so that the CUDA runtime (engine/backends/cuda.py) runs end to end on the CPU ---------------

@@ -109,3 +109,28 @@ def test_every_reduction_with_ranges_in_the_cuda_emulation(name, axis):
     arrays, dtype, n, m = op.plan.check_args([x, y])
     got = reduce_blocks(_EmulatedCuda(), op.plan, arrays, n, m, ranges)
     assert_close(got, restricted(name, x, y, axis), np.float64)
+
+
+class _EmulatedCudaGrid(Backend):
+    """The CUDA block-sparse kernel (kred_grid_*, run by tests/cuda_emulation.py): the whole grid in one launch."""
+    name = "cuda-emulated-grid"
+
+    def partial(self, plan, arrays, rows, cols):
+        raise AssertionError("a grid must reach the kernel whole, not block by block")
+
+    def grid_state(self, plan, arrays, grid):
+        m = next(len(a) for spec, a in zip(plan.args, arrays) if spec.role == 1)
+        like = plan.reduction.identity(0, arrays[0].dtype, plan.acc_dtype(arrays[0].dtype))
+        states = emulation.execute(plan, arrays, grid.rows, (0, m), final=False, grid=grid)
+        n = grid.rows[1] - grid.rows[0]
+        return tuple(s.reshape((n,) + w.shape[1:]).astype(w.dtype) for s, w in zip(states, like))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
+def test_every_reduction_with_ranges_in_one_cuda_grid_launch(name, axis):
+    x, y, ranges = problem(axis)
+    op = genred(name, axis)
+    arrays, dtype, n, m = op.plan.check_args([x, y])
+    got = reduce_blocks(_EmulatedCudaGrid(), op.plan, arrays, n, m, ranges)
+    assert_close(got, restricted(name, x, y, axis), np.float64)

@@ -229,6 +229,35 @@ def schedule(program: template.Program, plan: Plan, rows: tuple[int, int], cols:
     return [first, merge], results + parts
 
 
+def grid_units(grid, block: int) -> np.ndarray:
+    """The units of a grid's CUDA launch (kred_grid_*), one block of threads each: (i0, i1, o0, o1) = each row block
+    of the grid's CSR pattern cut into pieces of at most `block` rows, with the row block's column ranges o0 .. o1 - 1
+    of `grid.csr()`. numpy only: no Python loop per block."""
+    rows, offsets, _ = grid.csr()
+    counts = -(-(rows[:, 1] - rows[:, 0]) // block)
+    owner = np.repeat(np.arange(len(rows)), counts)
+    piece = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    i0 = rows[owner, 0] + piece * block
+    i1 = np.minimum(i0 + block, rows[owner, 1])
+    return np.ascontiguousarray(np.stack([i0, i1, offsets[owner], offsets[owner + 1]], 1), np.int64).reshape(-1, 4)
+
+
+def schedule_grid(program: template.Program, plan: Plan, grid, m: int, final: bool) -> tuple[list[Launch], list[Buffer]]:
+    """The one launch computing a grid's rows (engine.grid) block-sparsely: a block of threads per unit
+    (`grid_units`), each looping over its column ranges. Needs the buffers `units` and `ranges` (the grid's column
+    ranges, int64 (R, 2)) besides the inputs."""
+    r0, r1 = grid.rows
+    results = _results(program, r1 - r0, final)
+    count = len(grid_units(grid, program.block))
+    if count == 0:
+        return [], results
+    head = (("int64", r0), ("int64", 0), ("int64", m), ("buffer", "units"), ("buffer", "ranges"))
+    inputs = tuple(("buffer", f"arg{a.pos}") for a in plan.args)
+    names = tuple(("buffer", b.name) for b in results)
+    kernel = "kred_grid_final" if final else "kred_grid_state"
+    return [Launch(kernel, (count, 1), program.block, program.shared_bytes, head + inputs + names)], results
+
+
 def _results(program: template.Program, n: int, final: bool) -> list[Buffer]:
     if final:
         return [Buffer(f"out{o}", (n, width), "store" if kind == "value" else "index")
@@ -237,21 +266,25 @@ def _results(program: template.Program, n: int, final: bool) -> list[Buffer]:
 
 
 def execute(plan: Plan, dtype, inputs: dict, rows: tuple[int, int], cols: tuple[int, int], sm_count: int,
-            final: bool, allocate, launch, programs=None, splits: int | None = None) -> list:
+            final: bool, allocate, launch, programs=None, splits: int | None = None, grid=None,
+            upload=np.ascontiguousarray) -> list:
     """Compute rows [r0, r1) of `plan` over columns [c0, c1) on a device given by `allocate(shape, dtype)` and
     `launch(program, Launch, buffers)` — the CUDA runtime passes CuPy's, the CI emulation its own — with `programs(plan,
     dtype, acc)` building (or fetching) the modules. Returns the outputs (`final`) or the state slots, as arrays.
 
     A plan whose state is too large for registers runs as several plans over slices of its components (see
-    `component_groups`); their states are joined in the reduction's layout and finalized by the reduction itself."""
+    `component_groups`); their states are joined in the reduction's layout and finalized by the reduction itself.
+
+    With `grid` (engine.grid; `rows` = grid.rows, `cols` = (0, m)), the grid's rows are reduced block-sparsely in one
+    launch (`schedule_grid`), its CSR pattern copied to the device by `upload`."""
     programs = programs or template.build
     acc = plan.acc_dtype(dtype)
     groups = component_groups(plan, dtype, acc)
     if len(groups) == 1:
         return _execute(programs(plan, dtype, acc), plan, inputs, rows, cols, sm_count, final, allocate, launch,
-                        splits)
+                        splits, grid, upload)
     parts = [_execute(programs(group, dtype, acc), group, inputs, rows, cols, sm_count, False, allocate, launch,
-                      splits) for group in groups]
+                      splits, grid, upload) for group in groups]
     n = rows[1] - rows[0]
     state = []
     for s, like in enumerate(plan.reduction.identity(0, dtype, acc)):
@@ -267,9 +300,15 @@ def execute(plan: Plan, dtype, inputs: dict, rows: tuple[int, int], cols: tuple[
     return list(result) if isinstance(result, tuple) else [result]
 
 
-def _execute(program: template.Program, plan: Plan, inputs, rows, cols, sm_count, final, allocate, launch, splits) -> list:
-    launches, buffers = schedule(program, plan, rows, cols, sm_count, final, splits)
+def _execute(program: template.Program, plan: Plan, inputs, rows, cols, sm_count, final, allocate, launch, splits,
+             grid=None, upload=np.ascontiguousarray) -> list:
     arrays = dict(inputs)
+    if grid is None:
+        launches, buffers = schedule(program, plan, rows, cols, sm_count, final, splits)
+    else:
+        launches, buffers = schedule_grid(program, plan, grid, cols[1], final)
+        arrays["units"] = upload(grid_units(grid, program.block))
+        arrays["ranges"] = upload(np.ascontiguousarray(grid.col_ranges, np.int64).reshape(-1, 2))
     for buffer in buffers:
         arrays[buffer.name] = allocate(buffer.shape, program.dtype_of(buffer.kind))
     for step in launches:

@@ -8,6 +8,8 @@ only writes source. Rows are the plan's category-0 variables (one output row eac
     kred_state(r0, rows, c0, c1, span, arg0, arg1, ..., state0, ...)    the same, writing partial states
     kred_merge_final(rows, splits, state0, ..., out0, ...)              2D scheme, second pass: merge and finalize
     kred_merge_state(rows, splits, state0, ..., merged0, ...)           the same, writing one merged state
+    kred_grid_final(r0, c0, c1, units, ranges, arg0, ..., out0, ...)    block-sparse: a block per unit of a grid
+    kred_grid_state(r0, c0, c1, units, ranges, arg0, ..., state0, ...)  the same, writing partial states
 
 Scheme. One thread per output row i (`blockIdx.x`), its i-variables and the i/parameter-only part of the formula
 computed once into registers. Columns come in tiles of `block` (= threads per block): the whole block copies a tile
@@ -54,7 +56,8 @@ from . import affine
 from .emit import Emitter, depends_on, prelude
 from .steps import Slot, accumulate_steps, finalize_steps, init_steps, merge_steps, state_slots
 
-KERNELS = ("kred_final", "kred_state", "kred_merge_final", "kred_merge_state")
+KERNELS = ("kred_final", "kred_state", "kred_merge_final", "kred_merge_state", "kred_grid_final",
+           "kred_grid_state")
 STORAGE = {"float16": "kred_half", "float32": "float", "float64": "double"}
 REAL = {"float16": "float32", "float32": "float32", "float64": "float64"}
 NUMPY_STATE = {"kred_acc": "acc", "kred_real": "real", "kred_index": "index"}
@@ -262,7 +265,9 @@ class _Generator:
                  self._storage_macros(),
                  self._reduce_kernel("kred_final", final=True), self._reduce_kernel("kred_state", final=False),
                  self._merge_kernel("kred_merge_final", final=True),
-                 self._merge_kernel("kred_merge_state", final=False)]
+                 self._merge_kernel("kred_merge_state", final=False),
+                 self._reduce_kernel("kred_grid_final", final=True, grid=True),
+                 self._reduce_kernel("kred_grid_state", final=False, grid=True)]
         return Program("\n".join(parts), self.block, self.shared_reals * self.real_size, self.slots,
                        tuple(self.reduction.outputs), self.storage, self.acc, bool(self.chunks), self.signatures,
                        self.width * self.real_size)
@@ -308,38 +313,58 @@ class _Generator:
                              f"state{s}[{row} * {slot.width} + c] = {state(s, 'c')};")
         return [indent + line for line in lines]
 
-    def _reduce_kernel(self, name: str, final: bool) -> str:
-        params = ["const long long r0", "const long long rows", "const long long c0", "const long long c1",
-                  "const long long span"] + self._params()
+    def _reduce_kernel(self, name: str, final: bool, grid: bool = False) -> str:
+        """kred_final / kred_state (rows r0 + blockIdx.x * block .., columns of span blockIdx.y), or with `grid` the
+        block-sparse kred_grid_final / kred_grid_state: block u reduces the rows [i0, i1) (at most `block`) of unit u
+        = units[4u .. 4u + 3] = (i0, i1, o0, o1) over its column ranges ranges[2o], ranges[2o + 1] for o in [o0, o1)
+        (the grid's CSR pattern, engine.grid), one range after the other through the same shared-memory tiles."""
+        if grid:
+            params = ["const long long r0", "const long long c0", "const long long c1",
+                      "const long long* __restrict__ units", "const long long* __restrict__ ranges"] + self._params()
+        else:
+            params = ["const long long r0", "const long long rows", "const long long c0", "const long long c1",
+                      "const long long span"] + self._params()
         params += self._out_params() if final else self._state_params("state", const=False)
         running = (lambda s, c: f"s{s}[{c}]")
         tile = (lambda s, c: f"t{s}[{c}]") if self.block_sums else running
-        body = [
-            "KRED_SHARED_MEMORY(kred_shared);",
-            "kred_real* const tile = (kred_real*)kred_shared;",
-            f"const long long row = (long long)blockIdx.x * {self.block} + threadIdx.x;",
-            "const int active = row < rows;",
-            "const long long i = r0 + (active ? row : 0);   /* idle threads still help stage tiles */",
-            "const long long jbegin = c0 + (long long)blockIdx.y * span;",
-            "const long long jend = jbegin + span < c1 ? jbegin + span : c1;",
-        ]
+        body = ["KRED_SHARED_MEMORY(kred_shared);", "kred_real* const tile = (kred_real*)kred_shared;"]
+        if grid:
+            body += [
+                "const long long i0 = units[4 * blockIdx.x], i1 = units[4 * blockIdx.x + 1];",
+                "const long long o0 = units[4 * blockIdx.x + 2], o1 = units[4 * blockIdx.x + 3];",
+                "const long long row = i0 - r0 + threadIdx.x;",
+                "const int active = i0 + threadIdx.x < i1;",
+                "const long long i = active ? i0 + threadIdx.x : i0;   /* idle threads still help stage tiles */",
+                "long long first = KRED_NO_INDEX;     /* the lowest column the unit reduces (Reduction.c_start) */",
+                "for (long long o = o0; o < o1; o++)",
+                "    if (ranges[2 * o] < ranges[2 * o + 1] && ranges[2 * o] < first) first = ranges[2 * o];",
+            ]
+        else:
+            body += [
+                f"const long long row = (long long)blockIdx.x * {self.block} + threadIdx.x;",
+                "const int active = row < rows;",
+                "const long long i = r0 + (active ? row : 0);   /* idle threads still help stage tiles */",
+                "const long long jbegin = c0 + (long long)blockIdx.y * span;",
+                "const long long jend = jbegin + span < c1 ? jbegin + span : c1;",
+                "const long long first = jbegin < jend ? jbegin : KRED_NO_INDEX;",
+            ]
         hoisted, loop_emitter = self._hoist()
         body += hoisted
         body += self._declare_state("s")
-        body += init_steps(self.reduction, running, "(jbegin < jend ? jbegin : KRED_NO_INDEX)")
-        body += [f"for (long long jt = jbegin; jt < jend; jt += {self.block}) {{",
-                 f"    const int count = (int)(jend - jt < {self.block} ? jend - jt : {self.block});",
-                 "    __syncthreads();"]
+        body += init_steps(self.reduction, running, "first")
+        loop = [f"for (long long jt = jbegin; jt < jend; jt += {self.block}) {{",
+                f"    const int count = (int)(jend - jt < {self.block} ? jend - jt : {self.block});",
+                "    __syncthreads();"]
         for pos, dim in self.tile_vars:         # coalesced reads of the tile's contiguous span of each variable
-            body += [f"    for (int e = threadIdx.x; e < count * {dim}; e += {self.block}) {{",
+            loop += [f"    for (int e = threadIdx.x; e < count * {dim}; e += {self.block}) {{",
                      f"        const int column = e / {dim};",
                      f"        tile[column * {self.stride} + {self.tile_offsets[pos]} + e - column * {dim}] = "
                      f"KRED_LOAD(arg{pos}[jt * {dim} + e]);",
                      "    }"]
-        body += ["    " + line for line in self._stage_atoms()]
-        body.append("    __syncthreads();")
-        body += ["    " + line for line in self._chunk_pass()]
-        body.append("    if (active) {")
+        loop += ["    " + line for line in self._stage_atoms()]
+        loop.append("    __syncthreads();")
+        loop += ["    " + line for line in self._chunk_pass()]
+        loop.append("    if (active) {")
         inner = []
         if self.block_sums:
             inner.append(_ALIAS_ACC)
@@ -354,10 +379,17 @@ class _Generator:
         if self.block_sums:
             inner.append(_UNALIAS_ACC)
             inner += merge_steps(self.reduction, running, tile)
-        body += ["        " + line for line in inner]
-        body += ["    }", "}"]
+        loop += ["        " + line for line in inner]
+        loop += ["    }", "}"]
+        if grid:        # every thread of the block meets the same ranges, so the barriers stay uniform
+            body += ["for (long long o = o0; o < o1; o++) {",
+                     "    const long long jbegin = ranges[2 * o], jend = ranges[2 * o + 1];"]
+            body += ["    " + line for line in loop] + ["}"]
+        else:
+            body += loop
         body.append("if (!active) return;")
-        body += self._finish(running, final, "row" if final else "((long long)blockIdx.y * rows + row)", "")
+        at = "row" if final or grid else "((long long)blockIdx.y * rows + row)"
+        body += self._finish(running, final, at, "")
         return self._kernel(name, params, body)
 
     def _merge_kernel(self, name: str, final: bool) -> str:
