@@ -313,3 +313,28 @@ def test_gradient_kernel_fast_path_matches_dense():
     k = np.exp(-(diff ** 2).sum(-1))
     want = -2 * ((k * b[:, 0][None]) [..., None] * diff).sum(1) * e
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", ["Sum", "Min_ArgMin"])
+def test_runtime_runs_ranges_as_one_grid_launch(emulated_gpu, name):
+    """The CUDA runtime takes a block-sparse pattern whole: one kred_grid_state launch, equal to dense numpy
+    restricted to the kept blocks (float64)."""
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((40, 2)), rng.standard_normal((50, 2))
+    kept = {(0, 20): [(0, 10), (30, 50)], (20, 40): [(5, 25)]}
+    ranges = (np.array(list(kept)), np.array([2, 3]), np.array([c for cols in kept.values() for c in cols]),
+              np.array([[0, 50]]), np.array([1]), np.array([[0, 40]]))
+    op = Genred("SqDist(x, y)", ["x = Vi(2)", "y = Vj(2)"], reduction_op=name, axis=1)
+    got = op(x, y, backend="cuda", ranges=ranges)
+    d = ((x[:, None] - y[None]) ** 2).sum(-1)
+    mask = np.zeros_like(d, bool)
+    for (r0, r1), cols in kept.items():
+        for c0, c1 in cols:
+            mask[r0:r1, c0:c1] = True
+    if name == "Sum":
+        np.testing.assert_allclose(got[:, 0], np.where(mask, d, 0).sum(1), rtol=1e-12)
+    else:
+        masked = np.where(mask, d, np.inf)
+        np.testing.assert_allclose(got[0][:, 0], masked.min(1), rtol=1e-12)
+        np.testing.assert_array_equal(got[1][:, 0], masked.argmin(1))
+    assert [launch[0] for launch in emulated_gpu.launches] == ["kred_grid_state"]

@@ -262,3 +262,29 @@ print(engine.numpy.Genred("Exp(x * y)", ["x = Vi(1)", "y = Vj(1)"], axis=1)(x, x
     for _ in range(2):
         subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env=env)
     assert len(list((tmp_path / "cuda").glob("*.cubin"))) >= 1
+
+
+def test_ranges_run_as_one_grid_launch_against_dense(cp):
+    """A block-sparse Gaussian sum and Min_ArgMin on the GPU (kred_grid_* kernels) equal dense float64 numpy
+    restricted to the kept blocks."""
+    from kred.engine.numpy import Genred
+
+    rng = np.random.default_rng(3)
+    x, y, b = rng.standard_normal((700, 3)), rng.standard_normal((900, 3)), rng.standard_normal((900, 2))
+    kept = {(0, 300): [(0, 100), (400, 900)], (300, 650): [(50, 350)], (650, 700): []}
+    ranges = (np.array(list(kept)), np.cumsum([len(c) for c in kept.values()]),
+              np.array([c for cols in kept.values() for c in cols]).reshape(-1, 2),
+              np.array([[0, 900]]), np.array([1]), np.array([[0, 700]]))
+    mask = np.zeros((700, 900), bool)
+    for (r0, r1), cols in kept.items():
+        for c0, c1 in cols:
+            mask[r0:r1, c0:c1] = True
+    d = ((x[:, None] - y[None]) ** 2).sum(-1)
+    got = Genred(*GAUSSIAN, axis=1)(x, y, b, backend="cuda", ranges=ranges)
+    np.testing.assert_allclose(got, np.where(mask, np.exp(-d), 0) @ b, rtol=1e-10, atol=1e-12)
+    value, index = Genred("SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)"], "Min_ArgMin", axis=1)(
+        x, y, backend="cuda", ranges=ranges)
+    masked = np.where(mask, d, np.inf)
+    np.testing.assert_allclose(value[:, 0], masked.min(1), rtol=1e-12)
+    np.testing.assert_array_equal(index[:650, 0], masked[:650].argmin(1))
+    assert (index[650:, 0] == -1).all()

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..codegen import cuda as template
 from ..errors import ArgumentError, BackendError
-from ..formula import make
+from ..formula import J, make
 from ..plan import DTYPES, Plan
 from ..reductions import bind
 from ..codegen.steps import state_slots
@@ -409,16 +409,25 @@ class CudaBackend(Backend):
         return tuple(s.reshape((-1,) + like.shape[1:]).astype(like.dtype, copy=False)
                      for s, like in zip(states, template_state))
 
+    def grid_state(self, plan, arrays, grid):
+        """The grid's rows (engine.grid) in one block-sparse launch per module: the CSR pattern goes to the kernel."""
+        dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        m = next((len(a) for spec, a in zip(plan.args, arrays) if spec.role == J), 0)
+        states = self._run(plan, arrays, grid.rows, (0, m), final=False, host=True, grid=grid)
+        n = grid.rows[1] - grid.rows[0]
+        return tuple(s.reshape((n,) + like.shape[1:]).astype(like.dtype, copy=False)
+                     for s, like in zip(states, plan.reduction.identity(0, dtype, plan.acc_dtype(dtype))))
+
     def reduce(self, plan, arrays, n, m):
         results = self._run(plan, arrays, (0, n), (0, m), final=True, host=self.xp is np)
         return results[0] if len(results) == 1 else tuple(results)
 
     # Running ------------------------------------------------------------------------------------------------
-    def _run(self, plan: Plan, arrays, rows, cols, final: bool, host: bool) -> list:
+    def _run(self, plan: Plan, arrays, rows, cols, final: bool, host: bool, grid=None) -> list:
         """The outputs (`final`) or state slots; copied to numpy (`host`) on the caller's stream, after the kernels."""
         cp = _cupy()
         if self.device_id is None:          # not bound: called directly (cluster workers, ranges, tests)
-            return self.bind(arrays)._run(plan, arrays, rows, cols, final, host)
+            return self.bind(arrays)._run(plan, arrays, rows, cols, final, host, grid)
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         with cp.cuda.Device(self.device_id) as device:
             stream = self.stream if self.stream is not None else cp.cuda.get_current_stream()
@@ -435,7 +444,8 @@ class CudaBackend(Backend):
                 limit = _shared_limit(self.device_id)
                 results = execute(plan, dtype, inputs, rows, cols, _sm_count(self.device_id), final,
                                            allocate=cp.empty, launch=launch,
-                                           programs=lambda *key: _program(*key, shared_limit=limit))
+                                           programs=lambda *key: _program(*key, shared_limit=limit), grid=grid,
+                                           upload=cp.asarray)
                 return [cp.asnumpy(r, stream=stream) if host else r for r in results]
 
 
