@@ -10,6 +10,7 @@ import pytest
 import cuda_emulation as emulation
 from kred.engine.backends.base import Backend
 from kred.engine.ranges import reduce_blocks
+from kred.engine.numpy import Genred
 from kred.engine.reductions import REDUCTIONS
 from test_reductions import DENSE, K, assert_close, genred, scalar, vector, weights
 
@@ -134,3 +135,19 @@ def test_every_reduction_with_ranges_in_one_cuda_grid_launch(name, axis):
     arrays, dtype, n, m = op.plan.check_args([x, y])
     got = reduce_blocks(_EmulatedCudaGrid(), op.plan, arrays, n, m, ranges)
     assert_close(got, restricted(name, x, y, axis), np.float64)
+
+
+@pytest.mark.parametrize("name", ["ArgMin", "Min_ArgMin", "ArgMax", "Max_ArgMax"])
+def test_all_infinite_values_select_the_first_kept_column(name, backend):
+    """All values equal to the identity (+inf for Min, -inf for Max): each row selects its lowest kept column (not
+    column 0, nor -1), rows in no cluster give -1; also in the CUDA grid kernel's emulation."""
+    b = np.full((C, 1), -np.inf if "Max" in name else np.inf)
+    x = np.zeros((R, 1))
+    op = Genred("b + x * 0", ["x = Vi(1)", "b = Vj(1)"], reduction_op=name, axis=1)
+    ranges = triple() + (np.array([[0, C]]), np.array([1]), np.array([[0, R]]))
+    want = np.array([min(kept_columns(r), default=-1) for r in range(R)])
+    arrays, _, n, m = op.plan.check_args([x, b])
+    emulated = reduce_blocks(_EmulatedCudaGrid(), op.plan, arrays, n, m, ranges)
+    for got in (op(x, b, backend=backend, ranges=ranges), emulated):
+        index = got[1] if isinstance(got, tuple) else got
+        np.testing.assert_array_equal(index[:, 0], want)
