@@ -11,11 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
-def test_all_extra_installs_every_extra_but_the_gpu_stack_and_benchmarks():
+def test_all_extra_installs_every_extra_but_the_gpu_stack_and_development_tools():
     extras = PROJECT["optional-dependencies"]
     (everything,) = extras["all"]
     named = set(re.fullmatch(r"kred\[(.*)\]", everything).group(1).split(","))
-    assert named == set(extras) - {"all", "cuda", "nvrtc", "bench", "test"}
+    gpu = {"cuda", "cuda13", "nvrtc", "gpu-static"}
+    development = {"bench", "docs", "examples", "test"}
+    assert named == set(extras) - {"all"} - gpu - development
 
 
 def test_licence_and_classifiers():
