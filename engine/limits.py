@@ -14,30 +14,31 @@ import cachetools
 from .errors import KredError
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default, error: type[KredError] = KredError):
+    """The positive integer in environment variable `name`, or `default` when it is unset or blank."""
     text = os.environ.get(name)
     if text is None or not text.strip():
         return default
     try:
         value = int(text)
     except ValueError:
-        raise KredError(f"{name} must be a positive integer, got {text!r}") from None
+        raise error(f"{name} must be a positive integer, got {text!r}") from None
     if value < 1:
-        raise KredError(f"{name} must be a positive integer, got {text!r}")
+        raise error(f"{name} must be a positive integer, got {text!r}")
     return value
 
 
 # Nodes that one piece of symbolic work (parsing one formula with its derivatives, one gradient, ...) may create,
 # garbage included: nested derivatives grow exponentially, and this stops them while they are being built.
-FORMULA_NODES = _env_int("KRED_MAX_FORMULA_NODES", 20_000)
+FORMULA_NODES = env_int("KRED_MAX_FORMULA_NODES", 20_000)
 # Plans kept by make_plan (and gradient plans kept per plan).
-PLANS = _env_int("KRED_MAX_PLANS", 512)
-PLAN_BYTES = _env_int("KRED_MAX_PLAN_BYTES", 256 << 20)
+PLANS = env_int("KRED_MAX_PLANS", 512)
+PLAN_BYTES = env_int("KRED_MAX_PLAN_BYTES", 256 << 20)
 # Compiled kernels kept loaded in one process (each one is a shared library: ~40 kB and 5 memory mappings).
-LOADED_KERNELS = _env_int("KRED_MAX_LOADED_KERNELS", 128)
-LOADED_KERNEL_BYTES = _env_int("KRED_MAX_LOADED_KERNEL_BYTES", 256 << 20)
+LOADED_KERNELS = env_int("KRED_MAX_LOADED_KERNELS", 128)
+LOADED_KERNEL_BYTES = env_int("KRED_MAX_LOADED_KERNEL_BYTES", 256 << 20)
 # The on-disk kernel cache (KRED_CACHE_DIR): least recently used entries are deleted past this size.
-DISK_CACHE_BYTES = _env_int("KRED_CACHE_MAX_BYTES", 1 << 30)
+DISK_CACHE_BYTES = env_int("KRED_CACHE_MAX_BYTES", 1 << 30)
 
 
 class BoundedLRU(cachetools.LRUCache):

@@ -15,6 +15,7 @@ import weakref
 import numpy as np
 
 from .. import limits
+from ..limits import env_int
 from ..codegen.cpu import TILE_BYTES, LANES, SMALL_WORK, column_bytes, cpu_source
 from ..errors import BackendError
 from ..formula import J
@@ -40,15 +41,9 @@ UNIT_PAIRS = 512       # what a unit costs beyond its pairs (states set up, fina
 
 
 def num_threads() -> int:
-    configured = os.environ.get("KRED_NUM_THREADS")
-    if configured:
-        try:
-            value = int(configured)
-        except ValueError:
-            raise BackendError(f"KRED_NUM_THREADS must be a positive integer, got {configured!r}") from None
-        if value < 1:
-            raise BackendError(f"KRED_NUM_THREADS must be a positive integer, got {configured!r}")
-        return value
+    configured = env_int("KRED_NUM_THREADS", None, BackendError)
+    if configured is not None:
+        return configured
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:      # not Linux
