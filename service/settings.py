@@ -24,9 +24,9 @@ class Settings(BaseSettings):
     backend: str = "auto"                        # engine backend for the local executor
     # With the cluster executor, reductions of fewer pairs (N x M) than this run in the server's process: below it
     # the cluster's round trips (~10-50 ms) cost more than computing. Measured default: the crossover part of
-    # benchmarks/bench_cluster_scale.py (results/cluster-crossover-cpu-2c.json: on 2 shared cores the cluster
-    # matched the local path from N = M = 20,000 on, and was up to 1.9x slower below); re-measure on your hardware.
-    local_below_pairs: float = Field(4e8, ge=0)
+    # benchmarks/bench_cluster_scale.py (results/cluster-crossover-cpu-2c.json, idle 2-core machine: the cluster
+    # is within 5% of the local path from N = M = 40,000 on, and up to 7x slower below); re-measure on your hardware.
+    local_below_pairs: float = Field(1.6e9, ge=0)
     threads: int = Field(4, ge=1)                # concurrent synchronous reductions
 
     # Where dataset jobs (POST /v1/jobs with dataset URIs) may read and write: path or URI prefixes, e.g.
