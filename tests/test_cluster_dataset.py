@@ -4,6 +4,7 @@ and the driver's memory stays far below the input's size. Results are checked ag
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -67,6 +68,26 @@ def read_output(folder):
 def dense(x, y, b):
     d2 = ((x[:, None, :].astype(np.float64) - y[None, :, :]) ** 2).sum(-1)
     return (np.exp(-d2) @ b.astype(np.float64))[:, 0]
+
+
+@contextlib.contextmanager
+def rss_growth():
+    """This process's peak RSS growth while the block runs, sampled every 10 ms (a one-item list, filled in)."""
+    me, peak, stop = psutil.Process(), [0], threading.Event()
+    base = me.memory_info().rss
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss - base)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def test_dataset_in_dataset_out(cluster, tmp_path):
@@ -139,22 +160,9 @@ def test_input_much_larger_than_a_workers_cache_with_bounded_driver_memory(clust
     write_points(tmp_path / "x", n, files=3, row_group=100_000)
     y, b = points(8, 5), points(8, 6)[:, :1]
     plan = Genred(GAUSS, ALIASES, axis=1).plan
-    me, peak, stop = psutil.Process(), [0], threading.Event()
-    base = me.memory_info().rss
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss - base)
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with rss_growth() as peak:
         job = cluster.submit_dataset(plan, [Dataset(str(tmp_path / "x")), y, b], str(tmp_path / "out"))
         job.result(300)
-    finally:
-        stop.set()
-        watcher.join()
     assert peak[0] < 12 * MB, peak[0]                # the input is 36 MB, the output 12 MB: neither was held
     assert max(job.bytes_fetched.values()) < 36 * MB
     for f in range(3):                               # checked file by file, against dense numpy
@@ -207,22 +215,9 @@ def test_column_side_datasets_are_read_by_the_workers_block_by_block(cluster, tm
     plan = Genred(GAUSS, ALIASES, axis=1).plan
     inputs = [Dataset(str(tmp_path / "x")), Dataset(str(tmp_path / "y"), ("u", "v", "w")),
               Dataset(str(tmp_path / "y"), ("b",))]
-    me, peak, stop = psutil.Process(), [0], threading.Event()
-    base = me.memory_info().rss
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss - base)
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with rss_growth() as peak:
         job = cluster.submit_dataset(plan, inputs, str(tmp_path / "out"))
         job.result(300)
-    finally:
-        stop.set()
-        watcher.join()
     assert peak[0] < 12 * MB, peak[0]                # y and b are 48 MB: the driver held neither
     assert len(job.shards) == 2 and len(job.shards[0].cols) == 15          # 15 row groups of y: column blocks
     x, (y, b) = read_x(tmp_path / "x", files=1), read_columns(tmp_path / "y")
