@@ -102,16 +102,6 @@ class _EmulatedCuda(Backend):
         return tuple(s.reshape((rows[1] - rows[0],) + w.shape[1:]).astype(w.dtype) for s, w in zip(states, like))
 
 
-@pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("name", sorted(REDUCTIONS))
-def test_every_reduction_with_ranges_in_the_cuda_emulation(name, axis):
-    x, y, ranges = problem(axis)
-    op = genred(name, axis)
-    arrays, dtype, n, m = op.plan.check_args([x, y])
-    got = reduce_blocks(_EmulatedCuda(), op.plan, arrays, n, m, ranges)
-    assert_close(got, restricted(name, x, y, axis), np.float64)
-
-
 class _EmulatedCudaGrid(Backend):
     """The CUDA block-sparse kernel (kred_grid_*, run by tests/cuda_emulation.py): the whole grid in one launch."""
     name = "cuda-emulated-grid"
@@ -127,13 +117,14 @@ class _EmulatedCudaGrid(Backend):
         return tuple(s.reshape((n,) + w.shape[1:]).astype(w.dtype) for s, w in zip(states, like))
 
 
+@pytest.mark.parametrize("emulated", [_EmulatedCuda, _EmulatedCudaGrid], ids=["block-by-block", "one-grid-launch"])
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("name", sorted(REDUCTIONS))
-def test_every_reduction_with_ranges_in_one_cuda_grid_launch(name, axis):
+def test_every_reduction_with_ranges_in_the_cuda_emulation(name, axis, emulated):
     x, y, ranges = problem(axis)
     op = genred(name, axis)
     arrays, dtype, n, m = op.plan.check_args([x, y])
-    got = reduce_blocks(_EmulatedCudaGrid(), op.plan, arrays, n, m, ranges)
+    got = reduce_blocks(emulated(), op.plan, arrays, n, m, ranges)
     assert_close(got, restricted(name, x, y, axis), np.float64)
 
 
