@@ -49,7 +49,7 @@ FORMULAS = textwrap.dedent("""
     import gc, json, resource, sys
     import numpy as np
     from kred.engine.backends import get_backend
-    from kred.engine.plan import make_plan
+    from kred.engine.spec import Spec, make_plan
     def maps():
         with open("/proc/self/maps") as f:
             return sum(1 for _ in f)
@@ -58,11 +58,11 @@ FORMULAS = textwrap.dedent("""
             return int(f.read().split()[1]) * 4096 / 2**20
     backend = get_backend("cpu")
     x, y = np.random.default_rng(0).standard_normal((8, 1)), np.random.default_rng(1).standard_normal((9, 1))
-    backend.reduce(make_plan("Exp(-SqDist(x, y))", ["x = Vi(1)", "y = Vj(1)"], axis=1), [x, y], 8, 9)
+    backend.reduce(make_plan(Spec("Exp(-SqDist(x, y))", ["x = Vi(1)", "y = Vj(1)"], axis=1)), [x, y], 8, 9)
     gc.collect()
     before_maps, before_rss = maps(), rss_mb()
     for k in range({count}):
-        plan = make_plan(f"Exp(-SqDist(x, y) * {{1 + k / 1000!r}})", ["x = Vi(1)", "y = Vj(1)"], axis=1)
+        plan = make_plan(Spec(f"Exp(-SqDist(x, y) * {{1 + k / 1000!r}})", ["x = Vi(1)", "y = Vj(1)"], axis=1))
         backend.reduce(plan, [x, y], 8, 9)
     gc.collect()
     print("RESULT " + json.dumps(dict(formulas={count}, mappings_before=before_maps, mappings_after=maps(),

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     x = rng.standard_normal((n, d)).astype(np.float32) * scale
     y = rng.standard_normal((n, d)).astype(np.float32) * scale
     b = rng.standard_normal((n, 1)).astype(np.float32)
-    plan = engine.make_plan(FORMULA, [a.format(d=d) for a in ALIASES], "Sum", 1)
+    plan = engine.make_plan(engine.Spec(FORMULA, [a.format(d=d) for a in ALIASES], "Sum", 1))
     info = machine_info()
     cores, gpus = info["usable_cpus"], gpu_count()
     device = "gpu" if gpus else "cpu"

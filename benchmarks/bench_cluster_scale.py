@@ -67,9 +67,9 @@ def bench_nodes(args, rows):
     import ray
     from ray.cluster_utils import Cluster as RayNodes
 
-    from kred.engine import make_plan
+    from kred.engine import Spec, make_plan
     from kred.engine.cluster import Cluster
-    plan = make_plan(FORMULA, ALIASES, "Sum", 1)
+    plan = make_plan(Spec(FORMULA, ALIASES, "Sum", 1))
     n = int(args.nodes_n)
     x, y, b = data(n, n)
     nodes = RayNodes(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 200 * MB,
@@ -129,10 +129,10 @@ def bench_ooc(args, rows):
     import pyarrow.parquet as pq
     import ray
 
-    from kred.engine import make_plan
+    from kred.engine import Spec, make_plan
     from kred.engine.cluster import Cluster, Dataset
     n, m, group = int(args.ooc_n), 1000, int(args.row_group)
-    plan = make_plan(FORMULA, ALIASES, "Sum", 1)
+    plan = make_plan(Spec(FORMULA, ALIASES, "Sum", 1))
     _, y, b = data(1, m, seed=1)
     folder = tempfile.mkdtemp(prefix="kred-ooc-", dir=args.tmp)
     for k, start in enumerate(range(0, n, group)):
@@ -222,9 +222,9 @@ def bench_service(args, rows):
 
 
 def bench_crossover(args, rows):
-    from kred.engine.plan import make_plan
+    from kred.engine.spec import Spec, make_plan
     from kred.service.executors import ClusterExecutor, LocalExecutor
-    plan = make_plan(FORMULA, ALIASES, "Sum", 1, None, None, "auto")
+    plan = make_plan(Spec(FORMULA, ALIASES, "Sum", 1, None, None, "auto"))
     local, cluster = LocalExecutor(), ClusterExecutor(local_below_pairs=0)
     try:
         for n in (int(v) for v in args.crossover_n):

@@ -183,18 +183,19 @@ def reduce(formula: str = typer.Argument(..., help="e.g. 'Exp(-SqDist(x,y))*b'")
     Needs the 'client' extra."""
     _need("client", "reduce")
     from kred.engine.cluster.jobfile import read_array, write_output
-    from kred.engine.plan import make_plan
+    from kred.engine.spec import Spec
 
-    plan = make_plan(formula, alias, reduction, axis, opt_arg, formula2)
+    spec = Spec(formula, alias, reduction, axis, opt_arg, formula2)
+    plan = spec.plan()
     files = dict(_pair(item) for item in input)
     missing = [a.name for a in plan.args if a.name not in files]
     if missing:
         _fail(f"no --input for {', '.join(missing)} (the formula takes {', '.join(a.name for a in plan.args)})")
     arrays = [read_array(Path(files[a.name]), None, a.name) for a in plan.args]
-    options = dict(reduction_op=reduction, axis=axis, opt_arg=opt_arg, formula2=formula2)
+    options = spec.options()
     if local:
-        from kred.engine import reduce as local_reduce
-        result = local_reduce(formula, alias, *arrays, **options)
+        from kred.engine.run import run
+        result = run(plan, arrays)
     else:
         with _client(url, token_file, "reduce") as client:
             if job:

@@ -27,6 +27,9 @@ from typing import Any, Generator
 import httpx
 import numpy as np
 
+from kred.engine.batch import broadcast_batch, leading_shape
+from kred.engine.errors import ArgumentError
+from kred.engine.formula import CATEGORY_NAMES
 from kred.engine.spec import Spec
 from kred.wire import arrow
 from kred.wire.shm import HEADER, SegmentPool, aligned, pack, packed_size
@@ -41,6 +44,8 @@ FINISHED = ("done", "failed", "cancelled")
 FACTS_KEPT = 256                # reductions whose server reading a client remembers
 LOG_REDRAW_S = 10.0             # a job's progress bar, written to a log rather than a terminal, redraws this rarely
 Flow = Generator["Call", httpx.Response, Any]
+
+CATEGORY_OF = {name: cat for cat, name in CATEGORY_NAMES.items()}     # 'Vi' -> 0, as the server names them
 
 
 class JobFailed(RemoteError):
@@ -92,27 +97,24 @@ def _result_bytes(facts: dict, spec: dict, arrays: list[np.ndarray]) -> int:
         return max((aligned(arrays[a["position"]].nbytes) for a in args if wrt in (a["position"], a["name"])),
                    default=0)
     rows_category = "Vi" if facts["axis"] == 1 else "Vj"
-    rows, leads = 1, []
+    rows = 1
     for a in args:
         shape = arrays[a["position"]].shape
-        if a["category"] == "Pm":        # as engine.batch reads them: (*B, D) carries a batch, (1, D) does not
-            leads.append(shape[:-1] if len(shape) >= 2 and shape != (1, a["dim"]) else ())
-            continue
-        leads.append(shape[:-2] if len(shape) >= 3 else ())
         if a["category"] == rows_category and rows == 1:
             rows = shape[-2] if len(shape) >= 2 else shape[0]
+    leads = [leading_shape(CATEGORY_OF[a["category"]], a["dim"], arrays[a["position"]].shape) for a in args]
     try:
-        count = rows * math.prod(np.broadcast_shapes(*leads)) if leads else rows
-    except ValueError:                   # the server names what does not broadcast
+        count = rows * math.prod(broadcast_batch(leads, [a["name"] for a in args]))
+    except ArgumentError:                # the server names what does not broadcast
         return 0
     itemsize = {"value": arrays[0].dtype.itemsize if arrays else 8, "index": 8}
     return sum(aligned(count * out["dim"] * itemsize[out["kind"]]) for out in facts["outputs"])
 
 
-def _spec(formula, aliases, reduction_op="Sum", axis=0, opt_arg=None, formula2=None, dtype_acc="auto",
-          grad=None, ranges=None) -> dict:
-    """The request body: an engine Spec (its cheap checks made here, the formula parsed by the server) and `grad`."""
-    spec = Spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges is not None)
+def _spec(formula, aliases, options: dict, grad=None, ranges=None) -> dict:
+    """The request body: an engine Spec (its cheap checks made here, the formula parsed by the server) and `grad`.
+    `options` are the Spec's other fields (reduction_op, axis, opt_arg, formula2, dtype_acc, fast_math)."""
+    spec = Spec(formula, aliases, **options, ranges=ranges is not None)
     return spec.to_json() | {"grad": None if grad is None else {"wrt": grad}}
 
 
@@ -121,7 +123,6 @@ def _with_ranges(args, ranges) -> list:
     if ranges is None:
         return list(args)
     if not isinstance(ranges, (tuple, list)) or len(ranges) != 6:
-        from kred.engine.errors import ArgumentError
         raise ArgumentError("ranges must be the pykeops 6-tuple (ranges_i, slices_i, redranges_j, ranges_j, "
                             "slices_j, redranges_i)")
     arrays, _ = to_numpy(ranges)
@@ -306,46 +307,41 @@ class Client:
         return self._send(Call("GET", path, params=params or None)).json()
 
     # Reductions -----------------------------------------------------------------------------------------
-    def reduce(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-               formula2: str | None = None, dtype_acc: str = "auto", ranges=None):
+    def reduce(self, formula: str, aliases, *args, ranges=None, **options):
         """`reduction_op` over `axis` of `formula` on the server (pykeops Genred semantics: leading batch
-        dimensions, block-sparse `ranges`)."""
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+        dimensions, block-sparse `ranges`). `options` are the fields of `kred.engine.spec.Spec`: reduction_op,
+        axis, opt_arg, formula2, dtype_acc, fast_math."""
+        spec = _spec(formula, aliases, options, ranges=ranges)
         return self._drive(self._flows.reduce(spec, _with_ranges(args, ranges)))
 
-    def grad(self, formula: str, aliases, *args, wrt, cotangent, reduction_op: str = "Sum", axis: int = 0,
-             opt_arg=None, formula2: str | None = None, dtype_acc: str = "auto"):
+    def grad(self, formula: str, aliases, *args, wrt, cotangent, **options):
         """sum_r <cotangent_r, d result_r / d arg[wrt]> (a vector-Jacobian product), shaped like that argument."""
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, grad=wrt)
+        spec = _spec(formula, aliases, options, grad=wrt)
         return self._drive(self._flows.reduce(spec, [*args, cotangent]))
 
-    def Genred(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, *, opt_arg=None,
-               formula2: str | None = None, dtype_acc: str = "auto") -> "RemoteGenred":
+    def Genred(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, **options) -> "RemoteGenred":
         """A remote Genred: `op = c.Genred(...); op(x, y, b)`."""
-        return RemoteGenred(self, formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        return RemoteGenred(self, formula, aliases, reduction_op=reduction_op, axis=axis, **options)
 
-    def validate(self, formula: str, aliases=(), reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-                 formula2: str | None = None, dtype_acc: str = "auto") -> dict:
+    def validate(self, formula: str, aliases=(), **options) -> dict:
         """The normalised formula, arguments and outputs; raises FormulaError (with the column) when wrong."""
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        spec = _spec(formula, aliases, options)
         return self._send(Call("POST", "/v1/formulas/validate", json=spec)).json()
 
     # Jobs -----------------------------------------------------------------------------------------------
-    def submit(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-               formula2: str | None = None, dtype_acc: str = "auto", ranges=None) -> "Job":
+    def submit(self, formula: str, aliases, *args, ranges=None, **options) -> "Job":
         """Queue a reduction as a job on the server; returns at once."""
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+        spec = _spec(formula, aliases, options, ranges=ranges)
         info, like = self._drive(self._flows.submit(spec, _with_ranges(args, ranges)))
         return Job(self, info, like)
 
-    def submit_dataset(self, formula: str, aliases, inputs: dict, output: str, *, reduction_op: str = "Sum",
-                       axis: int = 0, opt_arg=None, formula2: str | None = None, dtype_acc: str = "auto") -> "Job":
+    def submit_dataset(self, formula: str, aliases, inputs: dict, output: str, **options) -> "Job":
         """Queue an out-of-core job on the server's cluster: `inputs` maps each alias name to a Parquet dataset
         the server can read (a path or URI, or {"uri": ..., "columns": [...]}) or, for a parameter, a list of
         numbers; the workers write the result to the Parquet dataset `output`, which the finished job names."""
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        spec = _spec(formula, aliases, options)
         sources = {name: {"uri": source} if isinstance(source, str) else source for name, source in inputs.items()}
-        body = {k: v for k, v in spec.items() if k != "grad"} | {"inputs": sources, "output": output}
+        body = {k: v for k, v in spec.items() if k not in ("grad", "ranges")} | {"inputs": sources, "output": output}
         return Job(self, self._send(Call("POST", "/v1/jobs", json=body, idempotent=False)).json(), None)
 
     def job(self, job_id: str) -> "Job":
@@ -377,12 +373,11 @@ class Client:
 class RemoteGenred:
     """`Client.Genred`: a reduction bound to a server, called like `engine.numpy.Genred`."""
 
-    def __init__(self, client, formula, aliases, reduction_op="Sum", axis=0, opt_arg=None, formula2=None,
-                 dtype_acc="auto"):
+    def __init__(self, client, formula, aliases, reduction_op="Sum", axis=0, **options):
         self.client = client
-        self.options = dict(reduction_op=reduction_op, axis=axis, opt_arg=opt_arg, formula2=formula2,
-                            dtype_acc=dtype_acc)
-        self.formula, self.aliases = formula, list(aliases)
+        self.spec = Spec(formula, aliases, reduction_op, axis, **options)     # checked once, here
+        self.formula, self.aliases = formula, list(self.spec.aliases)
+        self.options = self.spec.options()
 
     def __call__(self, *args, ranges=None):
         return self.client.reduce(self.formula, self.aliases, *args, ranges=ranges, **self.options)
@@ -501,29 +496,24 @@ class AsyncClient:
     async def _get(self, path: str, **params) -> Any:
         return (await self._send(Call("GET", path, params=params or None))).json()
 
-    async def reduce(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-                     formula2: str | None = None, dtype_acc: str = "auto", ranges=None):
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+    async def reduce(self, formula: str, aliases, *args, ranges=None, **options):
+        spec = _spec(formula, aliases, options, ranges=ranges)
         return await self._drive(self._flows.reduce(spec, _with_ranges(args, ranges)))
 
-    async def grad(self, formula: str, aliases, *args, wrt, cotangent, reduction_op: str = "Sum", axis: int = 0,
-                   opt_arg=None, formula2: str | None = None, dtype_acc: str = "auto"):
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, grad=wrt)
+    async def grad(self, formula: str, aliases, *args, wrt, cotangent, **options):
+        spec = _spec(formula, aliases, options, grad=wrt)
         return await self._drive(self._flows.reduce(spec, [*args, cotangent]))
 
-    def Genred(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, *, opt_arg=None,
-               formula2: str | None = None, dtype_acc: str = "auto") -> RemoteGenred:
+    def Genred(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, **options) -> RemoteGenred:
         """A remote Genred whose calls return awaitables."""
-        return RemoteGenred(self, formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+        return RemoteGenred(self, formula, aliases, reduction_op=reduction_op, axis=axis, **options)
 
-    async def validate(self, formula: str, aliases=(), reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-                       formula2: str | None = None, dtype_acc: str = "auto") -> dict:
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
+    async def validate(self, formula: str, aliases=(), **options) -> dict:
+        spec = _spec(formula, aliases, options)
         return (await self._send(Call("POST", "/v1/formulas/validate", json=spec))).json()
 
-    async def submit(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-                     formula2: str | None = None, dtype_acc: str = "auto", ranges=None) -> "AsyncJob":
-        spec = _spec(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, ranges=ranges)
+    async def submit(self, formula: str, aliases, *args, ranges=None, **options) -> "AsyncJob":
+        spec = _spec(formula, aliases, options, ranges=ranges)
         info, like = await self._drive(self._flows.submit(spec, _with_ranges(args, ranges)))
         return AsyncJob(self, info, like)
 

@@ -14,13 +14,12 @@ from .client import DEFAULT_URL, Client, RemoteGenred
 from .lazytensor import RemoteLazyTensor, helpers, request_of, using
 
 
-def Genred(formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, *, opt_arg=None,
-           formula2: str | None = None, dtype_acc: str = "auto", client: Client | None = None,
-           url: str = DEFAULT_URL, token: str | None = None) -> RemoteGenred:
-    """pykeops-style Genred on numpy arrays whose calls go to a server (`client=`, or a new Client(url, token))."""
+def Genred(formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, *, client: Client | None = None,
+           url: str = DEFAULT_URL, token: str | None = None, **options) -> RemoteGenred:
+    """pykeops-style Genred on numpy arrays whose calls go to a server (`client=`, or a new Client(url, token));
+    `options` are the fields of `kred.engine.spec.Spec` (opt_arg, formula2, dtype_acc, fast_math)."""
     client = client if client is not None else Client(url, token)
-    return client.Genred(formula, [aliases] if isinstance(aliases, str) else list(aliases), reduction_op, axis,
-                         opt_arg=opt_arg, formula2=formula2, dtype_acc=dtype_acc)
+    return client.Genred(formula, aliases, reduction_op, axis, **options)
 
 
 class LazyTensor(RemoteLazyTensor, _LocalLazyTensor):
@@ -30,9 +29,7 @@ class LazyTensor(RemoteLazyTensor, _LocalLazyTensor):
     def _reduce(cls, plan, args, call):
         call = cls._call_options(call)
         spec = request_of(plan)
-        result = cls._server().reduce(spec.formula, list(spec.aliases), *args, reduction_op=spec.reduction_op,
-                                      axis=spec.axis, opt_arg=spec.opt_arg, formula2=spec.formula2,
-                                      dtype_acc=spec.dtype_acc, ranges=call["ranges"])
+        result = cls._server().reduce(spec.formula, spec.aliases, *args, ranges=call["ranges"], **spec.options())
         out = call["out"]
         if out is None:
             return result

@@ -40,14 +40,13 @@ def _rule(reduction_op: str) -> str | None:
 class Genred:
     """pykeops-style Genred whose calls go to a server; `client=` shares one Client between several ops."""
 
-    def __init__(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, *, opt_arg=None,
-                 formula2: str | None = None, dtype_acc: str = "auto", client: Client | None = None,
-                 url: str = DEFAULT_URL, token: str | None = None):
+    def __init__(self, formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, *,
+                 client: Client | None = None, url: str = DEFAULT_URL, token: str | None = None, **options):
         self.client = client if client is not None else Client(url, token)
-        self.formula, self.aliases = formula, [aliases] if isinstance(aliases, str) else list(aliases)
-        self.reduction_op, self.axis, self.dtype_acc = reduction_op, axis, dtype_acc
-        self.op = self.client.Genred(formula, self.aliases, reduction_op, axis, opt_arg=opt_arg, formula2=formula2,
-                                     dtype_acc=dtype_acc)
+        self.op = self.client.Genred(formula, aliases, reduction_op, axis, **options)
+        self.spec: Spec = self.op.spec
+        self.formula, self.aliases = formula, list(self.spec.aliases)
+        self.reduction_op, self.axis = self.spec.reduction_op, self.spec.axis
         self._signature: dict | None = None
         self._gradients: dict[int, Genred] = {}
 
@@ -59,8 +58,7 @@ class Genred:
     def signature(self) -> dict:
         """The server's reading of the reduction: its arguments (name, position, category as written) and outputs."""
         if self._signature is None:
-            self._signature = self.client.validate(self.formula, self.aliases, self.reduction_op, self.axis,
-                                                   dtype_acc=self.dtype_acc)
+            self._signature = self.client.validate(self.formula, self.aliases, **self.spec.options())
         return self._signature
 
     def gradient(self, pos: int) -> "Genred":
@@ -81,8 +79,10 @@ class Genred:
                 weighted = f"Exp(({self.formula}) - {output})"
             # indexed like the output (or a parameter): reduce as the forward pass; like the reduced axis: the other way
             axis = self.axis if target["category"] in (rows, "Pm") else 1 - self.axis
+            # the caller's numeric options (dtype_acc, fast_math) carry over to the gradient's reduction
             self._gradients[pos] = Genred(f"Grad({weighted}, {target['name']}, {cotangent})", aliases, "Sum", axis,
-                                          dtype_acc=self.dtype_acc, client=self.client)
+                                          dtype_acc=self.spec.dtype_acc, fast_math=self.spec.fast_math,
+                                          client=self.client)
         return self._gradients[pos]
 
 
@@ -151,8 +151,7 @@ def _remote_genred(client: Client, spec: Spec) -> Genred:
     """One Genred per client and spec, so that its signature and gradient ops are asked for once."""
     ops = _genreds.setdefault(client, {})
     if spec not in ops:
-        ops[spec] = Genred(spec.formula, list(spec.aliases), spec.reduction_op, spec.axis, opt_arg=spec.opt_arg,
-                           formula2=spec.formula2, dtype_acc=spec.dtype_acc, client=client)
+        ops[spec] = Genred(spec.formula, spec.aliases, client=client, **spec.options())
     return ops[spec]
 
 

@@ -15,22 +15,36 @@ from .errors import ArgumentError
 from .formula import P
 
 
-def batch_shape(plan, args) -> tuple[int, ...]:
-    """The broadcast batch shape of `args` for `plan`; () when no argument has leading batch axes."""
-    if len(args) != plan.nargs:
-        return ()               # Plan.check_args reports the count
-    leads = _leading_shapes(plan, args)
+def leading_shape(cat: int, dim: int, shape) -> tuple[int, ...]:
+    """The batch axes in front of one argument: (*B, N, D) for an i or j variable, (*B, D) for a parameter (whose
+    (1, D) is one parameter, no batch). The one reading of the rule: the engine, the service's planner and the client
+    (sizing a shared-memory reply) all call it."""
+    shape = tuple(shape)
+    if cat == P:
+        return shape[:-1] if len(shape) >= 2 and shape != (1, dim) else ()
+    return shape[:-2] if len(shape) >= 3 else ()
+
+
+def broadcast_batch(leads, names) -> tuple[int, ...]:
+    """The batch shape of arguments with leading shapes `leads` (numpy broadcasting); () when none has any."""
     shapes = [lead for lead in leads if lead]
     if not shapes:
         return ()
     try:
         batch = tuple(np.broadcast_shapes(*shapes))
     except ValueError:
-        described = ", ".join(f"{spec.name}: {lead}" for spec, lead in zip(plan.args, leads) if lead)
+        described = ", ".join(f"{name}: {lead}" for name, lead in zip(names, leads) if lead)
         raise ArgumentError(f"batch dimensions do not broadcast together ({described})") from None
     if 0 in batch:
         raise ArgumentError(f"batch shape {batch} is empty")
     return batch
+
+
+def batch_shape(plan, args) -> tuple[int, ...]:
+    """The broadcast batch shape of `args` for `plan`; () when no argument has leading batch axes."""
+    if len(args) != plan.nargs:
+        return ()               # Plan.check_args reports the count
+    return broadcast_batch(_leading_shapes(plan, args), [spec.name for spec in plan.args])
 
 
 def batch_items(plan, args, batch: tuple[int, ...]):
@@ -58,10 +72,5 @@ def _leading_shapes(plan, args) -> list[tuple[int, ...]]:
     leads = []
     for spec, value in zip(plan.args, args):
         shape = getattr(value, "shape", None)
-        shape = tuple(shape) if shape is not None else np.shape(value)
-        if spec.cat == P:
-            lead = shape[:-1] if len(shape) >= 2 and shape != (1, spec.dim) else ()
-        else:
-            lead = shape[:-2] if len(shape) >= 3 else ()
-        leads.append(lead)
+        leads.append(leading_shape(spec.cat, spec.dim, shape if shape is not None else np.shape(value)))
     return leads

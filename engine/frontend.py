@@ -5,7 +5,6 @@ from __future__ import annotations
 from .errors import ArgumentError, FormulaError
 from .formula import parse_alias
 from .plan import Plan
-from .reductions import REDUCTIONS
 from .spec import Spec
 
 # pykeops's summation schemes. kred's backends choose their own tiling and, with dtype_acc="auto", accumulate in
@@ -33,9 +32,6 @@ class GenredBase:
         check_sum_scheme(sum_scheme)
         if use_double_acc:
             dtype_acc = "float64"
-        known = REDUCTIONS.get(reduction_op)
-        if formula2 is not None and known is not None and not known.weighted and known.weighted_form:
-            reduction_op = known.weighted_form
         self.formula, self.aliases = formula, list(aliases)
         self.spec = Spec(formula, tuple(self.aliases), reduction_op, axis, opt_arg, formula2, dtype_acc,
                          fast_math=use_fast_math)

@@ -16,7 +16,8 @@ from .errors import ArgumentError, FormulaError
 from .formula import I, J, make, var
 from .frontend import check_sum_scheme
 from .formula.autodiff import grad, substitute
-from .plan import Plan, make_plan, plan_from_nodes, swap_ij
+from .plan import Plan, plan_from_nodes, swap_ij
+from .spec import Spec
 from .run import run
 
 
@@ -28,7 +29,7 @@ class LinearSystem:
 
 def linear_system(formula: str, aliases, varinvalias: str, axis: int = 0, dtype_acc: str = "auto") -> LinearSystem:
     """Parse and check a pykeops KernelSolve: `formula` linear in `varinvalias`, reduced with Sum over `axis`."""
-    plan = make_plan(formula, aliases, "Sum", axis, None, None, dtype_acc)
+    plan = Spec(formula, aliases, "Sum", axis, dtype_acc=dtype_acc).plan()
     by_name = {spec.name: spec for spec in plan.args}
     if varinvalias not in by_name:
         raise ArgumentError(f"KernelSolve: varinvalias {varinvalias!r} is not one of the aliases "

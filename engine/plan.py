@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import limits
 from .errors import ArgumentError, FormulaError
-from .formula import CATEGORY_NAMES, I, J, P, Node, fingerprint, make, parse, parse_aliases, to_text
+from .formula import CATEGORY_NAMES, I, J, P, Node, fingerprint, make, to_text
 from .formula.nodes import bounded
 from .reductions import Reduction, bind
 
@@ -129,34 +128,6 @@ def plan_bytes(plan: Plan) -> int:
     """Roughly the memory a plan keeps alive: its formulas' distinct nodes."""
     nodes = len(plan.formula.postorder()) + (len(plan.formula2.postorder()) if plan.formula2 is not None else 0)
     return nodes * NODE_BYTES
-
-
-# make_plan's results, least recently used dropped first (KRED_MAX_PLANS, KRED_MAX_PLAN_BYTES)
-_PLANS = limits.BoundedLRU(limits.PLANS, limits.PLAN_BYTES, getsizeof=plan_bytes)
-
-
-def make_plan(formula: str, aliases, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-              formula2: str | None = None, dtype_acc: str = "auto", fast_math: bool = True) -> Plan:
-    """Parse a pykeops-style reduction into a Plan (plans are immutable: the same request gives the cached one)."""
-    if not isinstance(aliases, (str, bytes)) and hasattr(aliases, "__iter__"):
-        aliases = tuple(aliases)
-    # each value with its type: axis=True must not find the plan of axis=1 (it is refused)
-    request = (formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, fast_math)
-    key = tuple((type(v), v) for v in request)
-    try:
-        plan = _PLANS.get(key)
-    except TypeError:               # something unhashable: checked (and refused, or used) without the cache
-        return _make_plan(*request)
-    if plan is None:
-        plan = _PLANS[key] = _make_plan(*request)
-    return plan
-
-
-def _make_plan(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc, fast_math) -> Plan:
-    names = parse_aliases(aliases)
-    f = parse(formula, names)
-    f2 = parse(formula2, names) if formula2 is not None else None
-    return plan_from_nodes(f, f2, reduction_op, axis, opt_arg, dtype_acc, names, fast_math=fast_math)
 
 
 def plan_from_nodes(f: Node, f2: Node | None, reduction_op: str, axis: int, opt_arg=None, dtype_acc="auto",

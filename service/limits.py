@@ -7,11 +7,11 @@ import numpy as np
 from kred.engine.plan import Plan
 
 from .errors import ApiError
-from .schemas import ReductionSpec
+from kred.engine.spec import Spec
 from .settings import Settings
 
 
-def check_text(spec: ReductionSpec, settings: Settings) -> None:
+def check_text(spec: Spec, settings: Settings) -> None:
     """Before parsing: the sizes of the texts."""
     for name, text in (("formula", spec.formula), ("formula2", spec.formula2)):
         if text is not None and len(text) > settings.max_formula_chars:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +15,9 @@ import numpy as np
 from kred.engine.backends.compile_limit import CompileTimeout, time_limit
 from kred.engine.batch import batch_items, batch_shape, stack_items
 from kred.engine.errors import ArgumentError
+from kred.engine.limits import BoundedLRU
 from kred.engine.plan import Plan
+from kred.engine.spec import Spec, cached_plan, keep_plan
 from kred.engine.reductions.gradients import gradient
 
 from . import gradients, limits
@@ -45,43 +45,37 @@ class Work:
 
 
 class Planner:
-    CACHE = 256
     COMPILERS = 2         # kernels compiled at once (each a C compiler process, or NVRTC in a thread)
     SLACK_S = 5.0         # past compile_timeout_s, the wait for work that cannot be killed (code generation, NVRTC)
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
-        self._lock = threading.Lock()
+        self._admitted = BoundedLRU(4096, 4096)   # (Spec.key, wrt) that passed this server's limits
         self._pool = ThreadPoolExecutor(self.COMPILERS, thread_name_prefix="kred-compile")
         self._workers = PlanWorkers.shared(2, warm=(__name__,))
         self._compiled: set[tuple] = set()
         self.hits = self.misses = 0
 
-    @staticmethod
-    def key(spec: ReductionSpec) -> tuple:
-        return spec.to_spec().key + (spec.grad.wrt if spec.grad is not None else None,)
-
-    async def plan(self, spec: ReductionSpec) -> Plan:
-        """The plan of `spec`, from the cache or built in a thread within `compile_timeout_s`."""
-        key = self.key(spec)
-        with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-                self.hits += 1
-                return plan
-            self.misses += 1
+    async def plan(self, request: ReductionSpec) -> Plan:
+        """The plan of the request's Spec: from the engine's plan cache (by `Spec.key`, the one key of a request) once
+        this server admitted it, else built and checked against the limits in a plan worker within
+        `compile_timeout_s`, and kept. A `grad` request is also differentiated there (once per argument), so that its
+        gradient plans are within the limits too."""
+        spec = request.spec
+        wrt = request.grad.wrt if request.grad is not None else None
+        plan = cached_plan(spec)
+        if plan is not None and self._admitted.get((spec.key, wrt)):
+            self.hits += 1
+            return plan
+        self.misses += 1
         limits.check_text(spec, self.settings)
         try:           # in a worker process: one past the limit is killed, not left computing (see plan_workers)
-            plan = await self._workers.call(build, spec, self.settings, timeout=self.settings.compile_timeout_s)
+            plan = await self._workers.call(build, spec, wrt, self.settings, timeout=self.settings.compile_timeout_s)
         except TimedOut:
             raise ApiError(422, "limit", f"building the plan took longer than {self.settings.compile_timeout_s} s "
                                          "(compile_timeout_s); it was stopped") from None
-        with self._lock:
-            self._plans[key] = plan
-            while len(self._plans) > self.CACHE:
-                self._plans.popitem(last=False)
+        keep_plan(spec, plan)
+        self._admitted[spec.key, wrt] = True
         return plan
 
     async def compile(self, executor, plan: Plan, arrays: list[np.ndarray]) -> None:
@@ -177,13 +171,13 @@ def _prepare(executor, plan: Plan, dtype, seconds: float, started: list[float]) 
         executor.prepare(plan, dtype)
 
 
-def build(spec: ReductionSpec, settings: Settings) -> Plan:
+def build(spec: Spec, wrt: str | int | None, settings: Settings) -> Plan:
     """Parse, check and differentiate (blocking: run in a plan worker process by `Planner.plan`)."""
     limits.check_text(spec, settings)
-    plan = spec.to_spec().plan()
+    plan = spec.plan()
     limits.check_plan(plan, settings)
-    if spec.grad is not None:        # differentiate now, within the compile-time budget (rules are cached)
-        rule = gradient(plan, argument_index(plan, spec.grad.wrt))
+    if wrt is not None:              # differentiate now, within the compile-time budget (rules are cached)
+        rule = gradient(plan, argument_index(plan, wrt))
         for derived in (getattr(rule, "plan", None), getattr(rule, "logsumexp", None)):
             if derived is not None:
                 limits.check_plan(derived, settings)

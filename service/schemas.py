@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kred.engine.spec import Spec
+from kred.engine.spec_schema import spec_model
 
 DType = Literal["float32", "float64", "int64"]
 
@@ -38,22 +38,15 @@ class GradSpec(Strict):
     wrt: str | int
 
 
-class ReductionSpec(Strict):
-    """What to compute, as JSON: the fields of `engine.spec.Spec` (pykeops' Genred), with the server's size limits,
-    and `grad`. `to_spec()` is what every other part of the service reads."""
-    formula: str
-    aliases: list[str] = Field(default_factory=list, max_length=256)
-    reduction_op: str = Field("Sum", max_length=64)
-    axis: int = 0
-    opt_arg: int | None = None
-    formula2: str | None = None
-    dtype_acc: Literal["auto", "float32", "float64"] = "auto"
-    fast_math: bool = True
-    grad: GradSpec | None = None
-    ranges: bool = False         # the last six arrays are pykeops' block-sparse `ranges` 6-tuple (integer arrays)
+# The server's limits on Spec's fields (the text lengths are checked against settings: limits.check_text)
+SPEC_LIMITS = {"aliases": Field(max_length=256), "reduction_op": Field(max_length=64),
+               "opt_arg": Field(ge=0, lt=1 << 31)}
 
-    def to_spec(self) -> Spec:
-        return Spec.from_fields(self)
+ReductionSpec = spec_model(
+    "ReductionSpec", limits=SPEC_LIMITS, grad=(GradSpec | None, None),
+    doc="""What to compute, as JSON: the fields of `engine.spec.Spec` (pykeops' Genred; `ranges: true`: the last
+    six arrays are the block-sparse `ranges` 6-tuple), with the server's size limits, and `grad`. Its `spec` is what
+    every other part of the service reads.""")
 
 
 class DatasetSource(Strict):

@@ -18,7 +18,7 @@ from filelock import FileLock
 from kred.engine import limits
 from kred.engine.backends import cache
 from kred.engine.backends.cpu import FLAGS, LIBS, CpuBackend
-from kred.engine.plan import make_plan
+from kred.engine.spec import Spec, make_plan
 
 ROOT = Path(__file__).parents[1]
 
@@ -152,7 +152,7 @@ def test_the_cpu_backend_keeps_a_bounded_number_of_kernels(cache_dir, small_memo
     before = mappings()
     for k in range(7):
         scale = 1.0 + k / 8 + (uuid.uuid4().int % 10**6) / 10**9
-        plan = make_plan(f"Exp(-SqDist(x, y) * {scale!r})", ["x = Vi(1)", "y = Vj(1)"], axis=1)
+        plan = make_plan(Spec(f"Exp(-SqDist(x, y) * {scale!r})", ["x = Vi(1)", "y = Vj(1)"], axis=1))
         got = backend.reduce(plan, [x, y], 30, 20)
         np.testing.assert_allclose(got, np.exp(-(x - y.T) ** 2 * scale).sum(1, keepdims=True), rtol=1e-12)
     gc.collect()
@@ -226,21 +226,22 @@ def test_processes_building_under_a_small_cap_all_get_their_kernels(cache_dir):
 
 def test_make_plan_caches_plans_with_a_bound_on_count_and_bytes(monkeypatch):
     from kred.engine import plan as plan_module
+    from kred.engine import spec as spec_module
     from kred.engine.errors import ArgumentError
     from kred.engine.formula import nodes
 
     aliases = ["x = Vi(3)", "y = Vj(3)"]
-    first = make_plan("Exp(-SqDist(x, y) * 0.25)", aliases, axis=1)
-    assert make_plan("Exp(-SqDist(x, y) * 0.25)", list(aliases), axis=1) is first
-    assert make_plan("Exp(-SqDist(x, y) * 0.25)", aliases, axis=0) is not first
+    first = make_plan(Spec("Exp(-SqDist(x, y) * 0.25)", aliases, axis=1))
+    assert make_plan(Spec("Exp(-SqDist(x, y) * 0.25)", list(aliases), axis=1)) is first
+    assert make_plan(Spec("Exp(-SqDist(x, y) * 0.25)", aliases, axis=0)) is not first
     with pytest.raises(ArgumentError, match="axis"):
-        make_plan("Exp(-SqDist(x, y) * 0.25)", aliases, axis=True)      # not the cached plan of axis=1
+        make_plan(Spec("Exp(-SqDist(x, y) * 0.25)", aliases, axis=True))      # not the cached plan of axis=1
     small = limits.BoundedLRU(8, 40 * plan_module.NODE_BYTES, getsizeof=plan_module.plan_bytes)
-    monkeypatch.setattr(plan_module, "_PLANS", small)
+    monkeypatch.setattr(spec_module, "_PLANS", small)
     gc.collect()
     before = len(nodes._TABLE)
     for k in range(200):
-        make_plan(f"Exp(-SqDist(x, y) * {k + 0.5}) * Sin(x | y) * {k + 1000.5}", aliases, axis=1)
+        make_plan(Spec(f"Exp(-SqDist(x, y) * {k + 0.5}) * Sin(x | y) * {k + 1000.5}", aliases, axis=1))
     assert len(small) <= 8 and small.currsize <= 40 * plan_module.NODE_BYTES
     gc.collect()
     assert len(nodes._TABLE) - before < 100          # the nodes of dropped plans are freed (unbounded: ~2,000)

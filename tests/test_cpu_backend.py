@@ -20,7 +20,7 @@ from kred.engine.backends.cpu import num_threads, split_columns
 from kred.engine.codegen.cpu import DOT_MIN_DIM, cpu_source
 from kred.engine.errors import BackendError
 from kred.engine.numpy import Genred
-from kred.engine.plan import make_plan
+from kred.engine.spec import Spec, make_plan
 from kred.engine.reductions import merge_all
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
@@ -133,7 +133,7 @@ def test_two_dimensional_split_matches_one_part():
     rng = np.random.default_rng(6)
     for name, formula in (("Sum", "Exp(-SqDist(x, y)) * b"), ("LogSumExp", "-SqDist(x, y) + b"),
                           ("ArgKMin", "SqDist(x, y) + b")):
-        plan = make_plan(formula, ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], name, axis=1, opt_arg=5)
+        plan = make_plan(Spec(formula, ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], name, axis=1, opt_arg=5))
         x, y, b = rng.standard_normal((3, 3)), rng.standard_normal((5000, 3)), rng.standard_normal((5000, 1))
         kernel = cpu().kernel(plan, np.dtype(np.float64))
         whole = kernel([x, y, b], (0, 3), (0, 5000), True, threads=1, parts=1)
@@ -172,7 +172,7 @@ def test_partial_states_merge_with_the_reference_backend():
     """The cluster cuts a reduction into shards of rows and columns: cpu and reference states must merge."""
     rng = np.random.default_rng(8)
     for name in ("Sum", "LogSumExp", "Min_ArgMin", "KMin"):
-        plan = make_plan("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], name, axis=1, opt_arg=4)
+        plan = make_plan(Spec("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], name, axis=1, opt_arg=4))
         x, y, b = rng.standard_normal((50, 3)), rng.standard_normal((300, 3)), rng.standard_normal((300, 1))
         arrays, reference = [x, y, b], get_backend("reference")
         states = [cpu().partial(plan, arrays, (10, 40), (0, 137)), reference.partial(plan, arrays, (10, 40), (137, 300))]
@@ -189,7 +189,7 @@ def test_nan_and_infinity_follow_the_reference():
     y = np.array([[0.0], [np.nan], [3.0], [-np.inf]])
     reference = get_backend("reference")
     for name in ("Min_ArgMin", "Max_ArgMax", "LogSumExp", "Sum"):
-        plan = make_plan("x * y", ["x = Vi(1)", "y = Vj(1)"], name, axis=1)
+        plan = make_plan(Spec("x * y", ["x = Vi(1)", "y = Vj(1)"], name, axis=1))
         got, want = cpu().reduce(plan, [x, y], 3, 4), reference.reduce(plan, [x, y], 3, 4)
         for g, w in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, want))):
             np.testing.assert_array_equal(g, w)

@@ -14,7 +14,7 @@ import pytest
 
 from kred.engine.errors import FormulaError
 from kred.engine.formula import node_budget, parse, parse_aliases
-from kred.engine.plan import make_plan
+from kred.engine.spec import Spec, make_plan
 from kred.engine.run import run
 
 ROOT = Path(__file__).parents[1]
@@ -77,8 +77,8 @@ def test_three_nested_laplacians_still_work_and_are_right():
     assert f.dim == 1
     # in one dimension, with r = x - y: d^6/dx^6 exp(-r^2) = (64 r^6 - 480 r^4 + 720 r^2 - 120) exp(-r^2)
     x, y = np.array([[0.3], [-0.7]]), np.array([[0.1], [1.2], [-0.4]])
-    plan = make_plan("Laplacian(Laplacian(Laplacian(Exp(-SqDist(x,y)), x), x), x)", ["x = Vi(1)", "y = Vj(1)"],
-                     axis=1)
+    plan = make_plan(Spec("Laplacian(Laplacian(Laplacian(Exp(-SqDist(x,y)), x), x), x)", ["x = Vi(1)", "y = Vj(1)"],
+                     axis=1))
     got = run(plan, [x, y], backend="reference")
     r = x - y.T
     want = ((64 * r**6 - 480 * r**4 + 720 * r**2 - 120) * np.exp(-r**2)).sum(1, keepdims=True)
@@ -117,12 +117,12 @@ def test_budgets_are_per_thread():
 
 def test_aliases_equal_after_nfkc_are_refused():
     with pytest.raises(FormulaError, match=r"aliases 's' and 'ſ' are the same name 's' once normalised \(NFKC"):
-        make_plan("s - ſ", ["s = Vi(1)", "ſ = Vj(1)"], axis=1)
+        make_plan(Spec("s - ſ", ["s = Vi(1)", "ſ = Vj(1)"], axis=1))
 
 
 def test_a_non_ascii_alias_is_the_name_the_formula_text_uses():
     """`ſ` alone is the variable `s` in the formula text (Python's parser normalises it, so must the aliases)."""
-    plan = make_plan("ſ - y", ["ſ = Vi(1)", "y = Vj(1)"], axis=1)
+    plan = make_plan(Spec("ſ - y", ["ſ = Vi(1)", "y = Vj(1)"], axis=1))
     x, y = np.array([[1.0], [2.0]]), np.array([[0.5], [0.25], [4.0]])
     np.testing.assert_allclose(run(plan, [x, y], backend="reference"), (x - y.T).sum(1, keepdims=True))
     assert parse_aliases(["ﬁ = Vi(2)"]).keys() == {"fi"}

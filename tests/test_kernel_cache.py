@@ -15,7 +15,7 @@ from kred.engine.backends import cache
 from kred.engine.backends.cpu import FLAGS, LIBS
 from kred.engine.codegen.cpu import cpu_source
 from kred.engine.errors import BackendError
-from kred.engine.plan import make_plan
+from kred.engine.spec import Spec, make_plan
 
 ROOT = Path(__file__).parents[1]
 
@@ -81,8 +81,8 @@ def test_compile_error_names_the_source_and_the_compiler_message(cache_dir):
 
 
 def test_no_user_text_reaches_the_source():
-    plan = make_plan("Exp(-SqDist(my_secret_point, other_cloud)) * weights_alias",
-                     ["my_secret_point = Vi(3)", "other_cloud = Vj(3)", "weights_alias = Vj(1)"], axis=1)
+    plan = make_plan(Spec("Exp(-SqDist(my_secret_point, other_cloud)) * weights_alias",
+                     ["my_secret_point = Vi(3)", "other_cloud = Vj(3)", "weights_alias = Vj(1)"], axis=1))
     source = cpu_source(plan, "float32", "float64")
     for name in ("my_secret_point", "other_cloud", "weights_alias"):
         assert name not in source

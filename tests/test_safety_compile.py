@@ -178,7 +178,7 @@ def test_a_compile_that_finds_no_free_compile_thread_in_time_is_a_429(tmp_path):
     import asyncio
     import threading
 
-    from kred.engine.plan import make_plan
+    from kred.engine.spec import Spec, make_plan
 
     release = threading.Event()
 
@@ -187,7 +187,7 @@ def test_a_compile_that_finds_no_free_compile_thread_in_time_is_a_429(tmp_path):
             release.wait(10)
 
     planner = Planner(settings(tmp_path, compile_timeout_s=0.5))
-    plans = [make_plan(f"SqDist(x,y)*{k + 2}", ALIASES, "Sum", 1) for k in range(Planner.COMPILERS + 1)]
+    plans = [make_plan(Spec(f"SqDist(x,y)*{k + 2}", ALIASES, "Sum", 1)) for k in range(Planner.COMPILERS + 1)]
     arrays = [np.ones((2, 3), np.float32)] * 2
 
     async def scenario():

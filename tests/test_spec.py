@@ -7,8 +7,7 @@ import pytest
 from kred.client import Client
 from kred.engine.errors import ArgumentError
 from kred.engine.numpy import Genred
-from kred.engine.plan import make_plan
-from kred.engine.spec import Spec
+from kred.engine.spec import Spec, make_plan
 from kred.service.schemas import ReductionSpec
 
 FORMULA, ALIASES = "Exp(-SqDist(x, y)) * b", ("x = Vi(3)", "y = Vj(3)", "b = Vj(2)")
@@ -21,7 +20,7 @@ def test_the_service_schema_the_client_body_and_the_front_end_agree():
     assert Genred(FORMULA, list(ALIASES), "KMin", 1, opt_arg=3, dtype_acc="float64").spec == \
         Spec(FORMULA, ALIASES, "KMin", 1, 3, None, "float64")
     assert spec.key == Spec(FORMULA, list(ALIASES), "KMin", 1, 3, None, "float64").key     # ranges: data, not plan
-    assert spec.plan().key == make_plan(FORMULA, list(ALIASES), "KMin", 1, 3, None, "float64").key
+    assert spec.plan().key == make_plan(Spec(FORMULA, list(ALIASES), "KMin", 1, 3, None, "float64")).key
 
 
 @pytest.mark.parametrize("fields,match", [

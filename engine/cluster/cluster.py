@@ -9,7 +9,8 @@ import threading
 import numpy as np
 
 from ..errors import ArgumentError, BackendError
-from ..plan import COLS, ROWS, Plan, make_plan
+from ..plan import COLS, ROWS, Plan
+from ..spec import Spec
 from ..ranges import ranges_grid
 from . import reaper
 from .blocks import CACHE_BYTES
@@ -80,11 +81,11 @@ class Cluster:
             raise
 
     # Submitting work -------------------------------------------------------------------------------------
-    def submit(self, formula: str, aliases, *args, reduction_op: str = "Sum", axis: int = 0, opt_arg=None,
-               formula2: str | None = None, dtype_acc: str = "auto", split: tuple[int, int] | None = None) -> Job:
-        """Start a reduction (same arguments as `engine.reduce`); returns its Job at once."""
-        plan = make_plan(formula, aliases, reduction_op, axis, opt_arg, formula2, dtype_acc)
-        return self.submit_plan(plan, args, split=split)
+    def submit(self, formula: str, aliases, *args, split: tuple[int, int] | None = None, ranges=None,
+               **options) -> Job:
+        """Start a reduction (same arguments as `engine.reduce`: `options` are the fields of `Spec`); returns its
+        Job at once."""
+        return self.submit_plan(Spec(formula, aliases, **options).plan(), args, split=split, ranges=ranges)
 
     def submit_plan(self, plan: Plan, args, split: tuple[int, int] | None = None, ranges=None) -> Job:
         """Start the reduction of an already built plan. `split` = (row blocks, column blocks) overrides the

@@ -6,7 +6,7 @@
       x: points.npy              # .npy: the array itself
       y: {path: centers.parquet, columns: [u, v, w]}    # .parquet / .arrow: one numeric column per component
       b: weights.arrow           # (or a single fixed-size-list column), all columns when `columns` is left out
-    reduction: Sum               # optional: opt_arg (K), formula2, axis (default 0), dtype, dtype_acc
+    reduction_op: Sum            # optional: opt_arg (K), formula2, axis (default 0), dtype, dtype_acc
     axis: 1
     output: result.npy           # .npy, .npz, .parquet or .arrow
     cluster: {address: ray://head:10001, device: auto, workers: null, threads: null, backend: auto}
@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ArgumentError
 from ..plan import COLS, ROWS, Plan
-from ..spec import Spec
+from ..spec_schema import spec_model
 from .dataset import Dataset, row_reader
 
 INPUT_SUFFIXES = (".npy", ".parquet", ".arrow", ".feather", ".ipc")
@@ -58,19 +58,14 @@ class ClusterSettings(BaseModel):
     backend: str = "auto"
 
 
-class JobSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    formula: str
-    aliases: list[str]
-    inputs: dict[str, Union[str, InputFile, list[float]]]
-    reduction: str = "Sum"
-    axis: Literal[0, 1] = 0
-    opt_arg: int | None = None
-    formula2: str | None = None
-    dtype: Literal["float32", "float64"] | None = None      # cast every input (default: as stored)
-    dtype_acc: Literal["auto", "float32", "float64"] = "auto"
-    output: str
-    cluster: ClusterSettings = ClusterSettings()
+# A job file: Spec's fields (`reduction_op`, also spelled `reduction` as older job files do), its inputs and output
+JobSpec = spec_model(
+    "JobSpec", exclude=("ranges",),
+    limits={"reduction_op": Field(validation_alias=AliasChoices("reduction_op", "reduction"))},
+    inputs=(dict[str, Union[str, InputFile, list[float]]], ...),
+    dtype=(Literal["float32", "float64"] | None, None),      # cast every input (default: as stored)
+    output=(str, ...),
+    cluster=(ClusterSettings, ClusterSettings()))
 
 
 def load_job(path) -> tuple[JobSpec, Plan, Path]:
@@ -88,8 +83,7 @@ def load_job(path) -> tuple[JobSpec, Plan, Path]:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'job'}: {err['msg']}" for err in e.errors())
         raise JobFileError(f"{path}: {problems}") from None
-    plan = Spec(spec.formula, tuple(spec.aliases), spec.reduction, spec.axis, spec.opt_arg, spec.formula2,
-                spec.dtype_acc).plan()
+    plan = spec.spec.plan()
     names = [arg.name for arg in plan.args]
     missing, unknown = set(names) - set(spec.inputs), set(spec.inputs) - set(names)
     if missing or unknown:
@@ -103,7 +97,7 @@ def load_job(path) -> tuple[JobSpec, Plan, Path]:
         raise JobFileError(f"{path}: output {spec.output!r} must end in {', '.join(OUTPUT_SUFFIXES)} "
                            "(or in / for a Parquet dataset)")
     if suffix == ".npy" and len(plan.reduction.outputs) > 1:
-        raise JobFileError(f"{path}: {spec.reduction} returns values and indices, which one .npy cannot hold; "
+        raise JobFileError(f"{path}: {spec.spec.reduction_op} returns values and indices, which one .npy cannot hold; "
                            "write .npz, .parquet or .arrow")
     return spec, plan, path.parent
 
