@@ -39,8 +39,7 @@ class GradSpec(Strict):
 
 
 # The server's limits on Spec's fields (the text lengths are checked against settings: limits.check_text)
-SPEC_LIMITS = {"aliases": Field(max_length=256), "reduction_op": Field(max_length=64),
-               "opt_arg": Field(ge=0, lt=1 << 31)}
+SPEC_LIMITS = {"aliases": Field(max_length=256), "reduction_op": Field(max_length=64)}
 
 ReductionSpec = spec_model(
     "ReductionSpec", limits=SPEC_LIMITS, grad=(GradSpec | None, None),
