@@ -113,7 +113,8 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(formulas.router, dependencies=protected)
     app.include_router(health.router)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, bodies=Bodies(settings.max_inflight_bytes),
+    bodies = Bodies(settings.max_inflight_bytes, settings.max_inflight_bytes_per_tenant)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, bodies=bodies,
                        timeout=settings.body_timeout_s, json_limit=settings.max_json_bytes,
                        rate=settings.min_body_bytes_per_s)
     app.add_middleware(Ingress, settings=settings)

@@ -111,13 +111,6 @@ def admit(b: Budget, settings: Settings, scope: str = "request") -> None:
                                             f"{limit:.4g} ({name}){hint}")
 
 
-def check_pairs(rows: int, cols: int, limit: float, where: str) -> None:
-    if rows * cols > limit:
-        hint = "; submit it as a job (POST /v1/jobs)" if where == "max_pairs_per_request" else ""
-        raise ApiError(422, "limit", f"N x M = {rows} x {cols} = {rows * cols:.3g} pairs exceeds this server's "
-                                     f"limit of {limit:.3g} ({where}){hint}")
-
-
 def check_finite(names: list[str], arrays: list[np.ndarray]) -> None:
     """NaN or infinite inputs are refused. One pass: a NaN or an infinity anywhere makes the sum non-finite; only
     then (or when a sum of huge finite values overflows) are the values looked at one by one."""
@@ -134,35 +127,50 @@ def check_finite(names: list[str], arrays: list[np.ndarray]) -> None:
 
 class Bodies:
     """Bytes of request bodies (and shared-memory inputs) the server holds at once, over all requests: counted as
-    they arrive, given back when the request ends. Past `limit`, a request gets 429 (413 when it alone is larger)."""
+    they arrive, given back when the request ends. Past `limit`, a request gets 429 (413 when it alone is larger);
+    past `share` for its tenant (all of its requests together), 429 too: one tenant cannot take every other's room."""
 
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+    def __init__(self, limit: int, share: int | None = None):
+        self.limit, self.share, self.used = limit, min(limit, share or limit), 0
+        self.tenants: dict[str, int] = {}
 
-    def take(self, n: int, held: int) -> None:
-        """Count `n` more bytes for a request that holds `held` already (called on the event loop)."""
-        if held + n > self.limit:
+    def take(self, n: int, held: int, tenant: str = "default") -> None:
+        """Count `n` more bytes for a request of `tenant` that holds `held` already (called on the event loop)."""
+        if held + n > self.share:
             raise ApiError(413, "limit", f"the request needs {held + n} bytes or more; this server holds at most "
-                                         f"{self.limit} bytes of bodies at once (max_inflight_bytes)", CLOSE)
+                                         f"{self.share} bytes of one tenant's bodies at once (max_inflight_bytes, "
+                                         "max_inflight_bytes_per_tenant)", CLOSE)
         if self.used + n > self.limit:
             raise ApiError(429, "too_busy", f"the server holds {self.used} bytes of other requests' bodies, its limit "
                                             f"is {self.limit} (max_inflight_bytes); retry later",
                            {"Retry-After": "1"} | CLOSE)
+        mine = self.tenants.get(tenant, 0)
+        if mine + n > self.share:
+            raise ApiError(429, "too_busy", f"this tenant's requests hold {mine} bytes of bodies; its share is "
+                                            f"{self.share} (max_inflight_bytes_per_tenant); retry later",
+                           {"Retry-After": "1"} | CLOSE)
         self.used += n
+        self.tenants[tenant] = mine + n
+
+    def give_back(self, n: int, tenant: str) -> None:
+        self.used -= n
+        left = self.tenants.pop(tenant, 0) - n
+        if left > 0:
+            self.tenants[tenant] = left
 
 
 class Held:
     """One request's share of `Bodies` (in its ASGI scope under `HELD`, so the transports can add to it)."""
 
-    def __init__(self, bodies: Bodies):
-        self.bodies, self.bytes = bodies, 0
+    def __init__(self, bodies: Bodies, tenant: str = "default"):
+        self.bodies, self.tenant, self.bytes = bodies, tenant, 0
 
     def take(self, n: int) -> None:
-        self.bodies.take(n, self.bytes)
+        self.bodies.take(n, self.bytes, self.tenant)
         self.bytes += n
 
     def release(self) -> None:
-        self.bodies.used -= self.bytes
+        self.bodies.give_back(self.bytes, self.tenant)
         self.bytes = 0
 
 
@@ -190,7 +198,7 @@ class BodyLimit:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await self._refuse(scope, receive, send, int(length), limit)
-        held = scope[HELD] = Held(self.bodies)
+        held = scope[HELD] = Held(self.bodies, scope.get("state", {}).get("tenant", "default"))
         more, began = True, anyio.current_time()
 
         async def counting_receive():

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)              # a connection must finish its headers in this long
     max_connections: int = Field(1000, ge=1)                 # past it the oldest idle connection is closed
     max_connections_per_client: int = Field(100, ge=1)       # the same, per client address
+    max_inflight_bytes_per_tenant: int | None = None         # one tenant's share of max_inflight_bytes (None: all)
     # One budget per request, computed before any work (limits.admit); the job limits apply to POST /v1/jobs.
     max_output_bytes_per_request: int = Field(256 << 20, ge=0)     # 413
     max_output_bytes_per_job: int = Field(16 << 30, ge=0)

@@ -311,6 +311,25 @@ def test_slow_and_half_open_clients_do_not_starve_an_authorised_one(guarded):
     assert guarded.alive()
 
 
+def test_one_tenant_holds_at_most_its_share_of_the_body_budget(tmp_path):
+    """Bodies held at once count per tenant (the ingress names it before the body is read): past
+    max_inflight_bytes_per_tenant a tenant's next upload is a 429 although the server-wide budget has room."""
+    with ServerProcess(tmp_path, token=TOKEN, max_inflight_bytes=8 << 20, max_inflight_bytes_per_tenant=1 << 20,
+                       body_timeout_s=10.0) as server:
+        host_port = ("127.0.0.1", server.port)
+        first = socket.create_connection(host_port)
+        first.sendall(b"POST /v1/reduce HTTP/1.1\r\nHost: kred\r\nAuthorization: Bearer " + TOKEN.encode() +
+                      b"\r\nContent-Type: " + arrow.CONTENT_TYPE.encode() + b"\r\nContent-Length: 900000\r\n\r\n" +
+                      b"x" * 700_000)
+        try:
+            time.sleep(0.5)
+            reply = raw_request(server.url, "/v1/reduce", AUTH | {"Content-Type": arrow.CONTENT_TYPE},
+                                b"x" * 700_000, length=900_000)
+            assert reply.startswith(b"HTTP/1.1 429") and b"max_inflight_bytes_per_tenant" in reply, reply[:300]
+        finally:
+            first.close()
+
+
 # Row 11: plan-worker replies larger than the pipe buffer ---------------------------------------------------
 
 def test_a_plan_worker_reply_larger_than_the_pipe_buffer_is_read_whole_under_uvloop():
