@@ -160,7 +160,8 @@ def post_arrow(url: str, meta: dict, arrays, timeout: float = 60) -> httpx.Respo
 
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("open"), max_pairs_per_request=1e9, compute_timeout_s=0.5) as s:
+    with ServerProcess(tmp_path_factory.mktemp("open"), max_pairs_per_request=1e9, compute_timeout_s=0.5,
+                       max_output_bytes_per_job=1 << 20) as s:
         yield s
 
 
@@ -180,6 +181,15 @@ def test_an_output_past_its_budget_is_refused_before_computing(open_server):
     idx = arrow.decode(small.content)[1][0].reshape(50, 3, 8)
     expected = np.argsort(x[:50, None, :] - y[None, :20, :], axis=1, kind="stable")[:, :3, :]
     np.testing.assert_array_equal(idx, expected)
+
+
+def test_jobs_pass_the_same_budget_with_the_job_limits(open_server):
+    x, y = np.ones((1000, 8)), np.ones((600, 8))
+    meta = {"formula": "x - y", "aliases": ["x = Vi(8)", "y = Vj(8)"], "reduction_op": "ArgKMin", "axis": 1,
+            "opt_arg": 50}                                        # 1000 x 400 indices: 3.2 MB > 1 MB
+    r = httpx.post(open_server.url + "/v1/jobs", content=bytes(arrow.encode(meta, [x, y])),
+                   headers={"content-type": arrow.CONTENT_TYPE}, timeout=60)
+    assert r.status_code == 413 and "max_output_bytes_per_job" in r.json()["detail"], r.text
 
 
 def test_batch_items_are_counted_before_they_are_built(open_server):
