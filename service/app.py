@@ -1,9 +1,10 @@
 """The FastAPI app factory: `create_app(settings, executor=None)`.
 
 Layers, outermost first: CatchAll (500s without tracebacks) > metrics > ingress (authentication from the headers,
-before any body byte) > body-size limit > FastAPI (error handlers). `server_config` is the uvicorn configuration
-`kred serve` runs it with (header deadline, connection caps: see ingress.py). Startup opens the job store, starts the executor (unless one is given, as tests do) and re-queues the
-jobs a previous server left unfinished; shutdown stops the job workers and the executor it started.
+before any body byte) > body-size limit > FastAPI (error handlers). `server_config` is the uvicorn configuration `kred
+serve` runs it with (header deadline, connection caps: see ingress.py). Startup opens the job store, starts the
+executor (unless one is given, as tests do) and re-queues the jobs a previous server left unfinished; shutdown stops
+the job workers and the executor it started.
 """
 from __future__ import annotations
 

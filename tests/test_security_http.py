@@ -4,7 +4,6 @@ count the executor's calls). Memory is asserted relative to the body's size.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -22,7 +21,7 @@ from kred.service.plan_workers import PlanWorkers
 from kred.wire import arrow
 from kred.wire.shm import HEADER, SegmentPool, pack
 from safety_helpers import ServerProcess
-from service_helpers import ALIASES, FORMULA, Server, data, request, settings
+from service_helpers import Server, data, request, settings
 
 TOKEN = "s3cret-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -264,7 +263,7 @@ def drip(url: str, headers: dict[str, str], stop: threading.Event, every: float,
                 reply = s.recv(4096)
                 replies.append((reply[:12], time.monotonic() - began))
                 return
-            except socket.timeout:
+            except TimeoutError:
                 try:
                     s.sendall(b"x")
                 except OSError:
