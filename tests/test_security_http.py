@@ -398,3 +398,27 @@ def test_a_foreign_or_invalid_output_room_is_refused_before_computing(tmp_path):
     finally:
         mine.close()
         other.close()
+
+
+# The budget as a function (dataset jobs call it with their datasets' metadata) -----------------------------
+
+def test_the_budget_from_metadata_names_the_limit_it_breaks(tmp_path):
+    from kred.engine.spec import Spec
+    from kred.service import limits
+    from kred.service.errors import ApiError
+
+    plan = Spec(formula="SqDist(x, y) * b", aliases=["x = Vi(3)", "y = Vj(3)", "b = Vj(2)"], reduction_op="KMin",
+                axis=1, opt_arg=4).plan()
+    rows, cols = 2_000_000, 3_000_000
+    b = limits.budget(plan, rows, cols, input_bytes=limits.input_bytes(plan, rows, cols))
+    assert b.input_bytes == (rows * 3 + cols * 3 + cols * 2) * 8            # x, y and b in float64
+    assert b.output_bytes == rows * 4 * 2 * 8                               # K = 4 values of dimension 2
+    assert b.pairs == rows * cols
+    config = settings(tmp_path, max_pairs_per_job=6e12, max_work_per_job=1e20)
+    limits.admit(b, config, "job")                                          # 6e12 pairs: at the limit
+    with pytest.raises(ApiError, match="max_pairs_per_job") as refused:
+        limits.admit(b, config.model_copy(update={"max_pairs_per_job": 6e12 - 1, "max_pairs_per_request": 1e20}),
+                     "job")
+    assert refused.value.status == 422
+    with pytest.raises(ApiError, match="max_output_bytes_per_job"):
+        limits.admit(b, settings(tmp_path, max_output_bytes_per_job=b.output_bytes - 1), "job")
