@@ -21,6 +21,11 @@ import time
 
 import httpx
 
+from .aio import (  # (as this module held them before the protocol was split out)
+    AsyncClient,
+    AsyncJob,
+)
+from .errors import JobFailed
 from .http import (
     DEADLINE,
     CappedBody,
@@ -33,7 +38,7 @@ from .jobs import Job
 from .operations import Operations, RemoteGenred
 from .protocol import DEFAULT_URL, MAX_REPLY_BYTES, Call, Flow, Protocol, Reply, Sleep
 
-__all__ = ["DEFAULT_URL", "Client", "Job", "RemoteGenred"]
+__all__ = ["DEFAULT_URL", "AsyncClient", "AsyncJob", "Call", "Client", "Job", "JobFailed", "RemoteGenred"]
 
 
 class Client(Operations):

@@ -57,20 +57,20 @@ class CappedBody:
         self.size = 0
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > call.limit:
-            self._refuse(int(declared))
+            self._refuse(f"declares {int(declared)} bytes")
 
     def add(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.call.limit:
-            self._refuse(self.size)
+            self._refuse(f"passed {self.size} bytes")
         self.chunks.append(chunk)
         if time.monotonic() > self.deadline:
             raise httpx.ReadTimeout("the call's deadline passed while reading the reply")
 
-    def _refuse(self, size: int):
+    def _refuse(self, what: str):
         raise ReplyTooLarge(self.response.status_code, "reply_too_large",
-                            f"{self.call.method} {self.call.path}: the reply has {'at least ' * (size > 0)}{size} "
-                            f"bytes, more than the {self.call.limit} this call can need")
+                            f"{self.call.method} {self.call.path}: the reply {what}, more than the {self.call.limit} "
+                            "this call can need (Client(max_reply_bytes=...) when the client cannot size it)")
 
     def reply(self) -> Reply:
         return Reply(self.response.status_code, self.response.headers, b"".join(self.chunks),
