@@ -2,7 +2,7 @@
 every backend, the block runtime, the cluster merge, gradients and the front ends. Adding a reduction is adding a
 class to one of the family modules and a name to REDUCTIONS."""
 from ..errors import ArgumentError, FormulaError
-from .base import INDEX_DTYPE, NO_INDEX, Reduction, merge_all
+from .base import INDEX_DTYPE, NO_INDEX, Reduction, Slot, merge_all
 from .extremum import ArgMax, ArgMin, Max, Max_ArgMax, Min, Min_ArgMin
 from .kbest import ArgKMax, ArgKMin, KMax, KMax_ArgKMax, KMin, KMin_ArgKMin
 from .logsumexp import LogSumExp, LogSumExpWeight, Max_SumShiftExp, Max_SumShiftExpWeight, SumSoftMaxWeight
@@ -36,4 +36,4 @@ def bind(name: str, fdim: int, f2dim: int | None = None, k: int | None = None) -
     return cls(name, fdim, f2dim, k)
 
 
-__all__ = ["INDEX_DTYPE", "NO_INDEX", "REDUCTIONS", "Reduction", "bind", "merge_all"]
+__all__ = ["INDEX_DTYPE", "NO_INDEX", "REDUCTIONS", "Reduction", "Slot", "bind", "merge_all"]

@@ -18,6 +18,7 @@ class KBest(Reduction):
     empty_ok = False
     largest = False
     emits = ("value",)
+    strategy = "rows"       # almost every column fails the K-th-best test (c_candidate): skip chunks, insert rarely
 
     @property
     def outputs(self):
