@@ -31,7 +31,7 @@ from .formula.ops import MAX_INT_PARAM
 from .frontend import check_sum_scheme
 from .plan import Plan, plan_from_nodes, swap_ij
 from .ranges import swap_axes
-from .reductions import REDUCTIONS
+from .reductions import REDUCTIONS, called
 
 CATEGORY = {0: I, 1: J, 2: P}
 # Keyword arguments of a reduction: those that shape the plan, and those of the call.
@@ -688,6 +688,7 @@ class LazyTensorBase(ABC):
     def reduction(self, reduction_op: str, other=None, opt_arg=None, axis=None, dim=None, call=True, **options):
         """Reduce with the engine's reduction `reduction_op` over i (axis 0) or j (axis 1)."""
         axis = self._axis(axis, dim, reduction_op)
+        reduction_op = called(reduction_op, other is not None)
         operands = (self,) + ((self._lift(other),) if other is not None else ())
         joined, nodes = _join(operands)
         result = LazyReduction(type(self), joined(nodes[0]), nodes[1] if other is not None else None,
@@ -703,10 +704,12 @@ class LazyTensorBase(ABC):
     def sum_reduction(self, axis=None, dim=None, **options):
         return self.reduction("Sum", axis=axis, dim=dim, **options)
 
-    def logsumexp(self, axis=None, dim=None, weight=None, **options):
-        """log sum exp(self) over the axis; with `weight`, log sum exp(self) * weight."""
-        op = "LogSumExp" if weight is None else "LogSumExpWeight"
-        return self.reduction(op, other=weight, axis=axis, dim=dim, **options)
+    def logsumexp(self, axis=None, dim=None, weight=None, other=None, **options):
+        """log sum exp(self) over the axis; with `weight` (or `other`, pykeops's `reduction` keyword, which its
+        logsumexp passes on), log sum exp(self) * weight."""
+        if weight is not None and other is not None:
+            raise ArgumentError("logsumexp: give the weight once, as weight= (or other=)")
+        return self.reduction("LogSumExp", other=other if weight is None else weight, axis=axis, dim=dim, **options)
 
     logsumexp_reduction = logsumexp
 

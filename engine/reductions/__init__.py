@@ -16,6 +16,15 @@ REDUCTIONS: dict[str, type[Reduction]] = {cls.__name__: cls for cls in (
     KMin, ArgKMin, KMin_ArgKMin, KMax, ArgKMax, KMax_ArgKMax)}
 
 
+def called(name: str, with_formula2: bool) -> str:
+    """The reduction a pykeops call of `name` means: with a formula2, a reduction that takes none may mean its
+    weighted form (LogSumExp + formula2 is LogSumExpWeight). One rule for Spec and the LazyTensor reductions."""
+    cls = REDUCTIONS.get(name)
+    if cls is not None and with_formula2 and not cls.weighted and cls.weighted_form:
+        return cls.weighted_form
+    return name
+
+
 def bind(name: str, fdim: int, f2dim: int | None = None, k: int | None = None) -> Reduction:
     """The reduction `name` for a formula of dimension `fdim` (and formula2 of `f2dim`, K = `k`)."""
     cls = REDUCTIONS.get(name)
@@ -36,4 +45,4 @@ def bind(name: str, fdim: int, f2dim: int | None = None, k: int | None = None) -
     return cls(name, fdim, f2dim, k)
 
 
-__all__ = ["INDEX_DTYPE", "NO_INDEX", "REDUCTIONS", "Reduction", "Slot", "bind", "merge_all"]
+__all__ = ["INDEX_DTYPE", "NO_INDEX", "REDUCTIONS", "Reduction", "Slot", "bind", "called", "merge_all"]
