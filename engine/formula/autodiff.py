@@ -10,10 +10,13 @@ algebra below removes again (a cotangent is linear, so transposing or tracing it
 """
 from __future__ import annotations
 
+import functools
+
 from ..errors import DimensionError, FormulaError
 from .build import make
 from .nodes import Node, bounded
-from .ops import EXPANSIONS, MAX_TERMS, OPS, _elem, _total, _vector
+from .ops import DERIVATIVES, EXPANSIONS, MAX_TERMS, OPS, _elem, _total, _vector
+from .parse import instantiate
 
 # A category no user variable can have (make() refuses it), for the placeholders of Diff / Divergence / Laplacian.
 _DUMMY_CATEGORY = -1
@@ -126,8 +129,6 @@ def _rules(node: Node) -> tuple:
 
 
 def _operand_cotangent(node: Node, child: Node, rule: str, g: Node) -> Node:
-    from .parse import instantiate  # the parser imports this module, so import it late
-
     names = dict(zip("xyz", node.children), out=node, g=g)
     fields = {f"d{k}": c.dim for k, c in enumerate(node.children)}
     fields.update({f"p{k}": p for k, p in enumerate(node.params)}, dout=node.dim)
@@ -201,3 +202,4 @@ def _expand_trace(children, params, make):
 
 
 EXPANSIONS.update(GradMatrix=_expand_grad_matrix, TraceOperator=_expand_trace)
+DERIVATIVES.update({name: functools.partial(derivative_op, name) for name in ("Grad", "Diff", "Divergence", "Laplacian")})

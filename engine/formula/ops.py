@@ -35,10 +35,12 @@ MAX_LIST_PARAM = 16        # entries of an integer-list parameter `Ind(...)` (te
 MAX_TERMS = 1 << 14        # scalar terms (or nodes) a composite may expand into: TensorDot, BSpline, complex ops...
 
 
-# Expansions that need a reader of this table, registered by the module that owns the reader when the formula package
-# loads (so this table imports none of them): the parser registers every text template (`expand` given as a str),
-# autodiff the derivative ops (rows whose `expand` is `Registered(name)`).
+# What needs a reader of this table is registered by the module that owns the reader when the formula package loads
+# (so this table imports none of them): the parser registers every text template (`expand` given as a str),
+# autodiff the derivative ops: the expansions of rows whose `expand` is `Registered(name)`, and the parser's
+# derivative keywords (`Grad(f, v, e)`, `Diff`, `Divergence`, `Laplacian`: name -> function of the operand list).
 EXPANSIONS: dict[str, Callable] = {}
+DERIVATIVES: dict[str, Callable] = {}
 
 
 @dataclass(frozen=True)

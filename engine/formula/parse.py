@@ -14,10 +14,9 @@ import unicodedata
 from typing import Mapping
 
 from ..errors import DimensionError, FormulaError
-from . import autodiff     # symbolic differentiation lives beside the parser, built on the same table
 from .build import make
 from .nodes import Node, bounded
-from .ops import EXPANSIONS, MAX_INT_PARAM, OPS, ROWS, Registered
+from .ops import DERIVATIVES, EXPANSIONS, MAX_INT_PARAM, OPS, ROWS, Registered
 
 MAX_TEXT = 20_000      # characters in one formula
 MAX_DEPTH = 150        # nesting of the syntax tree (Python's own parser stops near 200 parentheses)
@@ -293,7 +292,7 @@ class _Walker:
             self.fail(f"{name}: keyword or starred arguments are not allowed", node)
         if name in ("Var", "Vi", "Vj", "Pm"):
             return self.inline_variable(name, node)
-        if name in ("Grad", "Diff", "Laplacian", "Divergence"):
+        if name in DERIVATIVES:                # registered by autodiff
             return self.derivative(name, node, depth)
         row = OPS.get(name)
         if row is None or row.name == "Var":
@@ -341,7 +340,7 @@ class _Walker:
     def derivative(self, name: str, node: ast.Call, depth: int) -> Node:
         args = [self.node(a, depth + 1) for a in node.args]
         try:
-            return autodiff.derivative_op(name, args)
+            return DERIVATIVES[name](args)
         except FormulaError as e:
             self.fail(f"{str(e).splitlines()[0]} in `{self.segment(node)}`", node, type(e))
 
