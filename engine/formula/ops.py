@@ -708,3 +708,19 @@ ROWS: list[Op] = [
 ]
 
 OPS: dict[str, Op] = {row.name: row for row in ROWS}
+
+
+# pykeops's LazyTensor spelling of the ops that are plain methods, `x.exp()`, `x.atan2(y)`: method -> (op, names of
+# its other operands, in order). The LazyTensor front end makes one method per entry (engine.lazytensor); the
+# operand count is checked against the row's arity when it does.
+LAZY_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{op.lower(): (op, ()) for op in ("Exp", "Log", "XLogX", "Sqrt", "Rsqrt", "Sin", "Cos", "Asin", "Acos", "Atan",
+                                       "SinXDivX", "Abs", "Sign", "Step", "ReLU", "Square", "Floor", "SqNorm2",
+                                       "Norm2", "Normalize")},
+    "matvecmult": ("MatVecMult", ("other",)), "vecmatmult": ("VecMatMult", ("other",)),
+    "tensorprod": ("TensorProd", ("other",)), "concat": ("Concat", ("other",)), "sqdist": ("SqDist", ("other",)),
+    "atan2": ("Atan2", ("other",)), "factorize": ("Factorize", ("other",)),
+    "difference_matrix": ("DifferenceMatrix", ("other",)),
+    "softdtw_sqdist": ("SoftDTW_SqDist", ("other", "gamma")),
+    "ifelse": ("IfElse", ("if_true", "if_false")),
+}

@@ -17,6 +17,8 @@ A reduction is one class (a row of the reduction table, `engine.reductions.REDUC
 - its **output facts**: `outputs` (kind and width of each result), `needs_k`, `weighted` (takes formula2),
   `empty_ok` (may reduce over an empty axis), `linear` (complex formulas give complex results), `weighted_form`
   (what a call with formula2 reduces);
+- its **LazyTensor spelling** (`lazy_method`: "sum", "argKmin", ...), from which the LazyTensor front end makes its
+  reduction methods (engine.lazytensor);
 - its **gradient rule**: `gradient_rule` names the rule of `engine.reductions.gradients` ("sum", "logsumexp",
   "logsumexp_weight", "softmax_weight", "selected", "zero"; None: no gradient), and `indexed` the reduction that also
   returns the selected indices, which a "selected" gradient gathers through.
@@ -74,6 +76,7 @@ class Reduction(ABC):
     indexed: ClassVar[str | None] = None        # for gradient_rule "selected": the reduction returning indices too
     real_slots: ClassVar[tuple[int, ...]] = ()  # state slots a kernel may hold in kred_real while it accumulates
     strategy: ClassVar[Literal["lanes", "rows"]] = "lanes"  # the CPU driver's loop (see above); "rows" needs c_candidate
+    lazy_method: ClassVar[str | None] = None    # pykeops's LazyTensor method for it (also as `<method>_reduction`)
 
     def __post_init__(self):
         """Subclasses check their dimensions here (the dataclass __init__ calls it only if the base defines it)."""
