@@ -5,13 +5,15 @@ variable indexed by j; `(x_i - y_j) ** 2` is then a symbolic (N, M, D) array: a 
 the list of arrays its `Var` leaves stand for. Reductions (`sum(dim=1)`, `logsumexp`, `argKmin`, ...) turn the pair
 into a Plan and run it, so the N x M values are never stored.
 
-This module is framework-neutral. A binding (engine.numpy_lazytensor for numpy, engine.torch.lazytensor for torch)
-subclasses `LazyTensorBase` and says how to recognise, reshape and create its arrays and how to run a reduction.
+This module is framework-neutral. A binding (`numpy.py` beside it, engine/torch/lazytensor.py) subclasses
+`LazyTensorBase` and says how to recognise, reshape and create its arrays and how to run a reduction; `complex.py`
+holds ComplexLazyTensor. The elementwise methods are made from the op table (`ops.LAZY_METHODS`), the reductions from the reduction table
+(`Reduction.lazy_method`), at the end of this module.
 
 Semantics follow pykeops.common.lazy_tensor: shapes, reduction names and output shapes, `axis`/`dim` counted after
 the batch dimensions, `K @ v`, `.t()`, `.solve()`, symbolic variables `Vi(index, dim)`, and use as a scipy
-LinearOperator, complex LazyTensors (`ComplexLazyTensorMixin`: complex arrays become real ones of twice the dimension,
-(re, im) interleaved, here at the front end). Differences: Python floats become `Const` nodes (exact, no parameter
+LinearOperator, complex LazyTensors (`complex.py`: complex arrays become real ones of twice the dimension, (re, im)
+interleaved, here at the front end). Differences: Python floats become `Const` nodes (exact, no parameter
 array), comparisons are built from `Step`, and index outputs (argmin, argKmin, ...) are int64 arrays.
 """
 from __future__ import annotations
@@ -25,14 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ArgumentError, DimensionError
-from .formula import I, J, P, Node, make, to_text, var
-from .formula.autodiff import derivative_op
-from .formula.ops import LAZY_METHODS, MAX_INT_PARAM, OPS
-from .frontend import check_sum_scheme
-from .plan import Plan, plan_from_nodes, swap_ij
-from .ranges import swap_axes
-from .reductions import REDUCTIONS, called
+from ..errors import ArgumentError, DimensionError
+from ..formula import I, J, P, Node, make, to_text, var
+from ..formula.autodiff import derivative_op
+from ..formula.ops import LAZY_METHODS, MAX_INT_PARAM, OPS
+from ..frontend import check_sum_scheme
+from ..plan import Plan, plan_from_nodes, swap_ij
+from ..ranges import swap_axes
+from ..reductions import REDUCTIONS, called
 
 CATEGORY = {0: I, 1: J, 2: P}
 # Keyword arguments of a reduction: those that shape the plan, and those of the call.
@@ -760,128 +762,6 @@ def _install_methods(cls) -> None:
 
 
 _install_methods(LazyTensorBase)
-
-
-class ComplexLazyTensorMixin:
-    """A complex symbolic array, as pykeops's ComplexLazyTensor: built from a complex array, a complex number or a
-    list of them, its formula is the real one of dimension 2d with (re, im) interleaved, and reductions (Sum) give
-    complex arrays. The conversion happens here, at the front end: the engine only ever sees real arrays.
-
-    A binding's ComplexLazyTensor is `class ComplexLazyTensor(ComplexLazyTensorMixin, LazyTensor)`.
-    """
-
-    is_complex = True
-
-    def __init__(self, x=None, axis=None, is_complex=True):
-        if isinstance(x, numbers.Complex) and not isinstance(x, (bool, np.ndarray)):
-            x = [x]
-        if isinstance(x, list):
-            x = [float(part) for value in x for part in (complex(value).real, complex(value).imag)]
-        elif x is not None and self._is_array(x):
-            if not self._is_complex_array(x):
-                raise ArgumentError(f"ComplexLazyTensor: expected a complex array, got {self._dtype_name(x)}; "
-                                    "use LazyTensor(x).real2complex() for a real one")
-            x = self._real_pairs(x)
-        super().__init__(x, axis)
-
-    @classmethod
-    def _real_class(cls):
-        return next(c for c in cls.__mro__ if issubclass(c, LazyTensorBase) and
-                    not issubclass(c, ComplexLazyTensorMixin))
-
-    def _complex(self, other):
-        """`other` as a ComplexLazyTensor: complex ones as they are, real ones (LazyTensors, arrays, numbers) + 0i."""
-        if isinstance(other, ComplexLazyTensorMixin):
-            return other
-        if isinstance(other, numbers.Complex) and not isinstance(other, (numbers.Real, np.ndarray)):
-            return type(self)(other)
-        if self._is_array(other) and self._is_complex_array(other):
-            return type(self)(other)
-        return self._as_real(other).real2complex()
-
-    def _as_real(self, other):
-        return other if isinstance(other, LazyTensorBase) else self._real_class()(other)
-
-    def _complex_op(self, op, other):
-        return self._op(op, self._complex(other))
-
-    @property
-    def shape(self):
-        shape = self._shape
-        shape = shape[:-1] + (shape[-1] // 2,)
-        return shape[:-1] if shape[-1] == 1 else shape
-
-    @property
-    def dtype(self):
-        return None if self._dtype is None else np.dtype({"float32": "complex64", "float64": "complex128"}
-                                                         .get(self._dtype, "complex64"))
-
-    def __add__(self, other):
-        return self._complex_op("ComplexAdd", other)
-
-    def __radd__(self, other):
-        return self._complex(other)._complex_op("ComplexAdd", self)
-
-    def __sub__(self, other):
-        return self._complex_op("ComplexSubtract", other)
-
-    def __rsub__(self, other):
-        return self._complex(other)._complex_op("ComplexSubtract", self)
-
-    def __mul__(self, other):
-        if _is_number(other) or (isinstance(other, LazyTensorBase) and not other.is_complex and other.ndim == 1):
-            return self._as_real(other)._op("ComplexRealScal", self, cls=type(self))   # a real scalar: no promotion
-        return self._complex_op("ComplexMult", other)
-
-    def __rmul__(self, other):
-        return self * other         # complex multiplication commutes
-
-    def __truediv__(self, other):
-        return self._complex_op("ComplexDivide", other)
-
-    def __rtruediv__(self, other):
-        return self._complex(other)._complex_op("ComplexDivide", self)
-
-    def __neg__(self):
-        return self._op("Minus")
-
-    def __pow__(self, other):
-        if other == 2:
-            return self * self
-        raise ArgumentError("ComplexLazyTensor: only z ** 2 is defined; write products and ComplexExp instead")
-
-    def __abs__(self):
-        return self._op("ComplexAbs", cls=self._real_class())
-
-    abs = __abs__
-
-    @property
-    def real(self):
-        return self._op("ComplexReal", cls=self._real_class())
-
-    @property
-    def imag(self):
-        return self._op("ComplexImag", cls=self._real_class())
-
-    def angle(self):
-        return self._op("ComplexAngle", cls=self._real_class())
-
-    def conj(self):
-        return self._op("Conj")
-
-    def exp(self):
-        return self._op("ComplexExp")
-
-    def sum(self, axis=-1, dim=None, **options):
-        axis = axis if dim is None else dim
-        if self._is_vector_axis(axis):
-            return self._op("ComplexSum")
-        return self.reduction("Sum", axis=axis, **options)
-
-    def real2complex(self):
-        raise ArgumentError("real2complex: this LazyTensor is complex already")
-
-    imag2complex = exp1j = real2complex
 
 
 class _DeferredSolve:
