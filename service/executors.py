@@ -23,7 +23,7 @@ from kred.engine.plan import Plan
 from kred.engine.run import backend_name, run, run_checked
 
 from .cluster_driver import RemoteCluster
-from .errors import Interrupted
+from .errors import Interrupted  # noqa: F401  (job_manager reads the executors' errors from here)
 
 Progress = Callable[[float], None]
 Flag = Callable[[], bool]

@@ -8,7 +8,7 @@ from .build import make
 from .nodes import CATEGORY_NAMES, I, J, P, Node, fingerprint, node_budget, to_text, var
 from .ops import OPS
 from .parse import instantiate, parse, parse_alias, parse_aliases, validate_table
-from . import autodiff  # noqa: E402,F401,I001  (after the parser, which it reads: registers the derivative ops)
+from . import autodiff  # noqa: F401  (registers the derivative ops in the op table)
 
 validate_table()
 
