@@ -710,9 +710,10 @@ ROWS: list[Op] = [
 OPS: dict[str, Op] = {row.name: row for row in ROWS}
 
 
-# pykeops's LazyTensor spelling of the ops that are plain methods, `x.exp()`, `x.atan2(y)`: method -> (op, names of
-# its other operands, in order). The LazyTensor front end makes one method per entry (engine.lazytensor); the
-# operand count is checked against the row's arity when it does.
+# pykeops's LazyTensor spelling of the ops that are plain methods, `x.exp()`, `x.atan2(y)`, `x.elem(2)`: method ->
+# (op, names of its other operands, in order); the row's integer `params` follow them, under their own names. The
+# LazyTensor front end makes one method per entry (engine.lazytensor); the operand count is checked against the
+# row's arity when it does.
 LAZY_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     **{op.lower(): (op, ()) for op in ("Exp", "Log", "XLogX", "Sqrt", "Rsqrt", "Sin", "Cos", "Asin", "Acos", "Atan",
                                        "SinXDivX", "Abs", "Sign", "Step", "ReLU", "Square", "Floor", "SqNorm2",
@@ -723,4 +724,5 @@ LAZY_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "difference_matrix": ("DifferenceMatrix", ("other",)),
     "softdtw_sqdist": ("SoftDTW_SqDist", ("other", "gamma")),
     "ifelse": ("IfElse", ("if_true", "if_false")),
+    "elem": ("Elem", ()), "extract": ("Extract", ()), "one_hot": ("OneHot", ()),
 }

@@ -454,12 +454,6 @@ class LazyTensorBase(ABC):
     def weightedsqdist(self, other, weights):
         return (self - other).weightedsqnorm(weights)
 
-    def elem(self, index: int):
-        return self._op("Elem", params=(_integer(index, "elem: index"),))
-
-    def extract(self, start: int, length: int):
-        return self._op("Extract", params=(_integer(start, "extract: start"), _integer(length, "extract: length")))
-
     def __getitem__(self, key):
         """`x[k]`, `x[..., k]`, `x[:, :, k]` and slices `x[..., a:b]`: indexing along the vector axis only."""
         if isinstance(key, tuple):
@@ -479,9 +473,6 @@ class LazyTensorBase(ABC):
             index = int(key) + (self.ndim if key < 0 else 0)
             return self.elem(index)
         raise ArgumentError(f"LazyTensor: cannot index with {key!r}; use an integer or a slice")
-
-    def one_hot(self, dim: int):
-        return self._op("OneHot", params=(_integer(dim, "one_hot: dim"),))
 
     @staticmethod
     def concatenate(lazies, axis=-1):
@@ -698,20 +689,23 @@ class LazyTensorBase(ABC):
 # ---- methods made from the tables ----------------------------------------------------------------------------------
 
 def _op_method(name: str, op: str, operands: tuple[str, ...]):
-    """`x.name(*operands)`: the op `op` of the op table applied to x and the operands (LazyTensors, arrays, numbers)."""
+    """`x.name(*operands, *params)`: the op `op` of the op table applied to x and the operands (LazyTensors, arrays,
+    numbers), with the row's integer params."""
     row = OPS[op]
     if row.arity != 1 + len(operands):
         raise AssertionError(f"LAZY_METHODS: {name} names {len(operands)} operands for {op} of arity {row.arity}")
-    signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] +
-                                  [inspect.Parameter(o, inspect.Parameter.POSITIONAL_OR_KEYWORD) for o in operands])
+    signature = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                   for n in ("self",) + operands + row.params])
 
     def method(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        return self._op(op, *list(bound.arguments.values())[1:])
+        values = list(signature.bind(self, *args, **kwargs).arguments.values())[1:]
+        params = tuple(_integer(v, f"{name}: {p}") for v, p in zip(values[len(operands):], row.params))
+        return self._op(op, *values[:len(operands)], params=params)
 
     method.__name__ = method.__qualname__ = name
     method.__signature__ = signature
-    method.__doc__ = f"{op}({', '.join(('self',) + operands)}){': ' + row.doc if row.doc else ''} (the op table's row)."
+    method.__doc__ = f"{op}({', '.join(('self',) + operands + row.params)})" + \
+        (f": {row.doc}" if row.doc else "") + " (a row of the op table)."
     return method
 
 
