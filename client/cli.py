@@ -158,7 +158,7 @@ def run(job_file: Path = typer.Argument(..., help="the job's YAML file", exists=
         progress: bool = typer.Option(True, "--progress/--quiet")):
     """Run a batch job described by a YAML file on a Ray cluster and write its output. Needs the 'cluster' extra."""
     _need("cluster", "run")
-    from kred.engine.cluster import run_job_file
+    from kred.engine.jobs import run_job_file
     output = run_job_file(job_file, address, progress=progress)
     typer.echo(f"wrote {output}")
 
@@ -181,7 +181,7 @@ def reduce(formula: str = typer.Argument(..., help="e.g. 'Exp(-SqDist(x,y))*b'")
     """Reduce arrays stored in files, on a server (default) or locally, and write the result to a file.
     Needs the 'client' extra."""
     _need("client", "reduce")
-    from kred.engine.cluster.jobfile import read_array, write_output
+    from kred.engine.io import read_array, write_output
     from kred.engine.spec import Spec
 
     spec = Spec(formula, alias, reduction, axis, opt_arg, formula2)

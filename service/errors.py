@@ -22,6 +22,11 @@ from kred.wire.shm import SharedMemoryError
 log = logging.getLogger("kred.service")
 
 
+class Interrupted(BackendError):
+    """The executor lost the run through no fault of its input (e.g. the cluster's driver process died): run it
+    again once `health()` is None. Here, with the service's errors, so that the cluster driver needs no executor."""
+
+
 class ApiError(HTTPException):
     """An error with its HTTP status, raised anywhere in the service. An HTTPException, so that FastAPI passes it
     through unchanged when it is raised while the body is read (it turns other exceptions there into a bare 400)."""

@@ -18,10 +18,12 @@ from typing import Callable
 import numpy as np
 
 from kred.engine.backends import get_backend
-from kred.engine.errors import BackendError
 from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
 from kred.engine.run import backend_name, run, run_checked
+
+from .cluster_driver import RemoteCluster
+from .errors import Interrupted  # noqa: F401  (job_manager reads the executors' errors from here)
 
 Progress = Callable[[float], None]
 Flag = Callable[[], bool]
@@ -29,11 +31,6 @@ Flag = Callable[[], bool]
 
 class Cancelled(Exception):
     """The run was cancelled before it finished."""
-
-
-class Interrupted(BackendError):
-    """The executor lost the run through no fault of its input (e.g. the cluster's driver process died): run it
-    again once `health()` is None."""
 
 
 class Executor(ABC):
@@ -110,8 +107,6 @@ class ClusterExecutor(Executor):
         self.local = LocalExecutor(backend) if local_below_pairs > 0 else None
         self.local_below_pairs = local_below_pairs
         if cluster is None:
-            from .cluster_driver import RemoteCluster
-
             cluster, self._owned = RemoteCluster(address, **options), True
         else:
             self._owned = False
