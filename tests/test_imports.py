@@ -11,10 +11,12 @@ Two rules (issue 19, part 3):
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import kred
 
+LAYERS = ("engine", "service", "client")
 SKIP = {"tests", "benchmarks", "examples", "docs", "deploy", "__pycache__"}
 
 # Old import paths kept where users import them, read on first use (a module __getattr__): (importer, imported).
@@ -22,20 +24,20 @@ COMPATIBILITY = {("kred.engine.cluster", "kred.engine.jobs")}    # run_job_file,
 
 
 def sources() -> dict[str, Path]:
-    """kred's modules (dotted name -> file), found where `kred.__path__` says they are."""
+    """kred's modules (dotted name -> file): kred/ and the layers mapped beneath it (engine/, service/, client/),
+    found where their packages' `__path__` says they are (an install or the source-tree loader)."""
     found = {}
-    home = Path(kred.__file__).parent
-    for root in map(Path, kred.__path__):
-        tops = [root] if root.samefile(home) else [d for d in sorted(root.iterdir())
-                                                    if d.is_dir() and d.name not in SKIP and (d / "__init__.py").is_file()]
-        for top in tops:
-            for file in sorted(top.rglob("*.py")):
-                if SKIP & set(file.relative_to(root).parts):
+    packages = [("kred", kred)] + [(f"kred.{layer}", importlib.import_module(f"kred.{layer}")) for layer in LAYERS]
+    for dotted, package in packages:
+        for root in map(Path, package.__path__):
+            for file in sorted(root.rglob("*.py")):
+                relative = file.relative_to(root)
+                if SKIP & set(relative.parts) or (dotted == "kred" and relative.parts[0] in LAYERS):
                     continue
-                parts = list(file.relative_to(root).with_suffix("").parts)
+                parts = list(relative.with_suffix("").parts)
                 if parts[-1] == "__init__":
                     parts.pop()
-                found[".".join(["kred", *parts])] = file
+                found[".".join([dotted, *parts])] = file
     return found
 
 
