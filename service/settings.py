@@ -5,8 +5,19 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+# --- sec-data: tenants (issue 20 row 8) ---------------------------------------------------------------------
+class TenantConfig(BaseModel):
+    """One named token: the jobs made with it belong to `name`; the quotas are optional (None: the server's)."""
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    token: SecretStr
+    max_jobs: int | None = Field(None, ge=0)              # its jobs queued or running at once
+    max_output_bytes: int | None = Field(None, ge=0)      # dataset-job output of its jobs in the store together
+# --- end sec-data ----------------------------------------------------------------------------------------------
 
 
 class Settings(BaseSettings):
@@ -56,6 +67,33 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(64, ge=0)       # waiting beyond those; 429 past it
     compile_timeout_s: float = 60.0              # building a plan (parse, differentiate, compile)
     reject_nonfinite: bool = True                # NaN / inf inputs are a 422
+
+    # --- sec-data: tenants, dataset-job budgets (issue 20 rows 8, 9) ---------------------------------------------
+    # Named tokens, as JSON (KRED_TENANTS='[{"name": "alice", "token": "...", "max_jobs": 4}]') and/or a JSON file
+    # holding that list; `token` (above) stays the single-user form: its holder is the tenant "default".
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    tenants_file: Path | None = None
+    max_job_output_bytes: int = Field(16 << 30, ge=0)   # 413: a dataset job's output files together, at most
+    max_shard_bytes: int = Field(1 << 30, ge=0)         # 413: what one worker holds for one shard of a dataset job
+    # --- end sec-data ----------------------------------------------------------------------------------------
+
+    @model_validator(mode="after")
+    def _read_tenants(self):
+        if self.tenants_file is not None:
+            import json
+            try:
+                listed = json.loads(self.tenants_file.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"tenants_file {self.tenants_file}: {e}") from None
+            self.tenants = [*self.tenants, *(TenantConfig.model_validate(t) for t in listed)]
+            self.tenants_file = None
+        names = [t.name for t in self.tenants]
+        tokens = [t.token.get_secret_value() for t in self.tenants]
+        if len(set(names)) < len(names) or "default" in names and self.token is not None:
+            raise ValueError("tenant names must be unique (\"default\" is the holder of KRED_TOKEN)")
+        if any(not t.strip() for t in tokens) or len(set(tokens)) < len(tokens):
+            raise ValueError("every tenant needs its own non-empty token")
+        return self
 
     @model_validator(mode="after")
     def _default_store_dir(self):
