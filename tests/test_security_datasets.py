@@ -25,8 +25,7 @@ from conftest import start_ray
 from kred.engine.cluster import Cluster
 from kred.engine.cluster.confined import confined
 from kred.engine.cluster.dataset import Dataset, DatasetError, Location, write_part
-from kred.engine.plan import make_plan
-from kred.engine.spec import Spec
+from kred.engine.spec import Spec, make_plan
 from kred.service.app import create_app
 from kred.service.executors import ClusterExecutor
 from service_helpers import Server, settings
@@ -206,7 +205,8 @@ class Listener:
 
 
 def test_row3_uri_options_never_reach_a_filesystem_and_s3_runs_on_the_configured_endpoint(cluster, moto, tmp_path):
-    s3 = pafs.S3FileSystem()                       # from the AWS_* environment, as the server's is
+    # from the AWS_* environment (endpoint included), as the server's root filesystem is
+    s3, _ = pafs.FileSystem.from_uri("s3://bucket?allow_bucket_creation=true")
     s3.create_dir("bucket")
     rng = np.random.default_rng(7)
     x, y, b = rng.random((300, 3)), rng.random((20, 3)), rng.random((20, 1))
@@ -257,8 +257,19 @@ def test_row9_output_and_shard_budgets_before_the_job_and_while_writing(cluster,
         assert reply.status_code == 202, reply.text
         assert wait(client, reply.json()["id"])["state"] == "done"
     want = np.argsort(((x[:, None] - y[None]) ** 2).sum(-1), axis=1, kind="stable")[:, :5]
-    got = pq.read_table(root / "out").to_pandas().to_numpy()
+    got = np.column_stack([c.to_numpy() for c in pq.read_table(root / "out").columns])
     np.testing.assert_array_equal(got, want)
+    # per tenant: the output budgets of its jobs in the store add up to at most its max_output_bytes
+    one_job = (64 << 10) + 10 * 8 * 3 // 2 + 256
+    config = settings(tmp / "t", dataset_roots=[str(root)],
+                      tenants=[{"name": "t", "token": "tok", "max_output_bytes": one_job + 10}])
+    with Server(create_app(config, executor=ClusterExecutor(cluster=cluster))) as server, \
+            httpx.Client(base_url=server.url, timeout=60, headers={"authorization": "Bearer tok"}) as client:
+        first = client.post("/v1/jobs", json=request | {"output": str(root / "t1/")})
+        assert first.status_code == 202, first.text
+        second = client.post("/v1/jobs", json=request | {"output": str(root / "t2/")})
+        assert second.status_code == 413 and f"max_output_bytes ({one_job + 10})" in second.json()["detail"]
+        wait(client, first.json()["id"])
     # while writing: a block's file past its share is refused, and nothing is left behind
     plan = make_plan(Spec(REQUEST["formula"], REQUEST["aliases"], axis=1))
     target = Location(pafs.LocalFileSystem(), str(tmp / "w"), "w")
