@@ -166,6 +166,9 @@ def sources(plan: Plan, spec: DatasetJobRequest, settings: Settings) -> Sources:
                             f"no input for {', '.join(sorted(missing))}" if missing else
                             f"inputs {', '.join(sorted(unknown))} are not in the aliases")
     output = resolve(spec.output, settings, "output")
+    if not output.path.strip("/"):
+        raise ApiError(422, "invalid_dataset_uri", "output: a dataset job writes a folder under a dataset root, "
+                                                   "not the root itself")
     locations = {arg.name: resolve(source.uri, settings, f"input {arg.name}") for arg in plan.args
                  if isinstance(source := spec.inputs[arg.name], DatasetSource)}
     out, rows, dtype, budget = [], None, None, settings.max_body_bytes

@@ -278,9 +278,14 @@ class Output:
         self.job = json.loads(json.dumps(job))      # as the manifest holds it (lists, not tuples)
         job = self.job
         self.fs, self.folder = self.location.fs, self.location.path.rstrip("/")
-        self.fs.create_dir(self.folder, recursive=True)
-        manifest = self._read_manifest()
-        infos = self.fs.get_file_info(pafs.FileSelector(self.folder))
+        if not self.folder:
+            raise DatasetError(f"{uri}: an output is a folder of its own, not the root of a filesystem")
+        try:
+            self.fs.create_dir(self.folder, recursive=True)
+            manifest = self._read_manifest()
+            infos = self.fs.get_file_info(pafs.FileSelector(self.folder))
+        except OSError as e:            # a file in the way, no permission, an unreachable store
+            raise DatasetError(f"cannot write the output {uri}: {e}") from None
         names = {os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File}
         if manifest is not None and manifest["job"] != job:
             raise DatasetError(f"{uri} holds the output of another job (its {MANIFEST} differs): "
@@ -288,7 +293,10 @@ class Output:
         if manifest is None and any(n.startswith("part-") for n in names):
             raise DatasetError(f"{uri} holds part files but no {MANIFEST}: write to an empty folder")
         self.written = {b for b in range(len(job["blocks"])) if part_name(b) in names}
-        self._write_manifest(complete=False)
+        try:
+            self._write_manifest(complete=False)
+        except OSError as e:
+            raise DatasetError(f"cannot write the output {uri}: {e}") from None
 
     def _read_manifest(self):
         try:
