@@ -109,3 +109,22 @@ def test_a_job_that_does_not_fit_the_store_is_a_507(tmp_path):
         reply = httpx.post(f"{server.url}/v1/jobs", content=content, headers={"content-type": arrow.CONTENT_TYPE})
     assert reply.status_code == 507 and "max_store_bytes" in reply.json()["detail"], reply.text
     assert list((tmp_path / "jobs" / "inputs").iterdir()) == []
+
+
+def test_a_store_made_before_tenants_opens_with_its_jobs_as_default(tmp_path):
+    import sqlite3
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "old.arrow").write_bytes(b"x" * 1000)
+    db = sqlite3.connect(tmp_path / "jobs.sqlite")
+    db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, progress REAL NOT NULL DEFAULT 0, "
+               "created REAL NOT NULL, started REAL, finished REAL, error TEXT, rows INTEGER, cols INTEGER, "
+               "timings TEXT NOT NULL DEFAULT '{}')")
+    db.execute("INSERT INTO jobs (id, state, created) VALUES ('old', 'queued', 1.0)")
+    db.commit()
+    db.close()
+    store = JobStore(tmp_path)
+    assert store.get("old")["tenant"] == "default" and [r["id"] for r in store.list(tenant="default")] == ["old"]
+    from kred.service.store import StoreFull
+    with pytest.raises(StoreFull):          # its 1000 bytes were counted when the store was opened
+        store.create({"request": {}}, [], 1, 1, max_bytes=1010)
+    assert store.create({"request": {}}, [], 1, 1, max_bytes=10_000)["tenant"] == "default"
