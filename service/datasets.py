@@ -64,7 +64,7 @@ def _split(uri: str, what: str) -> tuple[str, str]:
     match = SCHEME.match(uri)
     if match is None:                                 # a plain path: opened as written, never decoded
         if not uri.startswith("/"):
-            return "file", ""                         # relative: under no root
+            return "file", "/.."                      # relative: under no root (refused as outside)
         return "file", posixpath.normpath(uri) if ".." not in uri.split("/") else uri
     if "?" in uri or "#" in uri:
         raise ApiError(422, "invalid_dataset_uri",
