@@ -1,7 +1,8 @@
 """Dataset jobs in the service: every URI a client names is resolved once, inside the server's `dataset_roots`,
 into a `Location` (a sandboxed filesystem and a path in it) before anything is opened; only that Location reaches the
-cluster's workers. Then the URIs become the engine's inputs (`engine.cluster.Dataset` for the row-side ones, which
-the workers read; arrays for the others, read here within `max_body_bytes`).
+cluster's workers. Then the URIs become the engine's inputs: `engine.cluster.Dataset`s for the row- and column-side
+variables (the workers read them, block by block), arrays for the parameters (a few numbers, read here within
+`max_body_bytes`), and the job's output and shard budgets are checked before it is stored.
 
 Resolution (`resolve`): a client URI has no query string or fragment (filesystem options, endpoints, credentials and
 schemes come only from the server's configuration: its roots and the AWS_* environment), is percent-decoded when it

@@ -78,24 +78,6 @@ class Settings(BaseSettings):
     # --- end sec-data ----------------------------------------------------------------------------------------
 
     @model_validator(mode="after")
-    def _read_tenants(self):
-        if self.tenants_file is not None:
-            import json
-            try:
-                listed = json.loads(self.tenants_file.read_text())
-            except (OSError, ValueError) as e:
-                raise ValueError(f"tenants_file {self.tenants_file}: {e}") from None
-            self.tenants = [*self.tenants, *(TenantConfig.model_validate(t) for t in listed)]
-            self.tenants_file = None
-        names = [t.name for t in self.tenants]
-        tokens = [t.token.get_secret_value() for t in self.tenants]
-        if len(set(names)) < len(names) or "default" in names and self.token is not None:
-            raise ValueError("tenant names must be unique (\"default\" is the holder of KRED_TOKEN)")
-        if any(not t.strip() for t in tokens) or len(set(tokens)) < len(tokens):
-            raise ValueError("every tenant needs its own non-empty token")
-        return self
-
-    @model_validator(mode="after")
     def _default_store_dir(self):
         if self.store_dir is None:
             address = f"{self.host}_{self.port}".replace(":", "-").replace("/", "-")   # IPv6 hosts have colons
@@ -115,4 +97,24 @@ class Settings(BaseSettings):
             if not text or not text[0].strip():
                 raise ValueError(f"token_file {self.token_file} is empty")
             self.token = SecretStr(text[0].strip())
+        return self
+
+    # --- sec-data: after _read_token_file, so that a token read from a file is known here ---
+    @model_validator(mode="after")
+    def _read_tenants(self):
+        if self.tenants_file is not None:
+            import json
+            try:
+                listed = json.loads(self.tenants_file.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"tenants_file {self.tenants_file}: {e}") from None
+            self.tenants = [*self.tenants, *(TenantConfig.model_validate(t) for t in listed)]
+            self.tenants_file = None
+        names = [t.name for t in self.tenants]
+        tokens = [t.token.get_secret_value() for t in self.tenants]
+        if len(set(names)) < len(names) or "default" in names and self.token is not None:
+            raise ValueError("tenant names must be unique (\"default\" is the holder of KRED_TOKEN)")
+        shared = [self.token.get_secret_value()] if self.token is not None else []
+        if any(not t.strip() for t in tokens) or len(set(tokens + shared)) < len(tokens + shared):
+            raise ValueError("every tenant needs its own non-empty token")
         return self
