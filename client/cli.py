@@ -110,7 +110,7 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
     _need("server", "serve")
     import uvicorn
 
-    from kred.service.app import create_app, widen_uvicorn_reads
+    from kred.service.app import create_app, server_config, widen_uvicorn_reads
     from kred.service.settings import Settings
     overrides = {"host": host, "port": port, "ray_address": ray_address, "token_file": token_file,
                  "executor": executor, "store_dir": store_dir, "allow_shm": shm}
@@ -135,8 +135,7 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
                 typer.echo(banner)                # so the banner means: connections are accepted now
 
     widen_uvicorn_reads()
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    config = server_config(create_app(settings), settings, log_level=log_level)
     Server(config).run()
 
 

@@ -3,7 +3,8 @@
 A server has named tokens (`tenants`: each a tenant name, a token and optional quotas) and/or one shared token
 (`token`: its holder is the tenant "default"). With neither, authentication is off and every request is "default".
 `authenticate` maps an `Authorization` header to its Tenant or raises the 401; it reads no body, so the ingress
-runs it before any body byte is read and keeps the tenant in `request.state.tenant`. Jobs belong to the tenant that
+(`ingress.py`) runs it before any body byte is read and keeps the tenant in `scope["state"]["tenant"]`
+(`request.state.tenant`). Jobs belong to the tenant that
 made them (`job_manager.py`). Tokens are compared as SHA-256 digests with `hmac.compare_digest`, against every
 configured token without stopping at a match, so the time taken says nothing about which token or how much of it.
 /healthz and the OpenAPI docs stay open so that probes and people can reach them.
@@ -56,7 +57,7 @@ def authenticate(authorization: str | None, settings: Settings) -> Tenant:
     table = _table(settings)
     if not table:
         return OPEN
-    challenge = {"WWW-Authenticate": "Bearer"}
+    challenge = {"WWW-Authenticate": "Bearer", "Connection": "close"}     # its body is never read
     scheme, _, credentials = (authorization or "").strip().partition(" ")
     credentials = credentials.strip()
     if scheme.lower() != "bearer" or not credentials:

@@ -210,10 +210,6 @@ def sources(plan: Plan, spec: DatasetJobRequest, settings: Settings) -> Sources:
     shard = shard_budget(plan, max((b - a for a, b in blocks), default=0),
                          sum(plan.args[k].dim for k in row_side), max((b - a for a, b in col_blocks), default=0),
                          sum(plan.args[k].dim for k in col_side), dtype)
-    if output_bytes > settings.max_job_output_bytes:
-        raise ApiError(413, "too_large", f"the output of this job may take up to {output_bytes} bytes "
-                                         f"({rows} rows of {plan.reduction.out_dim} outputs), past "
-                                         f"max_job_output_bytes ({settings.max_job_output_bytes})")
     if shard > settings.max_shard_bytes:
         raise ApiError(413, "too_large", f"one shard of this job would hold {shard} bytes on a worker, past "
                                          f"max_shard_bytes ({settings.max_shard_bytes}): write the datasets with "

@@ -35,11 +35,17 @@ def body(kind: str, detail: str) -> dict[str, str]:
     return {"error": kind, "detail": detail}
 
 
+MAX_ERRORS = 5          # validation errors named in a reply; the rest are counted (a reply stays small)
+
+
 def _validation_detail(errors) -> str:
     parts = []
-    for e in errors:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    for e in errors[:MAX_ERRORS]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")[:200]
+        message = str(e.get("msg"))[:300]
+        parts.append(f"{where}: {message}" if where else message)
+    if len(errors) > MAX_ERRORS:
+        parts.append(f"and {len(errors) - MAX_ERRORS} more errors")
     return "; ".join(parts) or "invalid request"
 
 
@@ -61,7 +67,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ValidationError)
     async def model_invalid(request: Request, exc: ValidationError):
-        return JSONResponse(body("invalid_request", _validation_detail(exc.errors())), 422)
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        return JSONResponse(body("invalid_request", _validation_detail(errors)), 422)
 
     @app.exception_handler(WireError)
     async def wire_error(request: Request, exc: WireError):

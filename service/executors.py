@@ -61,6 +61,9 @@ class LocalExecutor(Executor):
     """The engine in this process. Jobs run in row blocks so that they report progress and can stop between blocks."""
     name = "local"
     BLOCKS = 20
+    # a run that only has `cancelled` (a request's deadline) is cut into blocks from this size on: below it one
+    # call is faster and ends soon anyway
+    CHECKED_FROM_PAIRS = 1e8
 
     def __init__(self, backend: str = "auto"):
         self.backend = backend
@@ -73,7 +76,9 @@ class LocalExecutor(Executor):
         if shape is None:
             arrays, _, *shape = plan.check_args(arrays)
         n, m = shape
-        if ranges is not None or (progress is None and cancelled is None):
+        if ranges is not None or (progress is None and (cancelled is None or n * m < self.CHECKED_FROM_PAIRS)):
+            if cancelled is not None and cancelled():
+                raise Cancelled()
             return run_checked(plan, arrays, n, m, self.backend, ranges)
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         backend = get_backend(backend_name(self.backend))

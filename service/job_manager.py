@@ -119,7 +119,9 @@ class JobManager:
             raise ApiError(422, "invalid_request", "dataset jobs compute dense reductions: no grad, no ranges")
         plan = await self.planner.plan(spec)
         found = await asyncio.to_thread(datasets.sources, plan, spec, self.settings)
-        limits.check_pairs(found.rows, found.cols, self.settings.max_pairs_per_job, "max_pairs_per_job")
+        limits.admit(limits.budget(plan, found.rows, found.cols,
+                                   input_bytes=limits.input_bytes(plan, found.rows, found.cols)),
+                     self.settings, "job")         # the one admission budget, from the datasets' metadata
         if tenant.max_output_bytes is not None:
             _, used = await asyncio.to_thread(self.store.tenant_usage, tenant.name)
             if used + found.output_bytes > tenant.max_output_bytes:

@@ -116,4 +116,4 @@ class Middleware:
             m.bytes_in.labels(route).inc(received)
             m.bytes_out.labels(route).inc(sent)
             tenant = scope.get("state", {}).get("tenant")
-            m.tenant_requests.labels(getattr(tenant, "name", "-"), str(status)).inc()
+            m.tenant_requests.labels(getattr(tenant, "name", tenant or "-"), str(status)).inc()

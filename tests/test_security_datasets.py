@@ -239,8 +239,8 @@ def test_row9_output_and_shard_budgets_before_the_job_and_while_writing(cluster,
     tmp, root, x, y, b = tree
     request = body(root, str(root / "in" / "x.parquet"), str(root / "out/"))
     kmin = request | {"formula": "SqDist(x, y)", "reduction_op": "ArgKMin", "opt_arg": 5}
-    cases = [(settings(tmp, dataset_roots=[str(root)], max_job_output_bytes=1000), request,
-              "max_job_output_bytes (1000)"),
+    cases = [(settings(tmp, dataset_roots=[str(root)], max_output_bytes_per_job=50), request,
+              "(max_output_bytes_per_job)"),
              (settings(tmp, dataset_roots=[str(root)], max_shard_bytes=500), request, "max_shard_bytes (500)")]
     for config, job, message in cases:
         with Server(create_app(config, executor=ClusterExecutor(cluster=cluster))) as server, \
@@ -248,8 +248,8 @@ def test_row9_output_and_shard_budgets_before_the_job_and_while_writing(cluster,
             reply = client.post("/v1/jobs", json=job)
             assert reply.status_code == 413 and message in reply.json()["detail"], reply.text
     assert not (root / "out").exists()                          # refused before anything was written
-    # the budget grows with the output's width: ArgKMin K=5 (5 int64 per row) is admitted where it fits
-    config = settings(tmp, dataset_roots=[str(root)], max_job_output_bytes=(64 << 10) + 10 * 5 * 8 * 2 + 256 * 5)
+    # the budget grows with the output's width: ArgKMin K=5 (10 rows of 5 int64) is admitted where K=7 is not
+    config = settings(tmp, dataset_roots=[str(root)], max_output_bytes_per_job=10 * 5 * 8)
     with Server(create_app(config, executor=ClusterExecutor(cluster=cluster))) as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:
         assert client.post("/v1/jobs", json=kmin | {"opt_arg": 7}).status_code == 413
