@@ -121,12 +121,12 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
         settings = Settings(**overrides)
     except ValueError as e:
         _fail(str(e))
-    if settings.token is None and not insecure and not _loopback(settings.host):
+    if settings.token is None and not settings.tenants and not insecure and not _loopback(settings.host):
         _fail(f"refusing to serve on {settings.host} without a token: anyone who reaches it could run reductions. "
               "Pass --token-file (or --insecure on a trusted network).")
     banner = (f"kred serve: http://{settings.host}:{settings.port} (docs at /docs), executor {settings.executor}"
               f"{' on ' + settings.ray_address if settings.ray_address else ''}, "
-              f"auth {'on' if settings.token else 'off'}, jobs in {settings.store_dir}")
+              f"auth {'on' if settings.token or settings.tenants else 'off'}, jobs in {settings.store_dir}")
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
