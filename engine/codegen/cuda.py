@@ -348,6 +348,7 @@ class _Generator:
                 "const long long jend = jbegin + span < c1 ? jbegin + span : c1;",
                 "const long long first = jbegin < jend ? jbegin : KRED_NO_INDEX;",
             ]
+        body += self._centre_lines("i0" if grid else f"r0 + (long long)blockIdx.x * {self.block}")
         hoisted, loop_emitter = self._hoist()
         body += hoisted
         body += self._declare_state("s")
@@ -419,9 +420,8 @@ class _Generator:
 
     # Formula body ---------------------------------------------------------------------------------------------
     def _load(self, node: Node, k: int) -> str:
-        if len(node.params) == 4:           # a column variable's centre (affine.centre): the call's first column
-            pos, dim = node.params[:2]
-            return f"(c1 > c0 ? KRED_LOAD(arg{pos}[c0 * {dim} + {k}]) : (kred_real)0)"
+        if len(node.params) == 5:           # a square's centre (affine.centre): computed once per block
+            return self.centres[node]
         pos, dim, cat = node.params
         if cat == J and pos in self.global_vars:
             return f"KRED_LOAD(arg{pos}[(jt + jj) * {dim} + {k}])"
@@ -430,6 +430,31 @@ class _Generator:
         if cat == I:
             return f"KRED_LOAD(arg{pos}[i * {dim} + {k}])"
         return f"KRED_LOAD(__ldg(&arg{pos}[{k}]))" if self.storage != "float16" else f"KRED_LOAD(arg{pos}[{k}])"
+
+    def _centre_lines(self, first_row: str) -> list[str]:
+        """The centres of the dot-product forms' squares (engine/codegen/affine.py): their row side at the block's
+        first row `first_row`, one register each, shared by the block's threads."""
+        self.centres: dict[Node, str] = {}
+        nodes = list(dict.fromkeys(n for form, _ in self.affine.values()
+                                   for part in [form.const] + [x for term in form.terms for x in term]
+                                   if part is not None
+                                   for n in part.postorder() if n.op == "Var" and len(n.params) == 5))
+        if not nodes:
+            return []
+
+        def load(node: Node, k: int) -> str:
+            if node.params[2] == I:
+                return f"KRED_LOAD(arg{node.params[0]}[kred_first * {node.params[1]} + {k}])"
+            return self._load(node, k)
+
+        emitter = Emitter(load, prefix="kc")
+        values = {node: emitter.emit(node.params[4])[0] for node in nodes}
+        lines = [f"const long long kred_first = {first_row};     /* the centres' row: the block's first */"]
+        lines += emitter.lines
+        for k, (node, value) in enumerate(values.items()):
+            lines.append(f"const kred_real kred_centre{k} = {value};")
+            self.centres[node] = f"kred_centre{k}"
+        return lines
 
     def _hoist(self) -> tuple[list[str], Emitter]:
         """Registers for the i- and parameter-only part of the formula; an emitter for the per-column part."""

@@ -1,0 +1,89 @@
+"""The CUDA fast path's float32 accuracy on clustered data far from the origin (issue 22 row 1), in the emulation.
+
+Rows and columns in a cluster of spread 0.1 at distance D from the origin, column 0 at the origin: the dot-product
+form of SqDist (engine/codegen/affine.py) must stay within its documented bound,
+|error| <= (D + 2) eps (3 delta^2 + 2 d^2), delta the diameter of a block's rows, d = |x - y|, eps = 2^-24,
+for Sum, Min, ArgKMin and LogSumExp, on the 1D and 2D schemes. Oracle: float64 differences of the float32 data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuda_emulation as emulation
+from kred.engine.numpy import Genred
+
+EPS = 2.0 ** -24
+DIM = 3
+H = 0.02                       # Gaussian bandwidth: exp(-d^2 / H), of the cluster's size
+
+
+def clustered(distance: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centre = distance * np.ones(DIM) / np.sqrt(DIM)
+    x = (centre + 0.1 * rng.standard_normal((40, DIM))).astype(np.float32)
+    y = (centre + 0.1 * rng.standard_normal((300, DIM))).astype(np.float32)
+    y[0] = 0.0                 # column 0 at the origin: the old centre (the call's first column)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    d2 = ((x64[:, None] - y64[None]) ** 2).sum(-1)
+    delta2 = ((x64[:, None] - x64[None]) ** 2).sum(-1).max()
+    bound = (DIM + 2) * EPS * (3 * delta2 + 2 * d2) + 4 * EPS * d2     # the form's bound + the final roundings
+    return x, y, d2, bound
+
+
+def emulate(formula, reduction, x, y, splits, **options):
+    op = Genred(formula, [f"x = Vi({DIM})", f"y = Vj({DIM})"], reduction, 1, use_fast_math=True, **options)
+    arrays, _, n, m = op.plan.check_args([x, y])
+    out = emulation.execute(op.plan, arrays, (0, n), (0, m), final=True, splits=splits)
+    return out[0] if len(out) == 1 else out
+
+
+DISTANCES = [10.0, 100.0, 1000.0, 1e4]
+SPLITS = [pytest.param(None, id="1D"), pytest.param(3, id="2D")]
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_min_of_sqdist_within_the_bound(distance, splits):
+    x, y, d2, bound = clustered(distance)
+    got = emulate("SqDist(x, y)", "Min", x, y, splits)[:, 0].astype(np.float64)
+    best = d2.argmin(1)
+    rows = np.arange(len(x))
+    assert (got >= 0).all()
+    assert (np.abs(got - d2[rows, best]) <= bound[rows, best]).all(), np.abs(got - d2[rows, best]).max()
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_argkmin_finds_the_nearest_columns(distance, splits):
+    """The K = 5 indices found are the true 5 nearest, up to ties within the bound."""
+    x, y, d2, bound = clustered(distance, seed=1)
+    got = emulate("SqDist(x, y)", "ArgKMin", x, y, splits, opt_arg=5).astype(np.int64)
+    kth = np.sort(d2, axis=1)[:, 4]
+    rows = np.arange(len(x))[:, None]
+    assert (np.sort(got, 1)[:, 1:] != np.sort(got, 1)[:, :-1]).all()        # distinct indices
+    assert (d2[rows, got] <= kth[:, None] + 2 * bound[rows, got]).all()
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_gaussian_sum_within_the_bound(distance, splits):
+    x, y, d2, bound = clustered(distance, seed=2)
+    got = emulate(f"Exp(-SqDist(x, y) / {H})", "Sum", x, y, splits)[:, 0].astype(np.float64)
+    k = np.exp(-d2 / H)
+    # each term's exponent is off by at most bound / H; exp2 and the sum add a few float32 roundings
+    allowed = (k * (np.expm1(np.minimum(bound / H, 700)) + 16 * EPS)).sum(1) + 300 * EPS * k.sum(1)
+    assert (np.abs(got - k.sum(1)) <= allowed).all(), (np.abs(got - k.sum(1)) / allowed).max()
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_logsumexp_within_the_bound(distance, splits):
+    x, y, d2, bound = clustered(distance, seed=3)
+    got = emulate(f"-SqDist(x, y) / {H}", "LogSumExp", x, y, splits)[:, 0].astype(np.float64)
+    g = -d2 / H
+    top = g.max(1, keepdims=True)
+    want = (top + np.log(np.exp(g - top).sum(1, keepdims=True)))[:, 0]
+    weights = np.exp(g - top) / np.exp(g - top).sum(1, keepdims=True)
+    allowed = (weights * bound).sum(1) / H + 64 * EPS * np.abs(want) + 1e-6
+    assert (np.abs(got - want) <= allowed).all(), (np.abs(got - want) / allowed).max()
