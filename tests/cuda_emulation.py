@@ -15,6 +15,7 @@ import ctypes
 import re
 
 import numpy as np
+import pytest
 
 from kred.engine.backends import cache
 from kred.engine.backends import cuda as runtime
@@ -199,3 +200,23 @@ def _load_source(source: str) -> ctypes.CDLL:
     signatures = {name: [p.strip() for p in params.split(",\n")] for name, params in _KERNEL.findall(source)}
     text = HEADER + source + "\n" + "".join(_wrapper(n, p) for n, p in signatures.items())
     return cache.load(text.replace("__restrict__", "__restrict"), FLAGS)
+
+
+@pytest.fixture
+def emulated_gpu(monkeypatch, tmp_path, request):
+    """The CUDA runtime over the emulation; `@pytest.mark.parametrize("emulated_gpu", [bytes], indirect=True)` sets
+    the device's opt-in shared memory (48 KiB by default)."""
+    from kred.engine import backends
+    from kred.engine.backends import cuda
+
+    fake = FakeCupy(sm_count=4, shared_limit=getattr(request, "param", 48 * 1024))
+    monkeypatch.setenv("KRED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda, "_cupy", lambda: fake)
+    monkeypatch.setattr(cuda, "gpu_count", lambda: 1)
+    monkeypatch.setattr(cuda, "_MODULES", cuda.cachetools.LRUCache(maxsize=4))
+    monkeypatch.setattr(cuda, "_PROGRAMS", cuda.cachetools.LRUCache(maxsize=16))
+    for cached in (cuda._sm_count, cuda._shared_limit, backends._instance):
+        cached.cache_clear()
+    yield fake
+    for cached in (cuda._sm_count, cuda._shared_limit, backends._instance):
+        cached.cache_clear()

@@ -87,3 +87,17 @@ def test_logsumexp_within_the_bound(distance, splits):
     weights = np.exp(g - top) / np.exp(g - top).sum(1, keepdims=True)
     allowed = (weights * bound).sum(1) / H + 64 * EPS * np.abs(want) + 1e-6
     assert (np.abs(got - want) <= allowed).all(), (np.abs(got - want) / allowed).max()
+
+
+@pytest.mark.parametrize("distance", [100.0, 1e4])
+def test_block_sparse_kernel_within_the_bound(distance):
+    """The grid kernel (kred_grid_final, one launch for block-sparse ranges): units of 20 rows over ranges of 64
+    columns, the first of them holding the column at the origin."""
+    from kred.engine.grid import Grid
+
+    x, y, d2, bound = clustered(distance, seed=4)
+    op = Genred("SqDist(x, y)", [f"x = Vi({DIM})", f"y = Vj({DIM})"], "Min", 1, use_fast_math=True)
+    arrays, _, n, m = op.plan.check_args([x, y])
+    (got,) = emulation.execute(op.plan, arrays, (0, n), (0, m), final=True, grid=Grid.tiles((0, n), (0, m), 20, 64))
+    rows, best = np.arange(n), d2.argmin(1)
+    assert (np.abs(got[:, 0] - d2[rows, best]) <= bound[rows, best]).all()
