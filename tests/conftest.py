@@ -60,6 +60,18 @@ def backend(request) -> str:
     return request.param
 
 
+def float_rtol(backend: str, dtype, fast_math: bool = True) -> float:
+    """The relative tolerance of a test on data of unit scale: float64 1e-12; float32 1e-5, or on the CUDA fast path
+    its documented bound (engine.codegen.affine.FAST_RTOL: dot-product forms and exp2)."""
+    import numpy as np
+
+    from kred.engine.codegen.affine import FAST_RTOL
+
+    if np.dtype(dtype) == np.float64:
+        return 1e-12
+    return FAST_RTOL if backend == "cuda" and fast_math else 1e-5
+
+
 def pytest_collection_modifyitems(config, items):
     if gpu_visible():
         return

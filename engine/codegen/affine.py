@@ -17,7 +17,10 @@ at distance 1000 in issue 22). With eps = 2^-24, delta the largest distance betw
     |error of SqDist| <= (D + 2) eps (|x - o|^2 + |y - o|^2) <= (D + 2) eps (3 delta^2 + 2 d^2)
 
 so, relative to d^2, the error is that of a direct float32 sum of squares (times ~2) plus a term in the spread of the
-block's rows (rows are contiguous, and block-sparse `ranges` sort them into clusters). A square whose column side has
+block's rows (rows are contiguous, and block-sparse `ranges` sort them into clusters). For data in a ball of
+radius R, delta, d <= 2R, and a term Exp(-s SqDist) is off by at most s (D + 2) eps 20 R^2 relatively, plus exp2's
+2 ulp: `FAST_RTOL` (1e-4) covers D <= 10, s R^2 <= 5 — the relative tolerance of GPU tests of the fast path on data
+of unit scale (1e-5 on the exact path, as on the CPU). A square whose column side has
 a row-dependent slope ((c + a t)^2 with a not a constant) has no shared centre and is computed as written.
 
 Only sums, differences, negations, products by row-only factors, squares of one-term forms and component sums are
@@ -31,6 +34,7 @@ from ..formula import I, J, P, Node
 from .emit import depends_on
 
 LOG2E = 1.4426950408889634
+FAST_RTOL = 1e-4        # the fast path's documented relative error on data of unit scale (see above)
 
 
 @dataclass(frozen=True)
