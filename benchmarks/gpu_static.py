@@ -288,8 +288,9 @@ RESULTS = Path(__file__).parent / "results" / f"gpu-static-{ARCH.replace('_', ''
 
 
 def _save(rows: list[dict]) -> None:
-    from . import run
     from kred.engine.backends import nvrtc
+
+    from . import run
     machine = run.machine_info()
     settings = {"name": "gpu-static", "target": ARCH, "nvrtc": ".".join(map(str, nvrtc.version())),
                 "what": "SASS instructions per pair in the inner loop (no GPU needed): kred's fast path (default) "

@@ -19,10 +19,15 @@ import pytest  # noqa: E402
 from kred.engine.backends import get_backend  # noqa: E402
 from kred.engine.errors import BackendError  # noqa: E402
 
+pytest_plugins = ("cuda_emulation",)     # its `emulated_gpu` fixture: the CUDA runtime over the CPU emulation
+
 
 @functools.cache
 def gpu_visible() -> bool:
-    """True when the CUDA driver loads and reports at least one device (no CUDA toolkit needed)."""
+    """True when the CUDA driver loads and reports at least one device (no CUDA toolkit needed), or in the GPU
+    check's dry run (KRED_GPU_EMULATED=1: `cupy` is the CPU emulation, see benchmarks/gpu_check.py)."""
+    if os.environ.get("KRED_GPU_EMULATED") == "1":
+        return True
     for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
         try:
             cuda = ctypes.CDLL(lib)

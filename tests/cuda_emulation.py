@@ -30,7 +30,6 @@ import re
 
 import numpy as np
 import pytest
-
 from kred.engine.backends import cache
 from kred.engine.backends import cuda as runtime
 from kred.engine.codegen import cuda as template
@@ -151,7 +150,7 @@ template <class F> static void kred_launch(unsigned gx, unsigned gy, unsigned bl
 
 FLAGS = ("-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", "-x", "c++", "-w")
 _POINTER = re.compile(r"(const )?(\w+(?: \w+)?)\* __restrict__ (\w+)")
-_KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(\n(.*?)\)\n\{', re.S)
+_KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(\n(.*?)\)\n\{', re.DOTALL)
 
 
 def _seed() -> int:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import cuda_emulation as emulation
-from cuda_emulation import emulated_gpu  # noqa: F401  (a fixture)
 from kred.engine.numpy import Genred
 from kred.engine.reductions import REDUCTIONS, merge_all
 from test_reductions import assert_close, dense, genred

@@ -7,11 +7,9 @@ for Sum, Min, ArgKMin and LogSumExp, on the 1D and 2D schemes. Oracle: float64 d
 """
 from __future__ import annotations
 
+import cuda_emulation as emulation
 import numpy as np
 import pytest
-
-import cuda_emulation as emulation
-from cuda_emulation import emulated_gpu  # noqa: F401  (a fixture)
 from kred.engine.numpy import Genred
 
 EPS = 2.0 ** -24
@@ -119,3 +117,24 @@ def test_genred_axis_0_float32_within_the_fast_paths_tolerance(emulated_gpu):
     exact = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vi(2)"], axis=0, use_fast_math=False)
     got = exact(*(v.astype(np.float32) for v in (x, y, b)), backend="cuda")
     np.testing.assert_allclose(got, want, rtol=float_rtol("cuda", np.float32, fast_math=False), atol=0)
+
+
+def test_block_sparse_fast_path_with_gaps_and_empty_clusters():
+    """The fast path's centres in the grid kernel on a pattern with an empty cluster, a cluster of no rows and rows in
+    no cluster (tests/test_ranges_reductions.py's), far from the origin; every access bounds-checked."""
+    from kred.engine.grid import Grid
+    from test_ranges_reductions import PATTERN, C, R, triple
+
+    rng = np.random.default_rng(5)
+    x = (100 + 0.1 * rng.standard_normal((R, DIM))).astype(np.float32)
+    y = (100 + 0.1 * rng.standard_normal((C, DIM))).astype(np.float32)
+    op = Genred(f"Exp(-SqDist(x, y) / {H})", [f"x = Vi({DIM})", f"y = Vj({DIM})"], "Sum", 1, use_fast_math=True)
+    arrays, _, n, m = op.plan.check_args([x, y])
+    (got,) = emulation.execute(op.plan, arrays, (0, n), (0, m), final=True, grid=Grid.from_ranges(*triple(), n))
+    mask = np.zeros((R, C), bool)
+    for (r0, r1), cols in PATTERN:
+        for c0, c1 in cols:
+            mask[r0:r1, c0:c1] = True
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    k = np.where(mask, np.exp(-((x64[:, None] - y64[None]) ** 2).sum(-1) / H), 0)
+    np.testing.assert_allclose(got[:, 0], k.sum(1), rtol=1e-4, atol=1e-30)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
+import cuda_emulation as emulation
 import numpy as np
 import pytest
-
-import cuda_emulation as emulation
 from kred.engine.numpy import Genred
 
 
@@ -55,7 +54,7 @@ def test_missing_barrier_is_caught(dim, before):
 def test_read_past_m_is_caught():
     """A tile staged whole although the last one holds fewer columns (M = 70 is no multiple of the block): the read
     past the end of y fails the launch, naming the array and the index."""
-    op, arrays, want = problem(3)
+    op, arrays, _ = problem(3)
     with pytest.raises(AssertionError, match=r"kred_final accessed arg[12]\[\d+\] outside its (210|70) elements"):
         run(op, arrays, planted(r"const int count = \(int\)\(jend - jt < (\d+) \? jend - jt : \d+\);",
                                 r"const int count = \1;"))

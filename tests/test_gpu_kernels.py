@@ -9,8 +9,6 @@ import re
 
 import numpy as np
 import pytest
-
-from cuda_emulation import emulated_gpu  # noqa: F401  (a fixture)
 from kred.engine.codegen import cuda as template
 from kred.engine.numpy import Genred
 
@@ -44,13 +42,13 @@ def test_chunked_kernel_with_a_large_block_matches_dense(emulated_gpu):
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
     want = np.exp(-((x64[:, None] - y64[None]) ** 2).sum(-1) / dim) @ b.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-    (name, grid, block, shared, opted_in), *_ = emulated_gpu.launches
+    (_, _, block, shared, opted_in), *_ = emulated_gpu.launches
     assert block == (128,) and 48 * 1024 < shared <= 100_000 and opted_in == shared
 
 
 def _kernels(source: str):
     kernel = r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?\w+\(\n(.*?)\)\n\{(.*?)\n\}\n'
-    for params, body in re.findall(kernel, source, re.S):
+    for params, body in re.findall(kernel, source, re.DOTALL):
         names = {re.sub(r"\[.*", "", p.split()[-1]) for p in params.split(",\n")}
         yield names, body
 
@@ -59,7 +57,7 @@ def _kernels(source: str):
 def test_no_local_shadows_a_kernel_parameter(dim):
     """Row 6: no local declaration reuses a parameter's name (the chunk registers were `c{pos}`, hiding c0, c1)."""
     source = template.build(gaussian(dim).plan, np.float32, np.float64).source
-    declared = re.compile(r"^\s*(?:const\s+)?(?:kred_\w+|float|double|int|long long|unsigned)\s+(\w+)\s*[\[=;]", re.M)
+    declared = re.compile(r"^\s*(?:const\s+)?(?:kred_\w+|float|double|int|long long|unsigned)\s+(\w+)\s*[\[=;]", re.MULTILINE)
     kernels = list(_kernels(source))
     assert len(kernels) == len(template.KERNELS)
     for params, body in kernels:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from kred.engine.numpy import Genred
 from kred.engine.reductions.gradients import gradient, with_indices
 
