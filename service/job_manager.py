@@ -98,7 +98,8 @@ class JobManager:
             raise ApiError(422, "invalid_request", "dataset jobs compute dense reductions: no grad, no ranges")
         plan = await self.planner.plan(spec)
         _, rows, cols = await asyncio.to_thread(datasets.sources, plan, spec, self.settings)
-        limits.check_pairs(rows, cols, self.settings.max_pairs_per_job, "max_pairs_per_job")
+        limits.admit(limits.budget(plan, rows, cols, input_bytes=limits.input_bytes(plan, rows, cols)), self.settings,
+                     "job")                         # the one admission budget, from the datasets' metadata
         request = spec.model_dump(mode="json")
         return await asyncio.to_thread(self.store.create, {"request": request, "dataset": True}, [], rows, cols)
 

@@ -57,6 +57,24 @@ class Settings(BaseSettings):
     compile_timeout_s: float = 60.0              # building a plan (parse, differentiate, compile)
     reject_nonfinite: bool = True                # NaN / inf inputs are a 422
 
+    # --- HTTP ingress and the admission budget (issue 20 rows 4-7, 11, 12) ---------------------------------------
+    # A body that is not an Arrow stream (JSON: shared-memory requests, dataset jobs, formulas) holds no bulk data.
+    max_json_bytes: int = Field(4 << 20, ge=1024)            # 413 past it
+    # body_timeout_s is the total time a body may take, plus one second per min_body_bytes_per_s bytes received
+    min_body_bytes_per_s: float = Field(float(1 << 20), gt=0)
+    header_timeout_s: float = Field(10.0, gt=0)              # a connection must finish its headers in this long
+    max_connections: int = Field(1000, ge=1)                 # past it the oldest idle connection is closed
+    max_connections_per_client: int = Field(100, ge=1)       # the same, per client address
+    max_inflight_bytes_per_tenant: int | None = None         # one tenant's share of max_inflight_bytes (None: all)
+    # One budget per request, computed before any work (limits.admit); the job limits apply to POST /v1/jobs.
+    max_output_bytes_per_request: int = Field(256 << 20, ge=0)     # 413
+    max_output_bytes_per_job: int = Field(16 << 30, ge=0)
+    max_input_bytes_per_job: int = Field(1 << 40, ge=0)      # a dataset job's inputs, from their metadata
+    max_work_per_request: float = Field(1e12, ge=0)          # pairs x formula nodes, 422
+    max_work_per_job: float = Field(1e15, ge=0)
+    max_batch_items: int = Field(10_000, ge=1)               # batch items of one request or job (each runs alone)
+    compute_timeout_s: float = Field(300.0, gt=0)            # POST /v1/reduce: work still running then is a 504
+
     @model_validator(mode="after")
     def _default_store_dir(self):
         if self.store_dir is None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ArgumentError
+from ..io import table_to_array
 from ..plan import ROWS, Plan
 from .sharding import Shard
 
@@ -110,14 +111,13 @@ class RowReader:
     def read(self, r0: int, r1: int) -> np.ndarray:
         import pyarrow.parquet as pq
 
-        from .jobfile import _table_to_array
         parts = []
         for piece in self.pieces:
             if piece.stop <= r0 or piece.start >= r1:
                 continue
             with self.fs.open_input_file(piece.path) as f:
                 table = pq.ParquetFile(f).read_row_group(piece.row_group, columns=list(self.columns or []) or None)
-            array = _table_to_array(table, self.name, piece.path)
+            array = table_to_array(table, self.name, piece.path)
             parts.append(array[max(r0, piece.start) - piece.start:min(r1, piece.stop) - piece.start])
         if not parts:
             return np.empty((0, 0), self.dtype)
