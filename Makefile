@@ -35,6 +35,8 @@ gpu-carry:
 	rm -rf .carry && mkdir -p .carry
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .carry \
 		"platformdirs>=3" "cachetools>=5"
+	# pykeops and keopscore (KeOps in the same benchmark run) are published as pure-Python sources: built here
+	$(PYTHON) -m pip wheel -q --no-deps -w .carry "pykeops==2.3" "keopscore==2.3"
 
 # On the lent machine, from the source tree: python3 -m benchmarks.gpu_check --out "$$OUT" (no install)
 gpu-check:

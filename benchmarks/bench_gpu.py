@@ -304,6 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-seconds", type=float, default=60.0, help="skip a size predicted to take longer")
     parser.add_argument("--tensors", default="cuda", help="torch device of the inputs ('cpu': the CPU emulation)")
     parser.add_argument("--out", help="results file (default benchmarks/results/gpu-<gpu>.json)")
+    parser.add_argument("--jsonl", help="also append each record to this file as it is measured (flushed: a run "
+                                        "killed midway keeps what it measured)")
     args = parser.parse_args(argv)
 
     import torch
@@ -314,6 +316,13 @@ def main(argv=None) -> int:
     cases = [c for c in CASES if not args.cases or c.label in args.cases.split(",")]
     sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else (10_000, 30_000) if args.quick else None
     records, predicted = [], {}
+
+    def keep(record: dict) -> None:
+        records.append(record)
+        if args.jsonl:
+            from benchmarks.gpu_check import append_line
+            append_line(Path(args.jsonl), record)
+
     clock = f"{device['clock_khz'] / 1e6:.2f} GHz" if device["clock_khz"] else "unknown clock"
     print(f"# {device['name']}: {device['sm_count']} SMs at {clock}" + (
         f", FP32 limit {chip['fp32_per_s'] / 1e12:.1f} T instr/s, SFU {chip['sfu_per_s'] / 1e12:.2f} T/s"
@@ -336,7 +345,7 @@ def main(argv=None) -> int:
                     line = f"{case.label:22s} N={n:>9,d} D={d:<3d} {impl:8s}"
                     if key in predicted and predicted[key] * (n / predicted[key + ("n",)]) ** 2 > args.max_seconds:
                         record["status"] = f"skipped: predicted over {args.max_seconds:.0f} s"
-                        records.append(record)
+                        keep(record)
                         print(f"{line} {record['status']}")
                         continue
                     try:
@@ -344,12 +353,12 @@ def main(argv=None) -> int:
                         seconds, first, out = time_call(call, args.reps, args.budget_s)
                     except ImportError as e:        # pykeops not installed here: recorded as absent
                         record["status"] = f"absent: {e}"
-                        records.append(record)
+                        keep(record)
                         print(f"{line} {record['status']}")
                         continue
                     except Exception as e:          # a peer failing is recorded, not fatal
                         record["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-                        records.append(record)
+                        keep(record)
                         print(f"{line} {record['status']}")
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
@@ -367,7 +376,7 @@ def main(argv=None) -> int:
                             record["fraction_of_sfu_limit"] = rate * per_pair.get("sfu", 0) / chip["sfu_per_s"]
                     if case.name == "gaussian_sum" and not case.backward and chip:
                         record["fraction_of_mufu_floor"] = record["pairs_per_s"] / chip["sfu_per_s"]   # 1 exp/pair
-                    records.append(record)
+                    keep(record)
                     print(f"{line} {seconds:9.4f} s {record['pairs_per_s']:10.3e} pairs/s  err {record['error']:.1e}"
                           + (f"  MUFU floor {record['fraction_of_mufu_floor']:.0%}"
                              if "fraction_of_mufu_floor" in record else ""))

@@ -1,24 +1,37 @@
-"""One GPU check for a lent machine: the GPU tests, the benchmark, the SASS summary and nvidia-smi samples, as JSON.
+"""One GPU check for a lent machine: a prioritised test selection, the benchmark, the full GPU tests, the SASS
+summary and nvidia-smi samples, each result written as it completes.
 
-    make gpu-carry                                    # here, once: pure-Python wheels the lent machine lacks
+    make gpu-carry                                    # here, once: the wheels the lent machine lacks, in .carry/
     python3 -m benchmarks.gpu_check --out "$OUT"      # there, from the source tree (no network, no install)
     python -m benchmarks.gpu_check --dry-run --out /tmp/check     # here, end to end on the CPU emulation
 
 The lent machine (see the device tool's notes) has Python 3.12, torch with CUDA 13, cupy-cuda13x, cuda-bindings,
-NVRTC, cuobjdump and nvidia-smi, but no network and no Ray, FastAPI, uvicorn, platformdirs, cachetools, pykeops or
-keopscore. kred's engine needs only numpy, filelock, platformdirs and cachetools: the last two travel as wheels in
-the ignored folder `.carry/` (`make gpu-carry`), put on the path as they are (pure-Python wheels import from the zip).
-The GPU tests are the files listed in `GPU_TEST_FILES`, run with `-m gpu`, so modules that need Ray or FastAPI are
-never collected. Everything runs in subprocesses under one time budget (default 7.5 minutes; each step gets what is
-left, less what the steps after it reserve), while `nvidia-smi` samples clocks, power and load in the background.
+NVRTC, nvcc, cuobjdump, pybind11 and nvidia-smi, but no network and no Ray, FastAPI, uvicorn, platformdirs,
+cachetools, pykeops or keopscore. kred's engine needs only numpy, filelock, platformdirs and cachetools; the
+benchmark's KeOps column needs pykeops and keopscore (pure Python; keopscore compiles its kernels with the CUDA
+toolkit there). They travel as wheels in the ignored folder `.carry/` (`make gpu-carry`; the device call must name
+`.carry` in `carry`), unpacked into a scratch folder on the path (a pure-Python wheel unpacked is installed). A
+missing one stops the check at once with exit code 2 and says which: without them every step would fail on import.
 
-Written under --out (at most 8 files, as the device tool brings back): summary.json (each step: command, exit code,
-seconds, output tail), environment.json, tests.json (pytest's outcome per test), bench.json (benchmarks.bench_gpu),
-sass.json (benchmarks.gpu_static), smi.json (the samples).
+Steps, in order, each in a subprocess under one time budget (default 7.5 minutes; each step gets what is left, less
+what the steps after it reserve):
+  priority  tests/test_gpu_priority.py: one case per kernel family, dtype and scheme (a few dozen NVRTC modules), so
+            that even a short lease says whether every kernel is right;
+  bench     benchmarks.bench_gpu (kred, torch and KeOps in the same run), one JSON line per case as it is measured;
+  tests     the `gpu`-marked tests of `GPU_TEST_FILES` (~600, of which whatever fits), modules needing Ray or
+            FastAPI never collected;
+  sass      benchmarks.gpu_static.
+
+Written under --out (at most 8 files, as the device tool brings back), each as soon as it is known, so a run killed
+at any point still returns what it had: summary.json (rewritten after every step: command, exit code, seconds,
+output tail), environment.json, tests.jsonl (one line per test of the two test steps, as pytest reports it, flushed),
+bench.jsonl (one line per benchmark case) and bench.json (the whole table, at the end of that step), sass.json,
+smi.json (the samples).
 
 --dry-run runs the same steps here: CuPy is replaced by tests/cuda_emulation.py's emulation (kernels compiled by NVRTC
-and run on the CPU), torch tensors stay on the CPU, sizes are tiny, and the modules absent on the lent machine are
-made unimportable, so a step that would need one fails here as it would there.
+and run on the CPU) and tests see an emulated GPU (KRED_GPU_EMULATED=1), so the priority selection really runs; torch
+tensors stay on the CPU, benchmark sizes are tiny, the full test step only collects, and the modules absent on the
+lent machine are made unimportable, so a step that would need one fails here as it would there.
 """
 from __future__ import annotations
 
@@ -30,11 +43,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ElementTree
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CARRY = ROOT / ".carry"
+CARRIED = ("platformdirs", "cachetools", "pykeops", "keopscore")   # wheels the lent machine needs (make gpu-carry)
+PRIORITY_TESTS = ("tests/test_gpu_priority.py",)
 
 # The test files whose `gpu`-marked tests run there: the CUDA backend's own, and the shared suites parametrized over
 # every backend present (their "cuda" parameter is marked gpu). None of them imports Ray, FastAPI or httpx.
@@ -60,9 +75,20 @@ _backend.gpu_count = lambda: 1
 '''
 
 
-def environment(dry_run: bool, scratch: Path) -> dict:
+def missing_wheels(carry: Path) -> list[str]:
+    """The carried wheels (CARRIED) not in `carry`."""
+    present = {wheel.name.split("-")[0].lower().replace("_", "-") for wheel in carry.glob("*.whl")}
+    return [name for name in CARRIED if name not in present]
+
+
+def environment(dry_run: bool, scratch: Path, carry: Path = CARRY) -> dict:
     """The subprocesses' environment: the source tree and the carried wheels on the path, a fresh kernel cache."""
-    paths = [str(ROOT)] + sorted(str(wheel) for wheel in CARRY.glob("*.whl"))
+    # carried wheels unpacked (a pure-Python wheel is its installed form): keopscore reads its C++ sources as files
+    site = scratch / "site"
+    for wheel in sorted(carry.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(site)
+    paths = [str(ROOT)] + ([str(site)] if site.exists() else [])
     if dry_run:
         stubs = scratch / "stubs"
         for name in ABSENT_THERE:
@@ -73,22 +99,54 @@ def environment(dry_run: bool, scratch: Path) -> dict:
         paths.insert(0, str(stubs))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1",
                KRED_CACHE_DIR=str(scratch / "kernels"), RAY_AUTH_MODE="disabled")
+    if dry_run:
+        env["KRED_GPU_EMULATED"] = "1"
     return env
 
 
 def steps(out: Path, scratch: Path, dry_run: bool, env: dict) -> list[tuple[str, list[str], float]]:
     """(name, command, seconds reserved for it) in order."""
     python = sys.executable
-    tests = [python, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "-m", "gpu", "--timeout", "300",
-             f"--junitxml={scratch / 'tests.xml'}", *GPU_TEST_FILES]
-    bench = [python, "-m", "benchmarks.bench_gpu", "--out", str(out / "bench.json"), "--reps", "5",
-             "--budget-s", "3", "--max-seconds", "20"]
+    pytest = [python, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_check", "-m", "gpu",
+              "--timeout", "120"]
+    priority = pytest + [*PRIORITY_TESTS]
+    tests = pytest + [*GPU_TEST_FILES] + (["--collect-only"] if dry_run else [])
+    bench = [python, "-m", "benchmarks.bench_gpu", "--out", str(out / "bench.json"), "--jsonl", str(out / "bench.jsonl"),
+             "--reps", "5", "--budget-s", "3", "--max-seconds", "20"]
     if dry_run:
         bench += ["--sizes", "48", "--tensors", "cpu", "--reps", "1"]
     sass = [python, "-m", "benchmarks.gpu_static", "--json"]
     if not _importable("keopscore", env):
         sass.append("--no-keops")
-    return [("tests", tests, 200), ("bench", bench, 180), ("sass", sass, 40)]
+    return [("priority", priority, 120), ("bench", bench, 150), ("tests", tests, 30), ("sass", sass, 30)]
+
+
+# A pytest plugin (`-p benchmarks.gpu_check`): each test's outcome appended to $KRED_GPU_CHECK_JSONL as it is known.
+def pytest_runtest_logreport(report) -> None:
+    path = os.environ.get("KRED_GPU_CHECK_JSONL")
+    if not path or not (report.when == "call" or report.outcome != "passed"):
+        return                          # one line per test: its call, or the setup/teardown that failed or skipped
+    message = ""
+    if report.outcome != "passed":
+        message = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)[-500:]
+    record = {"step": os.environ.get("KRED_GPU_CHECK_STEP"), "id": report.nodeid, "when": report.when,
+              "outcome": report.outcome, "seconds": round(report.duration, 3), "message": message}
+    append_line(Path(path), record)
+
+
+def append_line(path: Path, record: dict) -> None:
+    """One JSON line, flushed to the disk: a run killed right after still has it."""
+    with open(path, "a") as file:
+        file.write(json.dumps(record, default=str) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def write_json(path: Path, value) -> None:
+    """Replace `path` atomically: a reader (or a kill) never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=1, default=str))
+    os.replace(partial, path)
 
 
 def _importable(name: str, env: dict) -> bool:
@@ -138,24 +196,6 @@ def run_step(name: str, command: list[str], env: dict, timeout_s: float) -> tupl
     return {"step": name, "command": command, "rc": rc, "seconds": seconds, "output_tail": output[-4000:]}, stdout
 
 
-def test_outcomes(junit: Path) -> dict:
-    """pytest's junit XML as {"counts": {...}, "tests": [{"id", "outcome", "seconds", "message"}]}."""
-    if not junit.exists():
-        return {"counts": {}, "tests": []}
-    tests = []
-    for case in ElementTree.parse(junit).getroot().iter("testcase"):
-        outcome, message = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome, message = child.tag, (child.get("message") or "")[:500]
-        tests.append({"id": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                      "seconds": float(case.get("time") or 0), "message": message})
-    counts: dict[str, int] = {}
-    for test in tests:
-        counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
-    return {"counts": counts, "tests": tests}
-
-
 def versions(env: dict) -> dict:
     """Versions as the subprocesses see them (the carried wheels included) and the GPU as nvidia-smi names it."""
     probe = ("import json, importlib.metadata as m, sys\n"
@@ -176,7 +216,6 @@ def versions(env: dict) -> dict:
         query = subprocess.run([tool, "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                                 "--format=csv,noheader"], capture_output=True, text=True)
         info["nvidia_smi"] = query.stdout.strip().splitlines()
-    info["carried_wheels"] = sorted(wheel.name for wheel in CARRY.glob("*.whl"))
     return info
 
 
@@ -185,29 +224,41 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results" / "gpu-check"))
     parser.add_argument("--budget-s", type=float, default=450.0, help="wall time for everything (default 7.5 min)")
     parser.add_argument("--dry-run", action="store_true", help="here, on the CPU emulation, tiny sizes")
-    parser.add_argument("--steps", default="tests,bench,sass", help="comma-separated subset of the steps")
+    parser.add_argument("--steps", default="priority,bench,tests,sass", help="comma-separated subset of the steps")
+    parser.add_argument("--carry", default=str(CARRY), help="the folder of carried wheels (default .carry)")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.budget_s
-    out = Path(args.out)
+    out, carry = Path(args.out), Path(args.carry)
     out.mkdir(parents=True, exist_ok=True)
+    summary = {"dry_run": args.dry_run, "ok": None, "status": "running", "budget_s": args.budget_s,
+               "carried_wheels": sorted(wheel.name for wheel in carry.glob("*.whl")), "steps": []}
+    missing = [] if args.dry_run else missing_wheels(carry)
+    if missing:
+        summary.update(ok=False, status=f"missing carried wheels: {', '.join(missing)} (run `make gpu-carry` here "
+                                        f"and name .carry in the device call's carry)")
+        write_json(out / "summary.json", summary)
+        print(f"# FAILED: {summary['status']}", file=sys.stderr)
+        return 2
+    write_json(out / "summary.json", summary)
     with tempfile.TemporaryDirectory(prefix="kred-gpu-check-") as scratch_dir:
         scratch = Path(scratch_dir)
-        env = environment(args.dry_run, scratch)
+        env = environment(args.dry_run, scratch, carry)
+        env["KRED_GPU_CHECK_JSONL"] = str(out / "tests.jsonl")
         sampler = Sampler(scratch / "smi.csv")
-        (out / "environment.json").write_text(json.dumps(versions(env), indent=1))
+        write_json(out / "environment.json", versions(env) | {"carried_wheels": summary["carried_wheels"]})
         planned = [step for step in steps(out, scratch, args.dry_run, env) if step[0] in args.steps.split(",")]
-        results = []
         for k, (name, command, _) in enumerate(planned):
             later = sum(reserve for _, _, reserve in planned[k + 1:])
-            record, stdout = run_step(name, command, env, deadline - time.monotonic() - later)
-            results.append(record)
+            record, stdout = run_step(name, command, env | {"KRED_GPU_CHECK_STEP": name},
+                                      deadline - time.monotonic() - later)
+            summary["steps"].append(record)
             if name == "sass" and record["rc"] == 0:
                 (out / "sass.json").write_text(stdout)
-        (out / "tests.json").write_text(json.dumps(test_outcomes(scratch / "tests.xml"), indent=1))
-        (out / "smi.json").write_text(json.dumps(sampler.stop(), indent=1))
-    ok = all(result["rc"] == 0 for result in results)
-    (out / "summary.json").write_text(json.dumps({"dry_run": args.dry_run, "ok": ok, "steps": results,
-                                                  "budget_s": args.budget_s}, indent=1))
+            write_json(out / "summary.json", summary)
+        write_json(out / "smi.json", sampler.stop())
+    ok = all(result["rc"] == 0 for result in summary["steps"])
+    summary.update(ok=ok, status="done")
+    write_json(out / "summary.json", summary)
     print(f"# {'ok' if ok else 'FAILED'}: wrote {out}")
     return 0 if ok else 1
 

@@ -210,20 +210,23 @@ def pair_loop(code: list[tuple[int, str]], column_bytes: int) -> PairLoop:
 
 # kred ----------------------------------------------------------------------------------------------------------
 
-def kred_plan(case: StaticCase):
+def kred_plan(case: StaticCase, fast_math: bool = True):
     from kred.engine.numpy import Genred
-    plan = Genred(case.formula, case.aliases(), reduction_op=case.reduction, axis=1, opt_arg=case.opt_arg).plan
+    plan = Genred(case.formula, case.aliases(), reduction_op=case.reduction, axis=1, opt_arg=case.opt_arg,
+                  use_fast_math=fast_math).plan
     if case.gradient:
         from kred.engine.reductions.gradients import gradient
         plan = gradient(plan, 0).plan
     return plan
 
 
-def kred_kernel(case: StaticCase, dtype=np.float32) -> dict:
+def kred_kernel(case: StaticCase, dtype=np.float32, fast_math: bool = True) -> dict:
+    """kred's kernel of `case`: the default fast path, or with `fast_math=False` the exact one (direct differences,
+    the C library's exp)."""
     from kred.engine.backends import nvrtc
     from kred.engine.codegen import cuda as template
 
-    plan = kred_plan(case)
+    plan = kred_plan(case, fast_math)
     program = template.build(plan, dtype, plan.acc_dtype(dtype))
     cubin = nvrtc.compile_source(program.source, ARCH)
     loop = pair_loop(sass(cubin, "kred_final"), program.column_bytes)
@@ -253,12 +256,13 @@ def keops_source(formula: str, nargs: int) -> tuple[str, int]:
     return reduc.code, reduc.dimy
 
 
-def keops_kernel(case: StaticCase) -> dict:
+def keops_kernel(case: StaticCase, fast_math: bool = True) -> dict:
+    """KeOps's kernel of `case`, compiled as pykeops compiles it with use_fast_math=True (its default) or False."""
     from kred.engine.backends import nvrtc
 
     nargs = 2 + case.with_b + case.gradient
     source, dimy = keops_source(case.keops, nargs)
-    cubin = nvrtc.compile_source(source, ARCH, options=("-use_fast_math",), defaults=False)
+    cubin = nvrtc.compile_source(source, ARCH, options=("-use_fast_math",) if fast_math else (), defaults=False)
     loop = pair_loop(sass(cubin, "GpuConv1DOnDevice"), 4 * max(dimy, 1))
     return {"per_pair": loop.per_pair, "unroll": loop.unroll, "mix": loop.mix()}
 
@@ -268,13 +272,31 @@ def keops_kernel(case: StaticCase) -> dict:
 def measure(cases=CASES, keops: bool = True) -> list[dict]:
     rows = []
     for case in cases:
-        mine = kred_kernel(case)
+        mine, exact = kred_kernel(case), kred_kernel(case, fast_math=False)
         theirs = keops_kernel(case) if keops else None
+        theirs_exact = keops_kernel(case, fast_math=False) if keops else None
         rows.append({"case": case.name, "kred_sass_per_pair": mine["per_pair"],
+                     "kred_exact_sass_per_pair": exact["per_pair"], "exact_spills": exact["spills"],
                      "keops_sass_per_pair": theirs["per_pair"] if theirs else None,
+                     "keops_exact_sass_per_pair": theirs_exact["per_pair"] if theirs else None,
                      "registers": mine["registers"], "spills": mine["spills"],
                      "kred_mix": mine["mix"], "keops_mix": theirs["mix"] if theirs else None})
     return rows
+
+
+RESULTS = Path(__file__).parent / "results" / f"gpu-static-{ARCH.replace('_', '')}.json"
+
+
+def _save(rows: list[dict]) -> None:
+    from kred.engine.backends import nvrtc
+
+    from . import run
+    machine = run.machine_info()
+    settings = {"name": "gpu-static", "target": ARCH, "nvrtc": ".".join(map(str, nvrtc.version())),
+                "what": "SASS instructions per pair in the inner loop (no GPU needed): kred's fast path (default) "
+                        "and exact path (use_fast_math=False) vs KeOps 2.3's own kernel of the same formula with and "
+                        "without -use_fast_math; ArgKMin: the no-insert path", "date": machine["date"]}
+    RESULTS.write_text(json.dumps({"settings": settings, "machine": machine, "rows": rows}, indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -282,17 +304,23 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the JSON list only")
     parser.add_argument("--no-keops", action="store_true", help="kred's kernels only (no keopscore installed)")
     parser.add_argument("--mix", action="store_true", help="also print the SASS opcodes per pair")
+    parser.add_argument("--save", action="store_true", help=f"write {RESULTS.name} (the committed figures)")
     options = parser.parse_args(argv)
     rows = measure(keops=not options.no_keops)
     if options.json:
-        keys = ("case", "kred_sass_per_pair", "keops_sass_per_pair", "registers", "spills")
+        keys = ("case", "kred_sass_per_pair", "keops_sass_per_pair", "kred_exact_sass_per_pair",
+                "keops_exact_sass_per_pair", "registers", "spills", "exact_spills")
         print(json.dumps([{k: row[k] for k in keys} | ({"kred_mix": row["kred_mix"], "keops_mix": row["keops_mix"]}
                                                        if options.mix else {}) for row in rows], indent=1))
         return 0
-    print(f"{'case':24} {'kred SASS/pair':>15} {'KeOps 2.3':>10} {'registers':>10} {'spills':>7}")
+    if options.save:
+        _save(rows)
+    print(f"{'case':24} {'kred SASS/pair':>15} {'KeOps 2.3':>10} {'kred exact':>11} {'KeOps exact':>12} "
+          f"{'registers':>10} {'spills':>7}")
     for row in rows:
-        keops = row["keops_sass_per_pair"]
+        keops, keops_exact = row["keops_sass_per_pair"], row["keops_exact_sass_per_pair"]
         print(f"{row['case']:24} {row['kred_sass_per_pair']:>15} {keops if keops is not None else '-':>10} "
+              f"{row['kred_exact_sass_per_pair']:>11} {keops_exact if keops_exact is not None else '-':>12} "
               f"{row['registers']:>10} {row['spills']:>7}")
         if options.mix:
             print(f"    kred:  {row['kred_mix']}\n    KeOps: {row['keops_mix']}")

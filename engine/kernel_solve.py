@@ -27,9 +27,10 @@ class LinearSystem:
     pos: int         # the argument holding b (and a)
 
 
-def linear_system(formula: str, aliases, varinvalias: str, axis: int = 0, dtype_acc: str = "auto") -> LinearSystem:
+def linear_system(formula: str, aliases, varinvalias: str, axis: int = 0, dtype_acc: str = "auto",
+                  fast_math: bool = True) -> LinearSystem:
     """Parse and check a pykeops KernelSolve: `formula` linear in `varinvalias`, reduced with Sum over `axis`."""
-    plan = Spec(formula, aliases, "Sum", axis, dtype_acc=dtype_acc).plan()
+    plan = Spec(formula, aliases, "Sum", axis, dtype_acc=dtype_acc, fast_math=fast_math).plan()
     by_name = {spec.name: spec for spec in plan.args}
     if varinvalias not in by_name:
         raise ArgumentError(f"KernelSolve: varinvalias {varinvalias!r} is not one of the aliases "
@@ -60,8 +61,8 @@ def transpose(system: LinearSystem) -> LinearSystem:
     moved = var(spec.pos, spec.dim, 1 - spec.cat)
     names[spec.name] = moved
     flipped = substitute(f, {var(spec.pos, spec.dim, spec.cat): moved})
-    return LinearSystem(plan_from_nodes(flipped, None, "Sum", 1 - plan.axis, None, plan.dtype_acc, names, plan.nargs),
-                        pos)
+    return LinearSystem(plan_from_nodes(flipped, None, "Sum", 1 - plan.axis, None, plan.dtype_acc, names, plan.nargs,
+                                        fast_math=plan.fast_math), pos)
 
 
 def conjugate_gradient(apply, b, alpha: float, eps: float = 1e-6, max_iter: int | None = None):
@@ -112,7 +113,7 @@ class KernelSolve:
         if use_double_acc:
             dtype_acc = "float64"
         self.formula, self.aliases, self.varinvalias = formula, list(aliases), varinvalias
-        self.system = linear_system(formula, self.aliases, varinvalias, axis, dtype_acc)
+        self.system = linear_system(formula, self.aliases, varinvalias, axis, dtype_acc, use_fast_math)
 
     def __call__(self, *args, backend: str = "auto", device_id: int = -1, alpha: float = 1e-10, eps: float = 1e-6,
                  ranges=None):

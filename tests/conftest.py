@@ -31,10 +31,15 @@ import pytest  # noqa: E402
 from kred.engine.backends import get_backend  # noqa: E402
 from kred.engine.errors import BackendError  # noqa: E402
 
+pytest_plugins = ("cuda_emulation",)     # its `emulated_gpu` fixture: the CUDA runtime over the CPU emulation
+
 
 @functools.cache
 def gpu_visible() -> bool:
-    """True when the CUDA driver loads and reports at least one device (no CUDA toolkit needed)."""
+    """True when the CUDA driver loads and reports at least one device (no CUDA toolkit needed), or in the GPU
+    check's dry run (KRED_GPU_EMULATED=1: `cupy` is the CPU emulation, see benchmarks/gpu_check.py)."""
+    if os.environ.get("KRED_GPU_EMULATED") == "1":
+        return True
     for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
         try:
             cuda = ctypes.CDLL(lib)
@@ -70,6 +75,18 @@ BACKENDS = _backend_params()
 def backend(request) -> str:
     """The name of each engine backend present, in turn."""
     return request.param
+
+
+def float_rtol(backend: str, dtype, fast_math: bool = True) -> float:
+    """The relative tolerance of a test on data of unit scale: float64 1e-12; float32 1e-5, or on the CUDA fast path
+    its documented bound (engine.codegen.affine.FAST_RTOL: dot-product forms and exp2)."""
+    import numpy as np
+
+    from kred.engine.codegen.affine import FAST_RTOL
+
+    if np.dtype(dtype) == np.float64:
+        return 1e-12
+    return FAST_RTOL if backend == "cuda" and fast_math else 1e-5
 
 
 def pytest_collection_modifyitems(config, items):

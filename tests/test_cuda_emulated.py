@@ -192,26 +192,6 @@ def test_large_outputs_run_as_slices_of_components(name):
 
 # The CUDA runtime end to end, with CuPy replaced by the emulation (real NVRTC cubins in a real disk cache) --------
 
-@pytest.fixture
-def emulated_gpu(monkeypatch, tmp_path, request):
-    """The CUDA runtime over the emulation; `@pytest.mark.parametrize("emulated_gpu", [bytes], indirect=True)` sets
-    the device's opt-in shared memory (48 KiB by default)."""
-    from kred.engine import backends
-    from kred.engine.backends import cuda
-
-    fake = emulation.FakeCupy(sm_count=4, shared_limit=getattr(request, "param", 48 * 1024))
-    monkeypatch.setenv("KRED_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cuda, "_cupy", lambda: fake)
-    monkeypatch.setattr(cuda, "gpu_count", lambda: 1)
-    monkeypatch.setattr(cuda, "_MODULES", cuda.cachetools.LRUCache(maxsize=4))
-    monkeypatch.setattr(cuda, "_PROGRAMS", cuda.cachetools.LRUCache(maxsize=16))
-    for cached in (cuda._sm_count, cuda._shared_limit, backends._instance):
-        cached.cache_clear()
-    yield fake
-    for cached in (cuda._sm_count, cuda._shared_limit, backends._instance):
-        cached.cache_clear()
-
-
 @pytest.mark.parametrize("emulated_gpu", [48 * 1024, 227 * 1024], ids=["48KiB", "227KiB"], indirect=True)
 def test_wide_staged_tile_opts_in_or_reads_global_memory(emulated_gpu):
     """A j-variable read outside chunked sums (SqNorm2(y), D = 500, float32) is staged whole: 64 KB per block of 32

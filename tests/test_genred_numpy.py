@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import float_rtol
 from kred.engine.backends import get_backend
 from kred.engine.errors import BackendError
 from kred.engine.numpy import Genred
@@ -41,7 +42,7 @@ def test_axis_0_reduces_over_i(dtype, backend):
     a = op(*(v.astype(dtype) for v in (x, y, b)), backend=backend)
     assert a.shape == (23, 2) and a.dtype == dtype       # one output row per y_j
     want = gaussian_sum(y.astype(dtype), x.astype(dtype), b.astype(dtype))   # the kernel is symmetric in x, y
-    np.testing.assert_allclose(a, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    np.testing.assert_allclose(a, want, rtol=float_rtol(backend, dtype))
 
 
 def test_both_axes_of_one_formula_agree_with_the_dense_matrix(backend):

@@ -32,6 +32,15 @@ def test_at_or_below_keops(rows, case):
     assert row["spills"] == 0
 
 
+@pytest.mark.parametrize("case", ["gaussian_sum_f32_d3", "logsumexp_f32_d3", "argkmin_k10_f32_d3",
+                                  "gaussian_grad_f32_d3"])
+def test_exact_path_at_or_below_keops_exact(rows, case):
+    """use_fast_math=False against KeOps compiled without -use_fast_math (issue 22 row 2)."""
+    row = rows[case]
+    assert row["kred_exact_sass_per_pair"] <= row["keops_exact_sass_per_pair"], row
+    assert row["exact_spills"] == 0
+
+
 def test_argkmin_no_insert_path_moves_no_registers(rows):
     """A column that is not better than the K-th best costs one comparison and a branch: no register moves."""
     mix = rows["argkmin_k10_f32_d3"]["kred_mix"]

@@ -7,9 +7,21 @@ is staged (per-j norms and centred coordinates live in shared memory next to the
     -SqDist(x, y) = -|x - o|^2 + sum_k 2 (x_k - o_k) (y_k - o_k) - |y - o|^2        (D + 1 FFMA per pair)
 
 and `Exp(a)` becomes `exp2(a * log2(e))` with log2(e) folded into the hoisted constants and coefficients (one
-MUFU.EX2, no multiplication). `o` is a centre shared by both sides: the first column of the call's range (any point
-would do; a data point keeps |x - o| and |y - o| of the size of the data's spread), so float32 cancellation is bounded
-by the spread, not by the distance to the origin: |error| <= (D + 2) eps (|x - o|^2 + |y - o|^2), eps = 2^-24.
+MUFU.EX2, no multiplication). `o` is a centre shared by both sides, one per thread block: the square's row side
+evaluated at the block's first row (o = x_first for SqDist(x, y)). Any point would make the identity exact; this one
+bounds float32 cancellation by distances the result itself is made of, not by the distance to the origin (a centre
+taken from the columns, such as the first column of the call, is far from the rows whenever that column is: 58x off
+at distance 1000 in issue 22). With eps = 2^-24, delta the largest distance between two rows of one block (at most
+`block` consecutive rows) and d = |x - y|:
+
+    |error of SqDist| <= (D + 2) eps (|x - o|^2 + |y - o|^2) <= (D + 2) eps (3 delta^2 + 2 d^2)
+
+so, relative to d^2, the error is that of a direct float32 sum of squares (times ~2) plus a term in the spread of the
+block's rows (rows are contiguous, and block-sparse `ranges` sort them into clusters). For data in a ball of
+radius R, delta, d <= 2R, and a term Exp(-s SqDist) is off by at most s (D + 2) eps 20 R^2 relatively, plus exp2's
+2 ulp: `FAST_RTOL` (1e-4) covers D <= 10, s R^2 <= 5 — the relative tolerance of GPU tests of the fast path on data
+of unit scale (1e-5 on the exact path, as on the CPU). A square whose column side has
+a row-dependent slope ((c + a t)^2 with a not a constant) has no shared centre and is computed as written.
 
 Only sums, differences, negations, products by row-only factors, squares of one-term forms and component sums are
 decomposed; anything else is not affine here and is computed as written.
@@ -22,6 +34,7 @@ from ..formula import I, J, P, Node
 from .emit import depends_on
 
 LOG2E = 1.4426950408889634
+FAST_RTOL = 1e-4        # the fast path's documented relative error on data of unit scale (see above)
 
 
 @dataclass(frozen=True)
@@ -30,11 +43,11 @@ class Affine:
     terms: tuple[tuple[Node | None, Node], ...]   # (coef: row/parameter-only scalar node, None = 1; atom: column-only)
 
 
-def centre(var: Node) -> Node:
-    """The centre of a column variable: a parameter-like node (hoisted) that the driver loads from the first column
-    of the call's range. A distinct node: the 4th parameter makes its hash-consing key."""
-    pos, dim, _ = var.params
-    return Node("Var", (), (pos, dim, P, "centre"), dim)
+def centre(at_first_row: Node) -> Node:
+    """The centre of a square's column side: a parameter-like scalar node (hoisted, read by the column atoms) whose
+    value is the row/parameter-only node `at_first_row` evaluated at the first row of the thread block. A distinct
+    Var node: its 4th and 5th parameters make its hash-consing key; the driver computes it once per block."""
+    return Node("Var", (), (-1, 1, P, "centre", at_first_row), 1)
 
 
 def _scalar(op: str, *children: Node, params: tuple = ()) -> Node:
@@ -118,11 +131,12 @@ def decompose(node: Node) -> list[Affine] | None:
             if len(form.terms) != 1:
                 return None
             (a, t), c = form.terms[0], form.const
-            if t.op == "Elem" and t.children[0].op == "Var" and len(t.children[0].params) == 3:
-                o = _elem(centre(t.children[0]), t.params[0])          # c + a t = (c + a o) + a (t - o)
-                c, t = _add(c, _mul(a, o)), _scalar("Subtract", t, o)
-            elif t.op == "Var" and len(t.params) == 3:
-                o = centre(t)
+            if c is not None:
+                # (c + a t)^2 cancels where c ~ -a t: centre both sides on o = -c / a at the block's first row,
+                # c + a t = (c + a o) + a (t - o), so the cancelling parts are of the size of the block's spread
+                if a is not None and (a.op not in ("Const", "IntCst") or a.params[0] == 0):
+                    return None         # a row-dependent slope: no shared centre, computed as written (exact)
+                o = centre(_mul(_const(-1.0 if a is None else -1.0 / a.params[0]), c))
                 c, t = _add(c, _mul(a, o)), _scalar("Subtract", t, o)
             two_c_a = _mul(_const(2.0), _mul(c, a)) if c is not None else None
             terms = ((two_c_a, t),) if c is not None else ()

@@ -38,7 +38,8 @@ are accumulated in shared memory, so registers and shared memory stay bounded by
 Shared memory (`_lay_out`). Per block: the staged j-tile (block x stride), the chunk staging area (block x CHUNK per
 j-variable of a chunked Sum) and the chunked partial sums (block x block per chunked Sum). The block is the largest
 that fits `SHARED_BUDGET` (64 KiB, or the device's limit if lower: more shared memory per block, fewer blocks per
-SM); failing that, the largest that fits `shared_limit` (the device's opt-in maximum,
+SM), but at least `PREFERRED_BLOCK` threads where the device's limit allows (chunked sums at D = 1000 in float32:
+128 threads, 82 KB); failing that, the largest that fits `shared_limit` (the device's opt-in maximum,
 cudaDevAttrMaxSharedMemoryPerBlockOptin, which the runtime queries). Above 48 KiB the launcher opts in
 (cudaFuncAttributeMaxDynamicSharedMemorySize). Failing that, the widest j-variables are read from global memory
 (L1/L2-cached) instead of being staged, until the rest fits. So any D runs.
@@ -64,6 +65,7 @@ NUMPY_STATE = {"kred_acc": "acc", "kred_real": "real", "kred_index": "index"}
 
 MAX_BLOCK = 256                 # threads per block and columns per tile
 MIN_BLOCK = 32
+PREFERRED_BLOCK = 128           # the smallest block chosen when the device's shared memory allows it
 SHARED_DEFAULT = 48 * 1024      # bytes per block without opting in; above this the launcher opts in
                                 # (cudaFuncAttributeMaxDynamicSharedMemorySize), up to the device's limit
 SHARED_BUDGET = 64 * 1024       # preferred bytes per block (every sm_75+ device opts in this far); the default limit
@@ -200,12 +202,16 @@ class _Generator:
         return (block * (self.stride + CHUNK * self.chunk_vars) + len(self.chunks) * block * block) * self.real_size
 
     def _block_size(self, shared_limit: int) -> int | None:
-        """The largest block within SHARED_BUDGET, else within the device's limit; None when none fits."""
+        """The largest block within SHARED_BUDGET, raised to PREFERRED_BLOCK where that fits the device (the chunked
+        partial sums grow as block^2: a block of 32 threads leaves an SM one warp); else the largest block within the
+        device's limit; None when none fits."""
         for limit in (min(SHARED_BUDGET, shared_limit), shared_limit):
             block = MAX_BLOCK
             while block > MIN_BLOCK and self._shared_bytes(block) > limit:
                 block //= 2
             if self._shared_bytes(block) <= limit:
+                if block < PREFERRED_BLOCK and self._shared_bytes(PREFERRED_BLOCK) <= shared_limit:
+                    return PREFERRED_BLOCK
                 return block
         return None
 
@@ -248,8 +254,10 @@ class _Generator:
             seen.add(node)
             if node in chunked:
                 chunk = chunked[node]
+                # broadcast dim-1 operands are read from the tile; the chunked ones (one component each, a 4th
+                # parameter: see _scalar_body) are staged chunk by chunk, never whole
                 used.update(n.params[0] for n in chunk.term.postorder()
-                            if n.op == "Var" and n.params[2] == J and n.dim != chunk.dim)
+                            if n.op == "Var" and n.params[2] == J and len(n.params) == 3)
                 continue
             if node.op == "Var" and node.params[2] == J:
                 used.add(node.params[0])
@@ -330,8 +338,8 @@ class _Generator:
         body = ["KRED_SHARED_MEMORY(kred_shared);", "kred_real* const tile = (kred_real*)kred_shared;"]
         if grid:
             body += [
-                "const long long i0 = units[4 * blockIdx.x], i1 = units[4 * blockIdx.x + 1];",
-                "const long long o0 = units[4 * blockIdx.x + 2], o1 = units[4 * blockIdx.x + 3];",
+                "const long long unit = 4 * (long long)blockIdx.x;     /* 64-bit: 2^30 units and more */",
+                "const long long i0 = units[unit], i1 = units[unit + 1], o0 = units[unit + 2], o1 = units[unit + 3];",
                 "const long long row = i0 - r0 + threadIdx.x;",
                 "const int active = i0 + threadIdx.x < i1;",
                 "const long long i = active ? i0 + threadIdx.x : i0;   /* idle threads still help stage tiles */",
@@ -348,6 +356,7 @@ class _Generator:
                 "const long long jend = jbegin + span < c1 ? jbegin + span : c1;",
                 "const long long first = jbegin < jend ? jbegin : KRED_NO_INDEX;",
             ]
+        body += self._centre_lines("i0" if grid else f"r0 + (long long)blockIdx.x * {self.block}")
         hoisted, loop_emitter = self._hoist()
         body += hoisted
         body += self._declare_state("s")
@@ -419,9 +428,8 @@ class _Generator:
 
     # Formula body ---------------------------------------------------------------------------------------------
     def _load(self, node: Node, k: int) -> str:
-        if len(node.params) == 4:           # a column variable's centre (affine.centre): the call's first column
-            pos, dim = node.params[:2]
-            return f"(c1 > c0 ? KRED_LOAD(arg{pos}[c0 * {dim} + {k}]) : (kred_real)0)"
+        if len(node.params) == 5:           # a square's centre (affine.centre): computed once per block
+            return self.centres[node]
         pos, dim, cat = node.params
         if cat == J and pos in self.global_vars:
             return f"KRED_LOAD(arg{pos}[(jt + jj) * {dim} + {k}])"
@@ -430,6 +438,31 @@ class _Generator:
         if cat == I:
             return f"KRED_LOAD(arg{pos}[i * {dim} + {k}])"
         return f"KRED_LOAD(__ldg(&arg{pos}[{k}]))" if self.storage != "float16" else f"KRED_LOAD(arg{pos}[{k}])"
+
+    def _centre_lines(self, first_row: str) -> list[str]:
+        """The centres of the dot-product forms' squares (engine/codegen/affine.py): their row side at the block's
+        first row `first_row`, one register each, shared by the block's threads."""
+        self.centres: dict[Node, str] = {}
+        nodes = list(dict.fromkeys(n for form, _ in self.affine.values()
+                                   for part in [form.const] + [x for term in form.terms for x in term]
+                                   if part is not None
+                                   for n in part.postorder() if n.op == "Var" and len(n.params) == 5))
+        if not nodes:
+            return []
+
+        def load(node: Node, k: int) -> str:
+            if node.params[2] == I:
+                return f"KRED_LOAD(arg{node.params[0]}[kred_first * {node.params[1]} + {k}])"
+            return self._load(node, k)
+
+        emitter = Emitter(load, prefix="kc")
+        values = {node: emitter.emit(node.params[4])[0] for node in nodes}
+        lines = [f"const long long kred_first = {first_row};     /* the centres' row: the block's first */"]
+        lines += emitter.lines
+        for k, (node, value) in enumerate(values.items()):
+            lines.append(f"const kred_real kred_centre{k} = {value};")
+            self.centres[node] = f"kred_centre{k}"
+        return lines
 
     def _hoist(self) -> tuple[list[str], Emitter]:
         """Registers for the i- and parameter-only part of the formula; an emitter for the per-column part."""
@@ -514,9 +547,9 @@ class _Generator:
                       "}"]
         lines.append("__syncthreads();")
         for pos, dim in chunk.i_vars:         # this chunk of each i-variable, in registers
-            lines.append(f"kred_real c{pos}[{width}];")
+            lines.append(f"kred_real xchunk{pos}[{width}];")       # (c0, c1 are kernel parameters)
             lines.append(f"#pragma unroll\nfor (int k = 0; k < {width}; k++) "
-                         f"c{pos}[k] = {self._chunk_load(pos, dim, cat=I, k='k0 + k')};")
+                         f"xchunk{pos}[k] = {self._chunk_load(pos, dim, cat=I, k='k0 + k')};")
         lines.append("for (int jj = 0; jj < count; jj++) {")
         lines.append("    kred_real acc = 0;")
         lines.append(f"    #pragma unroll\n    for (int k = 0; k < {width}; k++) {{")
@@ -537,7 +570,7 @@ class _Generator:
         if len(node.params) == 3:          # broadcast operands of the elementwise chunk body
             return self._load(node, 0)
         if cat == I:
-            return f"c{pos}[k]"
+            return f"xchunk{pos}[k]"
         if cat == J:
             v = [p for p, _ in chunk.j_vars].index(pos)
             return f"tile[{self.stage_offset} + jj * {CHUNK * self.chunk_vars} + {v * CHUNK} + k]"

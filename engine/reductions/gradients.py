@@ -96,7 +96,8 @@ def _with_indices(plan: Plan) -> Plan:
     if target is None or target == plan.reduction.name:
         return plan
     f, _, names = _user_view(plan)
-    return plan_from_nodes(f, None, target, plan.axis, plan.reduction.k, plan.dtype_acc, names, plan.nargs)
+    return plan_from_nodes(f, None, target, plan.axis, plan.reduction.k, plan.dtype_acc, names, plan.nargs,
+                           fast_math=plan.fast_math)
 
 
 # The pieces every rule needs ---------------------------------------------------------------------------------
@@ -130,7 +131,8 @@ def _reduced(plan: Plan, pos: int, formula: Node, names: dict, extras: tuple, lo
     """Sum `formula` over the axis that leaves one row per point of argument `pos`."""
     cat = plan.args[pos].cat
     axis = plan.axis if cat in (P, _output_category(plan)) else 1 - plan.axis
-    derived = plan_from_nodes(formula, None, "Sum", axis, None, plan.dtype_acc, names, len(names))
+    derived = plan_from_nodes(formula, None, "Sum", axis, None, plan.dtype_acc, names, len(names),
+                              fast_math=plan.fast_math)
     return ReducedGradient(derived, extras, cat == P, logsumexp)
 
 
@@ -172,7 +174,8 @@ def _softmax_weight(plan: Plan, pos: int) -> ReducedGradient:
     p = make("Exp", (make("Subtract", (f, lse)),))
     inner = make("Add", (grad(w, v, g), grad(f, v, make("Sum", (make("Mult", (g, make("Subtract", (w, out)))),)))))
     user = {name: node for name, node in names.items() if node.params[0] < plan.nargs}
-    logsumexp = plan_from_nodes(f, None, "LogSumExp", plan.axis, None, plan.dtype_acc, user, plan.nargs)
+    logsumexp = plan_from_nodes(f, None, "LogSumExp", plan.axis, None, plan.dtype_acc, user, plan.nargs,
+                                fast_math=plan.fast_math)
     return _reduced(plan, pos, make("Mult", (p, inner)), names, (COTANGENT, OUTPUT, LOGSUMEXP), logsumexp)
 
 
@@ -190,7 +193,8 @@ def _selected(plan: Plan, pos: int) -> SelectedGradient:
     e = _extra(plan, names, COTANGENT, plan.reduction.fdim)
     v = _target(plan, pos)
     formula = grad(f_moved, moved.get(v, v), e)
-    derived = plan_from_nodes(formula, None, "Sum", plan.axis, None, plan.dtype_acc, names, len(names))
+    derived = plan_from_nodes(formula, None, "Sum", plan.axis, None, plan.dtype_acc, names, len(names),
+                              fast_math=plan.fast_math)
     cat = plan.args[pos].cat
     role = "param" if cat == P else "rows" if cat == out_cat else "reduced"
     k = plan.reduction.k or 1

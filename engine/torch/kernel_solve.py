@@ -29,7 +29,7 @@ class KernelSolve:
         if use_double_acc:
             dtype_acc = "float64"
         self.formula, self.aliases, self.varinvalias = formula, list(aliases), varinvalias
-        self.system = linear_system(formula, self.aliases, varinvalias, axis, dtype_acc)
+        self.system = linear_system(formula, self.aliases, varinvalias, axis, dtype_acc, use_fast_math)
 
     def __call__(self, *args, backend: str = "auto", device_id: int = -1, alpha: float = 1e-10, eps: float = 1e-6,
                  ranges=None):
