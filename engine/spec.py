@@ -71,7 +71,7 @@ class Spec:
         """Parse and check: `make_plan(self)`."""
         return make_plan(self)
 
-    def replace(self, **changes) -> "Spec":
+    def replace(self, **changes) -> Spec:
         """This request with some fields changed (normalised again)."""
         return Spec(**(self.fields() | changes))
 
@@ -87,7 +87,7 @@ class Spec:
         return asdict(self) | {"aliases": list(self.aliases)}
 
     @classmethod
-    def from_fields(cls, source) -> "Spec":
+    def from_fields(cls, source) -> Spec:
         """A Spec from any object (a pydantic model) or mapping carrying these fields."""
         get = source.get if isinstance(source, dict) else lambda name, default: getattr(source, name, default)
         return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})

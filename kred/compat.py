@@ -18,12 +18,13 @@ kred's equivalent or nothing; the README's compatibility section lists what diff
 """
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import os
 import sys
 import types
-from typing import Callable
+from collections.abc import Callable
 
 ENVIRONMENT = "KRED_PYKEOPS"            # "1": in process; "http://...": on that server
 PYKEOPS_API = "2.3"                     # the pykeops release whose interface kred follows
@@ -253,9 +254,9 @@ def _utils(module, client, framework: str):
     def WarmUpGpu():
         """pykeops warms its GPU before timing; kred compiles on first use and caches: nothing to warm."""
 
-    names = dict(squared_distances=squared_distances, differences=differences, np_kernel=np_kernel,
-                 log_np_kernel=log_np_kernel, grad_np_kernel=grad_np_kernel, np_kernel_sphere=np_kernel_sphere,
-                 log_sum_exp=log_sum_exp, WarmUpGpu=WarmUpGpu)
+    names = {"squared_distances": squared_distances, "differences": differences, "np_kernel": np_kernel,
+             "log_np_kernel": log_np_kernel, "grad_np_kernel": grad_np_kernel, "np_kernel_sphere": np_kernel_sphere,
+             "log_sum_exp": log_sum_exp, "WarmUpGpu": WarmUpGpu}
     if framework == "torch":
         names["torch_kernel"] = np_kernel
     module.__dict__.update(names)
@@ -266,12 +267,13 @@ MODULES: dict[str, tuple[Callable, bool]] = {
     "pykeops": (_root, True),
     "pykeops.config": (_config, False),
     "pykeops.common": (_common, True),
-    **{f"pykeops.{fw}": ((lambda fw: lambda m, c: _binding(m, c, fw))(fw), True) for fw in ("torch", "numpy")},
-    **{f"pykeops.{fw}.cluster": ((lambda fw: lambda m, c: _cluster(m, c, fw))(fw), False) for fw in ("torch", "numpy")},
-    **{f"pykeops.{fw}.operations": ((lambda fw: lambda m, c: _operations(m, c, fw))(fw), False)
-       for fw in ("torch", "numpy")},
-    **{f"pykeops.{fw}.utils": ((lambda fw: lambda m, c: _utils(m, c, fw))(fw), False) for fw in ("torch", "numpy")},
 }
+for _fw in ("torch", "numpy"):
+    MODULES[f"pykeops.{_fw}"] = (functools.partial(_binding, framework=_fw), True)
+    MODULES[f"pykeops.{_fw}.cluster"] = (functools.partial(_cluster, framework=_fw), False)
+    MODULES[f"pykeops.{_fw}.operations"] = (functools.partial(_operations, framework=_fw), False)
+    MODULES[f"pykeops.{_fw}.utils"] = (functools.partial(_utils, framework=_fw), False)
+del _fw
 
 
 def _import(name: str):

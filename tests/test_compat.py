@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import kred.compat as compat
+from kred import compat
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -28,10 +28,27 @@ def test_names_libraries_import(dropin):
     from pykeops.numpy import Genred as NumpyGenred
     from pykeops.numpy import LazyTensor as NumpyLazyTensor
     from pykeops.numpy.cluster import grid_cluster as numpy_grid_cluster
-    from pykeops.torch import (ComplexLazyTensor, Genred, KernelSolve, LazyTensor, Pm, Vi, Vj, generic_argkmin,
-                               generic_argmin, generic_logsumexp, generic_sum)
-    from pykeops.torch.cluster import (cluster_centroids, cluster_ranges, cluster_ranges_centroids, from_matrix,
-                                       grid_cluster, sort_clusters, swap_axes)
+    from pykeops.torch import (
+        ComplexLazyTensor,
+        Genred,
+        KernelSolve,
+        LazyTensor,
+        Pm,
+        Vi,
+        Vj,
+        generic_argkmin,
+        generic_argmin,
+        generic_logsumexp,
+    )
+    from pykeops.torch.cluster import (
+        cluster_centroids,
+        cluster_ranges,
+        cluster_ranges_centroids,
+        from_matrix,
+        grid_cluster,
+        sort_clusters,
+        swap_axes,
+    )
     from pykeops.torch.operations import KernelSolve as OperationsKernelSolve
 
     import kred.numpy
@@ -55,7 +72,7 @@ def test_names_libraries_import(dropin):
     np.testing.assert_allclose(centroids.numpy(), [[1.5, 0.0], [5.0, 5.0]])
     np.testing.assert_allclose(mass.numpy(), [4.0, 2.0])
     with pytest.raises(ModuleNotFoundError):
-        import pykeops.torch.generic.generic_red  # noqa: F401   (pykeops's internals are not offered)
+        import pykeops.torch.generic.generic_red
 
 
 def test_generic_sum_through_dropin_matches_dense(dropin):
@@ -75,12 +92,12 @@ def test_real_pykeops_untouched_then_restored():
             "print('real' if real is not None else 'none')\n"
             "c.install_as_pykeops(); import pykeops; print(getattr(pykeops, '__kred__', False))\n"
             "c.uninstall(); print('pykeops' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120,
                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}).stdout.split()
     assert out[1:] == ["True", "False"], out
     # and kred itself never imports pykeops: the drop-in is the only way in
     code = "import kred, kred.torch, kred.numpy, kred.compat, sys; print('pykeops' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120,
                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}).stdout.split()
     assert out == ["False"]
 
@@ -92,7 +109,7 @@ def test_pth_hook_is_opt_in_by_environment(tmp_path, value, expect):
     code = (f"import site; site.addsitedir({str(tmp_path)!r}); import pykeops; "
             "print(getattr(pykeops, '__kred__', False))")
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), compat.ENVIRONMENT: value}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300, env=env)
     if expect == "False" and result.returncode != 0:          # no real pykeops here: then the import must fail
         assert "No module named 'pykeops'" in result.stderr
         return
@@ -101,8 +118,14 @@ def test_pth_hook_is_opt_in_by_environment(tmp_path, value, expect):
 
 def test_pykeops_test_helpers(dropin):
     """pykeops.numpy.utils's dense kernels (its own tests import them), against formulas written here."""
-    from pykeops.numpy.utils import differences, grad_np_kernel, log_np_kernel, log_sum_exp, np_kernel
-    from pykeops.numpy.utils import squared_distances
+    from pykeops.numpy.utils import (
+        differences,
+        grad_np_kernel,
+        log_np_kernel,
+        log_sum_exp,
+        np_kernel,
+        squared_distances,
+    )
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((5, 3)), rng.standard_normal((4, 3))
     sq = ((x[:, None] - y[None]) ** 2).sum(-1)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-import kred.compat as compat
+from kred import compat
 
 geomloss_missing = importlib.util.find_spec("geomloss") is None
 gpytorch_missing = importlib.util.find_spec("gpytorch") is None
@@ -59,11 +59,11 @@ def _loss_and_grad(loss, x, y):
 # values and gradients match the dense ones to ~1e-8 relative, not to float64 rounding, hence SINKHORN_RTOL.
 SINKHORN_RTOL = 1e-7
 GEOMLOSS = {    # case: (SamplesLoss options, dense-only options, value atol)
-    "sinkhorn p=2": (dict(loss="sinkhorn", p=2, blur=0.1), {}, 1e-12),
-    "sinkhorn p=1": (dict(loss="sinkhorn", p=1, blur=0.1), {"cost": lambda x, y: torch.cdist(x, y)}, 1e-12),
-    "energy": (dict(loss="energy"), {}, 1e-5),
-    "gaussian": (dict(loss="gaussian", blur=0.3), {}, 1e-12),
-    "laplacian": (dict(loss="laplacian", blur=0.3), {}, 1e-5),
+    "sinkhorn p=2": ({"loss": "sinkhorn", "p": 2, "blur": 0.1}, {}, 1e-12),
+    "sinkhorn p=1": ({"loss": "sinkhorn", "p": 1, "blur": 0.1}, {"cost": lambda x, y: torch.cdist(x, y)}, 1e-12),
+    "energy": ({"loss": "energy"}, {}, 1e-5),
+    "gaussian": ({"loss": "gaussian", "blur": 0.3}, {}, 1e-12),
+    "laplacian": ({"loss": "laplacian", "blur": 0.3}, {}, 1e-5),
 }
 
 
@@ -215,9 +215,8 @@ def test_gpytorch_training_step(dropin):
 def test_geomloss_through_kred_serve(tmp_path):
     """The same unmodified GeomLoss, its LazyTensors bound to a kred server: Sinkhorn p=2 and the energy distance
     (values and gradients) against its dense backend."""
-    from safety_helpers import ServerProcess
-
     from kred.client import Client
+    from safety_helpers import ServerProcess
 
     with ServerProcess(tmp_path) as server:
         client = Client(server.url)

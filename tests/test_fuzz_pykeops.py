@@ -14,10 +14,9 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from conftest import BACKENDS
 
 from kred.torch import Genred
-
-from conftest import BACKENDS
 
 D = 3
 
@@ -131,7 +130,7 @@ def _check(text, oracle, n_constants, backend, rng, reduction="Sum"):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m: f"{context}: {m}")
     for a, b, name in zip(g_got, g_want, "xy"):
         assert torch.isfinite(a).all(), f"{context}: d/d{name} is not finite where the oracle's is: {a}"
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=lambda m: f"{context}, d/d{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=lambda m, name=name: f"{context}, d/d{name}: {m}")
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -10,10 +10,20 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from kred.engine.errors import ArgumentError, DimensionError, FormulaError, KredError
 from kred.engine.backends.reference import evaluate
-from kred.engine.formula import I, J, P, Node, make, parse, parse_alias, parse_aliases, to_text, var
+from kred.engine.errors import ArgumentError, DimensionError, FormulaError, KredError
+from kred.engine.formula import (
+    I,
+    J,
+    Node,
+    P,
+    make,
+    parse,
+    parse_alias,
+    parse_aliases,
+    to_text,
+    var,
+)
 
 X, Y, B, S = var(0, 3, I), var(1, 3, J), var(2, 2, J), var(3, 1, P)
 NAMES = {"x": X, "y": Y, "b": B, "s": S}

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BACKENDS
 
 from kred.torch import Genred, LazyTensor
-
-from conftest import BACKENDS
 
 # Two coinciding points and one apart: every pair (i, i) has x_i - y_i = 0, the singular point.
 X = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.5, -2.0]]

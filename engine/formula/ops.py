@@ -29,8 +29,8 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -462,7 +462,9 @@ def _check_copies(f, copies: int, op: str) -> None:
 
 def _expand_grad_matrix(children, params, make):
     """The gradients of f's components with respect to v, row after row (the transposed Jacobian)."""
-    from .autodiff import grad       # autodiff reads this table: import it when a row is expanded
+    from .autodiff import (
+        grad,  # autodiff reads this table: import it when a row is expanded
+    )
     f, v = children
     _variable_operand(v, "GradMatrix")
     _check_copies(f, f.dim, "GradMatrix")

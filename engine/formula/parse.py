@@ -11,9 +11,9 @@ import difflib
 import functools
 import re
 import unicodedata
-from typing import Mapping
+from collections.abc import Mapping
 
-from ..errors import DimensionError, FormulaError
+from ..errors import FormulaError
 from .build import make
 from .nodes import Node, bounded
 from .ops import MAX_INT_PARAM, OPS
@@ -47,7 +47,7 @@ def parse_request(formula: str, formula2: str | None, aliases) -> tuple[Node, No
     f = parse(formula, names, inline)
     f2 = parse(formula2, names, inline) if formula2 is not None else None
     declared = {node.params[0]: (name, node) for name, node in names.items()}
-    for name, node in inline.items():
+    for node in inline.values():
         pos = node.params[0]
         if pos in declared and declared[pos][1] is not node:
             alias, other = declared[pos]
@@ -372,7 +372,9 @@ class _Walker:
         return variable
 
     def derivative(self, name: str, node: ast.Call, depth: int) -> Node:
-        from . import autodiff  # symbolic differentiation lives beside the parser, built on the same table
+        from . import (
+            autodiff,  # symbolic differentiation lives beside the parser, built on the same table
+        )
 
         args = [self.node(a, depth + 1) for a in node.args]
         try:
