@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch is pinned: any other torch request downloads GBs of CUDA packages
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[torch,nvrtc,gpu-static,server,bench,test,docs,examples]"
+	$(PY) -m pip install -q -e ".[torch,nvrtc,gpu-static,server,bench,test,docs,examples,clients]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from . import limits
 from .errors import ArgumentError
-from .formula import CATEGORY_NAMES, parse, parse_alias, parse_aliases
+from .formula import CATEGORY_NAMES, parse_alias, parse_request
 from .plan import DTYPE_ACC, Plan, plan_bytes, plan_from_nodes
 from .reductions import REDUCTIONS, called
 
@@ -69,7 +69,7 @@ class Spec:
         """Parse and check: `make_plan(self)`."""
         return make_plan(self)
 
-    def replace(self, **changes) -> "Spec":
+    def replace(self, **changes) -> Spec:
         """This request with some fields changed (normalised again)."""
         return Spec(**(self.fields() | changes))
 
@@ -85,7 +85,7 @@ class Spec:
         return asdict(self) | {"aliases": list(self.aliases)}
 
     @classmethod
-    def from_fields(cls, source) -> "Spec":
+    def from_fields(cls, source) -> Spec:
         """A Spec from any object (a pydantic model) or mapping carrying these fields."""
         get = source.get if isinstance(source, dict) else lambda name, default: getattr(source, name, default)
         return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
@@ -142,8 +142,6 @@ def keep_plan(spec: Spec, plan: Plan) -> None:
 
 
 def _build(spec: Spec) -> Plan:
-    names = parse_aliases(spec.aliases)
-    f = parse(spec.formula, names)
-    f2 = parse(spec.formula2, names) if spec.formula2 is not None else None
+    f, f2, names = parse_request(spec.formula, spec.formula2, spec.aliases)   # names: aliases + inline variables
     return plan_from_nodes(f, f2, spec.reduction_op, spec.axis, spec.opt_arg, spec.dtype_acc, names,
                            fast_math=spec.fast_math)

@@ -10,10 +10,20 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from kred.engine.errors import DimensionError, FormulaError, KredError
 from kred.engine.backends.reference import evaluate
-from kred.engine.formula import I, J, P, Node, make, parse, parse_alias, parse_aliases, to_text, var
+from kred.engine.errors import ArgumentError, DimensionError, FormulaError, KredError
+from kred.engine.formula import (
+    I,
+    J,
+    Node,
+    P,
+    make,
+    parse,
+    parse_alias,
+    parse_aliases,
+    to_text,
+    var,
+)
 
 X, Y, B, S = var(0, 3, I), var(1, 3, J), var(2, 2, J), var(3, 1, P)
 NAMES = {"x": X, "y": Y, "b": B, "s": S}
@@ -393,3 +403,44 @@ def test_long_flat_sums_are_not_nesting():
     x, y = np.array([[0.5], [2.0]]), np.array([[3.0], [-1.0], [0.25]])
     values = evaluate(f, [x, y], (0, 2), (0, 3), np.dtype(np.float64))[..., 0]
     np.testing.assert_allclose(values, 500 * x * y.T + 500 * y.T, rtol=1e-12)
+
+
+# pykeops's spellings (issue 21 part 5) --------------------------------------------------------------------------
+
+def test_list_literals_are_integer_list_parameters():
+    """`Kron(x, y, [2, 3, 2], [2, 2, 3])` as pykeops writes it: the same node as with Ind(...), values vs numpy.kron."""
+    from kred.engine.formula import parse_aliases as aliases_of
+    names = aliases_of(["x = Vi(12)", "y = Vj(12)"])
+    listed = parse("Kron(x, y, [2, 3, 2], [2, 2, 3])", names)
+    assert listed is parse("Kron(x, y, Ind(2, 3, 2), Ind(2, 2, 3))", names)
+    from kred.numpy import Genred
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3, 12)), rng.standard_normal((2, 12))
+    got = Genred("Kron(x, y, [2, 3, 2], [2, 2, 3])", ["x = Vi(12)", "y = Vj(12)"], axis=1)(x, y, backend="reference")
+    want = np.stack([sum(np.kron(x[i].reshape(2, 3, 2), y[j].reshape(2, 2, 3)).reshape(-1) for j in range(2))
+                     for i in range(3)])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    with pytest.raises(FormulaError, match="integer literal"):
+        parse("Kron(x, y, [2, 3.5, 2], [2, 2, 3])", names)
+    with pytest.raises(FormulaError, match="a list"):
+        parse("x + [1, 2]", names)
+
+
+def test_inline_variables_count_as_arguments():
+    """pykeops counts every Var written in the text as an argument, even one differentiation removes:
+    Grad(Grad(x + Var(1,3,1), x, Var(2,3,0)), x, Var(3,3,0)) is 0 but takes 4 arrays (x and the three Vars)."""
+    from kred.numpy import Genred
+    op = Genred("Grad(Grad(x + Var(1,3,1), x, Var(2,3,0)), x, Var(3,3,0))", ["x=Vi(0,3)"], axis=1)
+    assert [(a.name, a.dim, a.cat) for a in op.plan.args] == [("x", 3, 0), ("Var(1)", 3, 1), ("Var(2)", 3, 0),
+                                                               ("Var(3)", 3, 0)]
+    rng = np.random.default_rng(1)
+    x, y, e, u = rng.standard_normal((5, 3)), rng.standard_normal((4, 3)), rng.standard_normal((5, 3)), \
+        rng.standard_normal((5, 3))
+    np.testing.assert_array_equal(op(x, y, e, u, backend="reference"), np.zeros((5, 3)))
+    with pytest.raises(ArgumentError, match="expected 4 arrays"):
+        op(x, backend="reference")
+    # an inline Var that contradicts an alias at the same position, or another inline Var, is refused
+    with pytest.raises(FormulaError, match="argument 0 is written Var\\(0, 2, 0\\)"):
+        Genred("Sum(x) + Sum(Var(0,2,0))", ["x=Vi(0,3)"], axis=1)
+    with pytest.raises(FormulaError, match="argument 1 is written both"):
+        Genred("Sum(Var(1,3,1)) + Sum(Var(1,2,1))", ["x=Vi(0,3)"], axis=1)

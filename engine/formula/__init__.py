@@ -7,10 +7,10 @@ Divergence, Laplacian keywords).
 from .build import make
 from .nodes import CATEGORY_NAMES, I, J, P, Node, fingerprint, node_budget, to_text, var
 from .ops import OPS
-from .parse import instantiate, parse, parse_alias, parse_aliases, validate_table
+from .parse import instantiate, parse, parse_alias, parse_aliases, parse_request, validate_table
 from . import autodiff  # noqa: F401  (registers the derivative ops in the op table)
 
 validate_table()
 
 __all__ = ["CATEGORY_NAMES", "I", "J", "OPS", "P", "Node", "fingerprint", "instantiate", "make", "node_budget",
-           "parse", "parse_alias", "parse_aliases", "to_text", "var"]
+           "parse", "parse_alias", "parse_aliases", "parse_request", "to_text", "var"]

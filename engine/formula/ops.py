@@ -16,6 +16,14 @@ Conventions
   node's value) and `g` (the cotangent of this node, of dimension `out_dim`). `{d0}`, `{d1}` are operand dims, `{p0}`,
   `{p1}` the params, `{dout}` the output dim. A cotangent of dimension `out_dim` for a dim-1 operand is summed back by
   autodiff. None means "not differentiable / zero". A callable gets the params and returns the texts.
+- Singular points follow pykeops's conventions, so a gradient is finite wherever pykeops's is (a Sinkhorn p=1 or an
+  energy distance between coinciding points must not be NaN): `Rsqrt(0) = 0`, so `Sqrt`'s rule is `g/2 * Rsqrt(x)`
+  (0 at 0, the subgradient torch.cdist takes; Norm2, SqDist's square root, Exp(-Norm2) inherit it), `Rsqrt`'s
+  `-g/2 * out^3` is 0 at 0, `Normalize(0)` has gradient 0, `Asin`/`Acos` have 0 at +-1; `Abs` takes the subgradient
+  `Sign(0) = 0`, `Sign`, `Step`, `Floor`, `Round` have 0; `ReLU` has 1 at 0 (`Step(0) = 1`, as KeOps); `Atan2` has 0
+  at the origin (`1/(x^2+y^2)` written `Rsqrt(...)^2`); `SinXDivX` has 0 at 0; `Powf(x, y)` has torch's
+  `y x^(y-1)` in x (0, 1 or +inf at x = 0 by y) and 0 in y at x = 0 (torch's mask); `Log`, `Inv` and negative
+  integer `Pow` are +-inf at 0, as in torch and pykeops (a true pole, not a kink).
 - `expand` rewrites a composite into primitives: a formula text over `x`, `y`, `z` and `{p0}`..., or a callable
   `(children, params) -> Node` when the expansion depends on dimensions.
 """
@@ -594,10 +602,11 @@ ROWS: list[Op] = [
     _elementwise("Minus", 1, _unary(np.negative), "-{0}", ("-g",)),
     _elementwise("Inv", 1, lambda x, **_: 1 / x, "1 / {0}", ("-g*Square(out)",)),
     _elementwise("Square", 1, _unary(np.square), "{0} * {0}", ("IntCst(2)*x*g",)),
-    _elementwise("Sqrt", 1, _unary(np.sqrt), "kred_sqrt({0})", ("g/(IntCst(2)*out)",)),
+    _elementwise("Sqrt", 1, _unary(np.sqrt), "kred_sqrt({0})", ("Const(0.5)*g*Rsqrt(x)",)),
     _elementwise("Rsqrt", 1, _np_rsqrt, "kred_rsqrt({0})", ("Const(-0.5)*g*Pow(out,3)",)),
     Op("Pow", 1, ("exponent",), dim=_same, numpy=_np_pow, c="kred_powi({0}, {p0})", grad=_grad_pow),
-    _elementwise("Powf", 2, lambda x, y, **_: x ** y, "kred_pow({0}, {1})", ("g*y*Powf(x,y-IntCst(1))", "g*out*Log(x)")),
+    _elementwise("Powf", 2, lambda x, y, **_: x ** y, "kred_pow({0}, {1})",
+                 ("g*y*Powf(x,y-IntCst(1))", "IfElse(-Abs(x),Zero({dout}),g*out*Log(x))")),
     _elementwise("Exp", 1, _unary(np.exp), "kred_exp({0})", ("g*out",)),
     _elementwise("Log", 1, _unary(np.log), "kred_log({0})", ("g/x",)),
     _elementwise("XLogX", 1, _np_xlogx, "kred_xlogx({0})", ("g*(Log(x)+IntCst(1))",)),
@@ -607,7 +616,7 @@ ROWS: list[Op] = [
     _elementwise("Acos", 1, _unary(np.arccos), "kred_acos({0})", ("-g*Rsqrt(IntCst(1)-Square(x))",)),
     _elementwise("Atan", 1, _unary(np.arctan), "kred_atan({0})", ("g/(IntCst(1)+Square(x))",)),
     _elementwise("Atan2", 2, lambda y, x, **_: np.arctan2(y, x), "kred_atan2({0}, {1})",
-                 ("g*y/(Square(x)+Square(y))", "-g*x/(Square(x)+Square(y))")),
+                 ("g*y*Square(Rsqrt(Square(x)+Square(y)))", "-g*x*Square(Rsqrt(Square(x)+Square(y)))")),
     _elementwise("SinXDivX", 1, _np_sinxdivx, "kred_sinxdivx({0})",
                  ("g*IfElse(Square(x)-Const(1e-30),(Cos(x)-out)/x,Zero(1))",)),
     _elementwise("Abs", 1, _unary(np.abs), "kred_abs({0})", ("g*Sign(x)",)),

@@ -30,11 +30,36 @@ _SPECIAL = {"Var", "Vi", "Vj", "Pm", "Grad", "Diff", "Laplacian", "Divergence"}
 
 
 @bounded
-def parse(text: str, names: Mapping[str, Node]) -> Node:
-    """Parse user formula text; `names` binds alias names to variable nodes."""
+def parse(text: str, names: Mapping[str, Node], inline: dict[str, Node] | None = None) -> Node:
+    """Parse user formula text; `names` binds alias names to variable nodes. With `inline`, the variables written
+    in the text itself (`Var(1, 3, 1)`, `Vj(2, 3)`) are added to it as `Var(pos)`: pykeops counts them as
+    arguments even where differentiation or simplification leaves them out of the result."""
     text = _checked_text(text)
     names = _canonical_names(names)
-    return _Walker(text, names, {}).node(_syntax(text).body, 0)
+    return _Walker(text, names, {}, inline).node(_syntax(text).body, 0)
+
+
+def parse_request(formula: str, formula2: str | None, aliases) -> tuple[Node, Node | None, dict[str, Node]]:
+    """A request's formulas and its arguments: the aliases, then the inline variables of both texts (checked against
+    the aliases: one position, one variable)."""
+    names = parse_aliases(aliases)
+    inline: dict[str, Node] = {}
+    f = parse(formula, names, inline)
+    f2 = parse(formula2, names, inline) if formula2 is not None else None
+    declared = {node.params[0]: (name, node) for name, node in names.items()}
+    for node in inline.values():
+        pos = node.params[0]
+        if pos in declared and declared[pos][1] is not node:
+            alias, other = declared[pos]
+            raise FormulaError(f"argument {pos} is written {_var_text(node)} in the formula but declared as "
+                               f"{alias} = {_var_text(other)}")
+    arguments = dict(names)
+    arguments.update((name, node) for name, node in inline.items() if node.params[0] not in declared)
+    return f, f2, arguments
+
+
+def _var_text(node: Node) -> str:
+    return "Var({}, {}, {})".format(*node.params)
 
 
 @bounded
@@ -201,8 +226,8 @@ def _chained(node: ast.AST) -> bool:
 # Walker -----------------------------------------------------------------------------------------------
 
 class _Walker:
-    def __init__(self, text: str, names: Mapping[str, Node], fields: dict):
-        self.text, self.names = text, names
+    def __init__(self, text: str, names: Mapping[str, Node], fields: dict, inline: dict | None = None):
+        self.text, self.names, self.inline = text, names, inline
 
     def fail(self, message: str, node: ast.AST, error=FormulaError):
         col = getattr(node, "col_offset", None)
@@ -319,11 +344,14 @@ class _Walker:
         return self.build(name, children, params, node)
 
     def parameter(self, node: ast.AST):
-        """An integer parameter, or a list of them written `Ind(2, 3)` (as KeOps writes TensorDot's shapes)."""
+        """An integer parameter, or a list of them written `Ind(2, 3)` (as KeOps writes TensorDot's shapes) or as a
+        list literal `[2, 3]` (as pykeops's Python layer accepts them): read from the syntax tree, never evaluated."""
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Ind":
             if node.keywords:
                 self.fail("Ind: keyword arguments are not allowed", node)
             return tuple(self.integer(a) for a in node.args)
+        if isinstance(node, ast.List):
+            return tuple(self.integer(a) for a in node.elts)
         return self.integer(node)
 
     def inline_variable(self, name: str, node: ast.Call) -> Node:
@@ -335,7 +363,13 @@ class _Walker:
         else:
             form = "Var(position, dimension, category)" if name == "Var" else f"{name}(position, dimension)"
             self.fail(f"inside a formula a variable is written {form}", node)
-        return self.build("Var", (), params, node)
+        variable = self.build("Var", (), params, node)
+        if self.inline is not None:
+            name = f"Var({params[0]})"
+            known = self.inline.setdefault(name, variable)
+            if known is not variable:
+                self.fail(f"argument {params[0]} is written both {_var_text(known)} and {_var_text(variable)}", node)
+        return variable
 
     def derivative(self, name: str, node: ast.Call, depth: int) -> Node:
         args = [self.node(a, depth + 1) for a in node.args]
