@@ -497,3 +497,18 @@ def test_torch_cuda_tensors_stay_on_the_device():
     g_dense, = torch.autograd.grad(dense.sum(), x)
     assert g.device == x.device
     torch.testing.assert_close(g, g_dense)
+
+
+def test_callfun_runs_the_reduction_over_symbolic_then_fixed_arrays():
+    """pykeops's `r.callfun(*args, *r.variables)` (issue 21 part 5): the fixed arrays may be given anew."""
+    import torch
+    from kred.torch import LazyTensor, Vi
+    rng = np.random.default_rng(3)
+    x, y, b = (torch.from_numpy(rng.random(s)) for s in ((20, 3), (15, 3), (15, 2)))
+    r = ((-((Vi(0, 3) - LazyTensor(y[None])) ** 2).sum(-1)).exp() * LazyTensor(b[None])).sum(1, call=False)
+    dense = lambda y, b: torch.exp(-((x[:, None] - y[None]) ** 2).sum(-1)) @ b       # noqa: E731
+    assert [tuple(v.shape) for v in r.variables] == [(15, 3), (15, 2)]
+    torch.testing.assert_close(r.callfun(x, *r.variables), dense(y, b), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.callfun(x, y + 1, 2 * b), dense(y + 1, 2 * b), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ArgumentError, match="callfun"):
+        r.callfun(x)

@@ -884,6 +884,10 @@ def _arguments(order, variables, dtype, binding) -> list:
     return args
 
 
+def _is_symbolic(v) -> bool:
+    return v is None or v.symbol is not None
+
+
 def _next_symbol(*variable_lists) -> int:
     symbols = [v.symbol for vs in variable_lists for v in vs if v.symbol is not None]
     return max(symbols) + 1 if symbols else 0
@@ -914,6 +918,23 @@ class LazyReduction:
         self._plans: dict[str, Plan] = {}
 
     def __call__(self, *symbolic_args, **options):
+        return self._run(symbolic_args, None, options)
+
+    @property
+    def variables(self) -> tuple:
+        """The fixed (not symbolic) arrays, in argument order: what pykeops passes after the symbolic ones."""
+        return tuple(a for a, v in zip(self.arguments, self.order) if not _is_symbolic(v))
+
+    def callfun(self, *arrays, **options):
+        """pykeops's `callfun`: the reduction as a Genred over every argument, the symbolic arrays first, then the
+        fixed ones (`r.callfun(*args, *r.variables)`), which may be given anew."""
+        fixed = len(self.variables)
+        if len(arrays) != self.symbolic + fixed:
+            raise ArgumentError(f"{self.reduction_op}.callfun: expected {self.symbolic} symbolic and {fixed} fixed "
+                                f"array(s), got {len(arrays)}")
+        return self._run(arrays[:self.symbolic], arrays[self.symbolic:], options)
+
+    def _run(self, symbolic_args, fixed_args, options):
         plan_options, call_options = _split_options(options)
         plan_options = {"dtype_acc": "auto", "fast_math": True, **self.plan_options, **plan_options}
         call_options = {**self.call_options, **call_options}
@@ -921,10 +942,12 @@ class LazyReduction:
             raise ArgumentError(f"{self.reduction_op}: expected {self.symbolic} array(s) for the symbolic "
                                 f"variables, got {len(symbolic_args)}")
         args = list(self.arguments)
-        given = iter(symbolic_args)
+        given, fixed = iter(symbolic_args), iter(fixed_args) if fixed_args is not None else None
         for k, v in enumerate(self.order):
-            if v is None or v.symbol is not None:
+            if _is_symbolic(v):
                 args[k] = next(given)
+            elif fixed is not None:
+                args[k] = next(fixed)
         if self.dtype is None and symbolic_args and any(isinstance(v.value, list) for v in self.order if v):
             dtype = self.binding._dtype_name(symbolic_args[0])
             args = [self.binding._from_list(v.value, dtype, symbolic_args[0])
