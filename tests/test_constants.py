@@ -159,3 +159,13 @@ def test_cuda_emulation_one_cubin_right_values(emulated_gpu, tmp_path):  # noqa:
             x, y, b, backend="cuda")
         np.testing.assert_allclose(got, gaussian(x, y, b, s), rtol=2e-5)
     assert len(list((tmp_path / "cuda").glob("*.sm_90.cubin"))) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_scales_compile_one_module(fresh_cache):
+    x, y, b = (RNG.random(s).astype(np.float32) for s in ((700, 3), (900, 3), (900, 1)))
+    for s in SCALES:
+        got = Genred(f"Exp(-SqDist(x, y) * {s}) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], axis=1)(
+            x, y, b, backend="cuda")
+        np.testing.assert_allclose(got, gaussian(x, y, b, s), rtol=2e-5)
+    assert len(list((fresh_cache / "cuda").glob("*.cubin"))) == 1
