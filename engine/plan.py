@@ -156,7 +156,8 @@ NODE_BYTES = 400    # roughly what one interned node keeps alive (the object, it
 def plan_bytes(plan: Plan) -> int:
     """Roughly the memory a plan keeps alive: its formulas' distinct nodes."""
     nodes = len(plan.formula.postorder()) + (len(plan.formula2.postorder()) if plan.formula2 is not None else 0)
-    return nodes * NODE_BYTES
+    lifted = "_lifting" in plan.__dict__ and plan.lifted is not plan      # its copy with the constants lifted
+    return nodes * NODE_BYTES * (2 if lifted else 1)
 
 
 def plan_from_nodes(f: Node, f2: Node | None, reduction_op: str, axis: int, opt_arg=None, dtype_acc="auto",
