@@ -152,9 +152,10 @@ def test_the_cpu_backend_keeps_a_bounded_number_of_kernels(cache_dir, small_memo
     before = mappings()
     for k in range(7):
         scale = 1.0 + k / 8 + (uuid.uuid4().int % 10**6) / 10**9
-        plan = make_plan(Spec(f"Exp(-SqDist(x, y) * {scale!r})", ["x = Vi(1)", "y = Vj(1)"], axis=1))
+        # the integer factor makes 7 kernels (float constants are run-time arguments: they alone would make one)
+        plan = make_plan(Spec(f"Exp(-SqDist(x, y) * {scale!r}) * {k + 2}", ["x = Vi(1)", "y = Vj(1)"], axis=1))
         got = backend.reduce(plan, [x, y], 30, 20)
-        np.testing.assert_allclose(got, np.exp(-(x - y.T) ** 2 * scale).sum(1, keepdims=True), rtol=1e-12)
+        np.testing.assert_allclose(got, (k + 2) * np.exp(-(x - y.T) ** 2 * scale).sum(1, keepdims=True), rtol=1e-12)
     gc.collect()
     assert len(backend._kernels) == 3
     assert mappings() - before <= 5 * 6 + 5, mappings() - before
