@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     import httpx
 
     from kred.client import AsyncClient, Client
-    from kred.client.client import NO_DELAY, chunked
+    from kred.client.http import NO_DELAY, chunked
     from kred.engine.backends import auto_choice
     from kred.engine.numpy import Genred
     from kred.wire import arrow

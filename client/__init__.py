@@ -1,4 +1,4 @@
-"""The kred client: reductions, gradients and jobs on a kred server (see client.client).
+"""The kred client: reductions, gradients and jobs on a kred server (see client.client; the protocol in client.protocol).
 
 Needs only httpx, numpy, pyarrow (and tqdm for progress bars): a client-only install does not pull the server's
 FastAPI stack. `client.torch.Genred` is the differentiable remote Genred; `kred` is the command line (client.cli).
@@ -6,9 +6,10 @@ Names are imported on first use, so that `kred.client.cli` (the `kred` command) 
 """
 from importlib import import_module as _import_module
 
-_LAZY = {"AsyncClient": ".client", "AsyncJob": ".client", "Client": ".client", "Job": ".client",
-         "JobFailed": ".client", "RemoteGenred": ".client", "LimitExceeded": ".errors", "RemoteError": ".errors",
-         "ServerUnreachable": ".errors", "TooBusy": ".errors", "Unauthorized": ".errors"}
+_LAZY = {"Client": ".client", "Job": ".jobs", "RemoteGenred": ".operations", "AsyncClient": ".aio",
+         "AsyncJob": ".jobs", "JobFailed": ".errors", "LimitExceeded": ".errors", "RemoteError": ".errors",
+         "ServerUnreachable": ".errors", "TooBusy": ".errors", "Unauthorized": ".errors",
+         "ReplyTooLarge": ".errors", "DeadlineExceeded": ".errors"}
 
 __all__ = sorted(_LAZY)
 

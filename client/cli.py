@@ -110,7 +110,7 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
     _need("server", "serve")
     import uvicorn
 
-    from kred.service.app import create_app, widen_uvicorn_reads
+    from kred.service.app import create_app, server_config, widen_uvicorn_reads
     from kred.service.settings import Settings
     overrides = {"host": host, "port": port, "ray_address": ray_address, "token_file": token_file,
                  "executor": executor, "store_dir": store_dir, "allow_shm": shm}
@@ -121,12 +121,12 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
         settings = Settings(**overrides)
     except ValueError as e:
         _fail(str(e))
-    if settings.token is None and not insecure and not _loopback(settings.host):
+    if settings.token is None and not settings.tenants and not insecure and not _loopback(settings.host):
         _fail(f"refusing to serve on {settings.host} without a token: anyone who reaches it could run reductions. "
               "Pass --token-file (or --insecure on a trusted network).")
     banner = (f"kred serve: http://{settings.host}:{settings.port} (docs at /docs), executor {settings.executor}"
               f"{' on ' + settings.ray_address if settings.ray_address else ''}, "
-              f"auth {'on' if settings.token else 'off'}, jobs in {settings.store_dir}")
+              f"auth {'on' if settings.token or settings.tenants else 'off'}, jobs in {settings.store_dir}")
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -135,8 +135,7 @@ def serve(host: Optional[str] = typer.Option(None, help="address to bind (defaul
                 typer.echo(banner)                # so the banner means: connections are accepted now
 
     widen_uvicorn_reads()
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    config = server_config(create_app(settings), settings, log_level=log_level)
     Server(config).run()
 
 
@@ -159,7 +158,7 @@ def run(job_file: Path = typer.Argument(..., help="the job's YAML file", exists=
         progress: bool = typer.Option(True, "--progress/--quiet")):
     """Run a batch job described by a YAML file on a Ray cluster and write its output. Needs the 'cluster' extra."""
     _need("cluster", "run")
-    from kred.engine.cluster import run_job_file
+    from kred.engine.jobs import run_job_file
     output = run_job_file(job_file, address, progress=progress)
     typer.echo(f"wrote {output}")
 
@@ -182,7 +181,7 @@ def reduce(formula: str = typer.Argument(..., help="e.g. 'Exp(-SqDist(x,y))*b'")
     """Reduce arrays stored in files, on a server (default) or locally, and write the result to a file.
     Needs the 'client' extra."""
     _need("client", "reduce")
-    from kred.engine.cluster.jobfile import read_array, write_output
+    from kred.engine.io import read_array, write_output
     from kred.engine.spec import Spec
 
     spec = Spec(formula, alias, reduction, axis, opt_arg, formula2)

@@ -2,12 +2,7 @@
 ArgumentError, ...) with the server's message, so `except FormulaError` works locally and remotely alike."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from kred.engine import errors as engine_errors
-
-if TYPE_CHECKING:
-    import httpx
 
 
 class RemoteError(Exception):
@@ -42,7 +37,8 @@ ENGINE = {cls.__name__: cls for cls in (engine_errors.FormulaError, engine_error
                                         engine_errors.ArgumentError, engine_errors.BackendError)}
 
 
-def raise_for(response: "httpx.Response") -> None:
+def raise_for(response) -> None:
+    """Raise the client's exception for an error status (`response`: a protocol Reply or an httpx.Response)."""
     if response.status_code < 400:
         return
     try:
@@ -62,3 +58,17 @@ def raise_for(response: "httpx.Response") -> None:
     if status == 413 or kind == "limit":
         raise LimitExceeded(status, kind, detail)
     raise RemoteError(status, kind, detail)
+
+
+class ReplyTooLarge(RemoteError):
+    """The server's reply is larger than this call can need (its expected outputs, else `max_reply_bytes`): it was
+    not read past the cap."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """One HTTP call (connecting, sending, the whole reply, retries included) took longer than the client's
+    `timeout`; the server may still be working on it."""
+
+
+class JobFailed(RemoteError):
+    """The job ended `failed` (detail: the server's message) or `cancelled`."""

@@ -8,7 +8,7 @@ The expression is built here (client/lazytensor.py); the reduction travels as py
 """
 from __future__ import annotations
 
-from kred.engine.numpy_lazytensor import LazyTensor as _LocalLazyTensor
+from kred.engine.lazytensor.numpy import LazyTensor as _LocalLazyTensor
 
 from .client import DEFAULT_URL, Client, RemoteGenred
 from .lazytensor import RemoteLazyTensor, helpers, request_of, using

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .kernel_solve import KernelSolve  # noqa: F401  (re-exported: engine.numpy.KernelSolve)
-from .numpy_lazytensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj  # noqa: F401  (as in pykeops.numpy)
+from .lazytensor.numpy import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj  # noqa: F401  (as in pykeops.numpy)
 from .ranges import (cluster_ranges, cluster_ranges_centroids, from_matrix, grid_cluster,  # noqa: F401
                      sort_clusters, swap_axes)
 from .frontend import GenredBase, generic_helpers, install_check

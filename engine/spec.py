@@ -21,7 +21,7 @@ from . import limits
 from .errors import ArgumentError
 from .formula import CATEGORY_NAMES, parse, parse_alias, parse_aliases
 from .plan import DTYPE_ACC, Plan, plan_bytes, plan_from_nodes
-from .reductions import REDUCTIONS
+from .reductions import REDUCTIONS, called
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,8 @@ class Spec:
         _expect("fast_math", self.fast_math, bool)
         _expect("ranges", self.ranges, bool)
         object.__setattr__(self, "aliases", normal_aliases(self.aliases))
+        object.__setattr__(self, "reduction_op", called(self.reduction_op, self.formula2 is not None))
         known = REDUCTIONS.get(self.reduction_op)
-        if known is not None and self.formula2 is not None and not known.weighted and known.weighted_form:
-            object.__setattr__(self, "reduction_op", known.weighted_form)
-            known = REDUCTIONS[known.weighted_form]
         opt_arg = self.opt_arg
         if known is not None and not known.needs_k:
             opt_arg = None                          # (pykeops ignores it there too)

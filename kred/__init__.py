@@ -7,22 +7,16 @@ One namespace for everything:
     from kred.cluster import Cluster                 # one reduction over every GPU/CPU Ray can see
     from kred import Client                          # a kred server over HTTP
 
-The repository keeps its layers in top-level folders (engine/, service/, client/); the wheel installs them as
-`kred.engine`, `kred.service` and `kred.client`. Attributes below are imported on first use, so `import kred`
-costs nothing and needs no optional extra.
+The repository keeps its layers in top-level folders (engine/, service/, client/); an install (setup.py's
+`package_dir`, editable or not) maps them to `kred.engine`, `kred.service` and `kred.client`, and so does
+sourcetree.py for a checkout run uninstalled (PYTHONPATH=<checkout>). Attributes below are imported on first use,
+so `import kred` costs nothing and needs no optional extra.
 """
 from __future__ import annotations
 
-import os as _os
 from importlib import import_module as _import_module
 
 __version__ = "0.2.0"
-
-# Running from a source checkout (tests, the GPU check script): the layers sit beside this folder, not inside it.
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(__path__[0], "engine")) and _os.path.isfile(
-        _os.path.join(_checkout, "engine", "__init__.py")):
-    __path__.append(_checkout)
 
 # public name -> module that defines it (imported lazily: the client's extra is not needed to compute locally)
 _LAZY = {

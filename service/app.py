@@ -1,8 +1,10 @@
 """The FastAPI app factory: `create_app(settings, executor=None)`.
 
-Layers, outermost first: CatchAll (500s without tracebacks) > metrics > body-size limit > FastAPI (auth per router,
-error handlers). Startup opens the job store, starts the executor (unless one is given, as tests do) and re-queues the
-jobs a previous server left unfinished; shutdown stops the job workers and the executor it started.
+Layers, outermost first: CatchAll (500s without tracebacks) > metrics > ingress (authentication from the headers,
+before any body byte) > body-size limit > FastAPI (error handlers). `server_config` is the uvicorn configuration `kred
+serve` runs it with (header deadline, connection caps: see ingress.py). Startup opens the job store, starts the
+executor (unless one is given, as tests do) and re-queues the jobs a previous server left unfinished; shutdown stops
+the job workers and the executor it started.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from . import errors
 from .auth import require_token
 from .context import Service
 from .executors import Executor, make_executor
+from .ingress import Ingress, guarded
 from .job_manager import JobManager
 from .limits import Bodies, BodyLimit
 from .metrics import Metrics, Middleware
@@ -111,8 +114,26 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(formulas.router, dependencies=protected)
     app.include_router(health.router)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, bodies=Bodies(settings.max_inflight_bytes),
-                       timeout=settings.body_timeout_s)
+    bodies = Bodies(settings.max_inflight_bytes, settings.max_inflight_bytes_per_tenant)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, bodies=bodies,
+                       timeout=settings.body_timeout_s, json_limit=settings.max_json_bytes,
+                       rate=settings.min_body_bytes_per_s)
+    app.add_middleware(Ingress, settings=settings)
     app.add_middleware(Middleware, metrics=metrics)
     app.add_middleware(errors.CatchAll)
     return app
+
+
+def server_config(app, settings: Settings, **options):
+    """The uvicorn configuration to serve `app` with: its HTTP protocol class closes connections that take longer
+    than `header_timeout_s` to send their headers and caps connections (ingress.guarded); idle keep-alive
+    connections close after `header_timeout_s` too."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:                  # httptools is optional
+        base = H11Protocol
+    options = {"host": settings.host, "port": settings.port, "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+               "timeout_keep_alive": max(1, int(settings.header_timeout_s))} | options
+    return uvicorn.Config(app, http=guarded(base, settings), **options)

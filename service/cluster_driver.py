@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 from kred.engine.errors import BackendError
 
-from .executors import Interrupted
+from .errors import Interrupted
 
 log = logging.getLogger("kred.service.cluster")
 START_TIMEOUT_S = 300.0        # a cold Ray start on a busy machine

@@ -22,6 +22,11 @@ from kred.wire.shm import SharedMemoryError
 log = logging.getLogger("kred.service")
 
 
+class Interrupted(BackendError):
+    """The executor lost the run through no fault of its input (e.g. the cluster's driver process died): run it
+    again once `health()` is None. Here, with the service's errors, so that the cluster driver needs no executor."""
+
+
 class ApiError(HTTPException):
     """An error with its HTTP status, raised anywhere in the service. An HTTPException, so that FastAPI passes it
     through unchanged when it is raised while the body is read (it turns other exceptions there into a bare 400)."""
@@ -35,11 +40,17 @@ def body(kind: str, detail: str) -> dict[str, str]:
     return {"error": kind, "detail": detail}
 
 
+MAX_ERRORS = 5          # validation errors named in a reply; the rest are counted (a reply stays small)
+
+
 def _validation_detail(errors) -> str:
     parts = []
-    for e in errors:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    for e in errors[:MAX_ERRORS]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")[:200]
+        message = str(e.get("msg"))[:300]
+        parts.append(f"{where}: {message}" if where else message)
+    if len(errors) > MAX_ERRORS:
+        parts.append(f"and {len(errors) - MAX_ERRORS} more errors")
     return "; ".join(parts) or "invalid request"
 
 
@@ -61,7 +72,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ValidationError)
     async def model_invalid(request: Request, exc: ValidationError):
-        return JSONResponse(body("invalid_request", _validation_detail(exc.errors())), 422)
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        return JSONResponse(body("invalid_request", _validation_detail(errors)), 422)
 
     @app.exception_handler(WireError)
     async def wire_error(request: Request, exc: WireError):

@@ -18,10 +18,12 @@ from typing import Callable
 import numpy as np
 
 from kred.engine.backends import get_backend
-from kred.engine.errors import BackendError
 from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
 from kred.engine.run import backend_name, run, run_checked
+
+from .cluster_driver import RemoteCluster
+from .errors import Interrupted  # noqa: F401  (job_manager reads the executors' errors from here)
 
 Progress = Callable[[float], None]
 Flag = Callable[[], bool]
@@ -29,11 +31,6 @@ Flag = Callable[[], bool]
 
 class Cancelled(Exception):
     """The run was cancelled before it finished."""
-
-
-class Interrupted(BackendError):
-    """The executor lost the run through no fault of its input (e.g. the cluster's driver process died): run it
-    again once `health()` is None."""
 
 
 class Executor(ABC):
@@ -61,6 +58,9 @@ class LocalExecutor(Executor):
     """The engine in this process. Jobs run in row blocks so that they report progress and can stop between blocks."""
     name = "local"
     BLOCKS = 20
+    # a run that only has `cancelled` (a request's deadline) is cut into blocks from this size on: below it one
+    # call is faster and ends soon anyway
+    CHECKED_FROM_PAIRS = 1e8
 
     def __init__(self, backend: str = "auto"):
         self.backend = backend
@@ -73,7 +73,9 @@ class LocalExecutor(Executor):
         if shape is None:
             arrays, _, *shape = plan.check_args(arrays)
         n, m = shape
-        if ranges is not None or (progress is None and cancelled is None):
+        if ranges is not None or (progress is None and (cancelled is None or n * m < self.CHECKED_FROM_PAIRS)):
+            if cancelled is not None and cancelled():
+                raise Cancelled()
             return run_checked(plan, arrays, n, m, self.backend, ranges)
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         backend = get_backend(backend_name(self.backend))
@@ -105,8 +107,6 @@ class ClusterExecutor(Executor):
         self.local = LocalExecutor(backend) if local_below_pairs > 0 else None
         self.local_below_pairs = local_below_pairs
         if cluster is None:
-            from .cluster_driver import RemoteCluster
-
             cluster, self._owned = RemoteCluster(address, **options), True
         else:
             self._owned = False

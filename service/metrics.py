@@ -1,7 +1,9 @@
 """Prometheus metrics, one registry per app (so several apps in one process, as in tests, do not collide).
 
 requests and latency by route, bytes in and out, pairs reduced and the last pairs/s, jobs by state, plan-cache
-hits and misses (plans are the compiled form of a formula; the backends cache kernels per plan key).
+hits and misses (plans are the compiled form of a formula; the backends cache kernels per plan key). Per tenant:
+requests by status and jobs by state (tenant names come from the server's configuration, so label counts stay
+bounded; a request that authenticated as no tenant counts as "-").
 """
 from __future__ import annotations
 
@@ -30,10 +32,16 @@ class Metrics:
         self.pairs_rate = Gauge("kred_pairs_per_second", "pairs per second of the last finished reduction",
                                 registry=r)
         self.reductions = Counter("kred_reductions", "reductions finished", ["source", "outcome"], registry=r)
+        self.tenant_requests = Counter("kred_tenant_requests", "HTTP requests per tenant", ["tenant", "status"],
+                                       registry=r)
 
     def watch(self, jobs: Callable[[], dict[str, int]], plan_cache: Callable[[], tuple[int, int]]) -> None:
         """Gauges read when scraped: jobs by state (from the store) and plan-cache hits/misses."""
         self.registry.register(_Live(jobs, plan_cache))
+
+    def watch_tenants(self, jobs: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """A gauge read when scraped: jobs by tenant and state."""
+        self.registry.register(_TenantJobs(jobs))
 
     def reduced(self, source: str, pairs: int, seconds: float) -> None:
         self.pairs.labels(source).inc(pairs)
@@ -59,6 +67,17 @@ class _Live:
         cache.add_metric(["hit"], hits)
         cache.add_metric(["miss"], misses)
         yield cache
+
+
+class _TenantJobs:
+    def __init__(self, jobs):
+        self.jobs = jobs
+
+    def collect(self):
+        family = GaugeMetricFamily("kred_tenant_jobs", "jobs by tenant and state", labels=["tenant", "state"])
+        for (tenant, state), count in sorted(self.jobs().items()):
+            family.add_metric([tenant, state], count)
+        yield family
 
 
 class Middleware:
@@ -96,3 +115,5 @@ class Middleware:
             m.latency.labels(route).observe(time.perf_counter() - start)
             m.bytes_in.labels(route).inc(received)
             m.bytes_out.labels(route).inc(sent)
+            tenant = scope.get("state", {}).get("tenant")
+            m.tenant_requests.labels(getattr(tenant, "name", tenant or "-"), str(status)).inc()

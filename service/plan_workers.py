@@ -133,7 +133,10 @@ class PlanWorkers:
                 raise TimedOut() from None
             finally:
                 loop.remove_reader(fd)
-            kind, value = worker.connection.recv()
+            # uvloop's add_reader leaves the pipe non-blocking: a reply larger than the pipe's buffer would then
+            # fail with EAGAIN part-way. Read it whole in a thread, in blocking mode.
+            os.set_blocking(fd, True)
+            kind, value = await asyncio.to_thread(worker.connection.recv)
             healthy = True
         except (EOFError, OSError) as e:            # the worker died (killed by the OOM killer, say)
             raise RuntimeError(f"a plan worker ended unexpectedly ({e})") from None

@@ -15,6 +15,7 @@ import numpy as np
 from kred.engine.backends.compile_limit import CompileTimeout, time_limit
 from kred.engine.batch import batch_items, batch_shape, stack_items
 from kred.engine.errors import ArgumentError
+from kred.engine.formula import I, J
 from kred.engine.limits import BoundedLRU
 from kred.engine.plan import Plan
 from kred.engine.spec import Spec, cached_plan, keep_plan
@@ -111,7 +112,13 @@ class Planner:
 
     def bind(self, plan: Plan, spec: ReductionSpec, arrays: list[np.ndarray], pair_limit: float,
              limit_name: str) -> Work:
-        """Check the arrays against the plan and the limits (blocking: it reads the data once for NaN)."""
+        """Check the arrays against the plan and admit the request's budget (limits.admit: bytes in and out, pairs,
+        work, batch items; the job limits when `limit_name` is max_pairs_per_job, else the request limits), before
+        any work; then check the data (blocking: it reads the data once for NaN). `pair_limit` overrides the
+        settings' pair limit of that scope (its name is `limit_name`)."""
+        scope = "job" if limit_name == "max_pairs_per_job" else "request"
+        settings = self.settings.model_copy(update={limit_name: pair_limit})
+        received = sum(a.nbytes for a in arrays)
         ranges = None
         if spec.ranges:
             if len(arrays) < 6:
@@ -121,22 +128,26 @@ class Planner:
         if spec.grad is not None:
             if ranges is not None:
                 raise ArgumentError("a grad request cannot take ranges: send the gradient's reduction itself")
-            return self._gradient(plan, spec, arrays, pair_limit, limit_name)
+            return self._gradient(plan, spec, arrays, settings, scope, received)
         names = [kind for kind, _ in plan.reduction.outputs]
         batch = batch_shape(plan, arrays)
         if batch:                       # leading batch dimensions: one reduction per item, as engine.run does
             if ranges is not None:
                 raise ArgumentError("ranges (block-sparse reductions) cannot be combined with batch dimensions")
+            count = math.prod(batch)
+            if count > settings.max_batch_items:      # before a list of items is built
+                limits.admit(limits.Budget(received, 0, 0, 0, count), settings, scope)
             items = [plan.check_args(item) for item in batch_items(plan, arrays, batch)]   # views, no copies
-            _, _, rows, cols = items[0]
-            limits.check_pairs(rows * math.prod(batch), cols, pair_limit, limit_name)
+            _, dtype, rows, cols = items[0]
+            limits.admit(limits.budget(plan, rows, cols, count, received, np.dtype(dtype).itemsize), settings, scope)
             if self.settings.reject_nonfinite:
                 for item, *_ in items:
                     limits.check_finite([a.name for a in plan.args], item)
-            return Work(plan, arrays, rows * math.prod(batch), cols, names, lambda run: as_list(stack_items(
+            return Work(plan, arrays, rows * count, cols, names, lambda run: as_list(stack_items(
                 batch, [run(plan, item, shape=(n, m)) for item, _, n, m in items])))
-        checked, _, rows, cols = plan.check_args(arrays)
-        limits.check_pairs(rows, cols, pair_limit, limit_name)
+        checked, dtype, rows, cols = plan.check_args(arrays)
+        pairs = limits.ranges_pairs(ranges, plan.axis, rows, cols) if ranges is not None else None
+        limits.admit(limits.budget(plan, rows, cols, 1, received, np.dtype(dtype).itemsize, pairs), settings, scope)
         if self.settings.reject_nonfinite:
             limits.check_finite([a.name for a in plan.args], checked)
         # the arrays are checked here, once: `shape` tells the executor not to check them again. (The engine checks
@@ -144,14 +155,17 @@ class Planner:
         return Work(plan, checked, rows, cols, names,
                     lambda run: as_list(run(plan, checked, ranges=ranges, shape=(rows, cols))))
 
-    def _gradient(self, plan, spec, arrays, pair_limit, limit_name) -> Work:
+    def _gradient(self, plan, spec, arrays, settings, scope, received) -> Work:
         if len(arrays) != plan.nargs + 1:
             raise ArgumentError(f"a grad request sends the reduction's {plan.nargs} arrays and then the cotangent; "
                                 f"got {len(arrays)} arrays")
         *args, cotangent = arrays
         checked, dtype, rows, cols = plan.check_args(args)
-        limits.check_pairs(rows, cols, pair_limit, limit_name)
         pos = argument_index(plan, spec.grad.wrt)
+        arg = plan.args[pos]
+        length = {I: rows, J: cols}.get(arg.cat, 1)
+        limits.admit(limits.budget(plan, length, cols, 1, received, np.dtype(dtype).itemsize,
+                                   pairs=float(rows) * cols, output_widths=[("value", arg.dim)]), settings, scope)
         cotangent = gradients.check_cotangent(plan, cotangent, rows, dtype)
         if self.settings.reject_nonfinite:
             limits.check_finite([a.name for a in plan.args] + ["the cotangent"], checked + [cotangent])

@@ -5,8 +5,19 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+# --- sec-data: tenants (issue 20 row 8) ---------------------------------------------------------------------
+class TenantConfig(BaseModel):
+    """One named token: the jobs made with it belong to `name`; the quotas are optional (None: the server's)."""
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    token: SecretStr
+    max_jobs: int | None = Field(None, ge=0)              # its jobs queued or running at once
+    max_output_bytes: int | None = Field(None, ge=0)      # dataset-job output of its jobs in the store together
+# --- end sec-data ----------------------------------------------------------------------------------------------
 
 
 class Settings(BaseSettings):
@@ -57,6 +68,31 @@ class Settings(BaseSettings):
     compile_timeout_s: float = 60.0              # building a plan (parse, differentiate, compile)
     reject_nonfinite: bool = True                # NaN / inf inputs are a 422
 
+    # --- sec-data: tenants, dataset-job budgets (issue 20 rows 8, 9) ---------------------------------------------
+    # Named tokens, as JSON (KRED_TENANTS='[{"name": "alice", "token": "...", "max_jobs": 4}]') and/or a JSON file
+    # holding that list; `token` (above) stays the single-user form: its holder is the tenant "default".
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    tenants_file: Path | None = None
+    max_shard_bytes: int = Field(1 << 30, ge=0)         # 413: what one worker holds for one shard of a dataset job
+    # --- end sec-data ----------------------------------------------------------------------------------------
+    # --- HTTP ingress and the admission budget (issue 20 rows 4-7, 11, 12) ---------------------------------------
+    # A body that is not an Arrow stream (JSON: shared-memory requests, dataset jobs, formulas) holds no bulk data.
+    max_json_bytes: int = Field(4 << 20, ge=1024)            # 413 past it
+    # body_timeout_s is the total time a body may take, plus one second per min_body_bytes_per_s bytes received
+    min_body_bytes_per_s: float = Field(float(1 << 20), gt=0)
+    header_timeout_s: float = Field(10.0, gt=0)              # a connection must finish its headers in this long
+    max_connections: int = Field(1000, ge=1)                 # past it the oldest idle connection is closed
+    max_connections_per_client: int = Field(100, ge=1)       # the same, per client address
+    max_inflight_bytes_per_tenant: int | None = None         # one tenant's share of max_inflight_bytes (None: all)
+    # One budget per request, computed before any work (limits.admit); the job limits apply to POST /v1/jobs.
+    max_output_bytes_per_request: int = Field(256 << 20, ge=0)     # 413
+    max_output_bytes_per_job: int = Field(16 << 30, ge=0)
+    max_input_bytes_per_job: int = Field(1 << 40, ge=0)      # a dataset job's inputs, from their metadata
+    max_work_per_request: float = Field(1e12, ge=0)          # pairs x formula nodes, 422
+    max_work_per_job: float = Field(1e15, ge=0)
+    max_batch_items: int = Field(10_000, ge=1)               # batch items of one request or job (each runs alone)
+    compute_timeout_s: float = Field(300.0, gt=0)            # POST /v1/reduce: work still running then is a 504
+
     @model_validator(mode="after")
     def _default_store_dir(self):
         if self.store_dir is None:
@@ -77,4 +113,24 @@ class Settings(BaseSettings):
             if not text or not text[0].strip():
                 raise ValueError(f"token_file {self.token_file} is empty")
             self.token = SecretStr(text[0].strip())
+        return self
+
+    # --- sec-data: after _read_token_file, so that a token read from a file is known here ---
+    @model_validator(mode="after")
+    def _read_tenants(self):
+        if self.tenants_file is not None:
+            import json
+            try:
+                listed = json.loads(self.tenants_file.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"tenants_file {self.tenants_file}: {e}") from None
+            self.tenants = [*self.tenants, *(TenantConfig.model_validate(t) for t in listed)]
+            self.tenants_file = None
+        names = [t.name for t in self.tenants]
+        tokens = [t.token.get_secret_value() for t in self.tenants]
+        if len(set(names)) < len(names) or "default" in names and self.token is not None:
+            raise ValueError("tenant names must be unique (\"default\" is the holder of KRED_TOKEN)")
+        shared = [self.token.get_secret_value()] if self.token is not None else []
+        if any(not t.strip() for t in tokens) or len(set(tokens + shared)) < len(tokens + shared):
+            raise ValueError("every tenant needs its own non-empty token")
         return self

@@ -10,6 +10,11 @@ at start, jobs still `queued` or `running` are handed back to the queue. Layout 
 Retention (`expire`): finished jobs (done, failed, cancelled) are deleted, row and files, once older than the
 retention time, and the oldest finished ones go first while the store holds more finished jobs or more bytes than
 allowed. Queued and running jobs are never deleted. The app calls it at start and then periodically.
+
+The byte cap also holds at every write: `create` and `write_result` are given `max_bytes`, and a file that would
+take the store past it first evicts the oldest finished jobs; if it still does not fit, the file is deleted and
+`StoreFull` raised (a 507 at submission; the job fails at its result). Each row records its files' bytes, its
+tenant (the jobs of one tenant are invisible to others) and the output budget of a dataset job.
 """
 from __future__ import annotations
 
@@ -24,6 +29,10 @@ from typing import Any
 import numpy as np
 
 from kred.wire import arrow
+
+class StoreFull(Exception):
+    """A file that does not fit in the store's byte cap even with every finished job evicted."""
+
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 UNFINISHED = ("queued", "running")
@@ -40,9 +49,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     rows INTEGER,
     cols INTEGER,
-    timings TEXT NOT NULL DEFAULT '{}'
+    timings TEXT NOT NULL DEFAULT '{}',
+    tenant TEXT NOT NULL DEFAULT 'default',
+    bytes INTEGER NOT NULL DEFAULT 0,
+    output_bytes INTEGER NOT NULL DEFAULT 0
 )"""
-_FIELDS = ("id", "state", "progress", "created", "started", "finished", "error", "rows", "cols", "timings")
+# columns added after the first release: a store made before them gets them on opening
+_ADDED = {"tenant": "TEXT NOT NULL DEFAULT 'default'", "bytes": "INTEGER NOT NULL DEFAULT 0",
+          "output_bytes": "INTEGER NOT NULL DEFAULT 0"}
+_FIELDS = ("id", "state", "progress", "created", "started", "finished", "error", "rows", "cols", "timings",
+           "tenant", "output_bytes")
 
 
 class JobStore:
@@ -54,6 +70,13 @@ class JobStore:
         self._db = sqlite3.connect(self.directory / "jobs.sqlite", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in _ADDED.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+                if column == "bytes":              # sized once from the files already there
+                    for (job_id,) in self._db.execute("SELECT id FROM jobs").fetchall():
+                        self._db.execute("UPDATE jobs SET bytes = ? WHERE id = ?", (self._bytes(job_id), job_id))
 
     def inputs_path(self, job_id: str) -> Path:
         return self.directory / "inputs" / f"{job_id}.arrow"
@@ -61,24 +84,53 @@ class JobStore:
     def result_path(self, job_id: str) -> Path:
         return self.directory / "results" / f"{job_id}.arrow"
 
-    def create(self, request: dict[str, Any], arrays: list[np.ndarray], rows: int, cols: int) -> dict[str, Any]:
+    def create(self, request: dict[str, Any], arrays: list[np.ndarray], rows: int, cols: int,
+               tenant: str = "default", output_bytes: int = 0, max_bytes: int | None = None) -> dict[str, Any]:
         job_id = secrets.token_hex(12)
-        arrow.write_file(self.inputs_path(job_id), request, arrays)
+        path = self.inputs_path(job_id)
+        size = arrow.write_file(path, request, arrays)
         with self._lock:
-            self._db.execute("INSERT INTO jobs (id, state, created, rows, cols) VALUES (?, 'queued', ?, ?, ?)",
-                             (job_id, time.time(), rows, cols))
+            self._make_room(size, max_bytes, path)
+            self._db.execute("INSERT INTO jobs (id, state, created, rows, cols, tenant, bytes, output_bytes) "
+                             "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                             (job_id, time.time(), rows, cols, tenant, size, output_bytes))
         return self.get(job_id)
+
+    def _make_room(self, size: int, max_bytes: int | None, path: Path) -> None:
+        """Under the lock: evict the oldest finished jobs until `size` more bytes fit under `max_bytes`; else
+        delete `path` (the file just written) and raise StoreFull."""
+        if max_bytes is None:
+            return
+        held = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM jobs").fetchone()[0]
+        if held + size <= max_bytes:
+            return
+        oldest = self._db.execute("SELECT id, bytes FROM jobs WHERE state IN ('done', 'failed', 'cancelled') "
+                                  "ORDER BY COALESCE(finished, created)").fetchall()
+        doomed = []
+        for job_id, job_bytes in oldest:
+            if held + size <= max_bytes:
+                break
+            doomed.append(job_id)
+            held -= job_bytes
+        if held + size > max_bytes:
+            path.unlink(missing_ok=True)
+            raise StoreFull(f"the job store holds {held} bytes of unfinished jobs; {size} more would pass its "
+                            f"max_store_bytes ({max_bytes})")
+        for job_id in doomed:
+            self._delete_locked(job_id)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._db.execute(f"SELECT {', '.join(_FIELDS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row) if row else None
 
-    def list(self, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
-        query = f"SELECT {', '.join(_FIELDS)} FROM jobs"
+    def list(self, limit: int = 100, state: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
+        query = f"SELECT {', '.join(_FIELDS)} FROM jobs WHERE 1"
         args: tuple = ()
         if state is not None:
-            query, args = query + " WHERE state = ?", (state,)
+            query, args = query + " AND state = ?", args + (state,)
+        if tenant is not None:
+            query, args = query + " AND tenant = ?", args + (tenant,)
         with self._lock:
             rows = self._db.execute(query + " ORDER BY created DESC LIMIT ?", args + (limit,)).fetchall()
         return [_record(r) for r in rows]
@@ -106,8 +158,29 @@ class JobStore:
     def load_inputs(self, job_id: str) -> tuple[dict[str, Any], list[np.ndarray]]:
         return arrow.read_file(self.inputs_path(job_id))
 
-    def write_result(self, job_id: str, meta: dict[str, Any], arrays: list[np.ndarray]) -> int:
-        return arrow.write_file(self.result_path(job_id), meta, arrays)
+    def write_result(self, job_id: str, meta: dict[str, Any], arrays: list[np.ndarray],
+                     max_bytes: int | None = None) -> int:
+        path = self.result_path(job_id)
+        size = arrow.write_file(path, meta, arrays)
+        with self._lock:
+            try:
+                self._make_room(size, max_bytes, path)
+            finally:
+                self._db.execute("UPDATE jobs SET bytes = ? WHERE id = ?", (self._bytes(job_id), job_id))
+        return size
+
+    def tenant_counts(self) -> dict[tuple[str, str], int]:
+        """Jobs by (tenant, state)."""
+        with self._lock:
+            rows = self._db.execute("SELECT tenant, state, COUNT(*) FROM jobs GROUP BY tenant, state").fetchall()
+        return {(tenant, state): n for tenant, state, n in rows}
+
+    def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        """(jobs of `tenant` queued or running, output bytes budgeted by its dataset jobs in the store)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COALESCE(SUM(state IN ('queued', 'running')), 0), COALESCE(SUM(output_bytes), 0) "
+                "FROM jobs WHERE tenant = ?", (tenant,)).fetchone()
 
     def expire(self, max_age_s: float, max_jobs: int, max_bytes: int, now: float | None = None) -> list[str]:
         """Delete finished jobs past the retention policy (see the module docstring); the ids deleted."""
@@ -133,7 +206,10 @@ class JobStore:
     def delete(self, job_id: str) -> None:
         """Forget a job: its row first (so no reader finds a row without files), then its files."""
         with self._lock:
-            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            self._delete_locked(job_id)
+
+    def _delete_locked(self, job_id: str) -> None:
+        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         for path in (self.inputs_path(job_id), self.result_path(job_id)):
             path.unlink(missing_ok=True)
 

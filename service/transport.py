@@ -7,11 +7,11 @@
 """
 from __future__ import annotations
 
-import json
 import math
 
 import anyio
 import numpy as np
+import pydantic_core
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
@@ -19,9 +19,9 @@ from kred.wire import arrow
 from kred.wire.arrow import check_shape
 from .errors import ApiError
 from .limits import HELD
-from .schemas import DatasetJobRequest, ReduceRequest, SharedResult
+from .schemas import MAX_JSON_NUMBERS, DatasetJobRequest, ReduceRequest, SharedResult
 from .settings import Settings
-from kred.wire.shm import ClientSegments
+from kred.wire.shm import HEADER, ClientSegments
 
 JSON = "application/json"
 
@@ -31,8 +31,13 @@ async def read_request(request: Request, settings: Settings, datasets: bool = Fa
     """`datasets`: a JSON body with an `output` field is a DatasetJobRequest (it has no arrays)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request)
-    if datasets and kind == JSON and _has_output(body):
-        return DatasetJobRequest.model_validate_json(body), [], None
+    if datasets and kind == JSON:          # parsed once, then validated as the model its fields call for
+        data = parse_json(body)
+        del body
+        if isinstance(data, dict) and "output" in data:
+            return DatasetJobRequest.model_validate(data), [], None
+        spec = ReduceRequest.model_validate(data)
+        return (spec, *await _read_shared(request, spec, settings))
     if kind == arrow.CONTENT_TYPE:
         meta, arrays = arrow.decode(body)
         spec = ReduceRequest.model_validate(meta)
@@ -41,33 +46,74 @@ async def read_request(request: Request, settings: Settings, datasets: bool = Fa
                                                    "'arrays' and 'out' belong to shared-memory requests")
         return spec, arrays, None
     if kind == JSON:
-        spec = ReduceRequest.model_validate_json(body)
-        if spec.arrays is None:
-            raise ApiError(422, "invalid_request", "a JSON request must name its arrays in shared memory ('arrays'); "
-                                                   f"send arrays in an Arrow stream ({arrow.CONTENT_TYPE}) otherwise")
-        if not settings.allow_shm:
-            raise ApiError(422, "shared_memory", "this server does not accept shared-memory requests (allow_shm)")
-        segments = ClientSegments(spec.shm_key)
-        held = request.scope.get(HELD)
-        try:
-            size = shared_bytes(spec, settings)
-            if held is not None:          # the server's copies count against the same budget as bodies
-                held.take(size)
-            arrays = await anyio.to_thread.run_sync(lambda: [segments.read(a.model_dump()) for a in spec.arrays])
-            return spec, arrays, segments
-        except BaseException:
-            segments.close()
-            raise
+        spec = validate_json(ReduceRequest, body)
+        return (spec, *await _read_shared(request, spec, settings))
     raise ApiError(415, "unsupported_media_type", f"send {arrow.CONTENT_TYPE} (arrays in an Arrow stream) or "
                                                   f"{JSON} (arrays in shared memory), not {kind or 'no content type'}")
 
 
-def _has_output(body) -> bool:
+async def _read_shared(request: Request, spec: ReduceRequest, settings: Settings
+                       ) -> tuple[list[np.ndarray], ClientSegments]:
+    """The arrays a JSON request names in the client's shared memory, and its segments; the output room is checked
+    here too, before any work (a foreign or impossible room is refused up front)."""
+    if spec.arrays is None:
+        raise ApiError(422, "invalid_request", "a JSON request must name its arrays in shared memory ('arrays'); "
+                                               f"send arrays in an Arrow stream ({arrow.CONTENT_TYPE}) otherwise")
+    if not settings.allow_shm:
+        raise ApiError(422, "shared_memory", "this server does not accept shared-memory requests (allow_shm)")
+    segments = ClientSegments(spec.shm_key)
+    held = request.scope.get(HELD)
     try:
-        data = json.loads(body)
-    except ValueError:           # reported by the request's own validation
-        return False
-    return isinstance(data, dict) and "output" in data
+        size = shared_bytes(spec, settings)
+        if held is not None:          # the server's copies count against the same budget as bodies
+            held.take(size)
+        arrays = await anyio.to_thread.run_sync(lambda: [segments.read(a.model_dump()) for a in spec.arrays])
+        check_room(spec, segments)
+        return arrays, segments
+    except BaseException:
+        segments.close()
+        raise
+
+
+# Values (numbers, strings, keys, containers) a JSON body may hold: the inline numbers of a dataset job and room for
+# the rest. Each value may cost a validation error, and pydantic keeps every error: counting them first bounds that.
+MAX_JSON_VALUES = MAX_JSON_NUMBERS + 16_384
+
+
+def check_json_size(body) -> None:
+    """Before parsing: at most MAX_JSON_VALUES values. Every value but the first of a container follows a ',' or a
+    ':', so these and the openings bound the count from above (cheap, in C, with no parse)."""
+    count = sum(body.count(c) for c in (b",", b":", b"[", b"{")) + 1
+    if count > MAX_JSON_VALUES:
+        raise ApiError(422, "limit", f"the JSON body holds up to {count} values; this server accepts at most "
+                                     f"{MAX_JSON_VALUES} (arrays travel as Arrow streams or in shared memory)")
+
+
+def parse_json(body) -> object:
+    """A JSON body parsed once (pydantic's parser; its nesting is bounded); a 422 naming the error otherwise."""
+    check_json_size(body)
+    try:
+        return pydantic_core.from_json(body)
+    except ValueError as e:
+        raise ApiError(422, "invalid_request", f"the body is not valid JSON: {str(e)[:200]}") from None
+
+
+def validate_json(model, body):
+    """`model` read from a JSON body in one pass, within MAX_JSON_VALUES."""
+    check_json_size(body)
+    return model.model_validate_json(body)
+
+
+def check_room(spec: ReduceRequest, segments: ClientSegments) -> None:
+    """The output room a shared-memory request names: in a segment of the client's (its key heads it), past the
+    header and inside the segment. (A room too small for the result is not an error: the reply is Arrow then.)"""
+    if spec.out is None:
+        return
+    size = segments.size(spec.out.segment)        # opens it and checks its key
+    if spec.out.offset < HEADER or spec.out.offset + spec.out.size > size:
+        raise ApiError(422, "shared_memory", f"the output room [{spec.out.offset}, {spec.out.offset + spec.out.size})"
+                                             f" is not inside segment {spec.out.segment} past its header "
+                                             f"([{HEADER}, {size}))")
 
 
 async def read_body(request: Request) -> bytearray:

@@ -8,11 +8,23 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 
 # Ray refuses to start a local cluster without a token unless auth is disabled; set before anything imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # ... and keep it on loopback: without this Ray binds the machine's network address.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# The tests run this checkout's kred, installed or not: sourcetree.py maps kred's layers to its folders, and
+# PYTHONPATH carries the checkout to subprocesses and Ray workers (its sitecustomize.py installs the same finder).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+import sourcetree  # noqa: E402
+
+sourcetree.install()
 
 import pytest  # noqa: E402
 

@@ -93,7 +93,7 @@ def test_job_progress_bar_in_a_log_is_calm_and_in_percent():
     import io
     import time
 
-    from kred.client.client import LOG_REDRAW_S, _bar
+    from kred.client.jobs import LOG_REDRAW_S, _bar
     log = io.StringIO()                                # not a terminal
     bar = _bar("0123456789abcdef", file=log)
     start = time.monotonic()

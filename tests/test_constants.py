@@ -16,7 +16,7 @@ from kred.engine.backends import get_backend
 from kred.engine.backends import nvrtc
 from kred.engine.codegen import cuda as template
 from kred.engine.numpy import Genred
-from kred.engine.numpy_lazytensor import LazyTensor
+from kred.numpy import LazyTensor
 from kred.engine.plan import constant_slots
 from test_cuda_emulated import emulated_gpu  # noqa: F401  (the fixture)
 

@@ -3,8 +3,10 @@ batch axes), and Genred with aliases its formula does not use; against dense tor
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from kred.engine.errors import ArgumentError
 from kred.numpy import Genred as NumpyGenred
 from kred.torch import Genred
 
@@ -38,3 +40,52 @@ def test_genred_accepts_aliases_the_formula_does_not_use():
     op = NumpyGenred("SqNorm2(x)", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)", "p = Pm(2)"], axis=1)
     got = op(x, y, b, p, backend="reference")
     np.testing.assert_allclose(got, 4 * (x ** 2).sum(1, keepdims=True), rtol=1e-12)   # M = 4 columns, from y
+
+
+# Weighted LogSumExp of a LazyTensor under every torch.func transform (pykeops's test_torch_func_logsumexp: it spells
+# the weight `other=`, the keyword of pykeops's `reduction`; `weight=` is the documented one), against torch's own
+# dense logsumexp with the weight's log added.
+X = torch.randn(2, 3, 5, 1, 2, dtype=torch.float64) * 0.5
+Y = torch.randn(2, 1, 1, 4, 2, dtype=torch.float64) * 0.5
+W = torch.rand(2, 3, 1, 4, 1, dtype=torch.float64) + 0.5
+TANGENTS = tuple(torch.randn_like(t) for t in (X, Y, W))
+
+
+def dense_weighted_logsumexp(x, y, w):
+    d2 = ((x - y) ** 2).sum(-1, keepdim=True)
+    return torch.logsumexp(d2 + w.log(), dim=2).norm()
+
+
+def lazy_weighted_logsumexp(keyword):
+    from kred.torch import LazyTensor
+
+    def f(x, y, w):
+        d2 = ((LazyTensor(x) - LazyTensor(y)) ** 2).sum(-1)
+        return d2.logsumexp(axis=2, **{keyword: LazyTensor(w)}).norm()
+    return f
+
+
+TRANSFORMS = {
+    "vmap": lambda f: torch.func.vmap(f)(X, Y, W),
+    "grad": lambda f: torch.func.grad(f, (0, 1, 2))(X, Y, W),
+    "vjp": lambda f: torch.func.vjp(f, X, Y, W)[1](torch.tensor(1.0, dtype=torch.float64)),
+    "jvp": lambda f: torch.func.jvp(f, (X, Y, W), TANGENTS),
+    "jacrev": lambda f: torch.func.jacrev(f, (0, 1, 2))(X, Y, W),
+    "jacfwd": lambda f: torch.func.jacfwd(f, (0, 1, 2))(X, Y, W),
+    "hessian": lambda f: torch.func.hessian(f)(X[:1, :1], Y[:1], W[:1, :1]),
+}
+
+
+@pytest.mark.parametrize("keyword", ["weight", "other"])
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_weighted_logsumexp_under_torch_func(transform, keyword):
+    got = TRANSFORMS[transform](lazy_weighted_logsumexp(keyword))
+    want = TRANSFORMS[transform](dense_weighted_logsumexp)
+    torch.testing.assert_close(got, want)
+
+
+def test_weighted_logsumexp_refuses_two_weights():
+    from kred.torch import LazyTensor
+    d2 = ((LazyTensor(X) - LazyTensor(Y)) ** 2).sum(-1)
+    with pytest.raises(ArgumentError, match="weight"):
+        d2.logsumexp(axis=2, weight=LazyTensor(W), other=LazyTensor(W))

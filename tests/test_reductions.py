@@ -210,3 +210,14 @@ def test_every_reduction_is_documented_in_the_readme():
     section = readme.split("<!-- section: reductions -->", 1)[1].split("<!-- section:", 1)[0]
     missing = [name for name in REDUCTIONS if f"`{name}`" not in section]
     assert not missing, f"reductions missing from README's reductions section: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
+def test_cpu_strategy_is_declared_with_its_skip_test(name):
+    """A reduction declares its CPU loop; "rows" sweeps chunks through the skip test, so it must have one, and
+    "lanes" merges per-lane states, so a skip test there would go unused."""
+    cls = REDUCTIONS[name]
+    reduction = cls(name, 1, 2 if cls.weighted else None, K if cls.needs_k else None)
+    candidate = reduction.c_candidate(lambda slot, comp: f"s{slot}[{comp}]", 0, "v")
+    assert reduction.strategy in ("lanes", "rows")
+    assert (reduction.strategy == "rows") == (candidate is not None)

@@ -39,7 +39,6 @@ from ..errors import ArgumentError, BackendError
 from ..formula import J, make
 from ..plan import DTYPES, Plan
 from ..reductions import bind
-from ..codegen.steps import state_slots
 from . import nvrtc
 from .base import Backend
 
@@ -326,7 +325,7 @@ def state_registers(plan: Plan, dtype, acc) -> int:
     """Registers the per-thread state of `plan` takes: the running state, plus the tile state of block sums."""
     real = np.dtype(template.REAL[np.dtype(dtype).name])
     words = {"kred_acc": np.dtype(acc).itemsize // 4, "kred_real": real.itemsize // 4, "kred_index": 2}
-    slots = state_slots(plan.reduction)
+    slots = plan.reduction.slots()
     block_sums = np.dtype(acc) != real and any(slot.ctype == "kred_acc" for slot in slots)
     running = sum(slot.width * words[slot.ctype] for slot in slots)
     tile = sum(slot.width * (real.itemsize // 4 if slot.ctype == "kred_acc" else words[slot.ctype])

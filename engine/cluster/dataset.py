@@ -9,7 +9,11 @@ and the column blocks its cache budget allows, never a whole input). Column-side
 the object store once, cut along the same column blocks.
 Each block's file is written under a temporary name and renamed, so a file that exists is complete; a manifest
 records the job, so running the same job into the same folder again computes only the blocks that are missing.
-Paths are local paths, globs, or any pyarrow filesystem URI (`s3://`, `gs://`, `file://`).
+Paths are local paths, globs, or any pyarrow filesystem URI (`s3://`, `gs://`, `file://`), for the callers this
+process trusts (job files, `Cluster.submit_dataset`). A server hands in `Location`s instead: a filesystem object and a
+path in it, built inside its sandbox (`service/datasets.py`: a root's `SubTreeFileSystem`, or `confined` for a local
+root, which re-checks every path it opens after resolving symlinks, in whichever process opens it). Readers and
+writers open only the Location they were given; a client's text is never parsed again on the way to a worker.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ArgumentError
+from ..io import table_to_array
 from ..plan import ROWS, Plan
 from .sharding import Shard
 
@@ -33,28 +38,47 @@ class DatasetError(ArgumentError):
 
 
 @dataclass(frozen=True)
+class Location:
+    """What a dataset job opens: a pyarrow filesystem and a path in it (picklable: it travels to the workers).
+    `uri` is what the caller called it, for messages, manifests and the job's result; it is never opened."""
+    fs: object
+    path: str
+    uri: str
+
+    @classmethod
+    def of(cls, uri: str) -> "Location":
+        """A trusted caller's URI or local path (pyarrow parses it: options in its query string apply)."""
+        import pyarrow.fs as pafs
+        if "://" in uri:
+            try:
+                fs, path = pafs.FileSystem.from_uri(uri)
+            except Exception as e:     # noqa: BLE001 - pyarrow raises several types for unknown schemes
+                raise DatasetError(f"cannot open {uri}: {e}") from None
+            return cls(fs, path, uri)
+        return cls(pafs.LocalFileSystem(), os.path.abspath(uri), uri)
+
+
+@dataclass(frozen=True)
 class Dataset:
     """A Parquet dataset input: a file, a directory of files, a glob or a filesystem URI; `columns` picks and
-    orders the numeric columns (default: all), or names one fixed-size-list column."""
+    orders the numeric columns (default: all), or names one fixed-size-list column. `location`, when given, is
+    what is opened (a server's sandboxed one); `uri` then only names it."""
     uri: str
     columns: tuple[str, ...] | None = None
+    location: Location | None = None
+
+    def locate(self) -> Location:
+        return self.location or Location.of(self.uri)
 
 
-def filesystem(uri: str):
-    """(pyarrow filesystem, path in it) for a URI or a local path."""
-    import pyarrow.fs as pafs
-    if "://" in uri:
-        try:
-            return pafs.FileSystem.from_uri(uri)
-        except Exception as e:     # noqa: BLE001 - pyarrow raises several types for unknown schemes
-            raise DatasetError(f"cannot open {uri}: {e}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+MAX_FILES = 100_000         # a dataset listing longer than this is refused (a folder is not a file system walk)
 
 
 def files(source: Dataset) -> tuple[object, list[str]]:
     """(filesystem, the dataset's Parquet files in path order)."""
     import pyarrow.fs as pafs
-    fs, path = filesystem(source.uri)
+    location = source.locate()
+    fs, path = location.fs, location.path
     try:
         if any(c in path for c in "*?["):
             base = path[:min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
@@ -72,6 +96,8 @@ def files(source: Dataset) -> tuple[object, list[str]]:
                          and not os.path.basename(i.path).startswith(("_", "."))]
     except OSError as e:
         raise DatasetError(f"cannot list {source.uri}: {e}") from None
+    if len(found) > MAX_FILES:
+        raise DatasetError(f"{source.uri} holds more than {MAX_FILES} Parquet files")
     if not found:
         raise DatasetError(f"{source.uri} holds no Parquet file")
     return fs, sorted(found)
@@ -110,18 +136,34 @@ class RowReader:
     def read(self, r0: int, r1: int) -> np.ndarray:
         import pyarrow.parquet as pq
 
-        from .jobfile import _table_to_array
         parts = []
         for piece in self.pieces:
             if piece.stop <= r0 or piece.start >= r1:
                 continue
-            with self.fs.open_input_file(piece.path) as f:
+            with open_on_worker(self.fs, piece.path, self.name) as f:
                 table = pq.ParquetFile(f).read_row_group(piece.row_group, columns=list(self.columns or []) or None)
-            array = _table_to_array(table, self.name, piece.path)
+            array = table_to_array(table, self.name, piece.path)
             parts.append(array[max(r0, piece.start) - piece.start:min(r1, piece.stop) - piece.start])
         if not parts:
             return np.empty((0, 0), self.dtype)
         return np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0], dtype=self.dtype)
+
+
+def open_on_worker(fs, path: str, name: str):
+    """`fs.open_input_file(path)`, with an error that says why when this process cannot see a file the driver
+    listed (a `file://` dataset on one host's disk: every worker must see the same storage)."""
+    try:
+        return fs.open_input_file(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{name}: {path} was listed when the job was submitted but this cluster worker ({where()}) "
+                           "cannot see it: the workers cannot read this dataset. Put the datasets of a "
+                           "multi-host cluster on storage every worker reads (an s3:// root, or a filesystem "
+                           "shared by all hosts at the same path)") from None
+
+
+def where() -> str:
+    import socket
+    return f"host {socket.gethostname()}, pid {os.getpid()}"
 
 
 def row_reader(source: Dataset, name: str, dim: int, dtype=None) -> RowReader:
@@ -172,33 +214,78 @@ def part_name(block: int) -> str:
     return f"part-{block:06d}.parquet"
 
 
-def write_part(out: str, block: int, result, plan: Plan) -> None:
-    """Write one row block's finished result as `part-NNNNNN.parquet`, atomically (temporary name, then rename)."""
+def part_budget(plan: Plan, rows: int, dtype) -> int:
+    """The most bytes the Parquet file of a row block of `rows` rows may take: its raw columns (values in `dtype`,
+    indices int64; written plain, without dictionaries) with half more and 64 KiB per file (and 256 bytes per
+    column) for Parquet's pages and footer. The same figure bounds a job's output before it starts (summed over its
+    blocks) and each file as it is written."""
+    width = sum(dim * (8 if kind == "index" else np.dtype(dtype).itemsize) for kind, dim in plan.reduction.outputs)
+    return rows * width * 3 // 2 + (64 << 10) + 256 * sum(dim for _, dim in plan.reduction.outputs)
+
+
+def output_budget(plan: Plan, blocks: list[tuple[int, int]], dtype) -> int:
+    """Bytes the output of a job with these row blocks may write at most (files; the manifest is a few kB)."""
+    return sum(part_budget(plan, r1 - r0, dtype) for r0, r1 in blocks)
+
+
+def shard_budget(plan: Plan, block_rows: int, row_dims: int, col_rows: int, col_dims: int, dtype) -> int:
+    """Bytes a worker holds for one shard of a dataset job: the block's rows of the row-side inputs, one column
+    block of the column-side datasets, two reduction states (the running one and the next column block's, merged
+    as they come) and the finished output."""
+    itemsize = np.dtype(dtype).itemsize
+    state = sum(part.nbytes for part in plan.reduction.identity(1, np.dtype(dtype), plan.acc_dtype(np.dtype(dtype))))
+    out = sum(dim * (8 if kind == "index" else itemsize) for kind, dim in plan.reduction.outputs)
+    return block_rows * (row_dims * itemsize + 2 * state + out) + col_rows * col_dims * itemsize
+
+
+def write_part(out: Location, block: int, result, plan: Plan, max_bytes: int | None = None) -> None:
+    """Write one row block's finished result as `part-NNNNNN.parquet`, atomically (temporary name, then rename).
+    The file is made in memory first and refused past `max_bytes` (default: the block's `part_budget`, its share
+    of the budget the job was admitted with)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    fs, folder = filesystem(out)
+    fs, folder = out.fs, out.path.rstrip("/")
     results = result if isinstance(result, tuple) else (result,)
     columns = {f"{kind}_{k}": array[:, k] for (kind, _), array in zip(plan.reduction.outputs, results)
                for k in range(array.shape[1])}
-    final = f"{folder.rstrip('/')}/{part_name(block)}"
-    tmp = f"{folder.rstrip('/')}/.{part_name(block)}.{os.getpid()}.tmp"
-    with fs.open_output_stream(tmp) as sink:
-        pq.write_table(pa.table(columns), sink)
-    fs.move(tmp, final)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), buffer, use_dictionary=False)
+    data = buffer.getvalue()
+    value = next((a for (kind, _), a in zip(plan.reduction.outputs, results) if kind == "value"), results[0])
+    max_bytes = part_budget(plan, len(results[0]), value.dtype) if max_bytes is None else max_bytes
+    if data.size > max_bytes:
+        raise DatasetError(f"block {block} of {out.uri} would write {data.size} bytes, past its output budget "
+                           f"of {max_bytes} bytes")
+    final = f"{folder}/{part_name(block)}"
+    tmp = f"{folder}/.{part_name(block)}.{os.getpid()}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as sink:
+            sink.write(data)
+        fs.move(tmp, final)
+    except FileNotFoundError:
+        raise DatasetError(f"{out.uri}: the output folder, made when the job was submitted, is not visible to "
+                           f"this cluster worker ({where()}): the workers cannot write this dataset. Put the "
+                           "outputs of a multi-host cluster on storage every worker reads") from None
 
 
 class Output:
     """The output folder of a dataset job: its manifest and the blocks already written."""
 
-    def __init__(self, uri: str, job: dict):
+    def __init__(self, target: str | Location, job: dict):
         import pyarrow.fs as pafs
-        self.uri, self.job = uri, json.loads(json.dumps(job))      # as the manifest holds it (lists, not tuples)
+        self.location = target if isinstance(target, Location) else Location.of(target)
+        uri = self.uri = self.location.uri
+        self.job = json.loads(json.dumps(job))      # as the manifest holds it (lists, not tuples)
         job = self.job
-        self.fs, self.folder = filesystem(uri)
-        self.folder = self.folder.rstrip("/")
-        self.fs.create_dir(self.folder, recursive=True)
-        manifest = self._read_manifest()
-        infos = self.fs.get_file_info(pafs.FileSelector(self.folder))
+        self.fs, self.folder = self.location.fs, self.location.path.rstrip("/")
+        if not self.folder:
+            raise DatasetError(f"{uri}: an output is a folder of its own, not the root of a filesystem")
+        try:
+            self.fs.create_dir(self.folder, recursive=True)
+            manifest = self._read_manifest()
+            infos = self.fs.get_file_info(pafs.FileSelector(self.folder))
+        except OSError as e:            # a file in the way, no permission, an unreachable store
+            raise DatasetError(f"cannot write the output {uri}: {e}") from None
         names = {os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File}
         if manifest is not None and manifest["job"] != job:
             raise DatasetError(f"{uri} holds the output of another job (its {MANIFEST} differs): "
@@ -206,7 +293,10 @@ class Output:
         if manifest is None and any(n.startswith("part-") for n in names):
             raise DatasetError(f"{uri} holds part files but no {MANIFEST}: write to an empty folder")
         self.written = {b for b in range(len(job["blocks"])) if part_name(b) in names}
-        self._write_manifest(complete=False)
+        try:
+            self._write_manifest(complete=False)
+        except OSError as e:
+            raise DatasetError(f"cannot write the output {uri}: {e}") from None
 
     def _read_manifest(self):
         try:

@@ -285,7 +285,7 @@ class DatasetJob(Job):
         super().__init__(pool, plan, arrays, dtype, shards, **options)
 
     def _call(self, worker, shard, refs):
-        return worker.handle.write_block.remote(shard, self._plan_ref, refs, self._readers, self._output.uri,
+        return worker.handle.write_block.remote(shard, self._plan_ref, refs, self._readers, self._output.location,
                                                 self._col_readers)
 
     def _block_keys(self, blocks):

@@ -73,7 +73,7 @@ class ShardWorker:
         rows = [reader.read(r0, r1) for reader in readers]
         if self.on_shard is not None:
             self.on_shard(shard)
-        states = []
+        state = None                  # merged as each column block comes: a shard holds two states, not one per block
         for (c0, c1), stored in zip(shard.cols, cols):
             read = {k: self.cache.get(reader.block_key(c0, c1),
                                       lambda reader=reader: _to_device([reader.read(c0, c1)], on_device))[0]
@@ -82,9 +82,9 @@ class ShardWorker:
             columns = [read[k] if k in read else next(store) for k, spec in enumerate(plan.args)
                        if spec.role == COLS]
             arrays = shard_arrays(plan, rows, columns, params)
-            state = backend.bind(arrays).partial(plan, arrays, (0, r1 - r0), (0, c1 - c0))
-            states.append(shift_indices(plan, state, c0))
-        write_part(out, shard.block, plan.reduction.finalize(merge_all(plan.reduction, states), rows[0].dtype), plan)
+            block = shift_indices(plan, backend.bind(arrays).partial(plan, arrays, (0, r1 - r0), (0, c1 - c0)), c0)
+            state = block if state is None else plan.reduction.merge(state, block)
+        write_part(out, shard.block, plan.reduction.finalize(state, rows[0].dtype), plan)
         return (), self.cache.fetched - before + sum(int(a.nbytes) for a in rows)
 
     def _fetch(self, blocks, on_device: bool) -> list:

@@ -31,7 +31,7 @@ Two accumulation strategies:
 - "lanes" (Sum, Min/Max and their indices, LogSumExp family): each row keeps LANES copies of its state, lane l
   accumulating columns l, l + LANES, ...; the accumulate step itself vectorizes; lanes are merged at the end.
 - "rows" (KMin family): the formula values of a chunk are computed vectorized, compared at once with the row's current
-  K-th best (`candidate_test`), and only chunks holding a candidate go through the scalar insertion step.
+  K-th best (`c_candidate`), and only chunks holding a candidate go through the scalar insertion step.
 
 Large dimensions: a squared distance `Sum(Square(x - y))` or scalar product `Sum(x * y)` between an i and a j variable
 of dimension >= DOT_MIN_DIM is computed as |x|^2 + |y|^2 - 2 x.y, the products x.y by a register-blocked loop over
@@ -43,18 +43,13 @@ import re
 
 from ..formula import I, J, P, Node
 from ..plan import Plan
-from .emit import Emitter, accumulate_steps, finalize_steps, init_steps, merge_steps, prelude, state_slots
-from .steps import candidate_test, working_slots
+from .emit import Emitter, prelude
 
 LANES = 16          # columns per SIMD chunk: one AVX-512 register of float32, two of float64
 ROWS = 4            # rows per register-blocked group
 TILE_BYTES = 65536  # column data per tile: stays in L2 while a block of rows sweeps it
 DOT_MIN_DIM = 16
 SMALL_WORK = 32768  # pairs below which one thread does everything (starting threads costs more)
-
-
-def strategy(plan: Plan) -> str:
-    return "rows" if candidate_test(plan.reduction, lambda s, c: "", 0, "") is not None else "lanes"
 
 
 def column_bytes(plan: Plan, itemsize: int) -> int:
@@ -94,8 +89,8 @@ def _dot_operands(node: Node):
 class _Driver:
     def __init__(self, plan: Plan):
         self.plan, self.reduction = plan, plan.reduction
-        self.slots = state_slots(plan.reduction)
-        self.lanes = strategy(plan) == "lanes"
+        self.slots = plan.reduction.slots()
+        self.lanes = plan.reduction.strategy == "lanes"
         self.roots = [plan.formula] + ([plan.formula2] if plan.formula2 is not None else [])
         self.rows = ROWS
         self._classify()
@@ -175,7 +170,7 @@ class _Driver:
         """Finalize `state` into the outputs, or copy it out as a partial state."""
         copy = [f"for (int q = 0; q < {slot.width}; q++) {self._output(False)(s, 'q')} = {state(s, 'q')};"
                 for s, slot in enumerate(self.slots)]
-        return (["if (finalize) {"] + _indent(finalize_steps(self.reduction, state, self._output(True))) +
+        return (["if (finalize) {"] + _indent(self.reduction.c_finalize(state, self._output(True))) +
                 ["} else {"] + _indent(copy) + ["}"])
 
     # The group of ROWS rows against one column tile --------------------------------------------------------
@@ -240,11 +235,11 @@ class _Driver:
             guard = "(unsigned long long)(jj + l - pc0) < (unsigned long long)(jend - pc0)" + (f" && ok{r}" if r else "")
             if self.lanes:
                 accumulate += [f"if ({guard}) {{"] + \
-                    _indent(accumulate_steps(self.reduction, self._row_state(r), f, f2, "jj + l")) + ["}"]
+                    _indent(self.reduction.c_accumulate(self._row_state(r), f, f2, "jj + l")) + ["}"]
             else:
                 for c in range(fd):
                     body.append(f"fb[{r * fd + c} * KRED_LANES + l] = {f[c]};")
-                    candidate = candidate_test(self.reduction, self._row_state(r), c, f[c])
+                    candidate = self.reduction.c_candidate(self._row_state(r), c, f[c])
                     bounds.append(f"hit |= {candidate};")     # lanes outside the range only cost a scalar pass
         if self.lanes:
             chunk += ["#pragma omp simd", "for (int l = 0; l < KRED_LANES; l++) {"] + \
@@ -256,7 +251,7 @@ class _Driver:
             chunk += ["if (hit) {", "    const int width = jend - jj < KRED_LANES ? (int)(jend - jj) : KRED_LANES;"]
             for r in range(self.rows):
                 values = [f"fb[{r * fd + c} * KRED_LANES + l]" for c in range(fd)]
-                steps = accumulate_steps(self.reduction, self._row_state(r), values, None, "jj + l")
+                steps = self.reduction.c_accumulate(self._row_state(r), values, None, "jj + l")
                 # lanes before the range's first column (its first chunk starts on a multiple of KRED_LANES)
                 chunk += _indent([f"if ({'1' if r == 0 else f'ok{r}'}) for (int l = 0; l < width; l++) {{",
                                   "    if (jj + l < pc0) continue;"] + _indent(steps) + ["}"])
@@ -294,7 +289,7 @@ class _Driver:
         # A unit is rows [i0, i1) (at most rb) reduced over column ranges o0 .. o1 - 1 of `ranges`, into column part
         # `part`; a task is a run of consecutive units (small blocks batched), handed to one thread at a time.
         par = [f"{slot.ctype} *restrict s{s} = ({slot.ctype} *)malloc(sizeof({slot.ctype}) * "
-               f"(size_t)(rb * {slot.width} * {per_row}));" for s, slot in enumerate(working_slots(self.reduction))]
+               f"(size_t)(rb * {slot.width} * {per_row}));" for s, slot in enumerate(self.reduction.working_slots())]
         par += ["const int ok = " + " && ".join(f"s{s} != NULL" for s in range(len(slots))) + ";",
                 "if (!ok) {", "    #pragma omp atomic write", "    *failed = 1;", "}"]
         par += self._outer.lines
@@ -308,7 +303,7 @@ class _Driver:
                 "for (long long o = units[5 * u + 2]; o < o1; o++)",
                 "    if (ranges[2 * o] < ranges[2 * o + 1] && ranges[2 * o] < first) first = ranges[2 * o];",
                 "for (long long ib = 0; ib < i1 - i0; ib++) {"]
-        init = init_steps(self.reduction, self._row_state(0), "first")
+        init = self.reduction.c_init(self._row_state(0)) + self.reduction.c_start(self._row_state(0), "first")
         if self.lanes:
             init = ["for (int l = 0; l < KRED_LANES; l++) {"] + _indent(init) + ["}"]
         unit += _indent(init) + ["}"]
@@ -324,7 +319,7 @@ class _Driver:
         row = []
         if self.lanes:
             row += ["for (int lane = 1; lane < KRED_LANES; lane++) {"]
-            row += _indent(merge_steps(self.reduction, self._lane_state("0"), self._lane_state("lane")))
+            row += _indent(self.reduction.c_merge(self._lane_state("0"), self._lane_state("lane")))
             row += ["}"]
         first = self._lane_state("0")
         row += ["const long long row = i0 - r0 + ib;", "if (nparts > 1) {"]
@@ -427,7 +422,7 @@ class _Driver:
         body += self._run_blocks()
         # merge the column parts
         merge = ["for (long long part = 1; part < nparts; part++) {"]
-        merge += _indent(merge_steps(self.reduction, self._part_state("0"), self._part_state("part"))) + ["}"]
+        merge += _indent(self.reduction.c_merge(self._part_state("0"), self._part_state("part"))) + ["}"]
         merge += self._store(self._part_state("0"))
         body += ["if (nparts > 1 && !failed) {",
                  "    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n > 256)",

@@ -54,7 +54,7 @@ from ..formula import I, J, P, Node, make
 from ..plan import Plan
 from . import affine
 from .emit import Emitter, depends_on, prelude
-from .steps import Slot, accumulate_steps, finalize_steps, init_steps, merge_steps, state_slots
+from ..reductions import Slot
 
 KERNELS = ("kred_final", "kred_state", "kred_merge_final", "kred_merge_state", "kred_grid_final",
            "kred_grid_state")
@@ -141,7 +141,7 @@ class _Generator:
     def __init__(self, plan: Plan, storage: str, real: str, acc: str, shared_limit: int):
         self.plan, self.storage, self.real, self.acc = plan, storage, real, acc
         self.reduction = plan.reduction
-        self.slots = tuple(state_slots(self.reduction))
+        self.slots = tuple(self.reduction.slots())
         self.roots = [plan.formula] + ([plan.formula2] if plan.formula2 is not None else [])
         if plan.fast_math and real == "float32":
             self.roots = [affine.hoist_factors(root) for root in self.roots]
@@ -303,7 +303,7 @@ class _Generator:
             for o, (kind, width) in enumerate(outputs):
                 ctype = "kred_real" if kind == "value" else "kred_index"
                 lines.append(f"{ctype} fin{o}[{width}];")
-            lines += finalize_steps(self.reduction, state, lambda o, c: f"fin{o}[{c}]")
+            lines += self.reduction.c_finalize(state, lambda o, c: f"fin{o}[{c}]")
             for o, (kind, width) in enumerate(outputs):
                 value = "KRED_SAVE(fin{o}[c])".format(o=o) if kind == "value" else f"fin{o}[c]"
                 lines.append(f"for (int c = 0; c < {width}; c++) out{o}[{row} * {width} + c] = {value};")
@@ -351,7 +351,7 @@ class _Generator:
         hoisted, loop_emitter = self._hoist()
         body += hoisted
         body += self._declare_state("s")
-        body += init_steps(self.reduction, running, "first")
+        body += self.reduction.c_init(running) + self.reduction.c_start(running, "first")
         loop = [f"for (long long jt = jbegin; jt < jend; jt += {self.block}) {{",
                 f"    const int count = (int)(jend - jt < {self.block} ? jend - jt : {self.block});",
                 "    __syncthreads();"]
@@ -369,16 +369,16 @@ class _Generator:
         if self.block_sums:
             inner.append(_ALIAS_ACC)
             inner += self._declare_state("t", lambda slot: "kred_real" if slot.ctype == "kred_acc" else slot.ctype)
-            inner += init_steps(self.reduction, tile, "jt")
+            inner += self.reduction.c_init(tile) + self.reduction.c_start(tile, "jt")
         inner.append("for (int jj = 0; jj < count; jj++) {")
         values = [loop_emitter.emit(root) for root in self.roots]
         inner += ["    " + line for line in loop_emitter.lines]
-        inner += ["    " + line for line in accumulate_steps(self.reduction, tile, values[0],
+        inner += ["    " + line for line in self.reduction.c_accumulate(tile, values[0],
                                                              values[1] if len(values) > 1 else None, "jt + jj")]
         inner.append("}")
         if self.block_sums:
             inner.append(_UNALIAS_ACC)
-            inner += merge_steps(self.reduction, running, tile)
+            inner += self.reduction.c_merge(running, tile)
         loop += ["        " + line for line in inner]
         loop += ["    }", "}"]
         if grid:        # every thread of the block meets the same ranges, so the barriers stay uniform
@@ -405,7 +405,7 @@ class _Generator:
         for s, slot in enumerate(self.slots):
             body.append(f"    for (int c = 0; c < {slot.width}; c++) "
                         f"b{s}[c] = part{s}[(split * rows + row) * {slot.width} + c];")
-        body += ["    " + line for line in merge_steps(self.reduction, into, other)]
+        body += ["    " + line for line in self.reduction.c_merge(into, other)]
         body.append("}")
         body += self._finish(into, final, "row", "")
         return self._kernel(name, params, body, bounds=False)

@@ -18,18 +18,9 @@ structure, where variables live and where states are stored, and asks this modul
                                            values of another one (`known=`), which is how a driver hoists the i-only
                                            part of a formula out of its j loop (`depends_on`).
 
-    reduction steps (see `steps.py`), each a list of C statements over a state accessor
-    `state(slot, comp) -> C lvalue` where `slot` indexes `state_slots(reduction)` and `comp` is a C integer
-    expression (a string) for the component:
-        state_slots(reduction)                       -> [Slot(name, width, ctype)], ctype in kred_acc/kred_real/kred_index
-        working_slots(reduction)                     -> the same with the type a kernel may hold them in while it
-                                                        accumulates (LogSumExp's max is exact in kred_real)
-        init_steps(reduction, state, first=None)     -> the identity (then the start at column `first`, the
-                                                        lowest the state reduces, or KRED_NO_INDEX for none)
-        accumulate_steps(reduction, state, f, f2, j) -> fold formula values f (and f2) of column j (C expr) in;
-                                                        columns must arrive in increasing j order within one state
-        merge_steps(reduction, into, other)          -> into = merge(into, other); associative and order-free
-        finalize_steps(reduction, state, out)        -> out(o, comp) = ..., o indexes reduction.outputs
+    The reduction steps are the reduction's own methods (`engine.reductions.base`), called by the drivers directly:
+    `plan.reduction.c_init / c_start / c_accumulate / c_merge / c_finalize / c_candidate`, over a state accessor
+    `state(slot, comp) -> C lvalue` where `slot` indexes `reduction.slots()` and `comp` is a C integer expression.
 
 The layout of states is the one of `engine.reductions` (`layout()`): a state computed in C can be merged with states
 of any backend, and finalized by the numpy reduction.
@@ -43,7 +34,6 @@ from ..errors import BackendError
 from ..formula import I, J, P, Node
 from ..formula.ops import OPS, tensor_axes
 from .prelude import prelude
-from .steps import Slot, accumulate_steps, finalize_steps, init_steps, merge_steps, state_slots, working_slots
 
 # Unrolled scalar code grows with dimensions; past this many components a formula is refused with a clear error
 # (the reference backend evaluates it) rather than producing a source file the compiler chokes on.
@@ -266,5 +256,4 @@ _STRUCTURAL = {
 }
 
 
-__all__ = ["Emitter", "I", "J", "P", "MAX_COMPONENTS", "Slot", "accumulate_steps", "depends_on", "finalize_steps",
-           "init_steps", "literal", "merge_steps", "prelude", "state_slots", "working_slots"]
+__all__ = ["Emitter", "I", "J", "P", "MAX_COMPONENTS", "depends_on", "literal", "prelude"]

@@ -10,10 +10,13 @@ algebra below removes again (a cotangent is linear, so transposing or tracing it
 """
 from __future__ import annotations
 
+import functools
+
 from ..errors import DimensionError, FormulaError
 from .build import make
 from .nodes import Node, bounded
-from .ops import OPS
+from .ops import DERIVATIVES, EXPANSIONS, MAX_TERMS, OPS, _elem, _total, _vector
+from .parse import instantiate
 
 # A category no user variable can have (make() refuses it), for the placeholders of Diff / Divergence / Laplacian.
 _DUMMY_CATEGORY = -1
@@ -126,8 +129,6 @@ def _rules(node: Node) -> tuple:
 
 
 def _operand_cotangent(node: Node, child: Node, rule: str, g: Node) -> Node:
-    from .parse import instantiate  # the parser imports this module, so import it late
-
     names = dict(zip("xyz", node.children), out=node, g=g)
     fields = {f"d{k}": c.dim for k, c in enumerate(node.children)}
     fields.update({f"p{k}": p for k, p in enumerate(node.params)}, dout=node.dim)
@@ -162,3 +163,43 @@ def _trace(linear: Node, e: Node) -> Node:
     for term in terms[1:]:
         total = make("Add", (total, term))
     return total
+
+
+# The derivative ops of the op table (GradMatrix, TraceOperator): their expansions differentiate, so they live
+# here and are registered in the table's EXPANSIONS (the table imports no reader of itself).
+
+def _variable_operand(v, op):
+    if v.op != "Var":
+        raise DimensionError(f"{op}: the second operand must be a variable, not {v!r}")
+
+
+def _check_copies(f, copies: int, op: str) -> None:
+    """A composite that differentiates f `copies` times must stay within MAX_TERMS nodes' worth of work."""
+    if copies * len(f.postorder()) > MAX_TERMS:
+        raise DimensionError(f"{op}: {copies} derivatives of a formula of {len(f.postorder())} nodes exceed the "
+                             f"limit of {MAX_TERMS}")
+
+
+def _basis(dim, k, make):
+    return make("ElemT", (make("IntCst", (), (1,)),), (dim, k))
+
+
+def _expand_grad_matrix(children, params, make):
+    """The gradients of f's components with respect to v, row after row (the transposed Jacobian)."""
+    f, v = children
+    _variable_operand(v, "GradMatrix")
+    _check_copies(f, f.dim, "GradMatrix")
+    return _vector([grad(f, v, _basis(f.dim, k, make)) for k in range(f.dim)], make)
+
+
+def _expand_trace(children, params, make):
+    """The trace of f, linear in v: sum_k <e_k, f(e_k)> (for a scalar f, sum_k f(e_k))."""
+    f, v = children
+    _variable_operand(v, "TraceOperator")
+    _check_copies(f, v.dim, "TraceOperator")
+    terms = [diff(f, v, _basis(v.dim, k, make)) for k in range(v.dim)]
+    return _total([t if f.dim == 1 else _elem(t, k, make) for k, t in enumerate(terms)], make)
+
+
+EXPANSIONS.update(GradMatrix=_expand_grad_matrix, TraceOperator=_expand_trace)
+DERIVATIVES.update({name: functools.partial(derivative_op, name) for name in ("Grad", "Diff", "Divergence", "Laplacian")})

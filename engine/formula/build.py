@@ -9,7 +9,7 @@ import math
 
 from ..errors import DimensionError, FormulaError
 from .nodes import Node
-from .ops import MAX_DIM, MAX_INT_PARAM, MAX_LIST_PARAM, OPS
+from .ops import EXPANSIONS, MAX_DIM, MAX_INT_PARAM, MAX_LIST_PARAM, OPS
 from .simplify import apply_rules
 
 
@@ -67,9 +67,6 @@ def _make_var(pos: int, dim: int, cat: int) -> Node:
 
 
 def _expand(row, children, params) -> Node:
-    if callable(row.expand):
-        return row.expand(children, params, make)
-    from .parse import instantiate  # the parser builds through `make`, so import it late
-
-    names = dict(zip("xyz", children))
-    return instantiate(row.expand, names, {f"p{k}": p for k, p in enumerate(params)})
+    # text templates are the parser's to read: it registers them in EXPANSIONS (see ops.py)
+    expand = row.expand if callable(row.expand) else EXPANSIONS[row.name]
+    return expand(children, params, make)

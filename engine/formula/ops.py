@@ -2,7 +2,8 @@
 
 Every reader of the language works from these rows: the parser (keyword, arity, parameters), dimension checking
 (`dim`), the reference evaluator (`numpy`), the C emitter (`c`), autodiff (`grad`) and composite expansion
-(`expand`). Adding an op is adding a row; `validate_table()` runs at import and checks every row.
+(`expand`). Adding an op is adding a row; `parse.validate_table()` runs when the package loads and checks every row.
+This module is a data leaf: it imports no other module of the language (see EXPANSIONS).
 
 Conventions
 - Operands are formulas; `params` are integer literals written after them (`Pow(x, 3)`, `Elem(x, 2)`), or integer
@@ -32,6 +33,23 @@ MAX_DIM = 1 << 16          # any node's dimension (refuses Zero(10**9) or a runa
 MAX_INT_PARAM = 1 << 20    # integer parameters (exponents, indices, IntCst values)
 MAX_LIST_PARAM = 16        # entries of an integer-list parameter `Ind(...)` (tensor shapes and axes)
 MAX_TERMS = 1 << 14        # scalar terms (or nodes) a composite may expand into: TensorDot, BSpline, complex ops...
+
+
+# What needs a reader of this table is registered by the module that owns the reader when the formula package loads
+# (so this table imports none of them): the parser registers every text template (`expand` given as a str),
+# autodiff the derivative ops: the expansions of rows whose `expand` is `Registered(name)`, and the parser's
+# derivative keywords (`Grad(f, v, e)`, `Diff`, `Divergence`, `Laplacian`: name -> function of the operand list).
+EXPANSIONS: dict[str, Callable] = {}
+DERIVATIVES: dict[str, Callable] = {}
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A row's `expand` that another module registers in EXPANSIONS under `name`."""
+    name: str
+
+    def __call__(self, children, params, make):
+        return EXPANSIONS[self.name](children, params, make)
 
 
 @dataclass(frozen=True)
@@ -485,33 +503,8 @@ def _expand_difference_matrix(children, params, make):
     return make("Subtract", (make("TensorProd", (x, ones[1])), make("TensorProd", (ones[0], y))))
 
 
-def _basis(dim, k, make):
-    return make("ElemT", (make("IntCst", (), (1,)),), (dim, k))
-
-
 def _dim_derivative_matrix(dims, params, op):
     return dims[0] * dims[1]
-
-
-def _variable_operand(v, op):
-    if v.op != "Var":
-        raise DimensionError(f"{op}: the second operand must be a variable, not {v!r}")
-
-
-def _check_copies(f, copies: int, op: str) -> None:
-    """A composite that differentiates f `copies` times must stay within MAX_TERMS nodes' worth of work."""
-    if copies * len(f.postorder()) > MAX_TERMS:
-        raise DimensionError(f"{op}: {copies} derivatives of a formula of {len(f.postorder())} nodes exceed the "
-                             f"limit of {MAX_TERMS}")
-
-
-def _expand_grad_matrix(children, params, make):
-    """The gradients of f's components with respect to v, row after row (the transposed Jacobian)."""
-    from .autodiff import grad       # autodiff reads this table: import it when a row is expanded
-    f, v = children
-    _variable_operand(v, "GradMatrix")
-    _check_copies(f, f.dim, "GradMatrix")
-    return _vector([grad(f, v, _basis(f.dim, k, make)) for k in range(f.dim)], make)
 
 
 def _dim_trace(dims, params, op):
@@ -520,15 +513,6 @@ def _dim_trace(dims, params, op):
                              f"{dims[1]} or 1, not {dims[0]}")
     return 1
 
-
-def _expand_trace(children, params, make):
-    """The trace of f, linear in v: sum_k <e_k, f(e_k)> (for a scalar f, sum_k f(e_k))."""
-    from .autodiff import diff
-    f, v = children
-    _variable_operand(v, "TraceOperator")
-    _check_copies(f, v.dim, "TraceOperator")
-    terms = [diff(f, v, _basis(v.dim, k, make)) for k in range(v.dim)]
-    return _total([t if f.dim == 1 else _elem(t, k, make) for k, t in enumerate(terms)], make)
 
 
 # Complex numbers: a complex vector of dimension d is a real vector of dimension 2d, (re, im) interleaved (as in
@@ -747,8 +731,8 @@ ROWS: list[Op] = [
     Op("SoftDTW_SqDist", 3, dim=_dim_softdtw, expand=_expand_softdtw,
        doc="soft dynamic time warping of two series with squared differences, smoothed by the scalar gamma"),
     # Derivatives as matrices, and no-op factorisation (hash-consing already shares common sub-expressions)
-    Op("GradMatrix", 2, dim=_dim_derivative_matrix, expand=_expand_grad_matrix, doc="the transposed Jacobian"),
-    Op("TraceOperator", 2, dim=_dim_trace, expand=_expand_trace, doc="the trace of f, linear in v"),
+    Op("GradMatrix", 2, dim=_dim_derivative_matrix, expand=Registered("GradMatrix"), doc="the transposed Jacobian"),
+    Op("TraceOperator", 2, dim=_dim_trace, expand=Registered("TraceOperator"), doc="the trace of f, linear in v"),
     Op("Factorize", 2, dim=_same, expand="x", doc="f with g shared: kred shares every common sub-expression"),
     # Complex numbers, (re, im) interleaved
     Op("ComplexReal", 1, dim=_dim_complex(lambda d, p: d[0] // 2), expand=_complex(lambda z, make: z[0][0])),
@@ -779,24 +763,19 @@ ROWS: list[Op] = [
 OPS: dict[str, Op] = {row.name: row for row in ROWS}
 
 
-def validate_table() -> None:
-    """Check every row once at import: names unique, arities consistent, grad/expand formulas parse."""
-    from .parse import parse_template  # local: the parser itself reads this table
-
-    if len(OPS) != len(ROWS):
-        raise AssertionError("op table: duplicate op names")
-    for row in ROWS:
-        if row.leaf:
-            continue
-        if (row.numpy is None) == (row.expand is None):
-            raise AssertionError(f"op table: {row.name} needs exactly one of numpy or expand")
-        if row.broadcast and row.c is None:
-            raise AssertionError(f"op table: elementwise {row.name} has no C template")
-        if isinstance(row.expand, str):
-            parse_template(row.expand, arity=row.arity, context=f"{row.name}.expand")
-        if isinstance(row.grad, tuple):
-            if len(row.grad) != row.arity:
-                raise AssertionError(f"op table: {row.name} has {len(row.grad)} gradient rules for {row.arity} operands")
-            for rule in row.grad:
-                if rule is not None:
-                    parse_template(rule, arity=row.arity, context=f"{row.name}.grad", with_grad=True)
+# pykeops's LazyTensor spelling of the ops that are plain methods, `x.exp()`, `x.atan2(y)`, `x.elem(2)`: method ->
+# (op, names of its other operands, in order); the row's integer `params` follow them, under their own names. The
+# LazyTensor front end makes one method per entry (engine.lazytensor); the operand count is checked against the
+# row's arity when it does.
+LAZY_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{op.lower(): (op, ()) for op in ("Exp", "Log", "XLogX", "Sqrt", "Rsqrt", "Sin", "Cos", "Asin", "Acos", "Atan",
+                                       "SinXDivX", "Abs", "Sign", "Step", "ReLU", "Square", "Floor", "SqNorm2",
+                                       "Norm2", "Normalize")},
+    "matvecmult": ("MatVecMult", ("other",)), "vecmatmult": ("VecMatMult", ("other",)),
+    "tensorprod": ("TensorProd", ("other",)), "concat": ("Concat", ("other",)), "sqdist": ("SqDist", ("other",)),
+    "atan2": ("Atan2", ("other",)), "factorize": ("Factorize", ("other",)),
+    "difference_matrix": ("DifferenceMatrix", ("other",)),
+    "softdtw_sqdist": ("SoftDTW_SqDist", ("other", "gamma")),
+    "ifelse": ("IfElse", ("if_true", "if_false")),
+    "elem": ("Elem", ()), "extract": ("Extract", ()), "one_hot": ("OneHot", ()),
+}

@@ -16,7 +16,7 @@ from typing import Mapping
 from ..errors import DimensionError, FormulaError
 from .build import make
 from .nodes import Node, bounded
-from .ops import MAX_INT_PARAM, OPS
+from .ops import DERIVATIVES, EXPANSIONS, MAX_INT_PARAM, OPS, ROWS, Registered
 
 MAX_TEXT = 20_000      # characters in one formula
 MAX_DEPTH = 150        # nesting of the syntax tree (Python's own parser stops near 200 parentheses)
@@ -292,7 +292,7 @@ class _Walker:
             self.fail(f"{name}: keyword or starred arguments are not allowed", node)
         if name in ("Var", "Vi", "Vj", "Pm"):
             return self.inline_variable(name, node)
-        if name in ("Grad", "Diff", "Laplacian", "Divergence"):
+        if name in DERIVATIVES:                # registered by autodiff
             return self.derivative(name, node, depth)
         row = OPS.get(name)
         if row is None or row.name == "Var":
@@ -338,11 +338,9 @@ class _Walker:
         return self.build("Var", (), params, node)
 
     def derivative(self, name: str, node: ast.Call, depth: int) -> Node:
-        from . import autodiff  # symbolic differentiation lives beside the parser, built on the same table
-
         args = [self.node(a, depth + 1) for a in node.args]
         try:
-            return autodiff.derivative_op(name, args)
+            return DERIVATIVES[name](args)
         except FormulaError as e:
             self.fail(f"{str(e).splitlines()[0]} in `{self.segment(node)}`", node, type(e))
 
@@ -370,3 +368,39 @@ def _describe(node: ast.AST) -> str:
     if isinstance(node, ast.UnaryOp):
         return f"the unary operator {type(node.op).__name__}"
     return kinds.get(type(node), type(node).__name__)
+
+
+# The op table's text templates (`expand` given as formula text) are read by this parser: registered in the table's
+# EXPANSIONS here, so that building a node (`make`) expands them without importing the parser.
+
+def _template_expansion(template: str):
+    def expand(children, params, make):
+        return instantiate(template, dict(zip("xyz", children)), {f"p{k}": p for k, p in enumerate(params)})
+    return expand
+
+
+EXPANSIONS.update({row.name: _template_expansion(row.expand) for row in ROWS if isinstance(row.expand, str)})
+
+
+def validate_table() -> None:
+    """Check every row of the op table once, when the formula package loads: names unique, arities consistent,
+    grad/expand formulas parse, every registered expansion registered."""
+    if len(OPS) != len(ROWS):
+        raise AssertionError("op table: duplicate op names")
+    for row in ROWS:
+        if row.leaf:
+            continue
+        if (row.numpy is None) == (row.expand is None):
+            raise AssertionError(f"op table: {row.name} needs exactly one of numpy or expand")
+        if row.broadcast and row.c is None:
+            raise AssertionError(f"op table: elementwise {row.name} has no C template")
+        if isinstance(row.expand, str):
+            parse_template(row.expand, arity=row.arity, context=f"{row.name}.expand")
+        if isinstance(row.expand, Registered) and row.expand.name not in EXPANSIONS:
+            raise AssertionError(f"op table: {row.name}'s expansion is not registered")
+        if isinstance(row.grad, tuple):
+            if len(row.grad) != row.arity:
+                raise AssertionError(f"op table: {row.name} has {len(row.grad)} gradient rules for {row.arity} operands")
+            for rule in row.grad:
+                if rule is not None:
+                    parse_template(rule, arity=row.arity, context=f"{row.name}.grad", with_grad=True)

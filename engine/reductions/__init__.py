@@ -2,7 +2,7 @@
 every backend, the block runtime, the cluster merge, gradients and the front ends. Adding a reduction is adding a
 class to one of the family modules and a name to REDUCTIONS."""
 from ..errors import ArgumentError, FormulaError
-from .base import INDEX_DTYPE, NO_INDEX, Reduction, merge_all
+from .base import INDEX_DTYPE, NO_INDEX, Reduction, Slot, merge_all
 from .extremum import ArgMax, ArgMin, Max, Max_ArgMax, Min, Min_ArgMin
 from .kbest import ArgKMax, ArgKMin, KMax, KMax_ArgKMax, KMin, KMin_ArgKMin
 from .logsumexp import LogSumExp, LogSumExpWeight, Max_SumShiftExp, Max_SumShiftExpWeight, SumSoftMaxWeight
@@ -14,6 +14,15 @@ REDUCTIONS: dict[str, type[Reduction]] = {cls.__name__: cls for cls in (
     Sum, LogSumExp, LogSumExpWeight, SumSoftMaxWeight, Max_SumShiftExp, Max_SumShiftExpWeight,
     Min, Max, ArgMin, ArgMax, Min_ArgMin, Max_ArgMax,
     KMin, ArgKMin, KMin_ArgKMin, KMax, ArgKMax, KMax_ArgKMax)}
+
+
+def called(name: str, with_formula2: bool) -> str:
+    """The reduction a pykeops call of `name` means: with a formula2, a reduction that takes none may mean its
+    weighted form (LogSumExp + formula2 is LogSumExpWeight). One rule for Spec and the LazyTensor reductions."""
+    cls = REDUCTIONS.get(name)
+    if cls is not None and with_formula2 and not cls.weighted and cls.weighted_form:
+        return cls.weighted_form
+    return name
 
 
 def bind(name: str, fdim: int, f2dim: int | None = None, k: int | None = None) -> Reduction:
@@ -36,4 +45,4 @@ def bind(name: str, fdim: int, f2dim: int | None = None, k: int | None = None) -
     return cls(name, fdim, f2dim, k)
 
 
-__all__ = ["INDEX_DTYPE", "NO_INDEX", "REDUCTIONS", "Reduction", "bind", "merge_all"]
+__all__ = ["INDEX_DTYPE", "NO_INDEX", "REDUCTIONS", "Reduction", "Slot", "bind", "called", "merge_all"]

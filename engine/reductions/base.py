@@ -9,10 +9,16 @@ A reduction is one class (a row of the reduction table, `engine.reductions.REDUC
 - its **C steps** over the same state layout (`layout()`), target-neutral C used by the CPU and CUDA drivers:
   `c_init`, `c_start` (run after `c_init` once the lowest column the state will reduce is known), `c_accumulate`,
   `c_merge`, `c_finalize`, and `c_candidate` (the test that lets a driver skip a chunk of columns that cannot change
-  the state). A state built in C merges with states from any backend;
+  the state). A state built in C merges with states from any backend. Drivers call these methods directly
+  (`plan.reduction.c_accumulate(...)`), with the slots' C types from `slots()` / `working_slots()`;
+- its **CPU strategy** (`strategy`): "lanes" (each SIMD lane accumulates its own state over a chunk of columns, the
+  lanes merged at the end: the cheap, data-parallel steps) or "rows" (a group of rows sweeps a chunk, tested first
+  with `c_candidate`, and only chunks holding a candidate run the scalar accumulate: the K-best insertion);
 - its **output facts**: `outputs` (kind and width of each result), `needs_k`, `weighted` (takes formula2),
   `empty_ok` (may reduce over an empty axis), `linear` (complex formulas give complex results), `weighted_form`
   (what a call with formula2 reduces);
+- its **LazyTensor spelling** (`lazy_method`: "sum", "argKmin", ...), from which the LazyTensor front end makes its
+  reduction methods (engine.lazytensor);
 - its **gradient rule**: `gradient_rule` names the rule of `engine.reductions.gradients` ("sum", "logsumexp",
   "logsumexp_weight", "softmax_weight", "selected", "zero"; None: no gradient), and `indexed` the reduction that also
   returns the selected indices, which a "selected" gradient gathers through.
@@ -34,7 +40,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Literal, NamedTuple
 
 import numpy as np
 
@@ -42,6 +48,15 @@ INDEX_DTYPE = np.int64
 NO_INDEX = np.iinfo(np.int64).max     # index slot of an empty state; finalized to -1
 
 State = Callable[[int, str], str]
+
+_CTYPES = {"acc": "kred_acc", "value": "kred_real", "index": "kred_index"}
+
+
+class Slot(NamedTuple):
+    """One slot of a state as C sees it."""
+    name: str
+    width: int
+    ctype: str      # kred_acc, kred_real or kred_index
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,8 @@ class Reduction(ABC):
     gradient_rule: ClassVar[str | None] = None
     indexed: ClassVar[str | None] = None        # for gradient_rule "selected": the reduction returning indices too
     real_slots: ClassVar[tuple[int, ...]] = ()  # state slots a kernel may hold in kred_real while it accumulates
+    strategy: ClassVar[Literal["lanes", "rows"]] = "lanes"  # the CPU driver's loop (see above); "rows" needs c_candidate
+    lazy_method: ClassVar[str | None] = None    # pykeops's LazyTensor method for it (also as `<method>_reduction`)
 
     def __post_init__(self):
         """Subclasses check their dimensions here (the dataclass __init__ calls it only if the base defines it)."""
@@ -99,6 +116,15 @@ class Reduction(ABC):
         ...
 
     # C steps --------------------------------------------------------------------------------------------------
+    def slots(self) -> list[Slot]:
+        """The state's slots (`layout()`) with their C types."""
+        return [Slot(name, width, _CTYPES[kind]) for name, width, kind in self.layout()]
+
+    def working_slots(self) -> list[Slot]:
+        """The slots with the C type a kernel may keep them in while it accumulates (`real_slots`: e.g. the max of
+        the LogSumExp family is always one of the formula's values, so kred_real holds it exactly)."""
+        return [slot._replace(ctype="kred_real") if s in self.real_slots else slot for s, slot in enumerate(self.slots())]
+
     @abstractmethod
     def c_init(self, state: State) -> list[str]:
         ...

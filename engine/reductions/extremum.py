@@ -86,27 +86,33 @@ class Extremum(Reduction):
 
 
 class Min(Extremum):
+    lazy_method = "min"
     gradient_rule, indexed = "selected", "Min_ArgMin"
 
 
 class Max(Extremum):
+    lazy_method = "max"
     largest = True
     gradient_rule, indexed = "selected", "Max_ArgMax"
 
 
 class ArgMin(Extremum):
+    lazy_method = "argmin"
     emits, gradient_rule = ("index",), "zero"
 
 
 class ArgMax(Extremum):
+    lazy_method = "argmax"
     largest, emits, gradient_rule = True, ("index",), "zero"
 
 
 class Min_ArgMin(Extremum):
+    lazy_method = "min_argmin"
     emits = ("value", "index")
     gradient_rule, indexed = "selected", "Min_ArgMin"
 
 
 class Max_ArgMax(Extremum):
+    lazy_method = "max_argmax"
     largest, emits = True, ("value", "index")
     gradient_rule, indexed = "selected", "Max_ArgMax"

@@ -18,6 +18,7 @@ class KBest(Reduction):
     empty_ok = False
     largest = False
     emits = ("value",)
+    strategy = "rows"       # almost every column fails the K-th-best test (c_candidate): skip chunks, insert rarely
 
     @property
     def outputs(self):
@@ -138,27 +139,33 @@ class KBest(Reduction):
 
 
 class KMin(KBest):
+    lazy_method = "Kmin"
     gradient_rule, indexed = "selected", "KMin_ArgKMin"
 
 
 class ArgKMin(KBest):
+    lazy_method = "argKmin"
     emits, gradient_rule = ("index",), "zero"
 
 
 class KMin_ArgKMin(KBest):
+    lazy_method = "Kmin_argKmin"
     emits = ("value", "index")
     gradient_rule, indexed = "selected", "KMin_ArgKMin"
 
 
 class KMax(KBest):
+    lazy_method = "Kmax"
     largest = True
     gradient_rule, indexed = "selected", "KMax_ArgKMax"
 
 
 class ArgKMax(KBest):
+    lazy_method = "argKmax"
     largest, emits, gradient_rule = True, ("index",), "zero"
 
 
 class KMax_ArgKMax(KBest):
+    lazy_method = "Kmax_argKmax"
     largest, emits = True, ("value", "index")
     gradient_rule, indexed = "selected", "KMax_ArgKMax"

@@ -13,6 +13,7 @@ from .base import Reduction, block
 class LogSumExp(Reduction):
     gradient_rule = "logsumexp"
     weighted_form = "LogSumExpWeight"      # pykeops reads formula2 of a LogSumExp as its weight
+    lazy_method = "logsumexp"              # (with weight=, the weighted form)
     real_slots = (0,)      # the max is always one of the formula's values (or -inf): exact in kred_real
 
     def __post_init__(self):
@@ -107,6 +108,7 @@ def _shift(m):
 class LogSumExpWeight(LogSumExp):
     weighted = True
     gradient_rule = "logsumexp_weight"
+    lazy_method = None                      # LazyTensor.logsumexp(weight=)
 
     @property
     def outputs(self):
@@ -125,6 +127,7 @@ class SumSoftMaxWeight(LogSumExp):
     weighted = True
     empty_ok = False
     gradient_rule = "softmax_weight"
+    lazy_method = "sumsoftmaxweight"
 
     @property
     def outputs(self):
@@ -140,7 +143,7 @@ class SumSoftMaxWeight(LogSumExp):
 
 class Max_SumShiftExp(LogSumExp):
     gradient_rule = None      # a building block: no gradient rule
-    weighted_form = None
+    weighted_form = lazy_method = None
 
     @property
     def outputs(self):
@@ -157,7 +160,7 @@ class Max_SumShiftExp(LogSumExp):
 
 class Max_SumShiftExpWeight(LogSumExp):
     weighted = True
-    gradient_rule = None
+    gradient_rule = lazy_method = None
 
     @property
     def outputs(self):

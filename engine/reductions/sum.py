@@ -8,6 +8,7 @@ from .base import Reduction
 
 class Sum(Reduction):
     gradient_rule = "sum"
+    lazy_method = "sum"
     linear = True
 
     def layout(self):

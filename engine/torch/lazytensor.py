@@ -1,6 +1,10 @@
 """The torch binding of LazyTensor (engine.lazytensor): torch tensors in and out, reductions through
 `engine.torch.genred.reduce`, the autograd Function behind `engine.torch.Genred`, so every LazyTensor reduction is
-differentiable to any order (`create_graph=True`)."""
+differentiable to any order (`create_graph=True`).
+
+It lives beside the torch autograd it runs on rather than beside the numpy binding (engine/lazytensor/numpy.py):
+engine.torch exports it, so a binding outside engine/torch that imports engine.torch.genred would close an import
+circle between the two packages (tests/test_imports.py)."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +15,7 @@ from .kernel_solve import KernelSolve
 
 
 class LazyTensor(LazyTensorBase):
-    """A symbolic torch tensor; see engine.lazytensor.LazyTensorBase.
+    """A symbolic torch tensor; see engine.lazytensor.base.LazyTensorBase.
 
     >>> x_i, y_j = LazyTensor(x[:, None, :]), LazyTensor(y[None, :, :])
     >>> a = (-((x_i - y_j) ** 2).sum(-1)).exp().sum(dim=1)        # (N, 1), differentiable in x and y
@@ -63,7 +67,7 @@ class LazyTensor(LazyTensorBase):
 
 class ComplexLazyTensor(ComplexLazyTensorMixin, LazyTensor):
     """A complex symbolic torch tensor (complex64 / complex128), differentiable; see
-    engine.lazytensor.ComplexLazyTensorMixin."""
+    engine.lazytensor.complex.ComplexLazyTensorMixin."""
 
 
 Vi, Vj, Pm = variable_helpers(LazyTensor)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import anyio
 from fastapi import APIRouter, Request
@@ -9,6 +10,8 @@ from fastapi import APIRouter, Request
 from .. import transport
 from kred.wire.arrow import CONTENT_TYPE
 from ..context import ServiceDep
+from ..errors import ApiError
+from ..executors import Cancelled
 from ..schemas import ErrorBody, ReduceRequest, SharedResult
 
 router = APIRouter(prefix="/v1", tags=["reductions"])
@@ -22,7 +25,7 @@ BODY = {
         transport.JSON: {"schema": ReduceRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
     },
 }
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 500, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)}
 
 
 @router.post("/reduce", openapi_extra={"requestBody": BODY},
@@ -43,7 +46,12 @@ async def reduce(request: Request, service: ServiceDep):
             settings = service.settings
             work = service.planner.bind(plan, spec, arrays, settings.max_pairs_per_request, "max_pairs_per_request")
             began = time.perf_counter()
-            outputs = work.compute(service.executor.run)
+            deadline = time.monotonic() + settings.compute_timeout_s
+            try:          # the executor stops at its next check past the deadline (between blocks, items, shards)
+                outputs = work.compute(partial(service.executor.run, cancelled=lambda: time.monotonic() > deadline))
+            except Cancelled:
+                raise ApiError(504, "timeout", f"the reduction was still computing after {settings.compute_timeout_s}"
+                                               " s (compute_timeout_s); it was stopped") from None
             compute_s = time.perf_counter() - began
             return work, outputs, compute_s, transport.write_shared(spec, segments, outputs)
 

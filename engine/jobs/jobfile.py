@@ -22,25 +22,21 @@ into the same output folder computes only the blocks that are missing.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import ArgumentError
+from ..cluster.cluster import Cluster
+from ..cluster.dataset import Dataset, row_reader
+from ..io import OUTPUT_SUFFIXES, FileError, read_array, write_output
 from ..plan import COLS, ROWS, Plan
 from ..spec_schema import spec_model
-from .dataset import Dataset, row_reader
 
-INPUT_SUFFIXES = (".npy", ".parquet", ".arrow", ".feather", ".ipc")
-OUTPUT_SUFFIXES = (".npy", ".npz", ".parquet", ".arrow")
-
-
-class JobFileError(ArgumentError):
-    """The job file is unreadable, invalid, or names inputs that do not fit the formula."""
+# The job file is unreadable, invalid, or names inputs that do not fit the formula; or an input file it names is
+# unreadable: one error type for the files given to kred (engine.io's).
+JobFileError = FileError
 
 
 class InputFile(BaseModel):
@@ -125,96 +121,6 @@ def load_inputs(spec: JobSpec, plan: Plan, folder: Path, skip=frozenset(), inlin
             else arrays[arg.name] for arg in plan.args]
 
 
-def read_array(path: Path, columns: list[str] | None = None, name: str = "input") -> np.ndarray:
-    """A 2D array from .npy, or from a table (.parquet, Arrow IPC file or stream) with one column per component."""
-    suffix = path.suffix
-    if suffix not in INPUT_SUFFIXES:
-        raise JobFileError(f"{name}: {path} must end in {', '.join(INPUT_SUFFIXES)}")
-    try:
-        if suffix == ".npy":
-            if columns is not None:
-                raise JobFileError(f"{name}: `columns` applies to tables, not to {path}")
-            return np.load(path, allow_pickle=False)
-        return _table_to_array(_read_table(path, columns), name, path)
-    except OSError as e:
-        raise JobFileError(f"{name}: cannot read {path}: {e}") from None
-    except JobFileError:
-        raise
-    except Exception as e:                  # pyarrow and numpy report malformed files with many types
-        raise JobFileError(f"{name}: {path} is not a readable {suffix} file ({e})") from None
-
-
-def _read_table(path: Path, columns):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    if path.suffix == ".parquet":
-        table = pq.read_table(path)
-    else:
-        with pa.memory_map(str(path)) as source:
-            try:
-                table = pa.ipc.open_file(source).read_all()
-            except pa.ArrowInvalid:                   # not the file format: try the stream format
-                source.seek(0)
-                table = pa.ipc.open_stream(source).read_all()
-    if columns is not None:
-        absent = [c for c in columns if c not in table.column_names]
-        if absent:
-            raise JobFileError(f"{path} has no column {', '.join(absent)} (it has {', '.join(table.column_names)})")
-        table = table.select(columns)
-    return table
-
-
-def _table_to_array(table, name: str, path: Path) -> np.ndarray:
-    import pyarrow as pa
-    if table.num_columns == 0:
-        raise JobFileError(f"{name}: {path} has no columns")
-    if table.num_columns == 1 and pa.types.is_fixed_size_list(table.schema.field(0).type):
-        column = table.column(0).combine_chunks()
-        if column.null_count:
-            raise JobFileError(f"{name}: column {table.column_names[0]} of {path} has missing values")
-        return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
-    parts = []
-    for column_name, column in zip(table.column_names, table.columns):
-        if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
-            raise JobFileError(f"{name}: column {column_name} of {path} is {column.type}, not a number")
-        if column.null_count:
-            raise JobFileError(f"{name}: column {column_name} of {path} has missing values")
-        parts.append(column.to_numpy())
-    return np.column_stack(parts)
-
-
-def write_output(result, plan: Plan, path: Path) -> None:
-    """Write the result atomically (a reader never sees half a file)."""
-    results = result if isinstance(result, tuple) else (result,)
-    kinds = [kind for kind, _ in plan.reduction.outputs]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        if path.suffix == ".npy":
-            np.save(tmp, results[0])
-        elif path.suffix == ".npz":
-            np.savez(tmp, **dict(zip(kinds, results)))
-        else:
-            _write_table(tmp, path.suffix, kinds, results)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_table(tmp: str, suffix: str, kinds, results) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    columns = {f"{kind}_{k}": array[:, k] for kind, array in zip(kinds, results) for k in range(array.shape[1])}
-    table = pa.table(columns)
-    if suffix == ".parquet":
-        pq.write_table(table, tmp)
-    else:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-
-
 # Datasets ------------------------------------------------------------------------------------------------
 
 def is_dataset(path: str, folder: Path) -> bool:
@@ -258,7 +164,6 @@ def dataset_inputs(spec: JobSpec, plan: Plan, folder: Path) -> list:
 def run_job_file(path, address: str | None = None, progress: bool = True) -> Path | str:
     """Run the job described by the YAML file `path` (on `address`, else the file's cluster address, else an
     embedded local Ray); returns the path (or URI) of the output it wrote."""
-    from .cluster import Cluster
     spec, plan, folder = load_job(path)
     dataset_job = is_dataset_output(spec.output)
     sources = dataset_inputs(spec, plan, folder) if dataset_job else load_inputs(spec, plan, folder)

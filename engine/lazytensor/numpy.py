@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernel_solve import KernelSolve
-from .errors import ArgumentError
-from .lazytensor import ComplexLazyTensorMixin, LazyTensorBase, variable_helpers
-from .run import run
+from ..errors import ArgumentError
+from ..kernel_solve import KernelSolve
+from ..run import run
+from .base import LazyTensorBase, variable_helpers
+from .complex import ComplexLazyTensorMixin
 
 
 class LazyTensor(LazyTensorBase):
-    """A symbolic numpy array; see engine.lazytensor.LazyTensorBase.
+    """A symbolic numpy array; see engine.lazytensor.base.LazyTensorBase.
 
     >>> x_i, y_j = LazyTensor(x[:, None, :]), LazyTensor(y[None, :, :])
     >>> a = (-((x_i - y_j) ** 2).sum(-1)).exp().sum(axis=1)        # (N, 1)
@@ -61,7 +62,7 @@ class LazyTensor(LazyTensorBase):
 
 
 class ComplexLazyTensor(ComplexLazyTensorMixin, LazyTensor):
-    """A complex symbolic numpy array (complex64 / complex128); see engine.lazytensor.ComplexLazyTensorMixin."""
+    """A complex symbolic numpy array (complex64 / complex128); see engine.lazytensor.complex.ComplexLazyTensorMixin."""
 
 
 Vi, Vj, Pm = variable_helpers(LazyTensor)

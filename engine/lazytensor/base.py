@@ -5,33 +5,36 @@ variable indexed by j; `(x_i - y_j) ** 2` is then a symbolic (N, M, D) array: a 
 the list of arrays its `Var` leaves stand for. Reductions (`sum(dim=1)`, `logsumexp`, `argKmin`, ...) turn the pair
 into a Plan and run it, so the N x M values are never stored.
 
-This module is framework-neutral. A binding (engine.numpy_lazytensor for numpy, engine.torch.lazytensor for torch)
-subclasses `LazyTensorBase` and says how to recognise, reshape and create its arrays and how to run a reduction.
+This module is framework-neutral. A binding (`numpy.py` beside it, engine/torch/lazytensor.py) subclasses
+`LazyTensorBase` and says how to recognise, reshape and create its arrays and how to run a reduction; `complex.py`
+holds ComplexLazyTensor. The elementwise methods are made from the op table (`ops.LAZY_METHODS`), the reductions from the reduction table
+(`Reduction.lazy_method`), at the end of this module.
 
 Semantics follow pykeops.common.lazy_tensor: shapes, reduction names and output shapes, `axis`/`dim` counted after
 the batch dimensions, `K @ v`, `.t()`, `.solve()`, symbolic variables `Vi(index, dim)`, and use as a scipy
-LinearOperator, complex LazyTensors (`ComplexLazyTensorMixin`: complex arrays become real ones of twice the dimension,
-(re, im) interleaved, here at the front end). Differences: Python floats become `Const` nodes (exact, no parameter
+LinearOperator, complex LazyTensors (`complex.py`: complex arrays become real ones of twice the dimension, (re, im)
+interleaved, here at the front end). Differences: Python floats become `Const` nodes (exact, no parameter
 array), comparisons are built from `Step`, and index outputs (argmin, argKmin, ...) are int64 arrays.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ArgumentError, DimensionError
-from .formula import I, J, P, Node, make, to_text, var
-from .formula.autodiff import derivative_op
-from .formula.ops import MAX_INT_PARAM
-from .frontend import check_sum_scheme
-from .plan import Plan, plan_from_nodes, swap_ij
-from .ranges import swap_axes
-from .reductions import REDUCTIONS
+from ..errors import ArgumentError, DimensionError
+from ..formula import I, J, P, Node, make, to_text, var
+from ..formula.autodiff import derivative_op
+from ..formula.ops import LAZY_METHODS, MAX_INT_PARAM, OPS
+from ..frontend import check_sum_scheme
+from ..plan import Plan, plan_from_nodes, swap_ij
+from ..ranges import swap_axes
+from ..reductions import REDUCTIONS, called
 
 CATEGORY = {0: I, 1: J, 2: P}
 # Keyword arguments of a reduction: those that shape the plan, and those of the call.
@@ -424,62 +427,8 @@ class LazyTensorBase(ABC):
         return 1 - (self == other)
 
     # Elementwise functions
-    def exp(self):
-        return self._op("Exp")
-
-    def log(self):
-        return self._op("Log")
-
-    def xlogx(self):
-        return self._op("XLogX")
-
-    def sqrt(self):
-        return self._op("Sqrt")
-
-    def rsqrt(self):
-        return self._op("Rsqrt")
-
-    def sin(self):
-        return self._op("Sin")
-
-    def cos(self):
-        return self._op("Cos")
-
-    def asin(self):
-        return self._op("Asin")
-
-    def acos(self):
-        return self._op("Acos")
-
-    def atan(self):
-        return self._op("Atan")
-
-    def atan2(self, other):
-        return self._op("Atan2", other)
-
-    def sinxdivx(self):
-        return self._op("SinXDivX")
-
     def sinc(self):
         return (math.pi * self).sinxdivx()
-
-    def abs(self):
-        return self._op("Abs")
-
-    def sign(self):
-        return self._op("Sign")
-
-    def step(self):
-        return self._op("Step")
-
-    def relu(self):
-        return self._op("ReLU")
-
-    def square(self):
-        return self._op("Square")
-
-    def floor(self):
-        return self._op("Floor")
 
     def round(self, decimals: int = 0):
         return self._op("Round", params=(_integer(decimals, "round: decimals"),))
@@ -489,30 +438,14 @@ class LazyTensorBase(ABC):
             return self._op("ClampInt", params=(int(low), int(high)))
         return self._op("Clamp", low, high)
 
-    def ifelse(self, if_true, if_false):
-        """`if_true` where self >= 0, else `if_false`."""
-        return self._op("IfElse", if_true, if_false)
-
     def mod(self, modulus, offset=0):
         return self._op("Mod", modulus, offset)
 
     # Vector operations
-    def sqnorm2(self):
-        return self._op("SqNorm2")
-
-    def norm2(self):
-        return self._op("Norm2")
-
     def norm(self, dim=-1):
         if dim not in (-1, self.dim() - 1):
             raise ArgumentError("LazyTensor.norm: only the norm over the last (vector) axis is supported")
         return self.norm2()
-
-    def normalize(self):
-        return self._op("Normalize")
-
-    def sqdist(self, other):
-        return self._op("SqDist", other)
 
     def weightedsqnorm(self, weights):
         """The squared norm of self weighted by a scalar, a diagonal (D) or a full D x D matrix (row-major)."""
@@ -520,12 +453,6 @@ class LazyTensorBase(ABC):
 
     def weightedsqdist(self, other, weights):
         return (self - other).weightedsqnorm(weights)
-
-    def elem(self, index: int):
-        return self._op("Elem", params=(_integer(index, "elem: index"),))
-
-    def extract(self, start: int, length: int):
-        return self._op("Extract", params=(_integer(start, "extract: start"), _integer(length, "extract: length")))
 
     def __getitem__(self, key):
         """`x[k]`, `x[..., k]`, `x[:, :, k]` and slices `x[..., a:b]`: indexing along the vector axis only."""
@@ -547,12 +474,6 @@ class LazyTensorBase(ABC):
             return self.elem(index)
         raise ArgumentError(f"LazyTensor: cannot index with {key!r}; use an integer or a slice")
 
-    def one_hot(self, dim: int):
-        return self._op("OneHot", params=(_integer(dim, "one_hot: dim"),))
-
-    def concat(self, other):
-        return self._op("Concat", other)
-
     @staticmethod
     def concatenate(lazies, axis=-1):
         if not isinstance(lazies, (tuple, list)) or not lazies:
@@ -568,15 +489,6 @@ class LazyTensorBase(ABC):
     def cat(lazies, dim=-1):
         return LazyTensorBase.concatenate(lazies, dim)
 
-    def matvecmult(self, other):
-        return self._op("MatVecMult", other)
-
-    def vecmatmult(self, other):
-        return self._op("VecMatMult", other)
-
-    def tensorprod(self, other):
-        return self._op("TensorProd", other)
-
     def keops_tensordot(self, other, dimfa, dimfb, contfa, contfb, *permute):
         """numpy.tensordot of self and other read as row-major tensors of shapes dimfa and dimfb, contracting
         the axes contfa of self with contfb of other; an optional permutation sends output axis k to permute[k]."""
@@ -591,17 +503,9 @@ class LazyTensorBase(ABC):
         """numpy.kron of self and other read as row-major tensors with the same number of axes."""
         return self._op("Kron", other, params=(_int_list(dimfself, "dimfself"), _int_list(dimfother, "dimfother")))
 
-    def difference_matrix(self, other):
-        """The vector of self_k - other_l, k outer."""
-        return self._op("DifferenceMatrix", other)
-
     def bspline(self, x, k=0):
         """The B-spline basis functions of order k on the knots self (sorted), at the scalar x."""
         return self._op("BSpline", x, params=(_integer(k, "bspline: k"),))
-
-    def softdtw_sqdist(self, other, gamma):
-        """Soft dynamic time warping between the series self and other (squared differences), smoothed by gamma."""
-        return self._op("SoftDTW_SqDist", other, gamma)
 
     def grad_matrix(self, v):
         """The gradients of self's components with respect to the variable LazyTensor v, row after row."""
@@ -610,10 +514,6 @@ class LazyTensorBase(ABC):
     def trace_operator(self, v):
         """The trace of self, a linear function of the variable LazyTensor v (usually a symbolic Vi/Vj/Pm)."""
         return _drop_unused_symbols(self._op("TraceOperator", self._variable(v, "trace_operator")))
-
-    def factorize(self, other):
-        """self (pykeops's hint to share `other`: kred shares every common sub-formula already)."""
-        return self._op("Factorize", other)
 
     def auto_factorize(self):
         """self: common sub-formulas are shared nodes already."""
@@ -688,100 +588,15 @@ class LazyTensorBase(ABC):
     def reduction(self, reduction_op: str, other=None, opt_arg=None, axis=None, dim=None, call=True, **options):
         """Reduce with the engine's reduction `reduction_op` over i (axis 0) or j (axis 1)."""
         axis = self._axis(axis, dim, reduction_op)
+        reduction_op = called(reduction_op, other is not None)
         operands = (self,) + ((self._lift(other),) if other is not None else ())
         joined, nodes = _join(operands)
         result = LazyReduction(type(self), joined(nodes[0]), nodes[1] if other is not None else None,
                                reduction_op, axis, opt_arg, options)
         return result() if call and not result.symbolic else result
 
-    def sum(self, axis=-1, dim=None, **options):
-        axis = axis if dim is None else dim
-        if self._is_vector_axis(axis):
-            return self._op("Sum")
-        return self.reduction("Sum", axis=axis, **options)
-
-    def sum_reduction(self, axis=None, dim=None, **options):
-        return self.reduction("Sum", axis=axis, dim=dim, **options)
-
-    def logsumexp(self, axis=None, dim=None, weight=None, **options):
-        """log sum exp(self) over the axis; with `weight`, log sum exp(self) * weight."""
-        op = "LogSumExp" if weight is None else "LogSumExpWeight"
-        return self.reduction(op, other=weight, axis=axis, dim=dim, **options)
-
-    logsumexp_reduction = logsumexp
-
-    def sumsoftmaxweight(self, weight, axis=None, dim=None, **options):
-        """sum softmax(self) * weight over the axis."""
-        return self.reduction("SumSoftMaxWeight", other=weight, axis=axis, dim=dim, **options)
-
-    sumsoftmaxweight_reduction = sumsoftmaxweight
-
-    def min(self, axis=-1, dim=None, **options):
-        axis = axis if dim is None else dim
-        if self._is_vector_axis(axis):
-            return self._op("Min")
-        return self.reduction("Min", axis=axis, **options)
-
-    def max(self, axis=-1, dim=None, **options):
-        axis = axis if dim is None else dim
-        if self._is_vector_axis(axis):
-            return self._op("Max")
-        return self.reduction("Max", axis=axis, **options)
-
-    def argmin(self, axis=-1, dim=None, **options):
-        axis = axis if dim is None else dim
-        if self._is_vector_axis(axis):
-            return self._op("ArgMin")
-        return self.reduction("ArgMin", axis=axis, **options)
-
-    def argmax(self, axis=-1, dim=None, **options):
-        axis = axis if dim is None else dim
-        if self._is_vector_axis(axis):
-            return self._op("ArgMax")
-        return self.reduction("ArgMax", axis=axis, **options)
-
-    def min_reduction(self, axis=None, dim=None, **options):
-        return self.reduction("Min", axis=axis, dim=dim, **options)
-
-    def max_reduction(self, axis=None, dim=None, **options):
-        return self.reduction("Max", axis=axis, dim=dim, **options)
-
-    def argmin_reduction(self, axis=None, dim=None, **options):
-        return self.reduction("ArgMin", axis=axis, dim=dim, **options)
-
-    def argmax_reduction(self, axis=None, dim=None, **options):
-        return self.reduction("ArgMax", axis=axis, dim=dim, **options)
-
-    def min_argmin(self, axis=None, dim=None, **options):
-        return self.reduction("Min_ArgMin", axis=axis, dim=dim, **options)
-
-    def max_argmax(self, axis=None, dim=None, **options):
-        return self.reduction("Max_ArgMax", axis=axis, dim=dim, **options)
-
-    min_argmin_reduction, max_argmax_reduction = min_argmin, max_argmax
-
-    def Kmin(self, K, axis=None, dim=None, **options):
-        return self.reduction("KMin", opt_arg=K, axis=axis, dim=dim, **options)
-
-    def argKmin(self, K, axis=None, dim=None, **options):
-        return self.reduction("ArgKMin", opt_arg=K, axis=axis, dim=dim, **options)
-
-    def Kmin_argKmin(self, K, axis=None, dim=None, **options):
-        return self.reduction("KMin_ArgKMin", opt_arg=K, axis=axis, dim=dim, **options)
-
-    Kmin_reduction, argKmin_reduction, Kmin_argKmin_reduction = Kmin, argKmin, Kmin_argKmin
-
-    # the K largest (pykeops has none): the same shapes as Kmin
-    def Kmax(self, K, axis=None, dim=None, **options):
-        return self.reduction("KMax", opt_arg=K, axis=axis, dim=dim, **options)
-
-    def argKmax(self, K, axis=None, dim=None, **options):
-        return self.reduction("ArgKMax", opt_arg=K, axis=axis, dim=dim, **options)
-
-    def Kmax_argKmax(self, K, axis=None, dim=None, **options):
-        return self.reduction("KMax_ArgKMax", opt_arg=K, axis=axis, dim=dim, **options)
-
-    Kmax_reduction, argKmax_reduction, Kmax_argKmax_reduction = Kmax, argKmax, Kmax_argKmax
+    # sum, min, argKmin, logsumexp, ... (and each as `<name>_reduction`): made from the reduction table below
+    # (_reduction_methods), as the elementwise methods are made from the op table (_op_methods)
 
     # ---- linear algebra ----------------------------------------------------------------------------------------
     def __matmul__(self, v, **options):
@@ -870,126 +685,77 @@ class LazyTensorBase(ABC):
         return None if self._dtype is None else np.dtype(self._dtype)
 
 
-class ComplexLazyTensorMixin:
-    """A complex symbolic array, as pykeops's ComplexLazyTensor: built from a complex array, a complex number or a
-    list of them, its formula is the real one of dimension 2d with (re, im) interleaved, and reductions (Sum) give
-    complex arrays. The conversion happens here, at the front end: the engine only ever sees real arrays.
 
-    A binding's ComplexLazyTensor is `class ComplexLazyTensor(ComplexLazyTensorMixin, LazyTensor)`.
-    """
+# ---- methods made from the tables ----------------------------------------------------------------------------------
 
-    is_complex = True
+def _op_method(name: str, op: str, operands: tuple[str, ...]):
+    """`x.name(*operands, *params)`: the op `op` of the op table applied to x and the operands (LazyTensors, arrays,
+    numbers), with the row's integer params."""
+    row = OPS[op]
+    if row.arity != 1 + len(operands):
+        raise AssertionError(f"LAZY_METHODS: {name} names {len(operands)} operands for {op} of arity {row.arity}")
+    signature = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                   for n in ("self",) + operands + row.params])
 
-    def __init__(self, x=None, axis=None, is_complex=True):
-        if isinstance(x, numbers.Complex) and not isinstance(x, (bool, np.ndarray)):
-            x = [x]
-        if isinstance(x, list):
-            x = [float(part) for value in x for part in (complex(value).real, complex(value).imag)]
-        elif x is not None and self._is_array(x):
-            if not self._is_complex_array(x):
-                raise ArgumentError(f"ComplexLazyTensor: expected a complex array, got {self._dtype_name(x)}; "
-                                    "use LazyTensor(x).real2complex() for a real one")
-            x = self._real_pairs(x)
-        super().__init__(x, axis)
+    def method(self, *args, **kwargs):
+        values = list(signature.bind(self, *args, **kwargs).arguments.values())[1:]
+        params = tuple(_integer(v, f"{name}: {p}") for v, p in zip(values[len(operands):], row.params))
+        return self._op(op, *values[:len(operands)], params=params)
 
-    @classmethod
-    def _real_class(cls):
-        return next(c for c in cls.__mro__ if issubclass(c, LazyTensorBase) and
-                    not issubclass(c, ComplexLazyTensorMixin))
+    method.__name__ = method.__qualname__ = name
+    method.__signature__ = signature
+    method.__doc__ = f"{op}({', '.join(('self',) + operands + row.params)})" + \
+        (f": {row.doc}" if row.doc else "") + " (a row of the op table)."
+    return method
 
-    def _complex(self, other):
-        """`other` as a ComplexLazyTensor: complex ones as they are, real ones (LazyTensors, arrays, numbers) + 0i."""
-        if isinstance(other, ComplexLazyTensorMixin):
-            return other
-        if isinstance(other, numbers.Complex) and not isinstance(other, (numbers.Real, np.ndarray)):
-            return type(self)(other)
-        if self._is_array(other) and self._is_complex_array(other):
-            return type(self)(other)
-        return self._as_real(other).real2complex()
 
-    def _as_real(self, other):
-        return other if isinstance(other, LazyTensorBase) else self._real_class()(other)
+def _reduction_method(op: str, over_vector: bool):
+    """The reduction `op` of the reduction table as a method: over i (dim=0) or j (dim=1), counted after the batch
+    dimensions; with `over_vector` (sum, min, max, argmin, argmax, as in pykeops) over the vector axis, the default,
+    it is the op of the same name instead. Its arguments follow the reduction's facts: K first for the K-best family,
+    the weight first for a weighted reduction, weight= (or other=) for one with a weighted form (logsumexp)."""
+    reduction = REDUCTIONS[op]
+    if reduction.needs_k:
+        def method(self, K, axis=None, dim=None, **options):
+            return self.reduction(op, opt_arg=K, axis=axis, dim=dim, **options)
+    elif reduction.weighted:
+        def method(self, weight, axis=None, dim=None, **options):
+            return self.reduction(op, other=weight, axis=axis, dim=dim, **options)
+    elif reduction.weighted_form:
+        def method(self, axis=None, dim=None, weight=None, other=None, **options):
+            # `other` is pykeops's `reduction` keyword for the weight, which its logsumexp passes on
+            if weight is not None and other is not None:
+                raise ArgumentError(f"{reduction.lazy_method}: give the weight once, as weight= (or other=)")
+            return self.reduction(op, other=other if weight is None else weight, axis=axis, dim=dim, **options)
+    elif over_vector:
+        def method(self, axis=-1, dim=None, **options):
+            axis = axis if dim is None else dim
+            if self._is_vector_axis(axis):
+                return self._op(op)
+            return self.reduction(op, axis=axis, **options)
+    else:
+        def method(self, axis=None, dim=None, **options):
+            return self.reduction(op, axis=axis, dim=dim, **options)
+    method.__doc__ = f"The {op} reduction (engine.reductions) over dim=0 (i) or dim=1 (j)" + \
+        (", or the op over the vector axis (dim=-1, the default)" if over_vector else "") + "."
+    return method
 
-    def _complex_op(self, op, other):
-        return self._op(op, self._complex(other))
 
-    @property
-    def shape(self):
-        shape = self._shape
-        shape = shape[:-1] + (shape[-1] // 2,)
-        return shape[:-1] if shape[-1] == 1 else shape
+def _install_methods(cls) -> None:
+    for name, (op, operands) in LAZY_METHODS.items():
+        setattr(cls, name, _op_method(name, op, operands))
+    for op, reduction in REDUCTIONS.items():
+        name = reduction.lazy_method
+        if name is None:
+            continue
+        over_vector = op in OPS and not (reduction.needs_k or reduction.weighted or reduction.weighted_form)
+        for spelling, vector in ((name, over_vector), (f"{name}_reduction", False)):
+            method = _reduction_method(op, vector)
+            method.__name__ = method.__qualname__ = spelling
+            setattr(cls, spelling, method)
 
-    @property
-    def dtype(self):
-        return None if self._dtype is None else np.dtype({"float32": "complex64", "float64": "complex128"}
-                                                         .get(self._dtype, "complex64"))
 
-    def __add__(self, other):
-        return self._complex_op("ComplexAdd", other)
-
-    def __radd__(self, other):
-        return self._complex(other)._complex_op("ComplexAdd", self)
-
-    def __sub__(self, other):
-        return self._complex_op("ComplexSubtract", other)
-
-    def __rsub__(self, other):
-        return self._complex(other)._complex_op("ComplexSubtract", self)
-
-    def __mul__(self, other):
-        if _is_number(other) or (isinstance(other, LazyTensorBase) and not other.is_complex and other.ndim == 1):
-            return self._as_real(other)._op("ComplexRealScal", self, cls=type(self))   # a real scalar: no promotion
-        return self._complex_op("ComplexMult", other)
-
-    def __rmul__(self, other):
-        return self * other         # complex multiplication commutes
-
-    def __truediv__(self, other):
-        return self._complex_op("ComplexDivide", other)
-
-    def __rtruediv__(self, other):
-        return self._complex(other)._complex_op("ComplexDivide", self)
-
-    def __neg__(self):
-        return self._op("Minus")
-
-    def __pow__(self, other):
-        if other == 2:
-            return self * self
-        raise ArgumentError("ComplexLazyTensor: only z ** 2 is defined; write products and ComplexExp instead")
-
-    def __abs__(self):
-        return self._op("ComplexAbs", cls=self._real_class())
-
-    abs = __abs__
-
-    @property
-    def real(self):
-        return self._op("ComplexReal", cls=self._real_class())
-
-    @property
-    def imag(self):
-        return self._op("ComplexImag", cls=self._real_class())
-
-    def angle(self):
-        return self._op("ComplexAngle", cls=self._real_class())
-
-    def conj(self):
-        return self._op("Conj")
-
-    def exp(self):
-        return self._op("ComplexExp")
-
-    def sum(self, axis=-1, dim=None, **options):
-        axis = axis if dim is None else dim
-        if self._is_vector_axis(axis):
-            return self._op("ComplexSum")
-        return self.reduction("Sum", axis=axis, **options)
-
-    def real2complex(self):
-        raise ArgumentError("real2complex: this LazyTensor is complex already")
-
-    imag2complex = exp1j = real2complex
+_install_methods(LazyTensorBase)
 
 
 class _DeferredSolve:
