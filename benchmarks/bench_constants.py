@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     os.environ["KRED_CACHE_DIR"] = str(cache)          # empty: the first pass compiles what it needs
     from kred.engine import plan as plan_module
     from kred.engine.backends import get_backend
+
     from kred.numpy import LazyTensor
 
     if args.literal:

@@ -56,11 +56,11 @@ class Plan:
 
     # Lifted constants: what compiled backends compile ------------------------------------------------------
     @functools.cached_property
-    def _lifting(self) -> tuple["Plan", tuple[float, ...]]:
+    def _lifting(self) -> tuple[Plan, tuple[float, ...]]:
         return lift_constants(self)
 
     @property
-    def lifted(self) -> "Plan":
+    def lifted(self) -> Plan:
         """This plan with its float constants lifted out (see `lift_constants`): the plan backends compile and key
         kernels by, the same for every plan that differs from this one only in its float constants."""
         return self._lifting[0]
@@ -70,7 +70,7 @@ class Plan:
         """The values of the lifted constants, in the order of their argument positions (nargs, nargs + 1, ...)."""
         return self._lifting[1]
 
-    def kernel_inputs(self, arrays, dtype) -> tuple["Plan", list]:
+    def kernel_inputs(self, arrays, dtype) -> tuple[Plan, list]:
         """(the plan to compile, its arrays): `lifted`, and `arrays` followed by one 1-element array per lifted
         constant, in `dtype`. float16 keeps its constants as literals (an array of them would round them to half)."""
         dtype = np.dtype(dtype)

@@ -11,14 +11,13 @@ import asyncio
 
 import numpy as np
 import pytest
-
-from kred.engine.backends import get_backend
-from kred.engine.backends import nvrtc
+from kred.engine.backends import get_backend, nvrtc
 from kred.engine.codegen import cuda as template
 from kred.engine.numpy import Genred
-from kred.numpy import LazyTensor
 from kred.engine.plan import constant_slots
 from test_cuda_emulated import emulated_gpu  # noqa: F401  (the fixture)
+
+from kred.numpy import LazyTensor
 
 SCALES = (0.1, 0.2, 0.3, 0.4)
 RNG = np.random.default_rng(21)
@@ -106,9 +105,9 @@ def test_over_http_one_compile(fresh_cache, tmp_path):
     aliases = ["x = Vi(5)", "y = Vj(5)", "b = Vj(1)"]
 
     async def main():
-        async with Running(create_app(settings(tmp_path / "service", backend="cpu"))) as running:
-            async with running.client(transport="arrow") as c:
-                return [await c.reduce(f"Exp(-SqDist(x, y) * {s}) * b", aliases, x, y, b, axis=1) for s in SCALES]
+        async with Running(create_app(settings(tmp_path / "service", backend="cpu"))) as running, \
+                running.client(transport="arrow") as c:
+            return [await c.reduce(f"Exp(-SqDist(x, y) * {s}) * b", aliases, x, y, b, axis=1) for s in SCALES]
 
     before = builds(fresh_cache)
     results = asyncio.run(main())
@@ -121,7 +120,6 @@ def test_cluster_one_compile(fresh_cache):
     """Workers get the plan (constants included) and compile its lifted form once: the Ray workers inherit the
     empty cache directory from this process."""
     import ray
-
     from conftest import start_ray
     from kred.engine.cluster import Cluster
 

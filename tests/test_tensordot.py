@@ -6,11 +6,10 @@ source of the same plans compiles with NVRTC and computes the same values in the
 """
 from __future__ import annotations
 
+import cuda_emulation as emulation
 import numpy as np
 import pytest
 import torch
-
-import cuda_emulation as emulation
 from kred.engine.backends import cuda as runtime
 from kred.engine.backends import nvrtc
 from kred.engine.codegen import cuda as template
