@@ -7,6 +7,7 @@ validated, contiguous arrays and reports N (rows) and M (columns).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -52,6 +53,34 @@ class Plan:
     @property
     def out_dim(self) -> int:
         return self.reduction.out_dim
+
+    # Lifted constants: what compiled backends compile ------------------------------------------------------
+    @functools.cached_property
+    def _lifting(self) -> tuple[Plan, tuple[float, ...]]:
+        return lift_constants(self)
+
+    @property
+    def lifted(self) -> Plan:
+        """This plan with its float constants lifted out (see `lift_constants`): the plan backends compile and key
+        kernels by, the same for every plan that differs from this one only in its float constants."""
+        return self._lifting[0]
+
+    @property
+    def lifted_values(self) -> tuple[float, ...]:
+        """The values of the lifted constants, in the order of their argument positions (nargs, nargs + 1, ...)."""
+        return self._lifting[1]
+
+    def kernel_inputs(self, arrays, dtype) -> tuple[Plan, list]:
+        """(the plan to compile, its arrays): `lifted`, and `arrays` followed by one 1-element array per lifted
+        constant, in `dtype`. float16 keeps its constants as literals (an array of them would round them to half)."""
+        dtype = np.dtype(dtype)
+        if dtype not in DTYPES or not self.lifted_values:
+            return self, arrays
+        by_dtype = self.__dict__.setdefault("_constant_arrays", {})     # a memo beside the frozen fields
+        constants = by_dtype.get(dtype)
+        if constants is None:
+            constants = by_dtype[dtype] = [np.full(1, value, dtype) for value in self.lifted_values]
+        return self.lifted, list(arrays) + constants
 
     def acc_dtype(self, dtype: np.dtype) -> np.dtype:
         if self.dtype_acc == "auto":
@@ -127,7 +156,8 @@ NODE_BYTES = 400    # roughly what one interned node keeps alive (the object, it
 def plan_bytes(plan: Plan) -> int:
     """Roughly the memory a plan keeps alive: its formulas' distinct nodes."""
     nodes = len(plan.formula.postorder()) + (len(plan.formula2.postorder()) if plan.formula2 is not None else 0)
-    return nodes * NODE_BYTES
+    lifted = "_lifting" in plan.__dict__ and plan.lifted is not plan      # its copy with the constants lifted
+    return nodes * NODE_BYTES * (2 if lifted else 1)
 
 
 def plan_from_nodes(f: Node, f2: Node | None, reduction_op: str, axis: int, opt_arg=None, dtype_acc="auto",
@@ -144,10 +174,13 @@ def plan_from_nodes(f: Node, f2: Node | None, reduction_op: str, axis: int, opt_
     if axis == 0:
         f, f2 = swap_ij(f), swap_ij(f2) if f2 is not None else None
     formulas = [fingerprint(f), fingerprint(f2) if f2 is not None else ""]        # linear in the DAG's size
-    layout = ";".join(f"{a.pos},{a.role},{a.dim}" for a in args)
-    key = "|".join(formulas + [reduction_op, str(opt_arg), dtype_acc, layout] + ([] if fast_math else ["exact math"]))
+    key = "|".join(formulas + [reduction_op, str(opt_arg), dtype_acc, _layout(args)] + ([] if fast_math else ["exact math"]))
     return Plan(f, f2, reduction, axis, args, dtype_acc, bool(fast_math),
                 hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
+def _layout(args) -> str:
+    return ";".join(f"{a.pos},{a.role},{a.dim}" for a in args)
 
 
 def _arg_specs(f, f2, names, axis, nargs) -> tuple[ArgSpec, ...]:
@@ -186,3 +219,50 @@ def swap_ij(node: Node) -> Node:
         else:
             done[id(n)] = Node(n.op, tuple(done[id(c)] for c in n.children), n.params, n.dim)
     return done[id(node)]
+
+
+# Lifted constants ----------------------------------------------------------------------------------------
+
+MAX_LIFTED = 64     # float constants lifted per plan; the rest stay literals (a kernel's parameters are bounded)
+
+
+def constant_slots(plan: Plan) -> list[Node]:
+    """The float `Const` nodes a plan's kernel reads at run time, first use first (formula, then formula2): every
+    `Const` of the simplified formulas. Integers (`IntCst`, exponents, dimensions, K) stay structural, and so do 0
+    and 1, folded away by simplification before a plan exists."""
+    seen: dict[Node, None] = {}
+    for root in (plan.formula, plan.formula2):
+        if root is not None:
+            for node in root.postorder():
+                if node.op == "Const":
+                    seen.setdefault(node)
+    return list(seen)[:MAX_LIFTED]
+
+
+def lift_constants(plan: Plan) -> tuple[Plan, tuple[float, ...]]:
+    """(the plan whose formulas read each float constant from a parameter argument of dimension 1, at positions
+    nargs, nargs + 1, ..., instead of a literal; the constants' values). Two plans that differ only in float
+    constants have the same lifted formulas (nodes are hash-consed), so the same key: one compiled kernel. Rebuilt
+    with `Node`, not `make`, so the structure stays exactly the simplified one. (plan, ()) without float constants."""
+    slots = constant_slots(plan)
+    if not slots:
+        return plan, ()
+    base = plan.nargs
+    done: dict[Node, Node] = {c: Node("Var", (), (base + k, 1, P), 1) for k, c in enumerate(slots)}
+
+    def rebuilt(root):
+        if root is None:
+            return None
+        for n in root.postorder():
+            if n not in done:
+                done[n] = Node(n.op, tuple(done[c] for c in n.children), n.params, n.dim) if n.children else n
+        return done[root]
+
+    f, f2 = rebuilt(plan.formula), rebuilt(plan.formula2)
+    args = plan.args + tuple(ArgSpec(base + k, f"constant {k}", P, PARAM, 1) for k in range(len(slots)))
+    key = "|".join([fingerprint(f), fingerprint(f2) if f2 is not None else "", plan.reduction.name,
+                    str(plan.reduction.k), plan.dtype_acc, _layout(args), "" if plan.fast_math else "exact math",
+                    "lifted"])
+    lifted = Plan(f, f2, plan.reduction, plan.axis, args, plan.dtype_acc, plan.fast_math,
+                  hashlib.sha256(key.encode()).hexdigest()[:24])
+    return lifted, tuple(float(c.params[0]) for c in slots)

@@ -25,7 +25,7 @@ from kred.wire import arrow
 from safety_helpers import ServerProcess
 from service_helpers import settings
 
-MARKER = "0.7734375"
+MARKER = "773437"      # an integer: it stays in the kernel source (float constants are run-time arguments)
 ALIASES = ["x = Vi(3)", "y = Vj(3)"]
 CC = shutil.which("cc") or shutil.which("gcc")
 pytestmark = pytest.mark.skipif(CC is None, reason="the compiled CPU backend needs a C compiler")

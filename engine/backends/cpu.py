@@ -1,7 +1,8 @@
 """The compiled CPU backend: the plan's C source (engine.codegen.cpu) built by the system compiler, run by ctypes.
 
 Kernels are compiled once per (plan, dtype) and machine (engine.backends.cache) and memoised per process, so a warm
-call costs a dictionary lookup, the output allocation and one ctypes call. Threads: KRED_NUM_THREADS, else every CPU
+call costs a dictionary lookup, the output allocation and one ctypes call. The plan compiled is the lifted one
+(`Plan.kernel_inputs`): float constants are run-time arguments, so plans that differ only in them share a kernel. Threads: KRED_NUM_THREADS, else every CPU
 this process may run on.
 """
 from __future__ import annotations
@@ -209,7 +210,7 @@ class CpuBackend(Backend):
         self.threads = num_threads()
 
     def prepare(self, plan, dtype) -> None:
-        self.kernel(plan, np.dtype(dtype))
+        self.kernel(plan.kernel_inputs([], dtype)[0], np.dtype(dtype))
 
     def kernel(self, plan, dtype) -> _Kernel:
         key = (plan.key, dtype)
@@ -225,21 +226,25 @@ class CpuBackend(Backend):
 
     def partial(self, plan, arrays, rows, cols):
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        plan, arrays = plan.kernel_inputs(arrays, dtype)     # float constants: run-time arguments
         return self.kernel(plan, dtype).states(arrays, rows, cols, self.threads)
 
     def grid_state(self, plan, arrays, grid):
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        plan, arrays = plan.kernel_inputs(arrays, dtype)     # float constants: run-time arguments
         kernel = self.kernel(plan, dtype)
         outs = kernel.grid(arrays, grid, _columns(plan, arrays), False, self.threads)
         return tuple(out.reshape((len(out),) + shape) for out, shape in zip(outs, kernel.state_shapes))
 
     def reduce_grid(self, plan, arrays, grid):
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        plan, arrays = plan.kernel_inputs(arrays, dtype)     # float constants: run-time arguments
         outs = self.kernel(plan, dtype).grid(arrays, grid, _columns(plan, arrays), True, self.threads)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def reduce(self, plan, arrays, n, m):
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        plan, arrays = plan.kernel_inputs(arrays, dtype)     # float constants: run-time arguments
         outs = self.kernel(plan, dtype)(arrays, (0, n), (0, m), True, self.threads)
         return outs[0] if len(outs) == 1 else tuple(outs)
 

@@ -394,6 +394,7 @@ class CudaBackend(Backend):
     def prepare(self, plan, dtype) -> None:
         """Generate and compile (to the disk cache) the modules of `plan` for the current device's architecture."""
         cp = _cupy()
+        plan = plan.kernel_inputs([], dtype)[0]     # [constants] float constants are run-time arguments
         acc = plan.acc_dtype(np.dtype(dtype))
         with cp.cuda.Device(self.device_id if self.device_id is not None else cp.cuda.runtime.getDevice()) as device:
             for group in component_groups(plan, dtype, acc):
@@ -428,6 +429,7 @@ class CudaBackend(Backend):
         if self.device_id is None:          # not bound: called directly (cluster workers, ranges, tests)
             return self.bind(arrays)._run(plan, arrays, rows, cols, final, host, grid)
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        plan, arrays = plan.kernel_inputs(arrays, dtype)    # [constants] the kernel reads them as 1-element arguments
         with cp.cuda.Device(self.device_id) as device:
             stream = self.stream if self.stream is not None else cp.cuda.get_current_stream()
             with stream:

@@ -23,6 +23,7 @@ class ReferenceBackend(Backend):
     def partial(self, plan, arrays, rows, cols):
         (r0, r1), (c0, c1) = rows, cols
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+        plan, arrays = plan.kernel_inputs(arrays, dtype)    # the constants as the compiled backends read them
         acc = plan.acc_dtype(dtype)
         reduction = plan.reduction
         nodes = plan.formula.postorder() + (plan.formula2.postorder() if plan.formula2 is not None else [])

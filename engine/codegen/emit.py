@@ -27,11 +27,12 @@ of any backend, and finalized by the numpy reduction.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from ..errors import BackendError
 from ..formula import I, J, P, Node
-from ..formula.ops import OPS
+from ..formula.ops import OPS, tensor_axes
 from .prelude import prelude
 
 # Unrolled scalar code grows with dimensions; past this many components a formula is refused with a clear error
@@ -82,9 +83,7 @@ class Emitter:
     def _declare(self, expressions: list[str]) -> list[str]:
         """Bind each expression to a fresh `const kred_real` identifier."""
         self._components += len(expressions)
-        if self._components > MAX_COMPONENTS:
-            raise BackendError(f"formula too large for a compiled backend (more than {MAX_COMPONENTS} scalar "
-                               "components); use backend='reference'")
+        self._check_size()
         name = f"{self.prefix}{self._count}"
         self._count += 1
         names = []
@@ -95,6 +94,19 @@ class Emitter:
             self.lines.append(f"const kred_real {name}_{k} = {expr};")
             names.append(f"{name}_{k}")
         return names
+
+    def _array(self, size: int) -> str:
+        """A fresh identifier for a local array of `size` components (an op emitted as a loop writes it)."""
+        self._components += size
+        self._check_size()
+        name = f"{self.prefix}{self._count}"
+        self._count += 1
+        return name
+
+    def _check_size(self) -> None:
+        if self._components > MAX_COMPONENTS:
+            raise BackendError(f"formula too large for a compiled backend (more than {MAX_COMPONENTS} scalar "
+                               "components); use backend='reference'")
 
     def _node(self, node: Node) -> list[str]:
         op, p = node.op, node.params
@@ -179,6 +191,47 @@ def _tensorprod(e, node, x):
     return e._declare([f"{ai} * {bj}" for ai in a for bj in b])
 
 
+def _tensordot(e, node, x):
+    """TensorDot (and Kron, which expands into it) as loops over a local copy of its operands: one loop per output
+    axis (in numpy.tensordot's order), one per contracted axis inside, addresses as sums of loop counter x stride.
+    The source grows with the tensors' ranks, not with their sizes (scalar expansion would write every product)."""
+    t = tensor_axes((len(x[0]), len(x[1])), node.params, "TensorDot")
+    e._components += len(x[0]) + len(x[1])
+    out = e._array(node.dim)
+    a, b = f"{out}a", f"{out}b"
+
+    def strides(shape):
+        return [math.prod(shape[k + 1:]) for k in range(len(shape))]
+
+    stride_a, stride_b, stride_out = strides(t.shape_a), strides(t.shape_b), strides(t.out_shape)
+    free = [(t.shape_a[k], stride_a[k], 0) for k in t.free_a] + [(t.shape_b[k], 0, stride_b[k]) for k in t.free_b]
+    loops, address_a, address_b, address_out = [], [], [], []
+    for k, (size, sa, sb) in enumerate(free):
+        counter = f"{out}t{k}"
+        loops.append(f"for (int {counter} = 0; {counter} < {size}; {counter}++)")
+        address_a += [f"{sa} * {counter}"] if sa else []
+        address_b += [f"{sb} * {counter}"] if sb else []
+        address_out.append(f"{stride_out[t.permute[k]]} * {counter}")
+    inner = []
+    for c, (k, l) in enumerate(zip(t.axes_a, t.axes_b)):
+        counter = f"{out}c{c}"
+        inner.append(f"for (int {counter} = 0; {counter} < {t.shape_a[k]}; {counter}++)")
+        address_a.append(f"{stride_a[k]} * {counter}")
+        address_b.append(f"{stride_b[l]} * {counter}")
+    total = f"{out}s"
+    e.lines += [f"kred_real {out}[{node.dim}];", "{",
+                f"    const kred_real {a}[{len(x[0])}] = {{{', '.join(x[0])}}};",
+                f"    const kred_real {b}[{len(x[1])}] = {{{', '.join(x[1])}}};"]
+    e.lines += [f"    {loop} {{" for loop in loops]
+    e.lines += [f"    kred_real {total} = (kred_real)0;"]
+    e.lines += [f"    {loop} {{" for loop in inner]
+    e.lines += [f"    {total} += {a}[{' + '.join(address_a) or '0'}] * {b}[{' + '.join(address_b) or '0'}];"]
+    e.lines += ["    }"] * len(inner)
+    e.lines += [f"    {out}[{' + '.join(address_out) or '0'}] = {total};"]
+    e.lines += ["    }"] * len(loops) + ["}"]
+    return [f"{out}[{k}]" for k in range(node.dim)]
+
+
 _ZERO = "((kred_real)0)"
 
 # Structural ops: laid out here rather than from a per-component template. Pure data movement (slices, copies,
@@ -199,6 +252,7 @@ _STRUCTURAL = {
     "MatVecMult": _matvec,
     "VecMatMult": _vecmat,
     "TensorProd": _tensorprod,
+    "TensorDot": _tensordot,
 }
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -295,10 +295,24 @@ def _elem(x, k, make):
     return make("Elem", (x,), (k,))
 
 
-def _tensordot_layout(dims, params, op):
-    """For TensorDot(a, b, shape_a, shape_b, axes_a, axes_b, permute): per output component, the pairs (k, l) of
-    entries of a and b whose products it sums (numpy.tensordot's order, then the output axes permuted so that old
-    axis k lands at permute[k]). Raises DimensionError on inconsistent shapes."""
+MAX_CONTRACTION = 1 << 20   # multiply-adds per pair a TensorDot (a loop in the kernels) may take
+
+
+class TensorAxes(NamedTuple):
+    """TensorDot(a, b, shape_a, shape_b, axes_a, axes_b, permute), read once: numpy.tensordot's output axes are the
+    free axes of a then those of b (`free_a`, `free_b`, in order), axis k of which lands at `permute[k]`."""
+    shape_a: tuple
+    shape_b: tuple
+    axes_a: tuple
+    axes_b: tuple
+    permute: tuple          # always written out (identity when the formula leaves it out)
+    free_a: tuple
+    free_b: tuple
+    out_shape: tuple        # the output's shape, after the permutation
+
+
+def tensor_axes(dims, params, op) -> TensorAxes:
+    """Check TensorDot's params against its operands' dimensions (DimensionError if inconsistent) and read them."""
     shape_a, shape_b, axes_a, axes_b, permute = params
     if math.prod(shape_a) != dims[0] or math.prod(shape_b) != dims[1]:
         raise DimensionError(f"{op}: shapes {list(shape_a)} and {list(shape_b)} do not hold dimensions "
@@ -311,32 +325,71 @@ def _tensordot_layout(dims, params, op):
         raise DimensionError(f"{op}: a contracted axis is out of range")
     if any(shape_a[k] != shape_b[l] for k, l in zip(axes_a, axes_b)):
         raise DimensionError(f"{op}: contracted axes {list(axes_a)} and {list(axes_b)} differ in size")
-    free_a = [k for k in range(len(shape_a)) if k not in axes_a]
-    free_b = [k for k in range(len(shape_b)) if k not in axes_b]
-    contracted = math.prod(shape_a[k] for k in axes_a)
-    out_shape = [shape_a[k] for k in free_a] + [shape_b[k] for k in free_b]
-    if permute and sorted(permute) != list(range(len(out_shape))):
-        raise DimensionError(f"{op}: permute {list(permute)} is not a permutation of the {len(out_shape)} output axes")
-    if math.prod(out_shape) * contracted > MAX_TERMS:
-        raise DimensionError(f"{op}: {math.prod(out_shape) * contracted} products exceed the limit of {MAX_TERMS}")
-    a = np.arange(dims[0]).reshape(shape_a).transpose(free_a + list(axes_a)).reshape(-1, contracted)
-    b = np.arange(dims[1]).reshape(shape_b).transpose(free_b + list(axes_b)).reshape(-1, contracted)
-    order = np.arange(len(a) * len(b)).reshape(out_shape or [1])
-    if permute:
-        order = order.transpose(np.argsort(permute))
-    return [[(int(a[o // len(b), c]), int(b[o % len(b), c])) for c in range(contracted)] for o in order.reshape(-1)]
+    free_a = tuple(k for k in range(len(shape_a)) if k not in axes_a)
+    free_b = tuple(k for k in range(len(shape_b)) if k not in axes_b)
+    shape = [shape_a[k] for k in free_a] + [shape_b[k] for k in free_b]
+    if permute and sorted(permute) != list(range(len(shape))):
+        raise DimensionError(f"{op}: permute {list(permute)} is not a permutation of the {len(shape)} output axes")
+    permute = tuple(permute) or tuple(range(len(shape)))
+    products = math.prod(shape) * math.prod(shape_a[k] for k in axes_a)
+    if products > MAX_CONTRACTION:
+        raise DimensionError(f"{op}: {products} products per pair exceed the limit of {MAX_CONTRACTION}")
+    out_shape = [0] * len(shape)
+    for k, size in enumerate(shape):
+        out_shape[permute[k]] = size
+    return TensorAxes(tuple(shape_a), tuple(shape_b), tuple(axes_a), tuple(axes_b), permute, free_a, free_b,
+                      tuple(out_shape))
 
 
 def _dim_tensordot(dims, params, op):
-    shape_a, shape_b, axes_a, axes_b, _ = params
-    _tensordot_layout(dims, params, op)
-    return max(1, math.prod(shape_a) * math.prod(shape_b) // math.prod(shape_a[k] for k in axes_a) ** 2)
+    return max(1, math.prod(tensor_axes(dims, params, op).out_shape))
 
 
-def _expand_tensordot(children, params, make):
-    a, b = children
-    return _vector([_total([make("Mult", (_elem(a, k, make), _elem(b, l, make))) for k, l in pairs], make)
-                    for pairs in _tensordot_layout((a.dim, b.dim), params, "TensorDot")], make)
+def _np_tensordot(a, b, params, out_dim, **_):
+    """numpy.tensordot over the last axis of `a` and `b` (leading axes broadcast), as einsum subscripts."""
+    t = tensor_axes((a.shape[-1], b.shape[-1]), params, "TensorDot")
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    sub_a = [next(letters) for _ in t.shape_a]
+    sub_b = [next(letters) for _ in t.shape_b]
+    for k, l in zip(t.axes_a, t.axes_b):
+        sub_b[l] = sub_a[k]
+    order = [sub_a[k] for k in t.free_a] + [sub_b[k] for k in t.free_b]
+    out = [""] * len(order)
+    for k, letter in enumerate(order):
+        out[t.permute[k]] = letter
+    lead = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    result = np.einsum(f"...{''.join(sub_a)},...{''.join(sub_b)}->...{''.join(out)}",
+                       a.reshape(a.shape[:-1] + t.shape_a), b.reshape(b.shape[:-1] + t.shape_b))
+    return result.reshape(lead + (out_dim,))
+
+
+def _ind(values) -> str:
+    return f"Ind({','.join(map(str, values))})"
+
+
+def _grad_tensordot(params):
+    """TensorDot is linear in each operand: its cotangents are TensorDots of g (the output's shape) with the other
+    operand, contracting the other operand's free axes, permuted back into the operand's axis order."""
+    shape_a, shape_b, axes_a, axes_b, permute = params
+    free_a = tuple(k for k in range(len(shape_a)) if k not in axes_a)
+    free_b = tuple(k for k in range(len(shape_b)) if k not in axes_b)
+    permute = tuple(permute) or tuple(range(len(free_a) + len(free_b)))
+    shape = [shape_a[k] for k in free_a] + [shape_b[k] for k in free_b]
+    g_shape = [0] * len(shape)
+    for k, size in enumerate(shape):
+        g_shape[permute[k]] = size
+
+    def cotangent(other, shape_other, free_mine, free_other, axes_mine, axes_other, offset_mine, offset_other):
+        # contract g's axes holding the other operand's free axes with those axes of the other operand
+        axes_g = [permute[offset_other + j] for j in range(len(free_other))]
+        # the result: g's remaining axes (by position in g), then the other operand's contracted axes (in order)
+        kept = sorted(range(len(free_mine)), key=lambda k: permute[offset_mine + k])
+        lands = [free_mine[k] for k in kept] + [axes_mine[axes_other.index(l)] for l in sorted(axes_other)]
+        return (f"TensorDot(g, {other}, {_ind(g_shape)}, {_ind(shape_other)}, {_ind(axes_g)}, "
+                f"{_ind(free_other)}, {_ind(lands)})")
+
+    return (cotangent("y", shape_b, free_a, free_b, axes_a, axes_b, 0, len(free_a)),
+            cotangent("x", shape_a, free_b, free_a, axes_b, axes_a, len(free_a), 0))
 
 
 def _kron_params(params, op):
@@ -352,7 +405,7 @@ def _dim_kron(dims, params, op):
 
 
 def _expand_kron(children, params, make):
-    return _expand_tensordot(children, _kron_params(params, "Kron"), make)
+    return make("TensorDot", children, _kron_params(params, "Kron"))
 
 
 def _dim_weight(kind):
@@ -676,7 +729,7 @@ ROWS: list[Op] = [
     Op("NotEqual", 2, dim=_broadcast, expand="IntCst(1)-Step(x-y)*Step(y-x)"),
     # Tensors stored row-major in vectors
     Op("TensorDot", 2, ("shape_a", "shape_b", "axes_a", "axes_b", "permute"), dim=_dim_tensordot,
-       expand=_expand_tensordot, lists=("shape_a", "shape_b", "axes_a", "axes_b", "permute"), defaults=((),),
+       numpy=_np_tensordot, grad=_grad_tensordot, lists=("shape_a", "shape_b", "axes_a", "axes_b", "permute"), defaults=((),),
        doc="numpy.tensordot(a, b, (axes_a, axes_b)), output axes optionally permuted"),
     Op("Kron", 2, ("shape_a", "shape_b"), dim=_dim_kron, expand=_expand_kron, lists=("shape_a", "shape_b"),
        doc="numpy.kron of tensors with the same number of axes"),
