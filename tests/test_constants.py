@@ -15,7 +15,6 @@ from kred.engine.backends import get_backend, nvrtc
 from kred.engine.codegen import cuda as template
 from kred.engine.numpy import Genred
 from kred.engine.plan import constant_slots
-from test_cuda_emulated import emulated_gpu  # noqa: F401  (the fixture)
 
 from kred.numpy import LazyTensor
 
