@@ -59,6 +59,8 @@ class Job:
         self.bytes_fetched: Counter = Counter()     # worker name -> bytes it fetched from the object store
         self.blocks_read: dict[str, dict] = {}      # worker name -> {block key: bytes} its shards read
         self.first_shard: dict[str, float] = {}     # worker name -> seconds from its start to its first shard
+        self.shards_by_node: Counter = Counter()    # node address -> shards whose result came from there
+        self.started, self.seconds = time.monotonic(), None     # wall time of the job once it ended
         pool.job_started()
         pool.wanted(len(shards))
         self._thread = threading.Thread(target=self._run, name=f"kred-job-{self.id}", daemon=True)
@@ -104,6 +106,13 @@ class Job:
         """Per worker, the bytes of the distinct blocks its shards read (what an ideal cache would fetch)."""
         return {name: sum(blocks.values()) for name, blocks in self.blocks_read.items()}
 
+    def summary(self) -> dict:
+        """Where the job's shards were computed and what it cost (logged by the service's cluster driver)."""
+        return {"shards": len(self.shards), "by_node": dict(sorted(self.shards_by_node.items())),
+                "seconds": None if self.seconds is None else round(self.seconds, 3), "lost": self.lost,
+                "retries": self.retries, "duplicates": self.duplicates,
+                "bytes_fetched": int(sum(self.bytes_fetched.values()))}
+
     def _show_progress(self, timeout):
         from tqdm.auto import tqdm
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -124,6 +133,7 @@ class Job:
         else:
             self._future.set_result(result)
         finally:
+            self.seconds = time.monotonic() - self.started
             self._arrays = None          # the object store keeps what workers still need
             self._pool.job_finished()
 
@@ -179,6 +189,7 @@ class Job:
                         continue
                     if assembler.add(shard, state):
                         self._done += 1
+                        self.shards_by_node[worker.info.get("node_ip", worker.spec.name)] += 1
                         for other in [r for r, (s, _) in running.items() if s.index == shard.index]:
                             ray.cancel(other)          # a straggler's copy: no longer needed
                             load[running.pop(other)[1]] -= 1

@@ -40,7 +40,8 @@ class ShardWorker:
             backend = get_backend(self.backend_name).name
         except BackendError as e:      # reported by the first shard, as the job's error
             backend = f"unavailable ({e})"
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "threads": self.threads, "backend": backend,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 

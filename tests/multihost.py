@@ -1,0 +1,166 @@
+"""Hosts for the multi-host tests: Linux network namespaces on a private subnet, each with its own disk.
+
+A host is a network namespace (its own interfaces, address, ports and loopback) joined by a veth pair to a bridge
+that lives in a namespace of its own (the switch), so nothing is added to this machine's own network. Each host
+also has its own mount namespace with private tmpfs on /tmp and /dev/shm (and HOME, the kernel cache and Ray's
+session folder under /tmp): no process of one host can read a file another host wrote there, nor map its shared
+memory. A holder process (`sleep`) keeps the mount namespace alive; every command of the host enters both
+namespaces with `nsenter`. Everything a host ran is found again by namespace (`ip netns pids`) and killed by PID;
+`close()` deletes the namespaces. Needs root and iproute2 (`ip netns`).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]        # the source tree: every host imports kred from it
+PYTHON = sys.executable                            # and runs this interpreter (its venv's bin/ is on PATH)
+HOLDER = ("mount -t tmpfs -o size=1g,mode=1777 tmpfs /tmp && mount -t tmpfs -o size=1g tmpfs /dev/shm && "
+          "mkdir -p /tmp/home && echo ready && exec sleep 100000")
+
+
+def unavailable() -> str | None:
+    """Why network namespaces cannot be made here (None when they can)."""
+    if os.geteuid() != 0:
+        return "the multi-host tests make network namespaces and must run as root (CI does)"
+    for tool in ("ip", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            return f"the multi-host tests need `{tool}` (iproute2 / util-linux): apt-get install iproute2 util-linux"
+    probe = f"kred-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode:
+        return f"`ip netns add` failed: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def sh(*args, check=True, **kw) -> subprocess.CompletedProcess:
+    done = subprocess.run(list(args), capture_output=True, text=True, timeout=30, **kw)
+    if check and done.returncode:
+        raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+    return done
+
+
+class Host:
+    """One namespace host: `popen`/`run` a command inside it; `kill()` everything it runs."""
+
+    def __init__(self, net: Subnet, name: str, address: str, env: dict):
+        self.net, self.name, self.address = net, name, address
+        self.netns = f"{net.prefix}-{name}"
+        self.env = env
+        self.logs = net.logs / name
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.holder = None
+
+    def environ(self, extra: dict | None = None) -> dict:
+        return {"PATH": f"{Path(PYTHON).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "HOME": "/tmp/home", "XDG_CACHE_HOME": "/tmp/home/.cache", "PYTHONPATH": str(ROOT),
+                "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                "LANG": "C.UTF-8", **self.env, **(extra or {})}
+
+    def _enter(self, argv: list[str]) -> list[str]:
+        return ["nsenter", "--target", str(self.holder.pid), "--mount", "--net", "--", *argv]
+
+    def popen(self, argv: list[str], log: str, env: dict | None = None, **kw) -> subprocess.Popen:
+        """Start `argv` in this host; its stdout and stderr go to logs/<host>/<log> (unless `stdout` is given)."""
+        if "stdout" not in kw:
+            kw["stdout"] = open(self.logs / log, "ab")
+            kw.setdefault("stderr", subprocess.STDOUT)
+        return subprocess.Popen(self._enter(argv), env=self.environ(env), cwd=ROOT, **kw)
+
+    def run(self, argv: list[str], log: str, env: dict | None = None, timeout: float = 120) -> str:
+        """Run `argv` to its end in this host; its output (raises with the log's tail if it failed)."""
+        process = self.popen(argv, log, env)
+        try:
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise RuntimeError(f"{self.name}: {argv[:3]} took more than {timeout} s:\n{self.tail(log)}") from None
+        if code:
+            raise RuntimeError(f"{self.name}: {argv[:3]} exited with {code}:\n{self.tail(log)}")
+        return (self.logs / log).read_text(errors="replace")
+
+    def tail(self, log: str, chars: int = 4000) -> str:
+        path = self.logs / log
+        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+    def pids(self) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def kill(self) -> None:
+        """The host fails: every process in its namespace gets SIGKILL (by PID), the holder included."""
+        for _ in range(20):               # a dying Ray can start processes while it goes: until none is left
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+
+
+class Subnet:
+    """Hosts on 10.<a>.<b>.0/24 behind one bridge; `add(name)` makes one; `close()` removes everything."""
+
+    def __init__(self, logs: Path, env: dict | None = None):
+        tag = os.getpid() % 100000
+        self.prefix = f"kred{tag}"
+        self.base = f"10.{200 + tag % 50}.{tag % 250}"
+        self.logs, self.env = Path(logs), dict(env or {})
+        self.hosts: dict[str, Host] = {}
+        self.switch = f"{self.prefix}-switch"
+        self._made: list[str] = []
+        sh("ip", "netns", "add", self.switch)
+        self._made.append(self.switch)
+        sh("ip", "netns", "exec", self.switch, "ip", "link", "add", "br0", "type", "bridge")
+        sh("ip", "netns", "exec", self.switch, "ip", "link", "set", "br0", "up")
+
+    def address(self, k: int) -> str:
+        return f"{self.base}.{k}"
+
+    def add(self, name: str) -> Host:
+        k = len(self.hosts) + 1
+        host = Host(self, name, self.address(k), self.env)
+        sh("ip", "netns", "add", host.netns)
+        self._made.append(host.netns)
+        outer, inner = f"{self.prefix}v{k}", f"{self.prefix}h{k}"     # at most 15 characters each
+        sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+        sh("ip", "link", "set", outer, "netns", self.switch)
+        sh("ip", "link", "set", inner, "netns", host.netns)
+        inside = ["ip", "netns", "exec", host.netns]
+        sh("ip", "netns", "exec", self.switch, "ip", "link", "set", outer, "master", "br0", "up")
+        sh(*inside, "ip", "link", "set", inner, "name", "eth0")
+        sh(*inside, "ip", "addr", "add", f"{host.address}/24", "dev", "eth0")
+        sh(*inside, "ip", "link", "set", "eth0", "up")
+        sh(*inside, "ip", "link", "set", "lo", "up")
+        # A default route through eth0 (nothing answers past the subnet): programs that find their own address by
+        # "connecting" a UDP socket to a public one (Ray does) find this host's address rather than loopback.
+        sh(*inside, "ip", "route", "add", "default", "dev", "eth0")
+        host.holder = subprocess.Popen([*inside, "unshare", "--mount", "--propagation", "private", "sh", "-c", HOLDER],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = host.holder.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"host {name}: its mount namespace failed: {host.holder.stderr.read()}")
+        self.hosts[name] = host
+        return host
+
+    def remove(self, name: str) -> None:
+        host = self.hosts.pop(name)
+        host.kill()
+        subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
+        self._made.remove(host.netns)
+
+    def close(self) -> None:
+        for name in list(self.hosts):
+            self.remove(name)
+        for netns in self._made:          # the switch (its bridge and veth ends go with it)
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        self._made = []

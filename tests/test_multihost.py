@@ -1,0 +1,208 @@
+"""kred on a cluster of separate hosts: Linux network namespaces on a private subnet (tests/multihost.py), each
+with its own address, its own /tmp, HOME and /dev/shm, so that no process reads a file or maps memory of another.
+
+    store   an S3-compatible object store (moto's server)
+    head    `ray start --head` (no CPUs for work), `kred serve --ray-address auto` on its subnet address
+    w1, w2  `ray start --address head:6379`, one CPU each: kred's workers
+    client  `kred.Client` over TCP (shared memory refused: it is another host; arrays travel as Arrow)
+    w3      joins in the middle of a job
+
+The server and every worker get the object store's endpoint and credentials from their environment only
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, read by pyarrow's S3FileSystem); the server's dataset
+roots are `s3://kred-data/`. Results are compared with dense numpy in float64. The cluster driver logs one line per
+job with where its shards ran (`by_node`: node address -> shards), which tells which hosts took part.
+
+Needs root and iproute2 (CI runs as root): elsewhere these tests fail, saying so, rather than being skipped.
+The whole module takes about a minute; everything it starts is killed by namespace and the namespaces deleted.
+`KRED_MULTIHOST_RESULTS=path.json` saves the runs' shard distributions and timings (benchmarks/results/).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import multihost
+from multihost_client import data, unpacked
+
+pytestmark = pytest.mark.timeout(240)
+
+TOKEN = "multihost-test-token"
+BUCKET = "kred-data"
+MB = 1024 * 1024
+RUNS: dict = {}                   # what the module measured, for KRED_MULTIHOST_RESULTS
+HEAD_CONFIG = json.dumps({"health_check_period_ms": 500, "health_check_timeout_ms": 1000,
+                          "health_check_failure_threshold": 4})    # a lost host is noticed within seconds
+
+
+def oracle(x, y, b):
+    """sum_j (x_i . y_j)^2 b_j = x_i^T (sum_j b_j y_j y_j^T) x_i, dense numpy in float64."""
+    return np.einsum("nd,de,ne->n", x, (y * b).T @ y, x)
+
+
+class Cluster:
+    def __init__(self, logs: Path):
+        self.net = multihost.Subnet(logs)
+        try:
+            self._start()
+        except BaseException:
+            self.net.close()
+            raise
+
+    def _start(self) -> None:
+        self.store = self.net.add("store")
+        self.endpoint = f"http://{self.store.address}:5000"
+        self.net.env.update(AWS_ENDPOINT_URL=self.endpoint, AWS_ACCESS_KEY_ID="kred-test",
+                            AWS_SECRET_ACCESS_KEY="kred-test-secret", AWS_DEFAULT_REGION="us-east-1")
+        self.moto = self.store.popen([multihost.PYTHON, "-m", "moto.server", "-H", self.store.address, "-p", "5000"],
+                                     "moto.log")
+        self.wait_log(self.store, "moto.log", "Running on", 60, self.moto)
+        self.head = self.net.add("head")
+        self.head.run(["ray", "start", "--head", "--node-ip-address", self.head.address, "--port", "6379",
+                       "--num-cpus", "0", "--object-store-memory", str(80 * MB), "--include-dashboard=false",
+                       "--disable-usage-stats", f"--system-config={HEAD_CONFIG}"], "ray-start.log")
+        self.workers = {}
+        starting = [self.start_worker(name) for name in ("w1", "w2")]
+        for host, process in starting:
+            self.joined(host, process)
+        self.client = self.net.add("client")
+        self.url = f"http://{self.head.address}:8000"
+        self.server = self.head.popen([multihost.PYTHON, "-m", "kred", "serve", "--ray-address", "auto",
+                                       "--host", self.head.address, "--port", "8000"], "serve.log",
+                                      env={"KRED_TOKEN": TOKEN, "KRED_DATASET_ROOTS": f'["s3://{BUCKET}/"]',
+                                           "KRED_LOCAL_BELOW_PAIRS": "0", "KRED_STORE_DIR": "/tmp/jobs"})
+        self.wait_log(self.head, "serve.log", "kred serve: http://", 180, self.server)
+
+    def start_worker(self, name: str):
+        host = self.net.add(name)
+        process = host.popen(["ray", "start", "--address", f"{self.head.address}:6379", "--node-ip-address",
+                              host.address, "--num-cpus", "1", "--object-store-memory", str(80 * MB),
+                              "--disable-usage-stats"], "ray-start.log")
+        return host, process
+
+    def joined(self, host, process, timeout: float = 120) -> None:
+        if process.wait(timeout):
+            raise RuntimeError(f"{host.name}: ray start failed:\n{host.tail('ray-start.log')}")
+        self.workers[host.name] = host
+
+    @staticmethod
+    def wait_log(host, log: str, text: str, timeout: float, process) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in host.tail(log, 1 << 20):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{process.args[5:8]} did not start on {host.name}:\n{host.tail(log)}")
+            time.sleep(0.2)
+
+    def call(self, action: str, **args):
+        """Run the client host's script; its JSON lines (the last one is the result)."""
+        argv = [multihost.PYTHON, str(Path(__file__).with_name("multihost_client.py")), action,
+                json.dumps({"url": self.url, "token": TOKEN, "bucket": BUCKET, **args})]
+        return self.client.popen(argv, f"{action}.log", stdout=subprocess.PIPE,
+                                 stderr=open(self.client.logs / f"{action}.err", "ab"), text=True)
+
+    def finish(self, process, action: str, timeout: float = 120) -> dict:
+        out, _ = process.communicate(timeout=timeout)
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert process.returncode == 0 and lines, self.client.tail(f"{action}.err")
+        return lines[-1]
+
+    def jobs(self) -> list[dict]:
+        """The cluster driver's line per finished job, in order."""
+        text = self.head.tail("serve.log", 1 << 22)
+        return [json.loads(m.group(1)) for m in re.finditer(r"kred\.service\.cluster\.jobs: job \d+ (\{.*\})", text)]
+
+    def close(self) -> None:
+        self.net.close()
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    why = multihost.unavailable()
+    if why is not None:
+        pytest.fail(f"multi-host tests cannot run: {why}", pytrace=False)
+    cluster = None
+    try:
+        cluster = Cluster(tmp_path_factory.mktemp("hosts"))
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.close()
+        if RUNS and os.environ.get("KRED_MULTIHOST_RESULTS"):
+            Path(os.environ["KRED_MULTIHOST_RESULTS"]).write_text(json.dumps(RUNS, indent=1))
+
+
+def addresses(hosts, *names):
+    return {hosts.net.hosts[name].address for name in names}
+
+
+def test_hosts_are_separate(hosts):
+    """Each host has its own address and its own /tmp: a file written on one is not there on another."""
+    hosts.head.run(["sh", "-c", "echo head > /tmp/mark && ip -4 -o addr show eth0"], "separate.log")
+    seen = hosts.workers["w1"].run(["sh", "-c", "cat /tmp/mark 2>/dev/null || echo absent; ip -4 -o addr show eth0"],
+                                   "separate.log")
+    assert "absent" in seen and hosts.workers["w1"].address in seen and hosts.head.address not in seen
+
+
+def test_reduction_spread_over_the_hosts(hosts):
+    n, m, d = 12_000, 4_000, 64
+    result = hosts.finish(hosts.call("reduce", seed=1, n=n, m=m, d=d), "reduce")
+    assert result["shared_memory"] is False                 # the client is on another host: Arrow
+    assert result["shm_refusal"] and "shared memory" in result["shm_refusal"]
+    np.testing.assert_allclose(unpacked(result["result"])[:, 0], oracle(*data(1, n, m, d)), rtol=1e-10)
+    job = hosts.jobs()[-1]
+    assert set(job["by_node"]) == addresses(hosts, "w1", "w2"), job       # shards on each worker host
+    RUNS["reduce"] = {"n": n, "m": m, "d": d, "client_seconds": result["seconds"], **job}
+
+
+def test_dataset_job_on_the_object_store(hosts):
+    n, m, d = 6_000, 2_000, 64
+    hosts.finish(hosts.call("upload", seed=2, n=n, m=m, d=d, prefix="small", rows_per_group=500), "upload")
+    result = hosts.finish(hosts.call("dataset_job", d=d, prefix="small"), "dataset_job")
+    assert result["files"] == n // 500, result
+    np.testing.assert_allclose(unpacked(result["result"]), oracle(*data(2, n, m, d)),
+                               rtol=1e-10)
+    job = hosts.jobs()[-1]
+    assert set(job["by_node"]) == addresses(hosts, "w1", "w2") and job["shards"] == n // 500, job
+    RUNS["dataset"] = {"n": n, "m": m, "d": d, "client_seconds": result["seconds"], **job}
+
+
+def test_hosts_leave_and_join_mid_job(hosts):
+    """w2 fails (every process killed) while the job runs and w3 joins: the result is exact, w3 computes shards."""
+    n, m, d, group = 24_000, 12_000, 128, 400
+    hosts.finish(hosts.call("upload", seed=3, n=n, m=m, d=d, prefix="big", rows_per_group=group), "upload")
+    before = len(hosts.jobs())
+    job = hosts.call("dataset_job", d=d, prefix="big")
+    joining = {}
+    events = []
+    for line in job.stdout:
+        event = json.loads(line)
+        events.append(event)
+        if "submitted" in event:                # w3 starts joining now; its Ray start takes seconds
+            thread = threading.Thread(target=lambda: joining.update(w3=hosts.start_worker("w3")))
+            thread.start()
+        if event.get("progress", 0) >= 0.1 and "w2" in hosts.workers:
+            hosts.net.remove("w2")              # the host fails: every process in it killed, its network gone
+            del hosts.workers["w2"]
+            removed_at = event["progress"]
+        if "result" in event or "failed" in event:
+            break
+    thread.join(60)
+    job.wait(30)
+    hosts.joined(*joining["w3"])
+    result = events[-1]
+    assert "result" in result, result
+    np.testing.assert_allclose(unpacked(result["result"]), oracle(*data(3, n, m, d)), rtol=1e-10)
+    summary = hosts.jobs()[before]
+    assert summary["lost"] >= 1, summary                                    # w2's shards were lost, and redone
+    w3 = hosts.workers["w3"].address
+    assert summary["by_node"].get(w3, 0) >= 1, summary                     # the host that joined took shards
+    RUNS["leave_join"] = {"n": n, "m": m, "d": d, "client_seconds": result["seconds"],
+                          "w2_removed_at_progress": removed_at, "w3": w3, **summary}
