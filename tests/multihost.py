@@ -10,7 +10,9 @@ namespaces with `nsenter`. Everything a host ran is found again by namespace (`i
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]        # the source tree: every host 
 PYTHON = sys.executable                            # and runs this interpreter (its venv's bin/ is on PATH)
 HOLDER = ("mount -t tmpfs -o size=1g,mode=1777 tmpfs /tmp && mount -t tmpfs -o size=1g tmpfs /dev/shm && "
           "mkdir -p /tmp/home && echo ready && exec sleep 100000")
+
+
+TOKEN = "multihost-test-token"
+BUCKET = "kred-data"
+MB = 1024 * 1024
+HEAD_CONFIG = json.dumps({"health_check_period_ms": 500, "health_check_timeout_ms": 1000,
+                          "health_check_failure_threshold": 4})    # a lost host is noticed within seconds
 
 
 def unavailable() -> str | None:
@@ -164,3 +173,82 @@ class Subnet:
         for netns in self._made:          # the switch (its bridge and veth ends go with it)
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         self._made = []
+
+
+class Deployment:
+    """kred on namespace hosts: an object store, a Ray head running `kred serve --ray-address auto`, worker hosts
+    (`workers`: name -> CPUs) and a client host that runs tests/multihost_client.py."""
+
+    def __init__(self, logs: Path, workers: dict | None = None):
+        self.cpus = workers or {"w1": 1, "w2": 1}
+        self.net = Subnet(logs)
+        try:
+            self._start()
+        except BaseException:
+            self.net.close()
+            raise
+
+    def _start(self) -> None:
+        self.store = self.net.add("store")
+        self.endpoint = f"http://{self.store.address}:5000"
+        self.net.env.update(AWS_ENDPOINT_URL=self.endpoint, AWS_ACCESS_KEY_ID="kred-test",
+                            AWS_SECRET_ACCESS_KEY="kred-test-secret", AWS_DEFAULT_REGION="us-east-1")
+        self.moto = self.store.popen([PYTHON, "-m", "moto.server", "-H", self.store.address, "-p", "5000"],
+                                     "moto.log")
+        self.wait_log(self.store, "moto.log", "Running on", 60, self.moto)
+        self.head = self.net.add("head")
+        self.head.run(["ray", "start", "--head", "--node-ip-address", self.head.address, "--port", "6379",
+                       "--num-cpus", "0", "--object-store-memory", str(80 * MB), "--include-dashboard=false",
+                       "--disable-usage-stats", f"--system-config={HEAD_CONFIG}"], "ray-start.log")
+        self.workers = {}
+        starting = [self.start_worker(name, cpus) for name, cpus in self.cpus.items()]
+        for host, process in starting:
+            self.joined(host, process)
+        self.client = self.net.add("client")
+        self.url = f"http://{self.head.address}:8000"
+        self.server = self.head.popen([PYTHON, "-m", "kred", "serve", "--ray-address", "auto",
+                                       "--host", self.head.address, "--port", "8000"], "serve.log",
+                                      env={"KRED_TOKEN": TOKEN, "KRED_DATASET_ROOTS": f'["s3://{BUCKET}/"]',
+                                           "KRED_LOCAL_BELOW_PAIRS": "0", "KRED_STORE_DIR": "/tmp/jobs"})
+        self.wait_log(self.head, "serve.log", "kred serve: http://", 180, self.server)
+
+    def start_worker(self, name: str, cpus: int = 1):
+        host = self.net.add(name)
+        process = host.popen(["ray", "start", "--address", f"{self.head.address}:6379", "--node-ip-address",
+                              host.address, "--num-cpus", str(cpus), "--object-store-memory", str(80 * MB),
+                              "--disable-usage-stats"], "ray-start.log")
+        return host, process
+
+    def joined(self, host, process, timeout: float = 120) -> None:
+        if process.wait(timeout):
+            raise RuntimeError(f"{host.name}: ray start failed:\n{host.tail('ray-start.log')}")
+        self.workers[host.name] = host
+
+    @staticmethod
+    def wait_log(host, log: str, text: str, timeout: float, process) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in host.tail(log, 1 << 20):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{process.args[5:8]} did not start on {host.name}:\n{host.tail(log)}")
+            time.sleep(0.2)
+
+    def call(self, action: str, **args):
+        """Run the client host's script; its JSON lines (the last one is the result)."""
+        argv = [PYTHON, str(Path(__file__).with_name("multihost_client.py")), action,
+                json.dumps({"url": self.url, "token": TOKEN, "bucket": BUCKET, **args})]
+        return self.client.popen(argv, f"{action}.log", stdout=subprocess.PIPE,
+                                 stderr=open(self.client.logs / f"{action}.err", "ab"), text=True)
+
+    def finish(self, process, action: str, timeout: float = 120) -> dict:
+        out, _ = process.communicate(timeout=timeout)
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert process.returncode == 0 and lines, self.client.tail(f"{action}.err")
+        return lines[-1]
+
+    def jobs(self) -> list[dict]:
+        """The cluster driver's line per finished job, in order."""
+        text = self.head.tail("serve.log", 1 << 22)
+        return [json.loads(m.group(1)) for m in re.finditer(r"kred\.service\.cluster\.jobs: job \d+ (\{.*\})", text)]
+
+    def close(self) -> None:
+        self.net.close()

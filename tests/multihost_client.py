@@ -93,7 +93,7 @@ def dataset_job(args: dict) -> None:
     with client(args) as c:
         inputs = {"x": f"{root}/x/", "y": f"{root}/y.parquet", "b": f"{root}/b.parquet"}
         start = time.monotonic()
-        job = c.submit_dataset(FORMULA, aliases(args["d"]), inputs, f"{root}/out/", axis=1)
+        job = c.submit_dataset(FORMULA, aliases(args["d"]), inputs, f"{root}/{args.get('out', 'out')}/", axis=1)
         say(submitted=job.id)
         while (info := job.status())["state"] not in ("done", "failed", "cancelled"):
             say(progress=info["progress"])
@@ -103,7 +103,7 @@ def dataset_job(args: dict) -> None:
             say(failed=info)
             return
     fs = store(args)
-    listed = fs.get_file_info(pafs.FileSelector(f"{args['bucket']}/{args['prefix']}/out"))
+    listed = fs.get_file_info(pafs.FileSelector(f"{args['bucket']}/{args['prefix']}/{args.get('out', 'out')}"))
     files = sorted(f.path for f in listed if f.base_name.startswith("part-"))
     out = np.concatenate([pq.read_table(f, filesystem=fs).column("value_0").to_numpy() for f in files])
     say(result=packed(out), seconds=seconds, info=info, files=len(files))
