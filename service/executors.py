@@ -21,7 +21,7 @@ from kred.engine.backends import get_backend
 from kred.engine.errors import BackendError
 from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
-from kred.engine.run import backend_name, run, run_checked
+from kred.engine.run import backend_name, run_checked
 
 Progress = Callable[[float], None]
 Flag = Callable[[], bool]
