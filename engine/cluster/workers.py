@@ -65,11 +65,11 @@ class ShardWorker:
             state = (bound.partial(plan, arrays, (0, r1 - r0), (0, c1 - c0), on_device=True) if keep else
                      bound.partial(plan, arrays, (0, r1 - r0), (0, c1 - c0)))      # numpy, any backend
             states.append(shift_indices(plan, state, c0))
-        state = merge_all(plan.reduction, states)     # on the device, when kept: the reductions' numpy code
-        if keep:                                      # runs on CuPy arrays (NumPy's dispatch to their module)
-            self.held.setdefault(hold, {})[shard.index] = (shard, state)
+        if keep:
+            merged = _merged_on_device(plan.reduction, states)
+            self.held.setdefault(hold, {})[shard.index] = (shard, states if merged is None else [merged])
             return None, self.cache.fetched - before
-        return state, self.cache.fetched - before
+        return merge_all(plan.reduction, states), self.cache.fetched - before
 
     def collect(self, hold: str, plan, indices: list[int]) -> list[tuple]:
         """The states held for job `hold` of the shards `indices` (the others were copies that lost), merged on the
@@ -77,14 +77,17 @@ class ShardWorker:
         held = self.held.pop(hold, {})
         blocks: dict[int, list] = {}
         for index in sorted(indices):
-            shard, state = held[index]
-            blocks.setdefault(shard.block, []).append((shard.part, state))
-        merged = []
+            shard, states = held[index]
+            blocks.setdefault(shard.block, []).append((shard.part, states))
+        merged = []                # (block, parts, states: one when merged on the device, else all of them)
         for block, parts in sorted(blocks.items()):
             parts.sort(key=lambda part: part[0])
-            merged.append((block, tuple(p for p, _ in parts), merge_all(plan.reduction, [s for _, s in parts])))
-        host = _to_host([state for _, _, state in merged])
-        return [(block, parts, state) for (block, parts, _), state in zip(merged, host)]
+            states = [state for _, states in parts for state in states]      # part order, then column order
+            one = _merged_on_device(plan.reduction, states)
+            merged.append((block, tuple(p for p, _ in parts), states if one is None else [one]))
+        host = iter(_to_host([state for _, _, states in merged for state in states]))
+        return [(block, parts, merge_all(plan.reduction, [next(host) for _ in states]))     # on the host: the
+                for block, parts, states in merged]                                         # rest, if any
 
 
     def write_block(self, shard, plan, blocks, readers, out: str, col_readers: dict | None = None) -> tuple:
@@ -125,6 +128,18 @@ class ShardWorker:
         self.cache.forget(keys)
         for key in keys:                 # a job's key: the states it held (a cancelled or failed job)
             self.held.pop(key, None)
+
+
+def _merged_on_device(reduction, states: list[tuple]):
+    """`merge_all` over device arrays: the reductions' numpy code runs on CuPy arrays through NumPy's dispatch to
+    their module. None where that module lacks what the merge uses (CuPy's lexsort has no `axis`: the K-best
+    merges), whose states are then copied as they are and merged on the host."""
+    if len(states) == 1:
+        return states[0]
+    try:
+        return merge_all(reduction, states)
+    except (TypeError, NotImplementedError):
+        return None
 
 
 def _to_host(states: list[tuple]) -> list[tuple]:
