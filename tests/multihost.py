@@ -102,6 +102,19 @@ class Host:
         out = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
+    def signal_processes(self, marker: str, signum: int) -> list[int]:
+        """Send `signum` to this host's processes whose command line holds `marker` (Ray names its actors'
+        processes `ray::ClassName`); their PIDs."""
+        found = []
+        for pid in self.pids():
+            try:
+                if marker in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                    os.kill(pid, signum)
+                    found.append(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return found
+
     def kill(self) -> None:
         """The host fails: every process in its namespace gets SIGKILL (by PID), the holder included."""
         for _ in range(20):               # a dying Ray can start processes while it goes: until none is left

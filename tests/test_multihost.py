@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,23 +93,34 @@ def test_dataset_job_on_the_object_store(hosts):
 
 
 def test_hosts_leave_and_join_mid_job(hosts):
-    """w2 fails (every process killed) while the job runs and w3 joins: the result is exact, w3 computes shards."""
-    n, m, d, group = 24_000, 12_000, 128, 400
+    """w2 fails (every process killed) while the job runs and w3 joins: the result is exact, w3 computes shards.
+    So that w3 surely arrives before the job ends, w1's kred worker is paused (SIGSTOP; its raylet stays up) from
+    w2's loss until the job progresses without it, which only w3 can then make it do."""
+    n, m, d, group = 16_000, 12_000, 128, 400
     hosts.finish(hosts.call("upload", seed=3, n=n, m=m, d=d, prefix="big", rows_per_group=group), "upload")
     before = len(hosts.jobs())
     job = hosts.call("dataset_job", d=d, prefix="big")
-    joining = {}
-    events = []
+    joining, events, paused, joined_at, paused_at = {}, [], [], None, None
+    deadline = time.monotonic() + 150
     for line in job.stdout:
         event = json.loads(line)
         events.append(event)
+        progress = event.get("progress", 0)
         if "submitted" in event:                # w3 starts joining now; its Ray start takes seconds
             thread = threading.Thread(target=lambda: joining.update(w3=hosts.start_worker("w3")))
             thread.start()
-        if event.get("progress", 0) >= 0.1 and "w2" in hosts.workers:
+        if progress >= 0.1 and "w2" in hosts.workers:
             hosts.net.remove("w2")              # the host fails: every process in it killed, its network gone
             del hosts.workers["w2"]
-            removed_at = event["progress"]
+            removed_at = progress
+            paused = hosts.workers["w1"].signal_processes("ShardWorker", signal.SIGSTOP)
+            assert paused, "w1's kred worker process (ray::ShardWorker) was not found"
+            paused_at = time.monotonic()
+        if paused and joined_at is None and not thread.is_alive() and time.monotonic() - paused_at > 2:
+            joined_at = progress                # w3's node is up, and what w1 finished before its pause is counted
+        if paused and ((joined_at is not None and progress > joined_at) or time.monotonic() > deadline):
+            hosts.workers["w1"].signal_processes("ShardWorker", signal.SIGCONT)
+            paused = []
         if "result" in event or "failed" in event:
             break
     thread.join(60)
@@ -121,4 +134,5 @@ def test_hosts_leave_and_join_mid_job(hosts):
     w3 = hosts.workers["w3"].address
     assert summary["by_node"].get(w3, 0) >= 1, summary                     # the host that joined took shards
     RUNS["leave_join"] = {"n": n, "m": m, "d": d, "client_seconds": result["seconds"],
-                          "w2_removed_at_progress": removed_at, "w3": w3, **summary}
+                          "w2_removed_at_progress": removed_at, "w3_joined_at_progress": joined_at, "w3": w3,
+                          **summary}
