@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# torch comes from the default index; its CPU build is pinned where the index has one (README: Install)
+TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | cksum | cut -d' ' -f1)
 
 export RAY_AUTH_MODE ?= disabled
@@ -15,9 +17,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the CPU build of torch is pinned: any other torch request downloads GBs of CUDA packages
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[torch,nvrtc,gpu-static,server,bench,test,docs,examples,clients]"
+	# torch first, so that the extras keep it (a torch request left to pip may pull a CUDA build: GBs)
+	$(PY) -m pip install -q "$(TORCH)"
+	# nvrtc and gpu-static: the CUDA wheels the CPU tests need (NVRTC compiles, cuobjdump); CuPy only in test-gpu
+	$(PY) -m pip install -q -e ".[torch,nvrtc,gpu-static,server,bench,test,docs,examples,clients,lint]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -47,6 +50,10 @@ serve: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# ruff, configured in pyproject.toml ([tool.ruff]: pyflakes and syntax errors)
+lint: install
+	$(VENV)/bin/ruff check .
 
 # the documentation site, offline, into site/ (warnings are errors: mkdocs.yml sets strict)
 docs: install

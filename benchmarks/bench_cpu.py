@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 
 from .run import RESULTS, ROOT, host_kind, machine_info, run_worker

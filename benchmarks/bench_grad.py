@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cases import Case, chunked_rows, max_relative_error, points, register_case, sqdist
+from .cases import Case, max_relative_error, points, register_case, sqdist
 from .peers import Impl, _engine_available, _pykeops_available, register_impl
 
 FORWARD = "Exp(-SqDist(x, y)) * b"

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import weakref
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError as e:    # the light client ('kred[client]') has no torch
+    raise ModuleNotFoundError("kred.client.torch needs torch: pip install 'kred[client,torch]'", name="torch") from e
 
 from kred.engine.torch.lazytensor import LazyTensor as _LocalLazyTensor
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ArgumentError, FormulaError
-from .formula import I, J, make, var
+from .formula import I, J, var
 from .frontend import check_sum_scheme
 from .formula.autodiff import grad, substitute
 from .plan import Plan, plan_from_nodes, swap_ij

@@ -16,6 +16,7 @@ Ray processes that child started.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import multiprocessing
 import pickle
@@ -29,6 +30,7 @@ from kred.engine.errors import BackendError
 from .errors import Interrupted
 
 log = logging.getLogger("kred.service.cluster")
+jobs_log = logging.getLogger("kred.service.cluster.jobs")
 START_TIMEOUT_S = 300.0        # a cold Ray start on a busy machine
 CLOSE_TIMEOUT_S = 30.0
 EXIT_WAIT_S = 5.0              # for a driver whose pipe closed to exit by itself
@@ -225,6 +227,8 @@ class RemoteCluster:
 def serve(conn, address, options) -> None:
     """The driver process: a Cluster, answering the parent's requests until told to close (or orphaned)."""
     _die_with_parent()
+    _leave_interrupts_to_parent()
+    _log_to_stderr()
     try:
         from kred.engine.cluster import Cluster
         cluster = Cluster(address, **options)
@@ -252,6 +256,8 @@ def serve(conn, address, options) -> None:
             else:
                 send(("done", job_id, result))
             jobs.pop(job_id, None)
+            # one line per job: where its shards ran (operators see a cluster's balance; the multi-host test reads it)
+            jobs_log.info("job %d %s", job_id, json.dumps(job.summary()))
             return
 
     send(("ready", 0, None))
@@ -285,6 +291,23 @@ def _portable(error: BaseException) -> BaseException:
         return error
     except Exception:                     # noqa: BLE001
         return BackendError(f"{type(error).__name__}: {error}")
+
+
+def _leave_interrupts_to_parent() -> None:
+    """Ctrl-C reaches every process of the terminal's group: the server shuts down on it and closes this driver
+    through the pipe, so here it is ignored (else a KeyboardInterrupt traceback interrupts whatever was running)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _log_to_stderr() -> None:
+    """The spawned driver has no logging set up: its INFO lines (one per job) go to stderr, like the server's."""
+    if not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        jobs_log.addHandler(handler)
+        jobs_log.setLevel(logging.INFO)
+        jobs_log.propagate = False
 
 
 def _die_with_parent() -> None:

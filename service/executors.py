@@ -20,7 +20,7 @@ import numpy as np
 from kred.engine.backends import get_backend
 from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
-from kred.engine.run import backend_name, run, run_checked
+from kred.engine.run import backend_name, run_checked
 
 from .cluster_driver import RemoteCluster
 from .errors import Interrupted  # noqa: F401  (job_manager reads the executors' errors from here)

@@ -237,7 +237,7 @@ def test_torch_forward_and_backward_on_the_gpu(torch_cuda):
 def test_forked_children_use_the_gpu(tmp_path):
     """The parent imports the engine and resolves backend="auto" (NVML only) before forking: children still
     initialise CUDA themselves and compute."""
-    code = f"""
+    code = """
 import multiprocessing as mp, numpy as np, engine, engine.numpy
 from kred.engine.backends import auto_choice
 assert auto_choice() == "cuda"

@@ -8,7 +8,6 @@ process or partial cache entry behind, and then compile another client's new for
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 
-import httpx
 import pytest
 
 from kred.service.app import create_app

@@ -401,10 +401,12 @@ class CudaBackend(Backend):
                 program = _program(group, dtype, acc, _shared_limit(device.id))
                 cubin_path(program.source, f"sm_{device.compute_capability}")
 
-    def partial(self, plan, arrays, rows, cols):
+    def partial(self, plan, arrays, rows, cols, on_device: bool = False):
+        """The state of a block (numpy); `on_device`: left on the GPU, as CuPy arrays (a cluster worker merges the
+        states of its shards there and copies them to the host once per job)."""
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         acc = plan.acc_dtype(dtype)
-        states = self._run(plan, arrays, rows, cols, final=False, host=True)
+        states = self._run(plan, arrays, rows, cols, final=False, host=not on_device)
         template_state = plan.reduction.identity(0, dtype, acc)
         return tuple(s.reshape((-1,) + like.shape[1:]).astype(like.dtype, copy=False)
                      for s, like in zip(states, template_state))

@@ -10,7 +10,6 @@ import numpy as np
 
 from ..formula import I, J, Node
 from ..formula.ops import OPS
-from ..plan import Plan
 from ..grid import Grid, grid_state
 from .base import Backend
 

@@ -12,6 +12,7 @@ bytes of the distinct blocks its shards read).
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -29,6 +30,12 @@ from .workers import Worker, WorkerPool
 POLL_SECONDS = 0.05          # how often the queue looks at cancellation and at newly started workers
 LOCALITY_SCAN = 64           # queued shards looked at for one whose blocks a worker already holds
 _ids = itertools.count(1)
+
+
+def _lost_errors() -> tuple:
+    import ray
+    return (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+            ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError, ray.exceptions.OutOfMemoryError)
 
 
 class Progress(NamedTuple):
@@ -59,6 +66,10 @@ class Job:
         self.bytes_fetched: Counter = Counter()     # worker name -> bytes it fetched from the object store
         self.blocks_read: dict[str, dict] = {}      # worker name -> {block key: bytes} its shards read
         self.first_shard: dict[str, float] = {}     # worker name -> seconds from its start to its first shard
+        self.shards_by_node: Counter = Counter()    # node address -> shards whose result came from there
+        self.started, self.seconds = time.monotonic(), None     # wall time of the job once it ended
+        self.transfers: Counter = Counter()         # GPU worker name -> copies of held states to the host (one)
+        self._hold = f"job-{os.getpid()}-{self.id}"     # the key under which GPU workers hold this job's states
         pool.job_started()
         pool.wanted(len(shards))
         self._thread = threading.Thread(target=self._run, name=f"kred-job-{self.id}", daemon=True)
@@ -104,6 +115,13 @@ class Job:
         """Per worker, the bytes of the distinct blocks its shards read (what an ideal cache would fetch)."""
         return {name: sum(blocks.values()) for name, blocks in self.blocks_read.items()}
 
+    def summary(self) -> dict:
+        """Where the job's shards were computed and what it cost (logged by the service's cluster driver)."""
+        return {"shards": len(self.shards), "by_node": dict(sorted(self.shards_by_node.items())),
+                "seconds": None if self.seconds is None else round(self.seconds, 3), "lost": self.lost,
+                "retries": self.retries, "duplicates": self.duplicates,
+                "bytes_fetched": int(sum(self.bytes_fetched.values()))}
+
     def _show_progress(self, timeout):
         from tqdm.auto import tqdm
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -124,14 +142,12 @@ class Job:
         else:
             self._future.set_result(result)
         finally:
+            self.seconds = time.monotonic() - self.started
             self._arrays = None          # the object store keeps what workers still need
             self._pool.job_finished()
 
     def _schedule(self):
         import ray
-        lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                       ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError,
-                       ray.exceptions.OutOfMemoryError)
         blocks = JobBlocks(self.plan, self._arrays, self.shards, rows=self._row_blocks)
         self._plan_ref = ray.put(self.plan)
         assembler = Assembler(self.plan.reduction, self.shards)
@@ -144,62 +160,105 @@ class Job:
         running: dict = {}                    # ref -> (shard, worker)
         load: Counter = Counter()             # worker -> shards in flight
         attempts: Counter = Counter()         # shard index -> lost workers
+        held: dict = {}                       # GPU worker -> {shard index: shard} whose states stay on its device
         idle_since = None
         try:
-            while len(assembler.done) < len(self.shards):
-                if self._cancel.is_set():
-                    raise CancelledError()
-                workers = self._pool.poll()
-                idle_since = self._check_workers(workers, running, idle_since)
-                self._dispatch(workers, queue, running, load, blocks)
-                if not running:
-                    time.sleep(POLL_SECONDS)
-                    continue
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
-                for ref in ready:
-                    if ref not in running:     # a copy cancelled while this batch was handled
+            while True:
+                while len(assembler.done) + sum(map(len, held.values())) < len(self.shards):
+                    if self._cancel.is_set():
+                        raise CancelledError()
+                    workers = self._pool.poll()
+                    idle_since = self._check_workers(workers, running, idle_since)
+                    self._dispatch(workers, queue, running, load, blocks)
+                    if not running:
+                        time.sleep(POLL_SECONDS)
                         continue
-                    shard, worker = running.pop(ref)
-                    load[worker] -= 1
-                    try:
-                        # copied out of the object store: results must be writeable and must not pin its memory
-                        state, fetched = ray.get(ref)
-                        state = tuple(np.array(part) for part in state)
-                        self.bytes_fetched[worker.spec.name] += fetched
-                    except ray.exceptions.RayTaskError as e:
-                        if isinstance(e.cause, KredError):
-                            raise e.cause from None     # the engine's own message, once, no retry
-                        raise
-                    except lost_errors as e:
-                        self._pool.lost(worker)
-                        self._retry(shard, e, queue, running, attempts, assembler)
-                        continue
-                    except ray.exceptions.TaskCancelledError as e:     # cancelled by someone else: the worker is fine
-                        self._retry(shard, e, queue, running, attempts, assembler)
-                        continue
-                    if assembler.add(shard, state):
-                        self._done += 1
-                        for other in [r for r, (s, _) in running.items() if s.index == shard.index]:
-                            ray.cancel(other)          # a straggler's copy: no longer needed
-                            load[running.pop(other)[1]] -= 1
+                    ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+                    for ref in ready:
+                        if ref in running:     # else a copy cancelled while this batch was handled
+                            self._receive(ref, running, load, queue, attempts, assembler, held)
+                if not self._collect(held, queue, attempts, assembler):
+                    return self._finish(assembler)
         finally:
             for ref in running:
                 ray.cancel(ref)
             self._pool.broadcast_forget(self._block_keys(blocks))
-        return self._finish(assembler)
+
+    def _receive(self, ref, running, load, queue, attempts, assembler, held) -> None:
+        """A shard's reply: its state (into the assembler), None for a state its GPU worker holds, or a loss."""
+        import ray
+        shard, worker = running.pop(ref)
+        load[worker] -= 1
+        try:
+            # copied out of the object store: results must be writeable and must not pin its memory
+            state, fetched = ray.get(ref)
+            self.bytes_fetched[worker.spec.name] += fetched
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, KredError):
+                raise e.cause from None     # the engine's own message, once, no retry
+            raise
+        except _lost_errors() as e:
+            self._pool.lost(worker)
+            self._retry(shard, e, queue, running, attempts, assembler, held)
+            return
+        except ray.exceptions.TaskCancelledError as e:     # cancelled by someone else: the worker is fine
+            self._retry(shard, e, queue, running, attempts, assembler, held)
+            return
+        if shard.index in assembler.done or any(shard.index in shards for shards in held.values()):
+            return                          # a straggler's copy came second
+        if state is None:
+            held.setdefault(worker, {})[shard.index] = shard
+        else:
+            assembler.add(shard, tuple(np.array(part) for part in state))
+        self._done += 1
+        self.shards_by_node[worker.info.get("node_ip", worker.spec.name)] += 1
+        for other in [r for r, (s, _) in running.items() if s.index == shard.index]:
+            ray.cancel(other)          # a straggler's copy: no longer needed
+            load[running.pop(other)[1]] -= 1
+
+    def _collect(self, held: dict, queue: deque, attempts: Counter, assembler: Assembler) -> bool:
+        """Bring the states the GPU workers hold to the host, one copy per worker (each merged its row blocks' parts
+        on its device first). A merged state stands for its first part, identities for its other parts (a merge
+        with an identity changes nothing). True when a worker was lost with its states: their shards go back in
+        the queue and the job goes on."""
+        import ray
+        acc = self.plan.acc_dtype(self._dtype)
+        lost = False
+        for worker, shards in list(held.items()):
+            try:
+                merged = ray.get(worker.handle.collect.remote(self._hold, self._plan_ref, sorted(shards)))
+            except _lost_errors() as e:
+                self._pool.lost(worker)
+                del held[worker]
+                for shard in shards.values():
+                    self._done -= 1
+                    self._retry(shard, e, queue, {}, attempts, assembler, held)
+                lost = True
+                continue
+            self.transfers[worker.spec.name] += 1
+            by_part = {(shard.block, shard.part): shard for shard in shards.values()}
+            for block, parts, state in merged:
+                state = tuple(np.array(part) for part in state)
+                for k, part in enumerate(parts):
+                    shard = by_part[(block, part)]
+                    rows = shard.rows[1] - shard.rows[0]
+                    assembler.add(shard, state if k == 0 else self.plan.reduction.identity(rows, self._dtype, acc))
+            del held[worker]
+        return lost
 
     # What a shard is, for this kind of job (a DatasetJob reads and writes files instead) -------------------
     _row_blocks = True             # the row-side inputs are arrays cut into blocks
 
     def _call(self, worker: Worker, shard: Shard, refs):
-        return worker.handle.partial.remote(shard, self._plan_ref, refs)
+        return worker.handle.partial.remote(shard, self._plan_ref, refs, self._hold)
 
     def _finish(self, assembler: Assembler):
         return self.plan.reduction.finalize(assembler.state(), self._dtype)
 
     def _block_keys(self, blocks: JobBlocks) -> list[str]:
-        """The workers' cache keys of this job's blocks, forgotten when it ends."""
-        return blocks.keys()
+        """The workers' cache keys of this job's blocks (and the key of the states they hold), forgotten when it
+        ends."""
+        return blocks.keys() + [self._hold]
 
     def _check_workers(self, workers, running, idle_since):
         """Fail when no worker has been available for `worker_wait` seconds (all lost, none restartable)."""
@@ -258,10 +317,10 @@ class Job:
                 return shard
         return queue.popleft()
 
-    def _retry(self, shard, error, queue, running, attempts, assembler) -> None:
-        """Put back a shard whose worker was lost, unless a copy of it is done or still out."""
+    def _retry(self, shard, error, queue, running, attempts, assembler, held) -> None:
+        """Put back a shard whose worker was lost, unless a copy of it is done (or held) or still out."""
         self.lost += 1
-        if shard.index in assembler.done:
+        if shard.index in assembler.done or any(shard.index in shards for shards in held.values()):
             return
         attempts[shard.index] += 1
         if attempts[shard.index] >= self._max_attempts:

@@ -33,6 +33,7 @@ class ShardWorker:
             os.environ["KRED_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(threads)
         self.backend_name, self.threads, self.on_shard = backend, threads, on_shard
         self.cache = BlockCache(cache_bytes)
+        self.held: dict[str, dict] = {}          # job key -> {shard index: (shard, state on the device)}
 
     def info(self) -> dict:
         import ray
@@ -40,24 +41,54 @@ class ShardWorker:
             backend = get_backend(self.backend_name).name
         except BackendError as e:      # reported by the first shard, as the job's error
             backend = f"unavailable ({e})"
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "threads": self.threads, "backend": backend,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-    def partial(self, shard, plan, blocks) -> tuple:
-        """(the reduction state of `shard`, bytes this shard had to fetch). `blocks` is a `blocks.BlockRefs`."""
-        backend = get_backend(self.backend_name)
-        before = self.cache.fetched
-        rows, *cols, params = self._fetch(blocks, backend.name == "cuda")
+    def partial(self, shard, plan, blocks, hold: str | None = None) -> tuple:
+        """(the reduction state of `shard`, bytes this shard had to fetch). `blocks` is a `blocks.BlockRefs`.
+        On a GPU, with `hold` (the job's key), the state stays on the device until `collect(hold, ...)` and None is
+        returned in its place."""
         if self.on_shard is not None:
             self.on_shard(shard)
+        backend = get_backend(self.backend_name)
+        on_device = backend.name == "cuda"
+        before = self.cache.fetched
+        rows, *cols, params = self._fetch(blocks, on_device)
         (r0, r1) = shard.rows
+        keep = on_device and hold is not None
         states = []
         for (c0, c1), columns in zip(shard.cols, cols):       # the shard's column ranges, merged in order
             arrays = shard_arrays(plan, rows, columns, params)
-            state = backend.bind(arrays).partial(plan, arrays, (0, r1 - r0), (0, c1 - c0))   # numpy, any backend
+            bound = backend.bind(arrays)
+            state = (bound.partial(plan, arrays, (0, r1 - r0), (0, c1 - c0), on_device=True) if keep else
+                     bound.partial(plan, arrays, (0, r1 - r0), (0, c1 - c0)))      # numpy, any backend
             states.append(shift_indices(plan, state, c0))
+        if keep:
+            merged = _merged_on_device(plan.reduction, states)
+            self.held.setdefault(hold, {})[shard.index] = (shard, states if merged is None else [merged])
+            return None, self.cache.fetched - before
         return merge_all(plan.reduction, states), self.cache.fetched - before
+
+    def collect(self, hold: str, plan, indices: list[int]) -> list[tuple]:
+        """The states held for job `hold` of the shards `indices` (the others were copies that lost), merged on the
+        device per row block in part order, then copied to the host at once: [(block, parts, state), ...]."""
+        held = self.held.pop(hold, {})
+        blocks: dict[int, list] = {}
+        for index in sorted(indices):
+            shard, states = held[index]
+            blocks.setdefault(shard.block, []).append((shard.part, states))
+        merged = []                # (block, parts, states: one when merged on the device, else all of them)
+        for block, parts in sorted(blocks.items()):
+            parts.sort(key=lambda part: part[0])
+            states = [state for _, states in parts for state in states]      # part order, then column order
+            one = _merged_on_device(plan.reduction, states)
+            merged.append((block, tuple(p for p, _ in parts), states if one is None else [one]))
+        host = iter(_to_host([state for _, _, states in merged for state in states]))
+        return [(block, parts, merge_all(plan.reduction, [next(host) for _ in states]))     # on the host: the
+                for block, parts, states in merged]                                         # rest, if any
+
 
     def write_block(self, shard, plan, blocks, readers, out: str, col_readers: dict | None = None) -> tuple:
         """A dataset job's shard: read its rows from the datasets (`readers`, one per row-side input), reduce
@@ -95,6 +126,36 @@ class ShardWorker:
 
     def forget(self, keys: list[str]) -> None:
         self.cache.forget(keys)
+        for key in keys:                 # a job's key: the states it held (a cancelled or failed job)
+            self.held.pop(key, None)
+
+
+def _merged_on_device(reduction, states: list[tuple]):
+    """`merge_all` over device arrays: the reductions' numpy code runs on CuPy arrays through NumPy's dispatch to
+    their module. None where that module lacks what the merge uses (CuPy's lexsort has no `axis`: the K-best
+    merges), whose states are then copied as they are and merged on the host."""
+    if len(states) == 1:
+        return states[0]
+    try:
+        return merge_all(reduction, states)
+    except (TypeError, NotImplementedError):
+        return None
+
+
+def _to_host(states: list[tuple]) -> list[tuple]:
+    """Device states to numpy with one copy: every slot's bytes packed into one device buffer, split on the host."""
+    import cupy
+    slots = [part for state in states for part in state]
+    if not slots:
+        return [() for _ in states]
+    packed = cupy.concatenate([cupy.ascontiguousarray(part).reshape(-1).view(cupy.uint8) for part in slots])
+    data, out, offset = cupy.asnumpy(packed), [], 0
+    for part in slots:
+        size = part.size * part.dtype.itemsize
+        out.append(data[offset:offset + size].view(part.dtype).reshape(part.shape))
+        offset += size
+    it = iter(out)
+    return [tuple(next(it) for _ in state) for state in states]
 
 
 def _to_device(parts: list, on_device: bool) -> list:

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BackendError
-from ..formula import I, J, P, Node, make
+from ..formula import I, J, Node, make
 from ..plan import Plan
 from . import affine
 from .emit import Emitter, depends_on, prelude

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from typing import Mapping
 
-from ..errors import DimensionError, FormulaError
+from ..errors import FormulaError
 from .build import make
 from .nodes import Node, bounded
 from .ops import DERIVATIVES, EXPANSIONS, MAX_INT_PARAM, OPS, ROWS, Registered
