@@ -163,6 +163,25 @@ class Grid:
     def pairs(self) -> int:
         return int(self.block_pairs().sum())
 
+    def part(self, b0: int, b1: int) -> "Grid":
+        """The grid of row blocks [b0, b1) alone (its rows, items and column ranges), for running a grid in pieces."""
+        i0, i1 = np.searchsorted(self.item_block, (b0, b1))
+        offsets = self.item_offsets[i0:i1 + 1]
+        return Grid((int(self.block_rows[b0, 0]), int(self.block_rows[b1 - 1, 1])), self.block_rows[b0:b1],
+                    self.item_block[i0:i1] - b0, self.item_part[i0:i1], offsets - offsets[0],
+                    self.col_ranges[offsets[0]:offsets[-1]])
+
+    def pieces(self, count: int) -> list["Grid"]:
+        """The grid cut between row blocks into at most `count` parts of about equal pairs, in row order."""
+        if len(self.block_rows) == 0:
+            return [self]
+        done = np.cumsum(self.block_pairs())
+        total = int(done[-1]) or 1
+        ends = np.unique(np.searchsorted(done, np.linspace(total / count, total, count), side="left") + 1)
+        ends = np.minimum(ends, len(self.block_rows))
+        starts = np.concatenate(([0], ends[:-1]))
+        return [self.part(int(b0), int(b1)) for b0, b1 in zip(starts, ends) if b1 > b0]
+
     def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(block rows (B, 2), offsets (B + 1,), column ranges (R, 2)), int64: block b reduces over column ranges
         offsets[b]:offsets[b + 1], its parts' ranges one after another in part order."""

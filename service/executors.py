@@ -20,6 +20,7 @@ import numpy as np
 from kred.engine.backends import get_backend
 from kred.engine.grid import Grid, grid_state
 from kred.engine.plan import Plan
+from kred.engine.ranges import ranges_grid
 from kred.engine.run import backend_name, run_checked
 
 from .cluster_driver import RemoteCluster
@@ -73,13 +74,25 @@ class LocalExecutor(Executor):
         if shape is None:
             arrays, _, *shape = plan.check_args(arrays)
         n, m = shape
-        if ranges is not None or (progress is None and (cancelled is None or n * m < self.CHECKED_FROM_PAIRS)):
-            if cancelled is not None and cancelled():
-                raise Cancelled()
-            return run_checked(plan, arrays, n, m, self.backend, ranges)
+        if cancelled is not None and cancelled():
+            raise Cancelled()
         dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
         backend = get_backend(backend_name(self.backend))
         acc = plan.acc_dtype(dtype)
+        if ranges is not None:
+            grid = ranges_grid(ranges, plan.axis, n, m)
+            if cancelled is None or grid.pairs < self.CHECKED_FROM_PAIRS:
+                return run_checked(plan, arrays, n, m, self.backend, ranges)
+            # with a deadline, the block-sparse grid runs in pieces of row blocks (each one CSR kernel call), the
+            # deadline checked between them; their states are rows of the whole, concatenated
+            states = []
+            for piece in grid.pieces(self.BLOCKS):
+                if cancelled():
+                    raise Cancelled()
+                states.append(backend.grid_state(plan, arrays, piece))
+            return plan.reduction.finalize(tuple(np.concatenate(parts) for parts in zip(*states)), dtype)
+        if progress is None and (cancelled is None or n * m < self.CHECKED_FROM_PAIRS):
+            return run_checked(plan, arrays, n, m, self.backend)
 
         def after(item, fraction):
             if progress is not None:

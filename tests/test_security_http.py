@@ -427,3 +427,46 @@ def test_the_budget_from_metadata_names_the_limit_it_breaks(tmp_path):
     assert refused.value.status == 422
     with pytest.raises(ApiError, match="max_output_bytes_per_job"):
         limits.admit(b, settings(tmp_path, max_output_bytes_per_job=b.output_bytes - 1), "job")
+
+
+def test_a_ranges_reduction_past_the_compute_deadline_is_stopped_with_504(open_server):
+    """Row 6: the deadline holds for block-sparse requests too (their grid runs in pieces, the deadline checked between
+    them): one full block of 12,000 x 12,000 listed as `ranges` on the numpy reference backend."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(12_000, 3)), rng.normal(size=(12_000, 3))
+    blocks = 8
+    ri = np.array([[k * 1500, (k + 1) * 1500] for k in range(blocks)], np.int64)
+    slices = np.arange(1, blocks + 1, dtype=np.int64)
+    red = np.array([[0, 12_000]] * blocks, np.int64)
+    ranges = [ri, slices, red, ri, slices, red]
+    meta = {"formula": "Exp(-SqDist(x, y))", "aliases": ["x = Vi(3)", "y = Vj(3)"], "reduction_op": "Sum",
+            "axis": 1, "ranges": True}
+    r = post_arrow(open_server.url, meta, [x, y, *ranges], timeout=120)
+    assert r.status_code == 504 and "compute_timeout_s" in r.json()["detail"], r.text
+    assert open_server.alive()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_ranges_grid_run_in_pieces_gives_the_whole_result(monkeypatch, backend):
+    """The pieces the deadline is checked between reduce exactly what the whole grid does (dense masked oracle)."""
+    from kred.engine.spec import Spec
+    from kred.service.executors import LocalExecutor
+    monkeypatch.setattr(LocalExecutor, "CHECKED_FROM_PAIRS", 0)
+    rng = np.random.default_rng(4)
+    n, m = 300, 200
+    x, y, b = rng.random((n, 2)), rng.random((m, 2)), rng.random((m, 1))
+    ri = np.array([[0, 70], [70, 150], [150, 160], [200, 300]], np.int64)      # rows 160..200 reduce nothing
+    rj = np.array([[0, 50], [50, 120], [120, 200]], np.int64)
+    red_j = np.array([[0, 50], [120, 200], [50, 120], [0, 200], [0, 50]], np.int64)
+    slices_i = np.array([2, 3, 4, 5], np.int64)
+    mask = np.zeros((n, m), bool)
+    for (i0, i1), lo, hi in zip(ri, np.concatenate(([0], slices_i[:-1])), slices_i):
+        for c0, c1 in red_j[lo:hi]:
+            mask[i0:i1, c0:c1] = True
+    red_i = np.array([[i0, i1] for c0, c1 in rj for i0, i1 in ri if mask[i0:i1, c0:c1].any()], np.int64)
+    slices_j = np.cumsum([sum(mask[i0:i1, c0:c1].any() for i0, i1 in ri) for c0, c1 in rj]).astype(np.int64)
+    plan = Spec("Exp(-SqDist(x, y)) * b", ["x = Vi(2)", "y = Vj(2)", "b = Vj(1)"], axis=1).plan()
+    got = LocalExecutor(backend).run(plan, [x, y, b], cancelled=lambda: False,
+                                      ranges=(ri, slices_i, red_j, rj, slices_j, red_i))
+    dense = (np.exp(-((x[:, None] - y[None]) ** 2).sum(-1)) * mask) @ b
+    np.testing.assert_allclose(got, dense, rtol=1e-12, atol=1e-14)
