@@ -6,6 +6,8 @@ Two loops, each run twice in this process, which starts with an empty kernel cac
 first pass is cold (kernels compiled), the second warm. Compiles are the lines `builds.log` gained.
 
 - `gaussian`: a LazyTensor Gaussian kernel sum with scales 0.1, 0.2, 0.3, 0.4 (N = M = --n, D = 3, float64, cpu);
+- `geomloss_solve_sample` (when GeomLoss is installed): GeomLoss's own `ot.solve_sample` on the same points, through
+  `kred.compat.install_as_pykeops()`, checked against its dense path;
 - `eps_scaling`: the ε-scaling Sinkhorn loop of `geomloss.ot.solve_sample` (written here with kred LazyTensors, as
   GeomLoss's "online" backend writes it with pykeops's): 400 x 300 points, D = 3, 100 iterations, ε decreasing
   geometrically from diameter² to blur²; each iteration two LogSumExp reductions (over j, over i) whose formulas
@@ -18,6 +20,7 @@ benchmarks/results/<name>-<host kind>.json under the label "lifted" or "literal"
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import tempfile
@@ -85,6 +88,20 @@ def sinkhorn_dense(x, y, a, b, eps_list):
     return f, g
 
 
+def geomloss_solve_sample(x, y, iterations: int, dense: bool = False):
+    """GeomLoss's own `ot.solve_sample` (its KeOps path, through kred's pykeops drop-in; `dense`: its dense path):
+    its ε-scaling loop changes 1/ε in the formulas at every iteration."""
+    import torch
+    from geomloss import _backends, ot
+    saved = _backends.keops_available
+    _backends.keops_available = saved and not dense
+    try:
+        result = ot.solve_sample(torch.from_numpy(x), torch.from_numpy(y), reg=1e-4, max_iter=iterations)
+    finally:
+        _backends.keops_available = saved
+    return result.value.item()
+
+
 def cold_and_warm(cache: Path, run) -> dict:
     results = {}
     for phase in ("cold", "warm"):
@@ -104,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="constants")
     parser.add_argument("--literal", action="store_true", help="constants stay in the kernels (before lifting)")
+    parser.add_argument("--label", default=None, help="the run's label in the JSON (default: lifted or literal)")
     args = parser.parse_args(argv)
     os.environ["KRED_NUM_THREADS"] = str(args.threads)
     cache = Path(tempfile.mkdtemp(prefix="kred-bench-constants-"))
@@ -133,10 +151,18 @@ def main(argv=None) -> int:
     f_want, g_want = sinkhorn_dense(x, y, a, w, eps_list)
     rows["eps_scaling"]["max_abs_error"] = float(max(np.abs(f - f_want).max(), np.abs(g - g_want).max()))
 
+    if importlib.util.find_spec("geomloss") is not None:    # the real client, when the 'clients' extra is there
+        from kred.compat import install_as_pykeops
+        install_as_pykeops()                             # before geomloss looks for pykeops
+        rows["geomloss_solve_sample"], value = cold_and_warm(
+            cache, lambda: geomloss_solve_sample(x, y, args.iterations))
+        want = geomloss_solve_sample(x, y, args.iterations, dense=True)
+        rows["geomloss_solve_sample"]["max_abs_error"] = abs(value - want)
+
     info = machine_info()
     path = Path(__file__).parent / "results" / f"{args.name}-{host_kind(info)}.json"
     stored = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-    label = "literal" if args.literal else "lifted"
+    label = args.label or ("literal" if args.literal else "lifted")
     stored["runs"][label] = {"settings": vars(args), "commit": _git_commit(), "machine": info,
                              "load": os.getloadavg(), "results": rows}
     path.parent.mkdir(exist_ok=True)

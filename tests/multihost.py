@@ -10,10 +10,12 @@ namespaces with `nsenter`. Everything a host ran is found again by namespace (`i
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,8 +24,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]        # the source tree: every host imports kred from it
 PYTHON = sys.executable                            # and runs this interpreter (its venv's bin/ is on PATH)
-HOLDER = ("mount -t tmpfs -o size=1g,mode=1777 tmpfs /tmp && mount -t tmpfs -o size=1g tmpfs /dev/shm && "
-          "mkdir -p /tmp/home && echo ready && exec sleep 100000")
+
+
+def holder_script(name: str) -> str:
+    """The shell run in a host's new mount namespace: private tmpfs on /tmp and /dev/shm, then a sleep that holds the
+    namespace. The source tree and the interpreter's environment stay visible where they are, also when they live
+    under /tmp (a CI clone there): they are bound aside first and back after the tmpfs is mounted."""
+    kept = [p for p in dict.fromkeys((ROOT, Path(sys.prefix).resolve())) if p.is_relative_to("/tmp")]
+    kept = [p for p in kept if not any(p != q and p.is_relative_to(q) for q in kept)]
+    aside = [f"/run/kred-multihost-{os.getpid()}-{name}-{k}" for k in range(len(kept))]
+    steps = [f"mkdir -p {a} && mount --bind {shlex.quote(str(p))} {a}" for p, a in zip(kept, aside)]
+    steps += ["mount -t tmpfs -o size=1g,mode=1777 tmpfs /tmp", "mount -t tmpfs -o size=1g tmpfs /dev/shm"]
+    steps += [f"mkdir -p {shlex.quote(str(p))} && mount --bind {a} {shlex.quote(str(p))}" for p, a in zip(kept, aside)]
+    return " && ".join(steps + ["mkdir -p /tmp/home", "echo ready", "exec sleep 100000"])
 
 
 TOKEN = "multihost-test-token"
@@ -166,7 +179,7 @@ class Subnet:
         # A default route through eth0 (nothing answers past the subnet): programs that find their own address by
         # "connecting" a UDP socket to a public one (Ray does) find this host's address rather than loopback.
         sh(*inside, "ip", "route", "add", "default", "dev", "eth0")
-        host.holder = subprocess.Popen([*inside, "unshare", "--mount", "--propagation", "private", "sh", "-c", HOLDER],
+        host.holder = subprocess.Popen([*inside, "unshare", "--mount", "--propagation", "private", "sh", "-c", holder_script(name)],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = host.holder.stdout.readline()
         if line.strip() != "ready":
@@ -178,6 +191,11 @@ class Subnet:
         host = self.hosts.pop(name)
         host.kill()
         subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
+        for aside in glob.glob(f"/run/kred-multihost-{os.getpid()}-{name}-*"):     # (empty: bound in its namespace)
+            try:
+                os.rmdir(aside)
+            except OSError:
+                pass
         self._made.remove(host.netns)
 
     def close(self) -> None:

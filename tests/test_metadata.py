@@ -16,7 +16,7 @@ def test_all_extra_installs_every_extra_but_the_gpu_stack_and_development_tools(
     (everything,) = extras["all"]
     named = set(re.fullmatch(r"kred\[(.*)\]", everything).group(1).split(","))
     gpu = {"cuda", "cuda13", "nvrtc", "gpu-static"}
-    development = {"bench", "docs", "examples", "test"}
+    development = {"bench", "docs", "examples", "test", "clients", "lint"}      # clients: geomloss, gpytorch (tests)
     assert named == set(extras) - {"all"} - gpu - development
 
 

@@ -440,7 +440,7 @@ def test_inline_variables_count_as_arguments():
     with pytest.raises(ArgumentError, match="expected 4 arrays"):
         op(x, backend="reference")
     # an inline Var that contradicts an alias at the same position, or another inline Var, is refused
-    with pytest.raises(FormulaError, match="argument 0 is written Var\\(0, 2, 0\\)"):
+    with pytest.raises(FormulaError, match="argument 0 is used as Var\\(0,2,0\\) but declared as x = Var\\(0,3,0\\)"):
         Genred("Sum(x) + Sum(Var(0,2,0))", ["x=Vi(0,3)"], axis=1)
     with pytest.raises(FormulaError, match="argument 1 is written both"):
         Genred("Sum(Var(1,3,1)) + Sum(Var(1,2,1))", ["x=Vi(0,3)"], axis=1)

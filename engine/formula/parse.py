@@ -15,7 +15,7 @@ from typing import Mapping
 
 from ..errors import FormulaError
 from .build import make
-from .nodes import Node, bounded
+from .nodes import Node, bounded, to_text
 from .ops import DERIVATIVES, EXPANSIONS, MAX_INT_PARAM, OPS, ROWS, Registered
 
 MAX_TEXT = 20_000      # characters in one formula
@@ -51,8 +51,7 @@ def parse_request(formula: str, formula2: str | None, aliases) -> tuple[Node, No
         pos = node.params[0]
         if pos in declared and declared[pos][1] is not node:
             alias, other = declared[pos]
-            raise FormulaError(f"argument {pos} is written {_var_text(node)} in the formula but declared as "
-                               f"{alias} = {_var_text(other)}")
+            raise FormulaError(f"argument {pos} is used as {to_text(node)} but declared as {alias} = {to_text(other)}")
     arguments = dict(names)
     arguments.update((name, node) for name, node in inline.items() if node.params[0] not in declared)
     return f, f2, arguments
