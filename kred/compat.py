@@ -118,6 +118,15 @@ def _common(module, client):
     module.__path__ = []
 
 
+def _gpu_utils(module, client):
+    """`get_gpu_number()`, which pykeops's GPU examples read: the GPUs kred's CUDA backend sees (remote: 0, as
+    `gpu_available`; the server's GPUs are its own business)."""
+    def get_gpu_number():
+        from kred.engine.backends.cuda import gpu_count
+        return 0 if client is not None else gpu_count()
+    module.get_gpu_number = get_gpu_number
+
+
 def _cluster_helpers(torch: bool):
     """pykeops's `*.cluster` names: kred.engine.ranges (one implementation for numpy and torch arrays)."""
     from kred.engine import ranges
@@ -267,6 +276,7 @@ MODULES: dict[str, tuple[Callable, bool]] = {
     "pykeops": (_root, True),
     "pykeops.config": (_config, False),
     "pykeops.common": (_common, True),
+    "pykeops.common.gpu_utils": (_gpu_utils, False),
 }
 for _fw in ("torch", "numpy"):
     MODULES[f"pykeops.{_fw}"] = (functools.partial(_binding, framework=_fw), True)

@@ -71,6 +71,8 @@ def test_names_libraries_import(dropin):
     centroids, mass = cluster_centroids(x, labels, w=w, weights_return=True)
     np.testing.assert_allclose(centroids.numpy(), [[1.5, 0.0], [5.0, 5.0]])
     np.testing.assert_allclose(mass.numpy(), [4.0, 2.0])
+    from pykeops.common.gpu_utils import get_gpu_number    # pykeops's GPU examples read it
+    assert get_gpu_number() == torch.cuda.device_count()
     with pytest.raises(ModuleNotFoundError):
         import pykeops.torch.generic.generic_red
 

@@ -512,3 +512,25 @@ def test_callfun_runs_the_reduction_over_symbolic_then_fixed_arrays():
     torch.testing.assert_close(r.callfun(x, y + 1, 2 * b), dense(y + 1, 2 * b), rtol=1e-12, atol=1e-12)
     with pytest.raises(ArgumentError, match="callfun"):
         r.callfun(x)
+
+
+def test_deferred_solve_has_callfun_and_its_gradient():
+    """pykeops's tutorial `plot_test_invkernel_torch_helper`: `cfun = K.solve(Vi(b), alpha=a, call=False)`, then
+    `cfun()`, `cfun.callfun` (the KernelSolve) and a gradient through the solve, against torch.linalg.solve."""
+    import torch
+    from kred.torch import LazyTensor, Vi, Vj
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.random((60, 2))).requires_grad_()
+    b = torch.from_numpy(rng.random((60, 2)))
+    alpha, sigma = 0.01, 0.3
+    K = LazyTensor.exp(-LazyTensor.sum((Vi(x) - Vj(x)) ** 2, dim=2) / (2 * sigma ** 2))
+    cfun = K.solve(Vi(b), alpha=alpha, eps=1e-12, call=False)      # CG to float64 precision
+    dense = alpha * torch.eye(60, dtype=torch.float64) + torch.exp(-((x[:, None] - x[None]) ** 2).sum(-1) / (2 * sigma ** 2))
+    want = torch.linalg.solve(dense, b)
+    c = cfun()
+    torch.testing.assert_close(c, want, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(cfun.callfun(*cfun.variables, alpha=alpha, eps=1e-12), want, rtol=1e-9, atol=1e-10)
+    e = torch.from_numpy(rng.random((60, 2)))
+    got, = torch.autograd.grad(c, x, e)
+    expected, = torch.autograd.grad(want, x, e)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-8)

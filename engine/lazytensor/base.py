@@ -18,11 +18,11 @@ array), comparisons are built from `Step`, and index outputs (argmin, argKmin, .
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
+import functools
 import inspect
 import math
 import numbers
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -651,6 +651,11 @@ class LazyTensorBase(ABC):
         """
         if not call:            # pykeops returns the solve to be called later (with no arguments)
             return _DeferredSolve(self, other, var, options)
+        solver, args, options = self._solver(other, var, dict(options))
+        return solver(*args, **options)
+
+    def _solver(self, other, var, options):
+        """The KernelSolve for `self.solve(other, var)`, its arrays in argument order and the options of its call."""
         rhs = other if isinstance(other, LazyTensorBase) else type(self)(other, axis=0)
         if rhs.node.op != "Var" or rhs.leaves[0].symbol is not None or rhs.leaves[0].cat == P:
             raise ArgumentError("solve: the right-hand side must be an array (or a variable LazyTensor) of i or "
@@ -677,7 +682,7 @@ class LazyTensorBase(ABC):
         # exactly (the variables keep their positions through the Var(pos, dim, cat) aliases).
         aliases = [f"v{k} = Var({k},{v.dim},{v.cat})" for k, v in enumerate(order)]
         solver = self._kernel_solve_class()(to_text(formula), aliases, f"v{position}", axis, **build)
-        return solver(*args, **options)
+        return solver, args, options
 
     # scipy.sparse.linalg.aslinearoperator reads `shape` (2-d) and `dtype`
     @property
@@ -768,6 +773,20 @@ class _DeferredSolve:
         if args:
             raise ArgumentError("a solve built with call=False takes no arrays: its right-hand side is already set")
         return self.lazy.solve(self.other, self.var, call=True, **{**self.options, **options})
+
+    @functools.cached_property
+    def _parts(self):
+        return self.lazy._solver(self.other, self.var, dict(self.options))
+
+    @property
+    def callfun(self):
+        """pykeops's `callfun`: the KernelSolve itself, called as `callfun(*variables, alpha=...)`."""
+        return self._parts[0]
+
+    @property
+    def variables(self):
+        """The arrays of the solve, in the KernelSolve's argument order (the right-hand side in the unknown's place)."""
+        return tuple(self._parts[1])
 
 
 class _Joined:
