@@ -7,7 +7,8 @@ first pass is cold (kernels compiled), the second warm. Compiles are the lines `
 
 - `gaussian`: a LazyTensor Gaussian kernel sum with scales 0.1, 0.2, 0.3, 0.4 (N = M = --n, D = 3, float64, cpu);
 - `geomloss_solve_sample` (when GeomLoss is installed): GeomLoss's own `ot.solve_sample` on the same points, through
-  `kred.compat.install_as_pykeops()`, checked against its dense path;
+  `kred.compat.install_as_pykeops()`, checked against its dense path; and, as the peer, the same call on real
+  pykeops 2.3 in a child process (a fresh build folder) where pykeops is installed;
 - `eps_scaling`: the ε-scaling Sinkhorn loop of `geomloss.ot.solve_sample` (written here with kred LazyTensors, as
   GeomLoss's "online" backend writes it with pykeops's): 400 x 300 points, D = 3, 100 iterations, ε decreasing
   geometrically from diameter² to blur²; each iteration two LogSumExp reductions (over j, over i) whose formulas
@@ -104,6 +105,37 @@ def geomloss_solve_sample(x, y, iterations: int, dense: bool = False):
     return result.value.item()
 
 
+def pykeops_peer(x, y, iterations: int) -> dict:
+    """The peer, in a child process: the same `solve_sample` on real pykeops 2.3 (a fresh build folder, so its cold
+    pass compiles what it needs; pykeops passes float constants as parameters, one compile per formula shape)."""
+    import subprocess
+    import sys
+    folder = tempfile.mkdtemp(prefix="kred-bench-pykeops-")
+    np.save(Path(folder) / "x.npy", x)
+    np.save(Path(folder) / "y.npy", y)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_constants", "--peer-child", folder,
+                           "--iterations", str(iterations)], capture_output=True, text=True, timeout=1800,
+                          cwd=Path(__file__).parent.parent)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peer_child(folder: str, iterations: int) -> None:
+    import pykeops
+    pykeops.set_verbose(False)
+    pykeops.set_build_folder(str(Path(folder) / "build"))
+    import geomloss.ot  # noqa: F401  (finds real pykeops: no drop-in in this process)
+    x, y = np.load(Path(folder) / "x.npy"), np.load(Path(folder) / "y.npy")
+    row = {"pykeops": pykeops.__version__}
+    for phase in ("cold", "warm"):
+        start = time.perf_counter()
+        value = geomloss_solve_sample(x, y, iterations)
+        row[f"{phase}_s"] = time.perf_counter() - start
+    row["cold_over_warm"], row["value"] = row["cold_s"] / row["warm_s"], value
+    print(json.dumps(row))
+
+
 def cold_and_warm(cache: Path, run) -> dict:
     results = {}
     for phase in ("cold", "warm"):
@@ -127,7 +159,11 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="constants")
     parser.add_argument("--literal", action="store_true", help="constants stay in the kernels (before lifting)")
     parser.add_argument("--label", default=None, help="the run's label in the JSON (default: lifted or literal)")
+    parser.add_argument("--peer-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.peer_child:
+        peer_child(args.peer_child, args.iterations)
+        return 0
     os.environ["KRED_NUM_THREADS"] = str(args.threads)
     cache = Path(tempfile.mkdtemp(prefix="kred-bench-constants-"))
     os.environ["KRED_CACHE_DIR"] = str(cache)          # empty: the first pass compiles what it needs
@@ -164,6 +200,11 @@ def main(argv=None) -> int:
             cache, lambda: geomloss_solve_sample(x, y, args.iterations))
         want = geomloss_solve_sample(x, y, args.iterations, dense=True)
         rows["geomloss_solve_sample"]["max_abs_error"] = abs(value - want)
+        if importlib.util.find_spec("pykeops") is not None and not args.literal:
+            peer = pykeops_peer(x, y, args.iterations)
+            if "value" in peer:
+                peer["max_abs_error"] = abs(peer.pop("value") - want)
+            rows["geomloss_solve_sample"]["pykeops"] = peer
 
     info = machine_info()
     path = Path(__file__).parent / "results" / f"{args.name}-{host_kind(info)}.json"
@@ -182,6 +223,11 @@ def main(argv=None) -> int:
             print(f"{run_label:14} {loop:22} {r['cold_s']:7.2f} {r['warm_s']:7.2f} {r['cold_over_warm']:9.2f} "
                   f"{r['cold_compiles']:8d} {r.get('cold_compile_s', float('nan')):9.2f} "
                   f"{rest if rest is not None else float('nan'):19.2f} {r['warm_compiles']:13d}  {error:.1e}")
+    for run_label, run in stored["runs"].items():
+        peer = run["results"].get("geomloss_solve_sample", {}).get("pykeops")
+        if peer and "cold_s" in peer:
+            print(f"{run_label:14} {'solve_sample, pykeops':22} {peer['cold_s']:7.2f} {peer['warm_s']:7.2f} "
+                  f"{peer['cold_over_warm']:9.2f}  (pykeops {peer['pykeops']}, same data)")
     print(f"saved {path}")
     return 0
 

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from kred.engine.backends.compile_limit import CompileTimeout, run_compiler, time_limit
+from kred.engine import spec as spec_module
+from kred.engine.spec import Spec
 from kred.service.errors import ApiError
 from kred.service.planning import Planner
 from kred.service.schemas import ReductionSpec
@@ -36,8 +38,19 @@ def nested_laplacians(formula: str, depth: int) -> str:
     return formula
 
 
-# ~1.4 s to plan on the 2-core machine, within the node budget (four Laplacians are refused by it at once)
+# the slowest plan within the node budget (four Laplacians are refused by it at once): ~0.35 s on the 2-core machine,
+# so the plan limit of the tests that stop it is well below (small formulas plan in milliseconds)
 SLOW = nested_laplacians("Exp(-SqDist(x,y))*Cos(Sum(x*y))*Sin(Sum(x))", 3)
+PLAN_LIMIT_S = 0.1
+
+
+def assert_slow_to_plan():
+    """The premise of the tests that stop SLOW: planning it (here, in process, past the plan cache as a fresh plan
+    worker would) takes several times PLAN_LIMIT_S."""
+    began = time.monotonic()
+    spec_module._build(Spec(formula=SLOW, aliases=ALIASES))
+    took = time.monotonic() - began
+    assert took > 3 * PLAN_LIMIT_S, f"SLOW plans in {took:.2f} s: no longer slow enough to test the limit"
 
 
 def alive(pid: int) -> bool:
@@ -125,7 +138,8 @@ def test_a_spent_limit_starts_no_compiler(tmp_path):
 
 def test_planner_build_from_a_thread_is_killed_at_the_limit(tmp_path):
     """The job restart path (JobManager._compute, in a thread) plans through the same killable workers."""
-    planner = Planner(settings(tmp_path, compile_timeout_s=0.3))
+    assert_slow_to_plan()
+    planner = Planner(settings(tmp_path, compile_timeout_s=PLAN_LIMIT_S))
     try:
         planner.build(ReductionSpec(formula="x-y", aliases=ALIASES))           # starts a worker
         began = time.monotonic()
@@ -148,7 +162,8 @@ def test_a_restarted_job_whose_plan_times_out_fails_and_the_server_serves(tmp_pa
                           [x, x], 4, 4)
     store.update(record["id"], state="running", started=time.time())     # interrupted by a server's end
     store.close()
-    with ServerProcess(tmp_path, compile_timeout_s=0.3) as server:
+    assert_slow_to_plan()
+    with ServerProcess(tmp_path, compile_timeout_s=PLAN_LIMIT_S) as server:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             deadline = time.monotonic() + 15
             while (info := http.get(f"/v1/jobs/{record['id']}").json())["state"] in ("queued", "running"):
