@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .bench_constants import builds
 from .run import _git_commit, host_kind, machine_info
 
 LEVELS = ("-O3", "-O3 -fno-ipa-cp-clone", "-O2 -funswitch-loops -fpeel-loops", "-O2")
@@ -34,7 +35,7 @@ def child(level: str, n: int, reps: int) -> list[dict]:
     from kred.engine.backends import cpu
     from kred.numpy import Genred
     cpu.FLAGS = (*level.split(), *cpu.FLAGS[len(cpu.OPTIMISE):])
-    log = Path(os.environ["KRED_CACHE_DIR"]) / "builds.log"
+    cache = Path(os.environ["KRED_CACHE_DIR"])
     rng = np.random.default_rng(0)
     rows = []
     for name, formula, reduction, d in CASES:
@@ -45,16 +46,16 @@ def child(level: str, n: int, reps: int) -> list[dict]:
             aliases = [f"x=Vi({d})", f"y=Vj({d})", "b=Vj(1)", "e=Vi(1)"]
             routine = Genred(formula, aliases, reduction_op=reduction, axis=1,
                              opt_arg=10 if reduction == "ArgKMin" else None)
-            before = len(log.read_text().splitlines()) if log.exists() else 0
+            before = len(builds(cache))
             routine(x, y, b, e, backend="CPU")
-            compiled = log.read_text().splitlines()[before:]
+            compiled = builds(cache)[before:]
             times = []
             for _ in range(reps):
                 start = time.perf_counter()
                 routine(x, y, b, e, backend="CPU")
                 times.append(time.perf_counter() - start)
             rows.append({"case": name, "d": d, "n": size, "dtype": dtype, "level": level,
-                         "compile_s": sum(float(line.split()[1].rstrip("s")) for line in compiled),
+                         "compile_s": sum(compiled),
                          "best_ms": 1e3 * min(times)})
     return rows
 
