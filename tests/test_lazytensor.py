@@ -525,7 +525,8 @@ def test_deferred_solve_has_callfun_and_its_gradient():
     alpha, sigma = 0.01, 0.3
     K = LazyTensor.exp(-LazyTensor.sum((Vi(x) - Vj(x)) ** 2, dim=2) / (2 * sigma ** 2))
     cfun = K.solve(Vi(b), alpha=alpha, eps=1e-12, call=False)      # CG to float64 precision
-    dense = alpha * torch.eye(60, dtype=torch.float64) + torch.exp(-((x[:, None] - x[None]) ** 2).sum(-1) / (2 * sigma ** 2))
+    gauss = torch.exp(-((x[:, None] - x[None]) ** 2).sum(-1) / (2 * sigma ** 2))
+    dense = alpha * torch.eye(60, dtype=torch.float64) + gauss
     want = torch.linalg.solve(dense, b)
     c = cfun()
     torch.testing.assert_close(c, want, rtol=1e-9, atol=1e-10)
