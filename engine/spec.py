@@ -13,7 +13,6 @@ the formulas, once per key.
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import KW_ONLY, asdict, dataclass, fields
 from typing import Literal
 
@@ -21,7 +20,7 @@ from . import limits
 from .errors import ArgumentError
 from .formula import CATEGORY_NAMES, parse_alias, parse_request
 from .plan import DTYPE_ACC, Plan, plan_bytes, plan_from_nodes
-from .reductions import REDUCTIONS, called
+from .reductions import REDUCTIONS, as_k, called
 
 
 @dataclass(frozen=True)
@@ -54,8 +53,8 @@ class Spec:
         opt_arg = self.opt_arg
         if known is not None and not known.needs_k:
             opt_arg = None                          # (pykeops ignores it there too)
-        elif isinstance(opt_arg, numbers.Integral) and not isinstance(opt_arg, bool):
-            opt_arg = int(opt_arg)                  # a numpy integer is K too (bind checks the range)
+        else:
+            opt_arg = as_k(opt_arg)                 # a numpy integer or 0-d tensor is K too (bind checks the range)
         object.__setattr__(self, "opt_arg", opt_arg)
 
     @property

@@ -158,3 +158,43 @@ def test_scipy_aslinearoperator_on_a_torch_lazytensor():
     np.testing.assert_allclose(operator.matvec(B[:, 0]), gauss(X, Y) @ B[:, 0], rtol=1e-12)
     np.testing.assert_allclose(operator.rmatvec(X[:, 0]), gauss(X, Y).T @ X[:, 0], rtol=1e-12)
     np.testing.assert_allclose(operator.matmat(B), gauss(X, Y) @ B, rtol=1e-12)
+
+
+# Values that TorchDR passes (found by running its own tests on kred) ----------------------------------------------
+
+@pytest.mark.parametrize("k", [torch.tensor(3), np.int64(3), torch.tensor([3])[0]], ids=["tensor", "numpy", "item"])
+def test_k_may_be_any_integer_kind(k):
+    """TorchDR's sparse affinities call `argKmin(K=torch.tensor(90))`: pykeops takes any integer."""
+    x, y = torch.from_numpy(X), torch.from_numpy(Y)
+    d2 = ((x[:, None] - y[None]) ** 2).sum(-1)
+    values, indices = kt.LazyTensor(x[:, None, :]).sqdist(kt.LazyTensor(y[None, :, :])).Kmin_argKmin(
+        K=k, dim=1, backend="reference")
+    want = torch.topk(d2, 3, dim=1, largest=False)
+    assert torch.equal(indices, want.indices)
+    torch.testing.assert_close(values, want.values, rtol=1e-12, atol=0)
+    got = kn.Genred("SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)"], reduction_op="ArgKMin", axis=1, opt_arg=k)(
+        X, Y, backend="reference")
+    assert np.array_equal(got, want.indices.numpy())
+
+
+@pytest.mark.parametrize("k", [torch.tensor(3.0), 3.0, torch.tensor(True), True])
+def test_k_that_is_not_an_integer_is_refused_by_name(k):
+    with pytest.raises(ArgumentError, match="the number K of neighbours"):
+        kt.LazyTensor(torch.from_numpy(X)[:, None, :]).sqdist(
+            kt.LazyTensor(torch.from_numpy(Y)[None, :, :])).argKmin(K=k, dim=1, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", "CPU"])
+def test_infinite_numbers_are_parameters(backend):
+    """TorchDR's doubly stochastic affinity clamps with `clamp(0, float("inf"))`: a formula constant is finite, so
+    an infinite (or nan) number is a parameter, as pykeops makes every number. Values and gradients against torch."""
+    x = torch.from_numpy(X).requires_grad_()
+    y = torch.from_numpy(Y)
+    d = (x[:, None] - y[None]).sum(-1)
+    want = (d.clamp(0, float("inf")) + d.clamp(float("-inf"), 0.5)).sum(1, keepdim=True)
+    lazy = (kt.LazyTensor(x[:, None, :]) - kt.LazyTensor(y[None, :, :])).sum(-1)
+    got = (lazy.clamp(0, float("inf")) + lazy.clamp(float("-inf"), 0.5)).sum(1, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+    assert torch.isinf((lazy * float("inf")).max(1, backend=backend)).all()
+    assert torch.isnan((lazy + float("nan")).sum(1, backend=backend)).all()

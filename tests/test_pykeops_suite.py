@@ -9,14 +9,10 @@ numpy or torch computation. The only tests that may skip are pykeops's GPU-only 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import subprocess
-import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
-CONFTEST = "import kred.compat\n\nkred.compat.install_as_pykeops()\n"
+from foreign_suite import broken, passed, run_suite, skipped
 
 
 def pykeops_tests() -> Path:
@@ -30,29 +26,13 @@ def pykeops_tests() -> Path:
 def test_pykeops_own_test_files_pass_on_kred(tmp_path):
     suite = tmp_path / "pykeops_tests"
     shutil.copytree(pykeops_tests(), suite, ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
-    (suite / "conftest.py").write_text(CONFTEST)
-    report = tmp_path / "junit.xml"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", "-o",
-         "addopts=", "--rootdir", str(suite), str(suite)],
-        cwd=suite, capture_output=True, text=True, timeout=540, env={**os.environ, "MPLBACKEND": "Agg"})
-    assert report.exists(), run.stdout[-3000:] + run.stderr[-3000:]
-    cases = list(ET.parse(report).getroot().iter("testcase"))
-    outcome = {}
-    for case in cases:
-        name = f"{case.get('classname')}::{case.get('name')}"
-        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
-        outcome[name] = (kinds[0] if kinds else "passed", case)
-    broken = {name: case.find(kind).get("message", "")[:300] for name, (kind, case) in outcome.items()
-              if kind in ("failure", "error")}
-    assert not broken, f"pykeops tests failing on kred: {broken}\n{run.stdout[-3000:]}"
-    skipped = {name: case.find("skipped").get("message", "") for name, (kind, case) in outcome.items()
-               if kind == "skipped"}
-    assert all("GPU" in why for why in skipped.values()), f"skipped for another reason than a GPU: {skipped}"
-    passed = [name for name, (kind, _) in outcome.items() if kind == "passed"]
+    outcome, run = run_suite(suite, [str(suite)], tmp_path)
+    assert not broken(outcome), f"pykeops tests failing on kred: {broken(outcome)}\n{run.stdout[-3000:]}"
+    assert all("GPU" in why for why in skipped(outcome).values()), \
+        f"skipped for another reason than a GPU: {skipped(outcome)}"
     # every file of the suite ran (a collection error would have shown above; this catches a silently empty one)
     files = {p.stem for p in suite.glob("test_*.py")}
-    ran = {part for name in passed for part in name.split("::")[0].split(".") if part in files}
+    ran = {part for name in passed(outcome) for part in name.split("::")[0].split(".") if part in files}
     assert files - ran <= {"test_float16"}, f"files with no passing test: {sorted(files - ran)}"   # GPU-only file
-    assert len(passed) >= 70, f"only {len(passed)} pykeops tests passed"
+    assert len(passed(outcome)) >= 70, f"only {len(passed(outcome))} pykeops tests passed"
     assert run.returncode == 0, run.stdout[-3000:]

@@ -34,7 +34,7 @@ from ..formula.ops import LAZY_METHODS, MAX_INT_PARAM, OPS
 from ..frontend import check_sum_scheme
 from ..plan import Plan, plan_from_nodes, swap_ij
 from ..ranges import swap_axes
-from ..reductions import REDUCTIONS, called
+from ..reductions import REDUCTIONS, as_k, called
 
 CATEGORY = {0: I, 1: J, 2: P}
 # Keyword arguments of a reduction: those that shape the plan, and those of the call.
@@ -180,7 +180,10 @@ class LazyTensorBase(ABC):
             self.node = make("IntCst", (), (x,)) if abs(x) <= MAX_INT_PARAM else make("Const", (), (float(x),))
         elif isinstance(x, numbers.Real) and not isinstance(x, np.ndarray):
             _no_axis(axis, "a number", allowed=(None, 2))
-            self.node = make("Const", (), (float(x),))
+            if math.isfinite(x):
+                self.node = make("Const", (), (float(x),))
+            else:       # inf or nan (`clamp(0, float("inf"))`): a parameter, as pykeops makes every float
+                self._set_leaf(Variable([float(x)], P, 1))
         elif isinstance(x, list):
             if axis not in (None, 2):
                 raise ArgumentError("LazyTensor: a list of numbers is a parameter; axis must be None or 2")
@@ -921,7 +924,7 @@ class LazyReduction:
 
     def __init__(self, binding, lazy: LazyTensorBase, formula2: Node | None, reduction_op: str, axis: int, opt_arg,
                  options: dict):
-        self.binding, self.reduction_op, self.axis, self.opt_arg = binding, reduction_op, axis, opt_arg
+        self.binding, self.reduction_op, self.axis, self.opt_arg = binding, reduction_op, axis, as_k(opt_arg)
         self.complex = lazy.is_complex and getattr(REDUCTIONS.get(reduction_op), "linear", False)
         self.formula, self.formula2, self.order = _numbered(lazy.node, formula2, lazy.leaves)
         self.symbolic = sum(1 for v in self.order if v is None or v.symbol is not None)

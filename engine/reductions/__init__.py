@@ -1,6 +1,8 @@
 """Layer 2: the reduction table. One definition per reduction (engine.reductions.base says what it holds), used by
 every backend, the block runtime, the cluster merge, gradients and the front ends. Adding a reduction is adding a
 class to one of the family modules and a name to REDUCTIONS."""
+import operator
+
 from ..errors import ArgumentError, FormulaError
 from .base import INDEX_DTYPE, NO_INDEX, Reduction, Slot, merge_all
 from .extremum import ArgMax, ArgMin, Max, Max_ArgMax, Min, Min_ArgMin
@@ -25,6 +27,18 @@ def called(name: str, with_formula2: bool) -> str:
     return name
 
 
+def as_k(value):
+    """K as an int when `value` is an integer of any kind (a numpy integer, a 0-d integer tensor: pykeops takes
+    `argKmin(K=torch.tensor(5))`), else `value` unchanged for `bind` to refuse by name (floats stay; bools, and bool
+    tensors, stay bools: they have an integer index, and bind refuses them)."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return bool(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
 def bind(name: str, fdim: int, f2dim: int | None = None, k: int | None = None) -> Reduction:
     """The reduction `name` for a formula of dimension `fdim` (and formula2 of `f2dim`, K = `k`)."""
     cls = REDUCTIONS.get(name)
@@ -34,6 +48,7 @@ def bind(name: str, fdim: int, f2dim: int | None = None, k: int | None = None) -
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise FormulaError(f"unknown reduction {name!r}{hint} (known: {', '.join(REDUCTIONS)})")
     if cls.needs_k:
+        k = as_k(k)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ArgumentError(f"{name}: opt_arg must be the number K of neighbours, an integer in 1..{MAX_K}; got {k!r}")
     else:
@@ -45,4 +60,4 @@ def bind(name: str, fdim: int, f2dim: int | None = None, k: int | None = None) -
     return cls(name, fdim, f2dim, k)
 
 
-__all__ = ["INDEX_DTYPE", "NO_INDEX", "REDUCTIONS", "Reduction", "Slot", "bind", "called", "merge_all"]
+__all__ = ["INDEX_DTYPE", "NO_INDEX", "REDUCTIONS", "Reduction", "Slot", "as_k", "bind", "called", "merge_all"]
