@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q "$(TORCH)"
 	# nvrtc and gpu-static: the CUDA wheels the CPU tests need (NVRTC compiles, cuobjdump); CuPy only in test-gpu
 	$(PY) -m pip install -q -e ".[torch,nvrtc,gpu-static,server,bench,test,docs,examples,clients,lint]"
-	# TorchDR's tests ship only in its sdist: the installed version's, for tests/test_torchdr_suite.py
-	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/sdists \
-		"torchdr==$$($(PY) -c 'import importlib.metadata as m; print(m.version("torchdr"))')"
+	# TorchDR's and GPyTorch's tests ship only in their sdists: the installed versions', for test_client_suites.py
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/sdists $$($(PY) -c \
+		'import importlib.metadata as m; print(*(p + "==" + m.version(p) for p in ("torchdr", "gpytorch")))')
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -1,6 +1,6 @@
 """Run another project's own pytest files unmodified on kred: a conftest.py at the suite's root installs the pykeops
 drop-in (kred.compat.install_as_pykeops) before the files import anything, pytest runs in a child process, and its
-JUnit report gives each case's outcome. Used by test_pykeops_suite.py and test_torchdr_suite.py."""
+JUnit report gives each case's outcome. Used by test_pykeops_suite.py and test_client_suites.py."""
 from __future__ import annotations
 
 import os

@@ -1,0 +1,54 @@
+"""The test suites of libraries built on pykeops, run unmodified on kred through the drop-in.
+
+- TorchDR (dimensionality reduction: t-SNE, UMAP, SNE, PHATE, affinities, silhouette scores) builds its `keops`
+  backend on pykeops's LazyTensor: sparse affinities by `Kmin_argKmin`, log-sum-exp normalisations, clamps. Its tests
+  whose names say keops compare that backend with its dense torch one. Running them found two defects no test here
+  had: K given as a 0-d tensor (`argKmin(K=torch.tensor(90))`) and `clamp(0, float("inf"))` (an infinite number
+  must become a parameter).
+- GPyTorch's KeOps kernels (RBF, Matérn, periodic) against its dense kernels, and its KeOps GP regression example.
+
+Their tests ship only in their source distributions, which `make install` downloads (for the installed versions:
+the `clients` extra) into <venv>/sdists. Each suite runs from its unpacked source (the tests import helpers of their
+package), with the drop-in installed by a conftest.py at its root (tests/foreign_suite.py).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from foreign_suite import broken, passed, run_suite, skipped
+
+SUITES = {  # package: (test paths in its sdist, pytest options, fewest tests that must pass)
+    "torchdr": (["torchdr/tests/" + f for f in ("test_affinity.py", "test_eval.py", "test_neighbor_embedding.py",
+                                                "test_spectral.py", "test_utils.py")], ["-k", "keops"], 74),
+    # test_prior_type is mis-indented in GPyTorch 1.15 (a module-level function taking `self`): pytest cannot run it
+    "gpytorch": (["test/kernels/keops", "test/examples/test_keops_gp_regression.py"],
+                 ["--deselect", "test/kernels/keops/test_periodic_kernel.py::test_prior_type"], 88),
+}
+
+
+def sdist(package: str) -> Path:
+    version = importlib.metadata.version(package)
+    path = Path(sys.prefix) / "sdists" / f"{package}-{version}.tar.gz"
+    assert path.is_file(), f"{path} is missing: `make install` downloads {package}'s source distribution"
+    return path
+
+
+@pytest.mark.parametrize("package", list(SUITES))
+def test_client_library_keops_tests_pass_on_kred(package, tmp_path):
+    targets, options, fewest = SUITES[package]
+    with tarfile.open(sdist(package)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    (root,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    outcome, run = run_suite(root, [str(root / t) for t in targets], tmp_path, options, pythonpath=root)
+    assert not broken(outcome), f"{package} tests failing on kred: {broken(outcome)}\n{run.stdout[-3000:]}"
+    assert not skipped(outcome), f"{package} tests skipped: {skipped(outcome)}"
+    files = {t.rsplit("/", 1)[-1].removesuffix(".py") for t in targets if t.endswith(".py")}
+    ran = {part for name in passed(outcome) for part in name.split("::")[0].split(".")}
+    assert files <= ran, f"files with no passing test: {sorted(files - ran)}"
+    assert len(passed(outcome)) >= fewest, f"only {len(passed(outcome))} {package} tests passed"
+    assert run.returncode == 0, run.stdout[-3000:]
