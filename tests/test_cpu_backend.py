@@ -158,7 +158,7 @@ def test_large_dimension_uses_the_blocked_products():
     exact = ((x[:, None, :].astype(np.float64) - y[None]) ** 2).sum(-1)
     got = knn(x, y, backend="cpu")
     want = np.argsort(exact, axis=1)[:, :10]
-    # float32 |x|^2 + |y|^2 - 2 x.y may swap two neighbours closer than its rounding; their distances must agree
+    # float32 rounding may swap two neighbours closer than it; their distances must agree
     np.testing.assert_allclose(np.take_along_axis(exact, got, 1), np.take_along_axis(exact, want, 1), rtol=1e-5)
     assert (got == want).mean() > 0.99
     scal = Genred("Exp(-(x | y) * 0.01) * Sum(y)", aliases, axis=1)
@@ -166,6 +166,29 @@ def test_large_dimension_uses_the_blocked_products():
     xd, yd = x.astype(np.float64), y.astype(np.float64)
     want = np.exp(-(xd @ yd.T) * 0.01) @ yd.sum(1, keepdims=True)
     assert relative_error(scal(xd, yd, backend="cpu"), want) < 1e-12
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e4])
+def test_large_dimension_squared_distances_are_exact_far_from_the_origin(offset):
+    """The blocked path sums squared differences: as |x|^2 + |y|^2 - 2 x.y (its form before) float32 nearest
+    distances were 17% off at distance 100 from the origin and 1800x at 1e4, Gaussian sums inf. Duplicated points
+    must be at distance exactly 0. Against float64 computed here from the same float32 data."""
+    d = 2 * DOT_MIN_DIM
+    rng = np.random.default_rng(17)
+    x = (offset + rng.random((203, d))).astype(np.float32)
+    y = (offset + rng.random((301, d))).astype(np.float32)
+    y[:5] = x[:5]
+    aliases = [f"x = Vi({d})", f"y = Vj({d})", "b = Vj(1)"]
+    exact = ((x[:, None, :].astype(np.float64) - y[None]) ** 2).sum(-1)
+    values, indices = Genred("SqDist(x, y)", aliases[:2], "KMin_ArgKMin", axis=1, opt_arg=3)(x, y, backend="cpu")
+    assert "dot0r0" in cpu_source(Genred("SqDist(x, y)", aliases[:2], "Min", axis=1).plan, "float32", "float64")
+    want = np.sort(exact, axis=1)[:, :3]
+    np.testing.assert_allclose(values, want, rtol=1e-5, atol=0)
+    np.testing.assert_array_equal(values[:5, 0], 0)
+    np.testing.assert_allclose(np.take_along_axis(exact, indices, 1), want, rtol=1e-5, atol=0)
+    b = rng.random((301, 1)).astype(np.float32)
+    gauss = Genred("Exp(-SqDist(x, y) * 0.1) * b", aliases, axis=1)(x, y, b, backend="cpu")
+    assert relative_error(gauss, np.exp(-exact * 0.1) @ b.astype(np.float64)) < 1e-5
 
 
 def test_partial_states_merge_with_the_reference_backend():
