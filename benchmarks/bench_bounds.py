@@ -20,7 +20,7 @@ import sys
 import tempfile
 import textwrap
 
-from .run import RESULTS, host_kind, machine_info
+from .run import machine_info, results_path, save_results
 
 UNBOUNDED = str(10**9)
 
@@ -110,9 +110,7 @@ def main() -> None:
                   f" {row.get('rss_mb_before')!s:>11} -> {row.get('rss_mb_after')!s:<9}")
     if not options.no_save:
         machine = machine_info()
-        path = RESULTS / f"bounds-{host_kind(machine)}.json"
-        path.write_text(json.dumps(dict(machine=machine, rows=rows), indent=2) + "\n")
-        print(f"\nsaved {path}")
+        save_results(results_path("bounds", machine), {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ goes to benchmarks/results/cluster-<host kind>.json with the machine's descripti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 import numpy as np
 
-from .run import RESULTS, host_kind, machine_info
+from .run import machine_info, results_path, save_results
 
 FORMULA, ALIASES = "Exp(-SqDist(x, y)) * b", ["x = Vi({d})", "y = Vj({d})", "b = Vj(1)"]
 
@@ -106,13 +105,10 @@ def main(argv=None) -> int:
     for r in rows:
         if r["kind"] == "scaling":
             r["speedup_vs_1_worker"] = round(single / r["seconds"], 3)
-    out = RESULTS / f"{args.name}-{host_kind(info)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"case": "gaussian_sum", "formula": FORMULA, "n": n, "m": n, "d": d, "dtype": "float32",
                 "reps": args.reps, "statistic": "median", "engine_backend": auto_choice(), "gpus": gpus,
                 "load_average_at_end": os.getloadavg()}     # other processes' load on a shared machine
-    out.write_text(json.dumps({"settings": settings, "machine": info, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_results(results_path(args.name, info), {"settings": settings, "machine": info, "rows": rows})
     return 0
 
 

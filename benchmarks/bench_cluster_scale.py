@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ import time
 
 import numpy as np
 
-from .run import RESULTS, host_kind, machine_info
+from .run import machine_info, results_path, save_results
 
 FORMULA, ALIASES = "Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"]
 MB = 1024 * 1024
@@ -295,14 +294,11 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     for part in parts:
         {"nodes": bench_nodes, "ooc": bench_ooc, "service": bench_service, "crossover": bench_crossover}[part](args, rows)
-    out = RESULTS / f"{args.name}-{host_kind(info)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "tmp"} | {
         "formula": FORMULA, "dtype": "float32", "statistic": "median of --reps (nodes), single run (ooc, service)",
         "load_average_at_start": load_before, "load_average_at_end": os.getloadavg(),
         "note": "a shared 2-core machine: other processes' load is in the load averages"}
-    out.write_text(json.dumps({"settings": settings, "machine": info, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_results(results_path(args.name, info), {"settings": settings, "machine": info, "rows": rows})
     return 0
 
 

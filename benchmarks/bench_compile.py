@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .bench_constants import builds
-from .run import _git_commit, host_kind, machine_info
+from .run import machine_info, results_path, save_results
 
 LEVELS = ("-O3", "-O3 -fno-ipa-cp-clone", "-O2 -funswitch-loops -fpeel-loops", "-O2")
 CASES = [("gaussian", "Exp(-SqDist(x,y))*b", "Sum", 3), ("logsumexp", "-SqDist(x,y)", "LogSumExp", 3),
@@ -82,17 +82,14 @@ def main(argv=None) -> int:
                               cwd=Path(__file__).parent.parent, timeout=1800)
         rows += json.loads(done.stdout.strip().splitlines()[-1])
     info = machine_info()
-    path = Path(__file__).parent / "results" / f"{args.name}-{host_kind(info)}.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"settings": vars(args), "commit": _git_commit(), "machine": info,
-                                "load": os.getloadavg(), "results": rows}, indent=1) + "\n")
     base = {(r["case"], r["d"], r["dtype"]): r for r in rows if r["level"] == args.levels[0]}
     print(f"{'case':14} {'D':>3} {'dtype':8} {'level':36} {'compile s':>9} {'kernel ms':>9} {'vs first level':>14}")
     for r in rows:
         first = base[(r["case"], r["d"], r["dtype"])]
         print(f"{r['case']:14} {r['d']:3d} {r['dtype']:8} {r['level']:36} {r['compile_s']:9.3f} {r['best_ms']:9.2f} "
               f"{r['best_ms'] / first['best_ms']:13.2f}x")
-    print(f"saved {path}")
+    save_results(results_path(args.name, info), {"settings": vars(args), "machine": info, "load": os.getloadavg(),
+                                                 "results": rows})
     return 0
 
 

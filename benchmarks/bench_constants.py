@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .run import _git_commit, host_kind, machine_info
+from .run import _git_commit, machine_info, results_path, save_results
 
 SCALES = (0.1, 0.2, 0.3, 0.4)
 
@@ -207,13 +207,11 @@ def main(argv=None) -> int:
             rows["geomloss_solve_sample"]["pykeops"] = peer
 
     info = machine_info()
-    path = Path(__file__).parent / "results" / f"{args.name}-{host_kind(info)}.json"
+    path = results_path(args.name, info)
     stored = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     label = args.label or ("literal" if args.literal else "lifted")
     stored["runs"][label] = {"settings": vars(args), "commit": _git_commit(), "machine": info,
                              "load": os.getloadavg(), "results": rows}
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(stored, indent=1) + "\n")
     print(f"{'label':14} {'loop':22} {'cold s':>7} {'warm s':>7} {'cold/warm':>9} {'compiles':>8} "
           f"{'compile s':>9} {'(cold-compile)/warm':>19} {'warm compiles':>13}  error")
     for run_label, run in stored["runs"].items():
@@ -228,7 +226,7 @@ def main(argv=None) -> int:
         if peer and "cold_s" in peer:
             print(f"{run_label:14} {'solve_sample, pykeops':22} {peer['cold_s']:7.2f} {peer['warm_s']:7.2f} "
                   f"{peer['cold_over_warm']:9.2f}  (pykeops {peer['pykeops']}, same data)")
-    print(f"saved {path}")
+    save_results(path, stored)
     return 0
 
 

@@ -26,7 +26,7 @@ import sys
 import textwrap
 import uuid
 
-from .run import RESULTS, ROOT, host_kind, machine_info, run_worker
+from .run import RESULTS, ROOT, host_kind, machine_info, run_worker, save_results
 
 IMPLS = ("kred-cpu", "pykeops-cpu", "torch", "numpy")
 
@@ -281,15 +281,12 @@ def main(argv=None) -> int:
         kind = host_kind(info)
         part = "".join(f"{c}-d{d}-" for c, d in sorted(chosen)) if chosen else ""
         path = RESULTS / f"cpu-{part}{kind}.json"
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"settings": {"threads": args.threads, "reps": args.reps, "quick": args.quick,
-                                                 "peak_gflops": peak, "nominal_clock_peak_gflops": nominal,
-                                                 "torch_matmul_gflops": measured_peak},
-                                    "machine": info, "results": records, "latency": latency,
-                                    "goals_table": table}, indent=1) + "\n")
+        save_results(path, {"settings": {"threads": args.threads, "reps": args.reps, "quick": args.quick,
+                                         "peak_gflops": peak, "nominal_clock_peak_gflops": nominal,
+                                         "torch_matmul_gflops": measured_peak},
+                            "machine": info, "results": records, "latency": latency, "goals_table": table})
         if chosen is None:
             plot(records, RESULTS / f"cpu-gaussian-{kind}.png", info)
-        print(f"saved {path.relative_to(ROOT)}")
     return 0
 
 

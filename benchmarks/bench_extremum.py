@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 from .bench_ranges import timed
-from .run import _git_commit, host_kind, machine_info
+from .run import _git_commit, machine_info, results_path, save_results
 
 REDUCTIONS = ("Min", "Min_ArgMin", "ArgMin", "Max_ArgMax", "ArgMax")
 
@@ -37,7 +36,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     x, y = rng.random((args.n, 3), np.float32), rng.random((args.n, 3), np.float32)
     info = machine_info()
-    path = Path(__file__).parent / "results" / f"{args.name}-{host_kind(info)}.json"
+    path = results_path(args.name, info)
     stored = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     rows = {}
     for name in REDUCTIONS:
@@ -48,8 +47,6 @@ def main(argv=None) -> int:
         rows[name] = {"wall_s": wall, "cpu_s": cpu}
     stored["runs"][args.label] = {"settings": vars(args), "commit": _git_commit(), "machine": info,
                                   "load": os.getloadavg(), "results": rows}
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(stored, indent=1) + "\n")
     runs = stored["runs"]
     # CPU time of this process: on a shared machine it is disturbed much less than wall-clock time
     print(f"{'reduction':12} " + " ".join(f"{label + ' cpu ms':>16}" for label in runs) + "   after/before speed-up")
@@ -59,7 +56,7 @@ def main(argv=None) -> int:
         if {"before", "after"} <= set(runs):
             ratio = f"{runs['before']['results'][name]['cpu_s'] / runs['after']['results'][name]['cpu_s']:.2f}x"
         print(f"{name:12} " + " ".join(cells) + f"   {ratio}")
-    print(f"saved {path}")
+    save_results(path, stored)
     return 0
 
 

@@ -12,12 +12,11 @@ goes to benchmarks/results/multihost-<host kind>.json with the machine's descrip
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-from .run import RESULTS, host_kind, machine_info
+from .run import machine_info, results_path, save_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import multihost  # noqa: E402  (the harness lives with the tests)
@@ -67,9 +66,8 @@ def main(argv=None) -> int:
         print(f"{row['deployment']:<10} {row['kind']:<12} {row['client_seconds']:>9.2f} {row['job_seconds']:>7.2f} "
               f"{row['shards']:>6}  {row['by_host']}")
     info = machine_info()
-    out = args.out or RESULTS / f"multihost-{host_kind(info)}.json"
-    out.write_text(json.dumps({"machine": info, "formula": "Square((x | y)) * b", "rows": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_results(args.out or results_path("multihost", info),
+                 {"machine": info, "formula": "Square((x | y)) * b", "rows": rows})
     return 0
 
 

@@ -18,7 +18,6 @@ dense call).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
     os.environ["KRED_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     from kred.engine.numpy import Genred
-    from .run import RESULTS, host_kind, machine_info
+    from .run import machine_info, results_path, save_results
 
     op = Genred(FORMULA, ALIASES, axis=1)
     peer = None
@@ -132,13 +131,10 @@ def main(argv=None) -> int:
                   flush=True)
     if not args.no_save:
         info = machine_info()
-        path = RESULTS / f"{args.name}-{host_kind(info)}.json"
-        RESULTS.mkdir(parents=True, exist_ok=True)
         settings = {"formula": FORMULA, "backend": "cpu", "threads": args.threads, "reps": args.reps,
                     "dense_reps": args.dense_reps, "peer": None if args.no_peer else "pykeops.numpy CPU ranges",
                     "peer_reps": args.peer_reps}
-        path.write_text(json.dumps({"settings": settings, "machine": info, "results": records}, indent=1) + "\n")
-        print(f"saved {path}")
+        save_results(results_path(args.name, info), {"settings": settings, "machine": info, "results": records})
     return 0
 
 

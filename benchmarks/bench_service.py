@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from .run import RESULTS, host_kind, machine_info
+from .run import machine_info, results_path, save_results
 
 GAUSS = "Exp(-SqDist(x, y)) * b"
 GAUSS_ALIASES = ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"]
@@ -202,12 +202,9 @@ def main(argv=None) -> int:
             process.terminate()
             process.wait(30)
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"service-{host_kind(info)}.json"
     settings = vars(args) | {"server": "kred serve --executor local (uvicorn, 1 process, same host)",
                              "load_average_at_end": os.getloadavg()}
-    out.write_text(json.dumps({"settings": settings, "machine": info, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_results(results_path("service", info), {"settings": settings, "machine": info, "rows": rows})
     return 0
 
 

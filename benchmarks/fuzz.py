@@ -177,7 +177,7 @@ def fuzz(http, rng: random.Random, formulas: int, arrows: int, shms: int, second
 def main() -> None:
     import httpx
 
-    from benchmarks.run import host_kind, machine_info
+    from benchmarks.run import machine_info, results_path, save_results
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000, help="formulas (Arrow bodies: count/4, shm: count/10)")
@@ -208,9 +208,7 @@ def main() -> None:
     print(f"sent: {result['sent']}; generator errors: {len(result['generator_errors'])}")
     print(f"5xx or no answer: {len(result['failures'])}, server alive: {alive}, RSS {record['server_rss_mb'][0]} -> "
           f"{record['server_rss_mb'][1]} MB, {seconds:.0f} s")
-    path = RESULTS / f"fuzz-{host_kind(info)}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"saved {path}")
+    save_results(results_path("fuzz", info), record)
 
 
 if __name__ == "__main__":

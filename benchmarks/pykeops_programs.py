@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import runpy
 import subprocess
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .run import _git_commit, host_kind, machine_info
+from .run import machine_info, results_path, save_results
 
 
 def run_one(path: str) -> None:
@@ -80,16 +79,13 @@ def main(argv=None) -> int:
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda p: measure(p, root, args.timeout), scripts(root)))
     info = machine_info()
-    path = Path(__file__).parent / "results" / f"{args.name}-{host_kind(info)}.json"
-    path.parent.mkdir(exist_ok=True)
     passed = sum(r["ok"] for r in rows)
-    path.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "commit": _git_commit(),
-                                "machine": info, "passed": passed, "total": len(rows), "scripts": rows},
-                               indent=1) + "\n")
     print(f"{'script':62} {'ok':>3} {'s':>6}  error")
     for r in rows:
         print(f"{r['script']:62} {'yes' if r['ok'] else 'no':>3} {r['seconds']:6.1f}  {r['error'] or ''}")
-    print(f"{passed} of {len(rows)} ran; saved {path}")
+    print(f"{passed} of {len(rows)} ran")
+    save_results(results_path(args.name, info), {"settings": {k: str(v) for k, v in vars(args).items()},
+                                                 "machine": info, "passed": passed, "total": len(rows), "scripts": rows})
     return 0
 
 

@@ -202,6 +202,19 @@ def _gpu_name() -> str | None:
     return ", ".join(names) or None
 
 
+def results_path(name: str, info: dict) -> Path:
+    """benchmarks/results/<name>-<host kind>.json: where a benchmark keeps its figures for this kind of machine."""
+    return RESULTS / f"{name}-{host_kind(info)}.json"
+
+
+def save_results(path: Path, payload: dict) -> Path:
+    """Write a benchmark's results (with the commit measured, unless the payload names one) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"commit": _git_commit(), **payload}, indent=1) + "\n")
+    print(f"saved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return path
+
+
 def _git_commit() -> str | None:
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
@@ -280,7 +293,7 @@ def main(argv=None) -> int:
     reps = args.reps if args.reps is not None else (2 if args.quick else 3)
     info = machine_info()
     name = args.name or ("core-quick" if args.quick else "core")
-    path = RESULTS / f"{name}-{host_kind(info)}.json"
+    path = results_path(name, info)
     print(f"# {info['cpu_model']} ({info['usable_cpus']} usable CPUs), GPU: {info['gpu'] or 'none'}; "
           f"{args.dtype}, median of {reps}" + ("" if args.no_save else f"; saving to {path.relative_to(ROOT)}"))
     print("  ".join(f"{title:<{width}}" if fmt == "s" else f"{title:>{width}}" for title, width, fmt in COLUMNS))
@@ -324,11 +337,10 @@ def main(argv=None) -> int:
               f"{'PASS' if verdict else 'FAIL'}")
         status = 0 if verdict else 1
     if not args.no_save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
         settings = {"dtype": args.dtype, "reps": reps, "warmup": args.warmup, "quick": args.quick,
                     "max_seconds": args.max_seconds, "argv": sys.argv[1:],
                     "memory_limit_mb": MEMORY_LIMIT_MB if args.memory_check else None}
-        path.write_text(json.dumps({"settings": settings, "machine": info, "results": records}, indent=1) + "\n")
+        save_results(path, {"settings": settings, "machine": info, "results": records})
     return status
 
 
