@@ -103,6 +103,30 @@ def test_solve_with_call_false_solves_when_called():
         later(rhs)
 
 
+def test_solve_with_call_false_builds_its_kernel_solve_once(monkeypatch):
+    built = []
+    original = kn.LazyTensor._kernel_solve_class()
+
+    class Counted(original):
+        def __init__(self, *args, **kwargs):
+            built.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(kn.LazyTensor, "_kernel_solve_class", staticmethod(lambda: Counted))
+    K = kernel(kn, X, X)
+    K.backend = "reference"
+    rhs = RNG.standard_normal((N, 2))
+    later = K.solve(rhs, alpha=0.5, eps=1e-12, call=False)
+    for alpha in (0.5, 2.0, 0.5):               # a call's options override the ones given before
+        want = np.linalg.solve(gauss(X, X) + alpha * np.eye(N), rhs)
+        np.testing.assert_allclose(later(alpha=alpha), want, rtol=1e-8, atol=1e-10)
+    assert len(built) == 1
+    assert later.callfun is later.callfun
+    np.testing.assert_allclose(later(dtype_acc="float64"), np.linalg.solve(gauss(X, X) + 0.5 * np.eye(N), rhs),
+                               rtol=1e-8, atol=1e-10)
+    assert len(built) == 2                      # an option that shapes the plan builds another
+
+
 # generic_* helpers -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("binding", [kn, kt], ids=["numpy", "torch"])

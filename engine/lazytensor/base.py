@@ -767,7 +767,8 @@ _install_methods(LazyTensorBase)
 
 
 class _DeferredSolve:
-    """`K.solve(b, call=False)`: the solve, run when called (options given then add to those given before)."""
+    """`K.solve(b, call=False)`: the solve, run when called (options given then add to those given before). Its
+    KernelSolve is built once, on the first call, unless a call gives options that shape the plan (PLAN_OPTIONS)."""
 
     def __init__(self, lazy, other, var, options):
         self.lazy, self.other, self.var, self.options = lazy, other, var, options
@@ -775,7 +776,10 @@ class _DeferredSolve:
     def __call__(self, *args, **options):
         if args:
             raise ArgumentError("a solve built with call=False takes no arrays: its right-hand side is already set")
-        return self.lazy.solve(self.other, self.var, call=True, **{**self.options, **options})
+        if any(key in PLAN_OPTIONS for key in options):
+            return self.lazy.solve(self.other, self.var, call=True, **{**self.options, **options})
+        solver, arrays, given = self._parts
+        return solver(*arrays, **{**given, **options})
 
     @functools.cached_property
     def _parts(self):
