@@ -3,7 +3,8 @@ oracle written here op by op (pykeops's conventions at singular points: Sqrt and
 Abs and Sign take Sign(0) = 0, ReLU has 1 at 0), and against pykeops itself where it is installed (a small part: it
 compiles each formula with the system C++ compiler, tens of seconds each).
 
-Inputs are drawn at singular points too: a point at the origin, duplicated points, y_j equal to some x_i (so x - y
+Compiled backends also draw formulas in dimension WIDE (the CPU's blocked distance loop). Inputs are drawn at
+singular points too: a point at the origin, duplicated points, y_j equal to some x_i (so x - y
 is exactly 0 for those pairs) and zero components. Each formula shape runs twice with different float constants
 (written in the text) and parameter values, so a cache keyed on the wrong thing would answer the second call with
 the first one's kernel."""
@@ -18,7 +19,10 @@ from conftest import BACKENDS
 
 from kred.torch import Genred
 
+from kred.engine.codegen.cpu import DOT_MIN_DIM
+
 D = 3
+WIDE = DOT_MIN_DIM + 1      # distances and scalar products of this dimension take the CPU's blocked loop
 
 
 def _safe_sqrt(s):
@@ -95,12 +99,12 @@ class Draw:
         return text, lambda env: fh(fb(env)) + (env["x"] * env["y"]).sum(-1, keepdim=True)
 
 
-def singular_points(rng, n=7, m=6):
-    x = rng.uniform(-1.5, 1.5, (n, D))
+def singular_points(rng, n=7, m=6, d=D):
+    x = rng.uniform(-1.5, 1.5, (n, d))
     x[0] = 0.0                                  # the origin
     x[2] = x[1]                                 # a duplicated point
     x[3, 1] = 0.0                               # a zero component
-    y = rng.uniform(-1.5, 1.5, (m, D))
+    y = rng.uniform(-1.5, 1.5, (m, d))
     y[:3] = x[:3]                               # x_i - y_j = 0 exactly for these pairs
     return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -111,12 +115,12 @@ def _case(seed):
     return draw, text, oracle
 
 
-def _check(text, oracle, n_constants, backend, rng, reduction="Sum"):
-    x, y = singular_points(rng)
+def _check(text, oracle, n_constants, backend, rng, reduction="Sum", d=D):
+    x, y = singular_points(rng, d=d)
     constants = rng.uniform(-2, 2, n_constants).round(3)
     p = torch.tensor([rng.uniform(-2, 2)], dtype=torch.float64)
     formula = text.format(**{f"c{k}": f"({float(c)!r})" for k, c in enumerate(constants)})
-    op = Genred(formula, [f"x = Vi({D})", f"y = Vj({D})", "p = Pm(1)"], reduction_op=reduction, axis=1)
+    op = Genred(formula, [f"x = Vi({d})", f"y = Vj({d})", "p = Pm(1)"], reduction_op=reduction, axis=1)
     xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
     got = op(xg, yg, p, backend=backend)
     env = {"x": xg[:, None, :], "y": yg[None, :, :], "p": p, "c": [torch.tensor(float(c), dtype=torch.float64)
@@ -142,12 +146,12 @@ def test_fuzz_reference(seed):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
-@pytest.mark.parametrize("seed", range(40, 44))
-def test_fuzz_compiled(seed, backend):
+@pytest.mark.parametrize("seed, d", [(seed, D) for seed in range(40, 44)] + [(seed, WIDE) for seed in range(44, 47)])
+def test_fuzz_compiled(seed, d, backend):
     draw, text, oracle = _case(seed)
     rng = np.random.default_rng(1000 + seed)
     for call in range(2):
-        _check(text, oracle, len(draw.constants), backend, rng, "Sum" if seed % 2 else "LogSumExp")
+        _check(text, oracle, len(draw.constants), backend, rng, "Sum" if seed % 2 else "LogSumExp", d)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pykeops") is None, reason="pykeops (the benchmark peer) not installed")
