@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(2, ge=1)       # jobs computing at once
     max_queued_jobs: int = Field(64, ge=0)       # waiting beyond those; 429 past it
     compile_timeout_s: float = 60.0              # building a plan (parse, differentiate, compile)
-    reject_nonfinite: bool = True                # NaN / inf inputs are a 422
+    # NaN / inf inputs are a 422 when on. Off by default: the engine computes them with IEEE semantics, as
+    # pykeops and kred in-process do, and pykeops programs send them (-inf log-weights, inf clamp bounds)
+    reject_nonfinite: bool = False
 
     # --- sec-data: tenants, dataset-job budgets (issue 20 rows 8, 9) ---------------------------------------------
     # Named tokens, as JSON (KRED_TENANTS='[{"name": "alice", "token": "...", "max_jobs": 4}]') and/or a JSON file

@@ -186,12 +186,38 @@ async def test_wrong_shapes_dtypes_and_counts_name_the_argument(server):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-async def test_nonfinite_inputs_are_refused(server, bad):
+async def test_nonfinite_inputs_are_refused_when_the_operator_says_so(tmp_path, bad):
     x, y, b = data()
     y = y.copy()
     y[3, 1] = bad
-    r = await server.post_arrow(request(axis=1), [x, y, b])
+    async with Running(create_app(settings(tmp_path, reject_nonfinite=True))) as strict:
+        r = await strict.post_arrow(request(axis=1), [x, y, b])
     assert r.status_code == 422 and "y contains" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("transport", ["arrow", "shm"])
+async def test_nonfinite_inputs_are_computed_as_in_process_by_default(server, transport):
+    """pykeops programs send them (GeomLoss's -inf log-weights of empty bins, TorchDR's inf clamp bounds): by
+    default they get the engine's IEEE answers, as in process, checked against dense numpy written here."""
+    x, y, b = data()
+    b = b[:, :1].copy()
+    logw = np.log(np.abs(b))
+    logw[:3, 0] = -np.inf                       # empty bins
+    aliases = ["x = Vi(3)", "y = Vj(3)", "w = Vj(1)"]
+    d2 = ((x[:, None, :] - y[None]) ** 2).sum(-1)
+    f = logw[None, :, 0] - d2
+    top = f.max(1, keepdims=True)
+    async with server.client(transport=transport) as c:
+        gauss = await c.reduce("Exp(w - SqDist(x, y))", aliases, x, y, logw, axis=1)
+        lse = await c.reduce("w - SqDist(x, y)", aliases, x, y, logw, reduction_op="LogSumExp", axis=1)
+        clamped = await c.reduce("Clamp(w, IntCst(0), c) * SqDist(x, y)", [*aliases, "c = Pm(1)"], x, y, b,
+                                 np.array([np.inf]), axis=1)
+        poisoned = await c.reduce("w * SqDist(x, y)", aliases, x, y, np.where(np.arange(len(y))[:, None] == 5,
+                                                                               np.nan, b), axis=1)
+    np.testing.assert_allclose(gauss, np.exp(f).sum(1, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(lse, top + np.log(np.exp(f - top).sum(1, keepdims=True)), rtol=1e-12)
+    np.testing.assert_allclose(clamped, (np.maximum(b[None, :, 0], 0) * d2).sum(1, keepdims=True), rtol=1e-12)
+    assert np.isnan(poisoned).all()
 
 
 INJECTIONS = [
