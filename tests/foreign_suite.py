@@ -10,11 +10,15 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 # the drop-in, and a record of which pykeops the suite imported (to prove it ran on kred, not on a real pykeops)
-CONFTEST = """import sys
+CONFTEST = """import os
+import sys
 
+import kred
 import kred.compat
 
-kred.compat.install_as_pykeops()
+# with KRED_SUITE_SERVER, the drop-in's LazyTensor and Genred compute on that kred server
+url = os.environ.get("KRED_SUITE_SERVER")
+kred.compat.install_as_pykeops(client=kred.Client(url) if url else None)
 
 
 def pytest_sessionfinish(session):
@@ -25,14 +29,14 @@ def pytest_sessionfinish(session):
 
 
 def run_suite(root: Path, targets: list[str], report_dir: Path, extra: list[str] = (), timeout: int = 540,
-              pythonpath: Path | None = None) -> tuple[dict, subprocess.CompletedProcess]:
+              pythonpath: Path | None = None, server: str | None = None) -> tuple[dict, subprocess.CompletedProcess]:
     """Run pytest on `targets` (paths under `root`) with the drop-in: {test id: (outcome, message)} where outcome is
     passed, failure, error or skipped, and the finished process. `pythonpath` goes first on the path (a source
-    distribution whose tests import their package)."""
+    distribution whose tests import their package); with `server` (a URL) the drop-in computes there."""
     record = report_dir / "pykeops-module.txt"
     (root / "conftest.py").write_text(CONFTEST.format(record=str(record)))
     report = report_dir / "junit.xml"
-    env = {**os.environ, "MPLBACKEND": "Agg"}
+    env = {**os.environ, "MPLBACKEND": "Agg"} | ({"KRED_SUITE_SERVER": server} if server else {})
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath)] + [p for p in [env.get("PYTHONPATH")] if p])
     run = subprocess.run(
