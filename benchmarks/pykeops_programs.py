@@ -1,11 +1,12 @@
 """pykeops 2.3's own tutorials and examples, run unmodified on kred through the drop-in (issue 21).
 
-    python -m benchmarks.pykeops_programs [--sdist pykeops-2.3.tar.gz] [--jobs 2] [--timeout 600]
+    python -m benchmarks.pykeops_programs [--sdist pykeops-2.3.tar.gz] [--jobs 2] [--timeout 600] [--server URL]
 
 They are not in pykeops's wheel, only in its source distribution: without `--sdist` it is fetched with
 `pip download pykeops==2.3 --no-binary :all: --no-deps`. Each script runs in its own process, from its own folder,
 after `kred.compat.install_as_pykeops()` (matplotlib on the Agg backend, so `plt.show()` returns); most check
-themselves (they print or assert their error against a torch/numpy computation). The JSON records, per script, its
+themselves (they print or assert their error against a torch/numpy computation). With `--server`, the drop-in is
+bound to that kred server (`install_as_pykeops(client=...)`: LazyTensor and Genred compute there). The JSON records, per script, its
 exit status, seconds and the last line of its error; results/pykeops-programs-<host kind>.json, with the machine.
 pykeops's test files are run in CI instead (tests/test_pykeops_suite.py: they ship in the wheel).
 """
@@ -29,8 +30,10 @@ def run_one(path: str) -> None:
     """The child: the drop-in, then the script as __main__ from its folder."""
     import matplotlib
     matplotlib.use("Agg")
+    import kred
     import kred.compat
-    kred.compat.install_as_pykeops()
+    url = os.environ.get("KRED_PROGRAMS_SERVER")
+    kred.compat.install_as_pykeops(client=kred.Client(url) if url else None)
     os.chdir(os.path.dirname(path))
     sys.argv = [path]
     runpy.run_path(path, run_name="__main__")
@@ -47,12 +50,13 @@ def scripts(root: Path) -> list[Path]:
     return sorted(p for p in found if p.name != "__init__.py")
 
 
-def measure(path: Path, root: Path, timeout: float) -> dict:
+def measure(path: Path, root: Path, timeout: float, server: str | None = None) -> dict:
     start = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, "-m", "benchmarks.pykeops_programs", "--run", str(path)],
                               capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent,
-                              env={**os.environ, "MPLBACKEND": "Agg"})
+                              env={**os.environ, "MPLBACKEND": "Agg"} | ({"KRED_PROGRAMS_SERVER": server} if server
+                                                                        else {}))
         rc, tail = done.returncode, (done.stderr.strip().splitlines() or [""])[-1]
     except subprocess.TimeoutExpired:
         rc, tail = None, f"timed out after {timeout:.0f} s"
@@ -65,9 +69,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sdist", type=Path, help="pykeops-2.3.tar.gz (default: pip download it)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--name", default="pykeops-programs")
+    parser.add_argument("--name", help="results name (default pykeops-programs, pykeops-programs-served)")
+    parser.add_argument("--server", help="a kred server's URL: the drop-in computes there")
     parser.add_argument("--run", help=argparse.SUPPRESS)            # the child's entry
     args = parser.parse_args(argv)
+    args.name = args.name or ("pykeops-programs-served" if args.server else "pykeops-programs")
     if args.run:
         run_one(args.run)
         return 0
@@ -77,7 +83,7 @@ def main(argv=None) -> int:
         tar.extractall(work, filter="data")
     root = work / "pykeops-2.3"
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda p: measure(p, root, args.timeout), scripts(root)))
+        rows = list(pool.map(lambda p: measure(p, root, args.timeout, args.server), scripts(root)))
     info = machine_info()
     passed = sum(r["ok"] for r in rows)
     print(f"{'script':62} {'ok':>3} {'s':>6}  error")

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import weakref
 
+from kred.engine.backends import NAMES as BACKEND_NAMES
 from kred.engine.errors import ArgumentError
 from kred.engine.formula import CATEGORY_NAMES, to_text
+from kred.engine.kernel_solve import conjugate_gradient, linear_system
 from kred.engine.lazytensor import LazyTensorBase
 from kred.engine.plan import Plan, swap_ij
+from kred.engine.run import PYKEOPS_BACKENDS
 from kred.engine.spec import Spec
 
 _current: contextvars.ContextVar = contextvars.ContextVar("kred_client", default=None)
@@ -109,19 +113,49 @@ class RemoteLazyTensor(LazyTensorBase):
 
     @classmethod
     def _call_options(cls, call: dict) -> dict:
-        """The call options a server honours: `ranges` (and `out`, filled here); it chooses its own backend."""
-        for key in ("backend", "device_id"):
-            if call.get(key) not in (None, "auto", -1):
-                raise ArgumentError(f"{key}={call[key]!r}: the server chooses where a remote reduction runs")
+        """The call options a server honours: `ranges` (and `out`, filled here). It chooses its own backend: a known
+        backend name (pykeops's "CPU", "GPU"... or kred's) or device is a hint it may ignore, as pykeops programs
+        pass them; an unknown name is an error, as in process."""
+        backend = call.get("backend")
+        if backend is not None and backend not in BACKEND_NAMES and backend not in PYKEOPS_BACKENDS:
+            raise ArgumentError(f"unknown backend {backend!r}; choose one of "
+                                f"{', '.join([*BACKEND_NAMES, *PYKEOPS_BACKENDS])}")
         return {"ranges": call.get("ranges"), "out": call.get("out")}
 
     @staticmethod
     def _complex_class():
         raise ArgumentError("complex LazyTensors run in-process only (kred.torch / kred.numpy ComplexLazyTensor)")
 
-    def solve(self, other, var=None, call=True, **options):
-        raise ArgumentError("LazyTensor.solve runs in-process only (kred.torch / kred.numpy LazyTensor); a remote "
-                            "LazyTensor sends reductions")
+    @classmethod
+    def _kernel_solve_class(cls):
+        """`solve` as in process, its products K a computed on the server (conjugate gradient here)."""
+        return functools.partial(RemoteKernelSolve, cls)
+
+
+class RemoteKernelSolve:
+    """A KernelSolve whose products K a are remote reductions of `binding` (a bound LazyTensor class): the system is
+    parsed and checked for linearity here (engine.kernel_solve), the conjugate gradient runs here, one request per
+    step. With torch tensors, gradients flow through the steps (each is a differentiable remote reduction)."""
+
+    def __init__(self, binding, formula: str, aliases, varinvalias: str, axis: int = 0, dtype_acc: str = "auto",
+                 use_double_acc: bool = False, use_fast_math: bool = True):
+        self.binding = binding
+        self.system = linear_system(formula, list(aliases), varinvalias, axis,
+                                    "float64" if use_double_acc else dtype_acc, use_fast_math)
+
+    def __call__(self, *args, backend: str = "auto", device_id: int = -1, alpha: float = 1e-10, eps: float = 1e-6,
+                 ranges=None):
+        plan, pos = self.system.plan, self.system.pos
+        if len(args) != plan.nargs:
+            raise ArgumentError(f"KernelSolve expects {plan.nargs} arrays, got {len(args)}")
+        call = self.binding._call_options({"backend": backend, "device_id": device_id, "ranges": ranges})
+        args = list(args)
+
+        def apply(a):
+            args[pos] = a
+            return self.binding._reduce(plan, list(args), {"ranges": call["ranges"]})
+
+        return conjugate_gradient(apply, args[pos], alpha, eps)
 
 
 def helpers(binding):
