@@ -171,8 +171,19 @@ def entry_files(directory: Path) -> dict[str, list[Path]]:
     return groups
 
 
+def sources_in_separate_lock_files(directory: Path, count: int) -> list[str]:
+    """`count` fresh sources whose keys fall in different lock files (one of 256, by key prefix: a held lock keeps
+    every entry of its file, so two entries sharing one would both count as being built)."""
+    for _ in range(100):
+        sources = [fresh_source(k) for k in range(count)]
+        keys = [cache.cache_key(source, cache.compiler(), FLAGS + LIBS) for source in sources]
+        if len({cache.lock_path(directory, key) for key in keys}) == count:
+            return sources
+    raise AssertionError("no draw of keys fell in separate lock files")
+
+
 def test_trim_deletes_least_recently_used_entries(cache_dir, small_memo):
-    keys, sources = [], [fresh_source(k) for k in range(10)]
+    keys, sources = [], sources_in_separate_lock_files(cache_dir, 10)
     for k, source in enumerate(sources):
         cache.load(source, FLAGS, LIBS)
         key = cache.cache_key(source, cache.compiler(), FLAGS + LIBS)
