@@ -183,3 +183,10 @@ class Running:
         assert_matches(result, dense("Sum", FORMULA, None, None, 1, x, y, b), np.float64)
 
 
+def served_reductions(url: str) -> float:
+    """How many reductions the server at `url` has answered with 200 (its /metrics, read by prometheus's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    families = text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text)
+    return sum(sample.value for family in families for sample in family.samples
+               if sample.name == "kred_requests_total" and sample.labels.get("route") == "/v1/reduce"
+               and sample.labels.get("status") == "200")

@@ -12,7 +12,7 @@ from kred.client.numpy import LazyTensor as NumpyLazyTensor
 from kred.client.torch import LazyTensor, Pm, Vi, Vj
 from kred.engine.errors import ArgumentError
 from kred.service.app import create_app
-from service_helpers import Server, settings
+from service_helpers import Server, served_reductions, settings
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +142,10 @@ def test_solve_runs_its_products_on_the_server(client, server, binding):
     x_i, x_j = lazy(wrap(x)[:, None, :], client=client), lazy(wrap(x)[None, :, :], client=client)
     K = (-((x_i - x_j) ** 2).sum(-1) * 10).exp()
     want = np.linalg.solve(np.exp(-((x[:, None] - x[None]) ** 2).sum(-1) * 10) + 0.5 * np.eye(40), b)
-    before = _reductions(server)
+    before = served_reductions(server.url)
     got = K.solve(lazy(wrap(b)[:, None, :], client=client), alpha=0.5, eps=1e-12)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-8, atol=1e-10)
-    assert _reductions(server) > before + 5                  # one request per conjugate-gradient step
+    assert served_reductions(server.url) > before + 5                  # one request per conjugate-gradient step
     later = K.solve(wrap(b), alpha=0.5, eps=1e-12, call=False)
     np.testing.assert_allclose(np.asarray(later()), want, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(np.asarray(later.callfun(*later.variables, alpha=0.5, eps=1e-12)), want, rtol=1e-8,
@@ -163,10 +163,3 @@ def test_solve_gradient_flows_through_the_remote_steps(client):
     for g, w in zip(got, want):
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-6, atol=1e-8)
 
-
-def _reductions(server) -> float:
-    import httpx
-    text = httpx.get(server.url + "/metrics").text
-    line = [row for row in text.splitlines()
-            if row.startswith('kred_requests_total{method="POST",route="/v1/reduce",status="200"}')]
-    return float(line[0].split()[-1]) if line else 0.0

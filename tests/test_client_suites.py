@@ -19,21 +19,37 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from foreign_suite import broken, passed, run_suite, skipped
+from service_helpers import served_reductions
 
-SUITES = {  # package: (test paths in its sdist, pytest options, fewest that must pass, through a server: (-k, fewest))
-    "torchdr": (["torchdr/tests/" + f for f in ("test_affinity.py", "test_eval.py", "test_neighbor_embedding.py",
-                                                "test_spectral.py", "test_utils.py")], ["-k", "keops"], 74,
-                ("keops and (doubly_stochastic_quadratic or (entropic_affinity and True and float32))", 3)),
+
+@dataclass(frozen=True)
+class Suite:
+    targets: list[str]          # test paths in the package's sdist
+    select: str | None          # pytest -k in process
+    fewest: int                 # tests that must pass in process
+    served_select: str | None   # pytest -k through a server
+    served_fewest: int
+    options: tuple[str, ...] = ()
+
+
+SUITES = {
+    "torchdr": Suite(["torchdr/tests/" + f for f in ("test_affinity.py", "test_eval.py", "test_neighbor_embedding.py",
+                                                     "test_spectral.py", "test_utils.py")], "keops", 74,
+                     "keops and (doubly_stochastic_quadratic or (entropic_affinity and True and float32))", 3),
     # test_prior_type is mis-indented in GPyTorch 1.15 (a module-level function taking `self`): pytest cannot run it
-    "gpytorch": (["test/kernels/keops", "test/examples/test_keops_gp_regression.py"],
-                 ["--deselect", "test/kernels/keops/test_periodic_kernel.py::test_prior_type"], 88, (None, 88)),
+    "gpytorch": Suite(["test/kernels/keops", "test/examples/test_keops_gp_regression.py"], None, 88, None, 88,
+                      ("--deselect", "test/kernels/keops/test_periodic_kernel.py::test_prior_type")),
 }
+
+
+def options_for(suite: Suite, select: str | None) -> list[str]:
+    return [*suite.options, *(["-k", select] if select else [])]
 
 
 def sdist(package: str) -> Path:
@@ -52,15 +68,16 @@ def unpacked(package: str, folder: Path) -> Path:
 
 @pytest.mark.parametrize("package", list(SUITES))
 def test_client_library_keops_tests_pass_on_kred(package, tmp_path):
-    targets, options, fewest, _ = SUITES[package]
+    suite = SUITES[package]
     root = unpacked(package, tmp_path)
-    outcome, run = run_suite(root, [str(root / t) for t in targets], tmp_path, options, pythonpath=root)
+    outcome, run = run_suite(root, [str(root / t) for t in suite.targets], tmp_path,
+                             options_for(suite, suite.select), pythonpath=root)
     assert not broken(outcome), f"{package} tests failing on kred: {broken(outcome)}\n{run.stdout[-3000:]}"
     assert not skipped(outcome), f"{package} tests skipped: {skipped(outcome)}"
-    files = {t.rsplit("/", 1)[-1].removesuffix(".py") for t in targets if t.endswith(".py")}
+    files = {t.rsplit("/", 1)[-1].removesuffix(".py") for t in suite.targets if t.endswith(".py")}
     ran = {part for name in passed(outcome) for part in name.split("::")[0].split(".")}
     assert files <= ran, f"files with no passing test: {sorted(files - ran)}"
-    assert len(passed(outcome)) >= fewest, f"only {len(passed(outcome))} {package} tests passed"
+    assert len(passed(outcome)) >= suite.fewest, f"only {len(passed(outcome))} {package} tests passed"
     assert run.returncode == 0, run.stdout[-3000:]
 
 
@@ -68,17 +85,14 @@ def test_client_library_keops_tests_pass_on_kred(package, tmp_path):
 def test_client_library_keops_tests_pass_through_kred_serve(package, tmp_path):
     from safety_helpers import ServerProcess
 
-    targets, options, _, (served, fewest) = SUITES[package]
-    if served is not None:
-        options = [o for o in options if o != "-k" and o != "keops"] + ["-k", served]
+    suite = SUITES[package]
     root = unpacked(package, tmp_path)
     with ServerProcess(tmp_path, backend="cpu") as server:
-        outcome, run = run_suite(root, [str(root / t) for t in targets], tmp_path, options, pythonpath=root,
-                                 server=server.url)
-        served_requests = httpx.get(server.url + "/metrics").text
+        outcome, run = run_suite(root, [str(root / t) for t in suite.targets], tmp_path,
+                                 options_for(suite, suite.served_select), pythonpath=root, server=server.url)
+        reduced = served_reductions(server.url)
     assert not broken(outcome), f"{package} tests failing through kred serve: {broken(outcome)}\n{run.stdout[-3000:]}"
-    assert not skipped(outcome) and len(passed(outcome)) >= fewest, f"{package}: {len(passed(outcome))} passed"
-    reduced = [line for line in served_requests.splitlines()
-               if line.startswith('kred_requests_total{method="POST",route="/v1/reduce",status="200"}')]
-    assert reduced and float(reduced[0].split()[-1]) > 0, "the suite sent no reduction to the server"
+    assert not skipped(outcome) and len(passed(outcome)) >= suite.served_fewest, \
+        f"{package}: {len(passed(outcome))} passed"
+    assert reduced > 0, "the suite sent no reduction to the server"
     assert run.returncode == 0, run.stdout[-3000:]
