@@ -6,8 +6,9 @@ They are not in pykeops's wheel, only in its source distribution: without `--sdi
 `pip download pykeops==2.3 --no-binary :all: --no-deps`. Each script runs in its own process, from its own folder,
 after `kred.compat.install_as_pykeops()` (matplotlib on the Agg backend, so `plt.show()` returns); most check
 themselves (they print or assert their error against a torch/numpy computation). With `--server`, the drop-in is
-bound to that kred server (`install_as_pykeops(client=...)`: LazyTensor and Genred compute there). The JSON records, per script, its
-exit status, seconds and the last line of its error; results/pykeops-programs-<host kind>.json, with the machine.
+bound to that kred server (`install_as_pykeops(client=...)`: LazyTensor and Genred compute there). The JSON
+records, per script, its exit status, seconds and the last line of its error; results/pykeops-programs-<host
+kind>.json (-served- with `--server`), with the machine.
 pykeops's test files are run in CI instead (tests/test_pykeops_suite.py: they ship in the wheel).
 """
 from __future__ import annotations
@@ -30,10 +31,8 @@ def run_one(path: str) -> None:
     """The child: the drop-in, then the script as __main__ from its folder."""
     import matplotlib
     matplotlib.use("Agg")
-    import kred
     import kred.compat
-    url = os.environ.get("KRED_PROGRAMS_SERVER")
-    kred.compat.install_as_pykeops(client=kred.Client(url) if url else None)
+    kred.compat.install_from_environment()      # KRED_PYKEOPS: "1", or the server's URL (set by `measure`)
     os.chdir(os.path.dirname(path))
     sys.argv = [path]
     runpy.run_path(path, run_name="__main__")
@@ -55,8 +54,7 @@ def measure(path: Path, root: Path, timeout: float, server: str | None = None) -
     try:
         done = subprocess.run([sys.executable, "-m", "benchmarks.pykeops_programs", "--run", str(path)],
                               capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent,
-                              env={**os.environ, "MPLBACKEND": "Agg"} | ({"KRED_PROGRAMS_SERVER": server} if server
-                                                                        else {}))
+                              env={**os.environ, "MPLBACKEND": "Agg", "KRED_PYKEOPS": server or "1"})
         rc, tail = done.returncode, (done.stderr.strip().splitlines() or [""])[-1]
     except subprocess.TimeoutExpired:
         rc, tail = None, f"timed out after {timeout:.0f} s"
@@ -91,7 +89,8 @@ def main(argv=None) -> int:
         print(f"{r['script']:62} {'yes' if r['ok'] else 'no':>3} {r['seconds']:6.1f}  {r['error'] or ''}")
     print(f"{passed} of {len(rows)} ran")
     save_results(results_path(args.name, info), {"settings": {k: str(v) for k, v in vars(args).items()},
-                                                 "machine": info, "passed": passed, "total": len(rows), "scripts": rows})
+                                                 "machine": info, "passed": passed, "total": len(rows),
+                                                 "scripts": rows})
     return 0
 
 

@@ -10,15 +10,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 # the drop-in, and a record of which pykeops the suite imported (to prove it ran on kred, not on a real pykeops)
-CONFTEST = """import os
-import sys
+CONFTEST = """import sys
 
-import kred
 import kred.compat
 
-# with KRED_SUITE_SERVER, the drop-in's LazyTensor and Genred compute on that kred server
-url = os.environ.get("KRED_SUITE_SERVER")
-kred.compat.install_as_pykeops(client=kred.Client(url) if url else None)
+# KRED_PYKEOPS (set by run_suite): "1" in process, or a kred server's URL for the drop-in to compute on
+assert kred.compat.install_from_environment()
 
 
 def pytest_sessionfinish(session):
@@ -36,7 +33,7 @@ def run_suite(root: Path, targets: list[str], report_dir: Path, extra: list[str]
     record = report_dir / "pykeops-module.txt"
     (root / "conftest.py").write_text(CONFTEST.format(record=str(record)))
     report = report_dir / "junit.xml"
-    env = {**os.environ, "MPLBACKEND": "Agg"} | ({"KRED_SUITE_SERVER": server} if server else {})
+    env = {**os.environ, "MPLBACKEND": "Agg", "KRED_PYKEOPS": server or "1"}
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath)] + [p for p in [env.get("PYTHONPATH")] if p])
     run = subprocess.run(
